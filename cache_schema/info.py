@@ -1,0 +1,53 @@
+"""Human-readable summary of a cache (what `repa cache info` prints)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .manifest import Manifest, field_from_json
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def skip_reasons(manifest: Manifest) -> Counter:
+    return Counter(s["reason"].split(":")[0] for s in manifest.skipped)
+
+
+def describe(manifest: Manifest) -> list[str]:
+    m = manifest
+    per_sample = m.bytes_per_sample()
+    total = sum(p.get("bytes", 0) for p in m.parts)
+    s = m.settings
+    lines = [
+        f"samples      {m.num_samples}",
+        f"parts        {len(m.parts)}",
+        f"skipped      {len(m.skipped)}" + "".join(f"  {r}={c}" for r, c in sorted(skip_reasons(m).items())),
+        f"fingerprint  {m.fingerprint}  (schema v{m.schema_version})",
+        f"resolution   {s['resolution']}  crop={s['crop']}  dtype={s['dtype']}  codec={s['feature_codec']}",
+        f"vae          {s['vae']['id']}  latent {m.latent['channels']}x{m.latent['size']}x{m.latent['size']}"
+        f"  scale={m.latent['scaling_factor']} shift={m.latent['shift_factor']}",
+        f"dino         {s['dino']['id']}  {m.dino['tokens']} tokens x {m.dino['dim']}  grid {m.dino['grid']}",
+        f"text         {s['text_encoder']['id'] if s.get('text_encoder') else 'none'}"
+        + (f"  dim {m.text['dim']}  max tokens {m.text['max_tokens']}" if m.text else ""),
+        "",
+        f"{'field':<14}{'dtype':<9}{'shape per row':<18}{'bytes/sample':>14}",
+    ]
+    for name, spec in m.fields.items():
+        f = field_from_json(name, spec)
+        shape = "x".join(map(str, f.inner_shape)) or "scalar"
+        if not f.per_sample:
+            shape += " per token"
+        b = per_sample.get(name)
+        lines.append(f"{name:<14}{f.dtype:<9}{shape:<18}{'-' if b is None else _fmt_bytes(b):>14}")
+    n = max(m.num_samples, 1)
+    lines += [
+        f"{'total (fixed-size fields)':<41}{_fmt_bytes(sum(per_sample.values())):>14}",
+        f"on disk      {_fmt_bytes(total)}  ({_fmt_bytes(total / n)} per sample incl. metadata)",
+    ]
+    return lines

@@ -1,0 +1,105 @@
+"""On-disk layout of a feature cache: names, fields and how each field is chunked.
+
+A cache directory looks like::
+
+    CACHE/
+      manifest.json            settings, fingerprint, committed parts, skipped samples, statistics
+      .manifest.lock           advisory lock serialising manifest updates across processes
+      parts/
+        <part>.zarr/           one zarr v3 group per input shard, written by exactly one process
+        .tmp-<part>-....zarr/  a part being written; never read, removed on the next run
+
+Every array in a part has the sample (or, for ragged text, the token) as its first axis.
+Per-sample feature arrays use zarr v3 sharding: one sample per inner chunk, ``shard_size``
+samples per shard file, no compression (float16 features are nearly incompressible and
+compression halves read speed), so a reader fetches any single sample with one small read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.lock"
+PARTS_DIR = "parts"
+PART_SUFFIX = ".zarr"
+TMP_PREFIX = ".tmp-"
+
+FEATURE_CODECS = ("fp16", "int8")
+DEFAULT_SHARD_SIZE = 1024
+TEXT_CHUNK_TOKENS = 256  # tokens per inner chunk of the flat caption-token array
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a part: its name, dtype, shape after the leading axis and chunking."""
+
+    name: str
+    dtype: str
+    inner_shape: tuple[int, ...]
+    per_sample: bool = True  # False: indexed by token (ragged text storage)
+    sharded: bool = True  # False: small arrays stored in a few big plain chunks
+    doc: str = ""
+
+    @property
+    def bytes_per_row(self) -> int:
+        n = 1
+        for d in self.inner_shape:
+            n *= d
+        return n * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float16": 2, "float32": 4, "int8": 1, "int32": 4, "int64": 8, "str": 0}[dtype]
+
+
+def cache_fields(
+    latent_channels: int,
+    latent_size: int,
+    dino_tokens: int,
+    dino_dim: int,
+    text_dim: int | None,
+    codec: str,
+) -> dict[str, Field]:
+    """The arrays every part of a cache with these dimensions holds."""
+    if codec not in FEATURE_CODECS:
+        raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
+    feat = "int8" if codec == "int8" else "float16"
+    fields = [
+        Field("key", "str", (), sharded=False, doc="webdataset __key__ of the source sample"),
+        Field("source_index", "int64", (), sharded=False, doc="position of the sample in its source shard"),
+        Field("caption", "str", (), sharded=False, doc="caption text ('' when the source has none)"),
+        Field("label", "int64", (), sharded=False, doc="class label (-1 when the source has none)"),
+        Field(
+            "moments",
+            "float16",
+            (2 * latent_channels, latent_size, latent_size),
+            doc="VAE posterior mean and std, concatenated on the channel axis",
+        ),
+        Field("dino", feat, (dino_tokens, dino_dim), doc="DINOv2 patch tokens after the final LayerNorm"),
+    ]
+    if codec == "int8":
+        fields.append(Field("dino_scale", "float16", (dino_tokens,), doc="per-token absmax/127 of dino"))
+    if text_dim is not None:
+        fields += [
+            Field("text", feat, (text_dim,), per_sample=False, doc="caption hidden states, real tokens only"),
+            Field("text_offsets", "int64", (), sharded=False, doc="sample i owns text[offsets[i]:offsets[i+1]]"),
+        ]
+        if codec == "int8":
+            fields.append(Field("text_scale", "float16", (), per_sample=False, doc="per-token absmax/127 of text"))
+    return {f.name: f for f in fields}
+
+
+def part_name(source_url: str) -> str:
+    """A stable, filesystem-safe part name for an input shard: its stem plus a hash of the full URL.
+
+    The hash keeps two inputs with the same file name in different folders apart.
+    """
+    stem = re.split(r"[/\\]", source_url.rstrip("/ |"))[-1]
+    stem = re.sub(r"\.(tar|tgz|tar\.gz)$", "", stem)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "shard"
+    digest = hashlib.sha1(source_url.encode()).hexdigest()[:8]
+    return f"{stem}-{digest}"
