@@ -4,7 +4,7 @@ Depends on numpy, zarr and torch only; nothing else in the project. See README "
 """
 
 from .codec import dequantize_int8, dequantize_int8_numpy, quantize_int8
-from .errors import CacheError
+from .errors import CacheError, UsageError
 from .layout import DEFAULT_SHARD_SIZE, FEATURE_CODECS, SCHEMA_VERSION, Field, cache_fields, part_name
 from .manifest import (
     Manifest,
@@ -22,6 +22,7 @@ from .writer import PartWriter, start_encode
 
 __all__ = [
     "CacheError",
+    "UsageError",
     "CacheReader",
     "DEFAULT_SHARD_SIZE",
     "FEATURE_CODECS",

@@ -19,6 +19,13 @@ def skip_reasons(manifest: Manifest) -> Counter:
     return Counter(s["reason"].split(":")[0] for s in manifest.skipped)
 
 
+def _src(m: Manifest, role: str) -> str:
+    e = m.encoders.get(role, {})
+    where = e.get("id", "?") + (f" (subfolder {e['subfolder']})" if e.get("subfolder") else "")
+    weights = m.settings.get(role, {}).get("weights", "")
+    return f"{where} [weights {weights[:12]}]" if weights else where
+
+
 def describe(manifest: Manifest) -> list[str]:
     m = manifest
     per_sample = m.bytes_per_sample()
@@ -30,10 +37,10 @@ def describe(manifest: Manifest) -> list[str]:
         f"skipped      {len(m.skipped)}" + "".join(f"  {r}={c}" for r, c in sorted(skip_reasons(m).items())),
         f"fingerprint  {m.fingerprint}  (schema v{m.schema_version})",
         f"resolution   {s['resolution']}  crop={s['crop']}  dtype={s['dtype']}  codec={s['feature_codec']}",
-        f"vae          {s['vae']['id']}  latent {m.latent['channels']}x{m.latent['size']}x{m.latent['size']}"
+        f"vae          {_src(m, 'vae')}  latent {m.latent['channels']}x{m.latent['size']}x{m.latent['size']}"
         f"  scale={m.latent['scaling_factor']} shift={m.latent['shift_factor']}",
-        f"dino         {s['dino']['id']}  {m.dino['tokens']} tokens x {m.dino['dim']}  grid {m.dino['grid']}",
-        f"text         {s['text_encoder']['id'] if s.get('text_encoder') else 'none'}"
+        f"dino         {_src(m, 'dino')}  {m.dino['tokens']} tokens x {m.dino['dim']}  grid {m.dino['grid']}",
+        f"text         {_src(m, 'text_encoder') if s.get('text_encoder') else 'none'}"
         + (f"  dim {m.text['dim']}  max tokens {m.text['max_tokens']}" if m.text else ""),
         "",
         f"{'field':<14}{'dtype':<9}{'shape per row':<18}{'bytes/sample':>14}",

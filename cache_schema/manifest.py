@@ -33,7 +33,6 @@ FINGERPRINT_KEYS = (
     "max_text_tokens",
     "dtype",
     "feature_codec",
-    "shard_size",
 )
 
 
@@ -78,6 +77,7 @@ class Manifest:
     dino: dict  # model, dim, tokens, grid, registers
     text: dict | None  # model, dim, max_tokens, or None without a text encoder
     fields: dict  # name -> {dtype, shape, per_sample, doc}
+    encoders: dict = field(default_factory=dict)  # role -> {id, subfolder, revision}: where to load them again
     fingerprint: str = ""
     schema_version: int = SCHEMA_VERSION
     parts: list[dict] = field(default_factory=list)
@@ -203,8 +203,19 @@ def locked_update(cache_dir: Path, fn: Callable[[Manifest | None], Manifest]) ->
         return new
 
 
-def new_manifest(settings: dict, latent: dict, dino: dict, text: dict | None, fields: dict[str, Field]) -> Manifest:
-    """A manifest for a cache about to be written; the fingerprint is derived from ``settings``."""
+def new_manifest(
+    settings: dict,
+    latent: dict,
+    dino: dict,
+    text: dict | None,
+    fields: dict[str, Field],
+    encoders: dict | None = None,
+) -> Manifest:
+    """A manifest for a cache about to be written; the fingerprint is derived from ``settings``.
+
+    ``encoders`` says where each encoder was loaded from (Hub id or folder); it is kept for the
+    sampling stage but is not part of the fingerprint, which identifies weights by content hash.
+    """
     settings = {**settings, "schema_version": SCHEMA_VERSION}
     return Manifest(
         settings=settings,
@@ -212,5 +223,6 @@ def new_manifest(settings: dict, latent: dict, dino: dict, text: dict | None, fi
         dino=dino,
         text=text,
         fields={name: field_to_json(f) for name, f in fields.items()},
+        encoders=encoders or {},
         fingerprint=fingerprint(settings),
     )

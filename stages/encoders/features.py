@@ -1,0 +1,149 @@
+"""The encoders of stage one, batched on the GPU: VAE moments, DINOv2 patch tokens, caption hidden states.
+
+Preprocessing follows REPA exactly (see DESIGN notes): both encoders see the same centre crop;
+the VAE gets it in [-1, 1]; DINOv2 gets it /255, ImageNet-normalised, then bicubic-resized to
+224 px per 256 px, so its 14-px patch grid lines up with the latent token grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cache_schema import quantize_int8
+
+from .load import (
+    ModelSource,
+    dino_geometry,
+    load_dino,
+    load_text_encoder,
+    load_vae,
+    text_geometry,
+    vae_geometry,
+    weights_hash,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dino_preprocess(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 (B, 3, res, res) -> normalised float (B, 3, 224*res/256, 224*res/256), as official REPA."""
+    x = images.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    size = 224 * resolution // 256
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+
+
+DINO_PREPROCESS_DESCRIPTION = "uint8/255, imagenet mean/std, bicubic resize to 224*res/256 (align_corners=False)"
+
+
+@dataclass
+class EncoderSpec:
+    vae: ModelSource
+    dino: ModelSource
+    text: ModelSource | None
+    max_text_tokens: int
+    resolution: int
+
+
+class FeatureEncoders:
+    """All stage-one encoders on one device, with the geometry and identity the manifest records."""
+
+    def __init__(
+        self, spec: EncoderSpec, device: torch.device, dtype: torch.dtype, compile: bool = False, batch_size: int = 0
+    ):
+        self.spec, self.device, self.dtype = spec, device, dtype
+        self.compiled = compile
+        self.batch_size = batch_size
+        self.vae = load_vae(spec.vae, dtype, device).to(memory_format=torch.channels_last)
+        self.latent = vae_geometry(self.vae.config)
+        self.dino = load_dino(spec.dino, dtype, device)
+        self.dino_info = dino_geometry(self.dino.config, spec.resolution)
+        latent_grid = spec.resolution // self.latent["downsample"]
+        self.latent["size"] = latent_grid
+        self.tokenizer = self.text_encoder = None
+        self.text_info = None
+        if spec.text is not None:
+            self.tokenizer, self.text_encoder = load_text_encoder(spec.text, dtype, device)
+            self.text_info = text_geometry(self.text_encoder.config)
+        self._vae_fn = self._vae_moments
+        self._dino_fn = self._dino_tokens
+        if compile:
+            self._vae_fn = torch.compile(self._vae_moments)
+            self._dino_fn = torch.compile(self._dino_tokens)
+
+    def identity(self) -> dict:
+        """What identifies each encoder in the fingerprint: class and content hash of the weights."""
+        out = {
+            "vae": {"class": type(self.vae).__name__, "weights": weights_hash(self.vae)},
+            "dino": {"class": type(self.dino).__name__, "weights": weights_hash(self.dino)},
+            "text_encoder": None,
+        }
+        if self.text_encoder is not None:
+            out["text_encoder"] = {
+                "class": type(self.text_encoder).__name__,
+                "weights": weights_hash(self.text_encoder),
+                "tokenizer": type(self.tokenizer).__name__,
+                "vocab_size": len(self.tokenizer),
+            }
+        return out
+
+    # -- the three encoders -------------------------------------------------------------------
+    def _vae_moments(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.to(self.dtype) / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+        dist = self.vae.encode(x).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).to(torch.float16)
+
+    def _dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        x = dino_preprocess(images, self.spec.resolution).to(self.dtype)
+        hidden = self.dino(pixel_values=x).last_hidden_state
+        return hidden[:, 1 + self.dino_info["registers"] :]
+
+    def _text_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded hidden states (B, L, D) and real-token counts (B,); padding is on the right."""
+        tok = self.tokenizer(
+            captions,
+            max_length=self.spec.max_text_tokens,
+            truncation=True,
+            padding="longest",
+            return_tensors="pt",
+        )
+        if self.tokenizer.padding_side != "right":
+            raise ValueError("the text tokenizer pads on the left; set padding_side='right' in its config")
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden, mask.sum(dim=1)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, captions: list[str], codec: str) -> dict:
+        """images: uint8 (B, res, res, 3) on any device. Returns device tensors for the writer:
+        moments, dino (+ dino_scale), and with a text encoder the padded text (+ text_scale) with
+        text_lengths, the number of real tokens per caption."""
+        n = images.shape[0]
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        pad = self._pad_for_compile(n)
+        if pad:
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        out = {"moments": self._vae_fn(x)[:n]}
+        dino = self._dino_fn(x)[:n]
+        if codec == "int8":
+            out["dino"], out["dino_scale"] = quantize_int8(dino)
+        else:
+            out["dino"] = dino.to(torch.float16)
+        if self.text_encoder is not None:
+            hidden, out["text_lengths"] = self._text_tokens(captions)
+            if codec == "int8":
+                out["text"], out["text_scale"] = quantize_int8(hidden)
+            else:
+                out["text"] = hidden.to(torch.float16)
+        return out
+
+    def _pad_for_compile(self, n: int) -> int:
+        # A compiled graph is specialised to its batch size; pad short batches instead of recompiling.
+        return max(self.batch_size - n, 0) if self.compiled else 0

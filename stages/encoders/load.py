@@ -1,0 +1,187 @@
+"""Loading the encoders from a Hub id or a local folder (anything saved with ``save_pretrained``).
+
+Used by the encode and sample stages only; training never imports this module.
+Every failure becomes an ``EncoderLoadError`` with one line naming the model and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache_schema import UsageError
+
+DINO_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+T5_MODEL_TYPES = ("t5", "mt5", "umt5")
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+
+
+class EncoderLoadError(UsageError):
+    """An encoder could not be loaded; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a Hub id or a folder, optionally a subfolder and a revision."""
+
+    id: str
+    subfolder: str | None = None
+    revision: str | None = None
+
+    def describe(self) -> str:
+        return self.id + (f" (subfolder {self.subfolder})" if self.subfolder else "")
+
+    def kwargs(self) -> dict:
+        kw = {}
+        if self.subfolder:
+            kw["subfolder"] = self.subfolder
+        if self.revision:
+            kw["revision"] = self.revision
+        return kw
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "subfolder": self.subfolder, "revision": self.revision}
+
+
+def _fail(role: str, src: ModelSource, err: Exception) -> EncoderLoadError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    local = Path(src.id).exists()
+    hint = (
+        "check the folder holds a model saved with save_pretrained"
+        if local
+        else "check the Hub id, your network or HF_HOME cache, or pass a local folder"
+    )
+    return EncoderLoadError(f"cannot load {role} '{src.describe()}': {reason[:300]}; {hint}")
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    except KeyError:
+        raise UsageError(f"unknown --dtype {name!r}; choose auto, bf16, fp16 or fp32") from None
+
+
+# -- configs only (no weights): what --dry-run and the manifest need -------------------------------
+def vae_config(src: ModelSource) -> dict:
+    from diffusers import AutoencoderKL
+
+    try:
+        return dict(AutoencoderKL.load_config(src.id, **src.kwargs()))
+    except Exception as e:
+        raise _fail("VAE", src, e) from e
+
+
+def hf_config(role: str, src: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.id, **src.kwargs())
+    except Exception as e:
+        raise _fail(role, src, e) from e
+
+
+def vae_geometry(cfg: dict) -> dict:
+    """Latent channels, spatial downsampling and the scale/shift training applies to sampled latents."""
+    return {
+        "channels": int(cfg["latent_channels"]),
+        "downsample": 2 ** (len(cfg["block_out_channels"]) - 1),
+        "scaling_factor": float(cfg.get("scaling_factor") or 1.0),
+        "shift_factor": float(cfg.get("shift_factor") or 0.0),
+    }
+
+
+def dino_geometry(cfg, resolution: int) -> dict:
+    if cfg.model_type not in DINO_MODEL_TYPES:
+        raise EncoderLoadError(
+            f"'{cfg._name_or_path}' is a {cfg.model_type} model, not DINOv2; pass e.g. facebook/dinov2-base"
+        )
+    size = dino_input_size(resolution)
+    grid = size // cfg.patch_size
+    return {
+        "dim": int(cfg.hidden_size),
+        "patch_size": int(cfg.patch_size),
+        "input_size": size,
+        "grid": [grid, grid],
+        "tokens": grid * grid,
+        "registers": int(getattr(cfg, "num_register_tokens", 0) or 0),
+    }
+
+
+def dino_input_size(resolution: int) -> int:
+    """224 px per 256 px of crop, as in REPA: the DINOv2 patch grid then matches the latent token grid."""
+    return 224 * resolution // 256
+
+
+def text_geometry(cfg) -> dict:
+    if cfg.model_type in T5_MODEL_TYPES:
+        return {"dim": int(cfg.d_model), "kind": "t5"}
+    if cfg.model_type in CLIP_MODEL_TYPES:
+        text_cfg = getattr(cfg, "text_config", cfg)
+        return {"dim": int(text_cfg.hidden_size), "kind": "clip"}
+    raise EncoderLoadError(
+        f"'{cfg._name_or_path}' is a {cfg.model_type} model; the text encoder must be a T5 encoder or a CLIP text model"
+    )
+
+
+# -- full models ----------------------------------------------------------------------------------
+def load_vae(src: ModelSource, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(src.id, torch_dtype=dtype, **src.kwargs())
+    except Exception as e:
+        raise _fail("VAE", src, e) from e
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModel
+
+    cfg = hf_config("DINOv2", src)
+    if cfg.model_type not in DINO_MODEL_TYPES:
+        raise EncoderLoadError(f"'{src.describe()}' is a {cfg.model_type} model, not DINOv2; pass e.g. facebook/dinov2-base")
+    try:
+        model = AutoModel.from_pretrained(src.id, torch_dtype=dtype, **src.kwargs())
+    except Exception as e:
+        raise _fail("DINOv2", src, e) from e
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(src: ModelSource, dtype: torch.dtype, device: torch.device):
+    """(tokenizer, encoder) for a T5 encoder or a CLIP text model."""
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
+
+    cfg = hf_config("text encoder", src)
+    kind = text_geometry(cfg)["kind"]
+    cls = {"t5": T5EncoderModel, "clip": CLIPTextModel}[kind]
+    if cfg.model_type == "umt5":
+        cls = UMT5EncoderModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.id, **_tokenizer_kwargs(src))
+        model = cls.from_pretrained(src.id, torch_dtype=dtype, **src.kwargs())
+    except Exception as e:
+        raise _fail("text encoder", src, e) from e
+    return tokenizer, model.to(device).eval().requires_grad_(False)
+
+
+def _tokenizer_kwargs(src: ModelSource) -> dict:
+    # Pipelines such as FLUX keep the tokenizer in a sibling subfolder ("text_encoder_2" -> "tokenizer_2").
+    kw = src.kwargs()
+    if src.subfolder and src.subfolder.startswith("text_encoder"):
+        kw["subfolder"] = src.subfolder.replace("text_encoder", "tokenizer", 1)
+    return kw
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """Content hash of a model's parameters and buffers: identifies the weights wherever they came from."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
