@@ -1,0 +1,514 @@
+"""SiT: the DiT architecture trained as a velocity (rectified-flow) model, with an optional REPA projector.
+
+The network follows facebookresearch/DiT: patch embedding plus fixed 2-D sin-cos positions, a stack of
+adaLN-Zero transformer blocks conditioned on the time (and class or caption) vector, a modulated final
+layer and an unpatchify back to latent shape. Differences from DiT:
+
+- the output has as many channels as the input (a velocity, no learned sigma);
+- time is the rectified-flow time t in [0, 1], embedded as t * 1000 so DiT's sinusoid scale still fits;
+- ``cond="text"`` adds cross-attention to caption tokens in every block (9-way adaLN) and a pooled caption
+  vector to the time embedding; ``cond="none"`` is unconditional;
+- REPA: a projector MLP maps the hidden state after block ``align_layer`` (1-based) to the dimension of a
+  frozen vision encoder's patch tokens, for the alignment loss ``repa_loss``.
+
+``forward`` has no data-dependent Python control flow, so the model compiles as one graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CondMode = Literal["class", "text", "none"]
+COND_MODES: tuple[str, ...] = get_args(CondMode)
+DEFAULT_HEAD_DIM = 64
+
+
+#################################################################################
+#                                 Configuration                                 #
+#################################################################################
+
+
+@dataclass
+class ModelConfig:
+    """Shape and conditioning of a SiT. Give ``head_dim`` or ``num_heads``; the other is derived."""
+
+    preset: str | None = None  # name in MODEL_PRESETS this config started from, for logs and checkpoints
+    width: int = 768  # hidden size of every token
+    depth: int = 12  # number of transformer blocks
+    head_dim: int | None = None  # channels per attention head (default 64 when num_heads is not given)
+    num_heads: int | None = None  # attention heads; must equal width // head_dim when both are given
+    patch_size: int = 2  # latent pixels per patch side
+    in_channels: int = 4  # latent channels (4 for SD-VAE, 16 for the FLUX VAE); also the output channels
+    input_size: int = 32  # latent height and width
+    cond: CondMode = "class"  # "class" (label embedding), "text" (caption cross-attention) or "none"
+    num_classes: int = 1000  # class labels for cond="class"; one extra row is the null class for CFG
+    text_dim: int | None = None  # caption embedding size for cond="text"
+    repa_dim: int | None = None  # vision-encoder token size the projector maps to; None disables REPA
+    align_layer: int = 8  # 1-based block whose output the projector reads (only used with repa_dim)
+    projector_dim: int = 2048  # hidden size of the REPA projector MLP
+    mlp_ratio: float = 4.0  # MLP hidden size as a multiple of width
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None and self.num_heads is None:
+            self.head_dim = DEFAULT_HEAD_DIM
+        if self.head_dim is not None and self.width % self.head_dim != 0:
+            raise ValueError(f"width={self.width} is not divisible by head_dim={self.head_dim}")
+        if self.num_heads is not None and self.width % self.num_heads != 0:
+            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads is None:
+            self.num_heads = self.width // self.head_dim
+        if self.head_dim is None:
+            self.head_dim = self.width // self.num_heads
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent option."""
+        if self.width <= 0 or self.width % 4 != 0:
+            # the 2-D sin-cos position embedding splits width into 4 equal sin/cos blocks
+            raise ValueError(f"width={self.width} must be a positive multiple of 4")
+        if self.head_dim * self.num_heads != self.width:
+            raise ValueError(
+                f"head_dim={self.head_dim} x num_heads={self.num_heads} does not equal width={self.width}"
+            )
+        if self.depth < 1:
+            raise ValueError(f"depth={self.depth} must be at least 1")
+        if self.patch_size < 1 or self.input_size % self.patch_size != 0:
+            raise ValueError(f"patch_size={self.patch_size} must divide input_size={self.input_size}")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels={self.in_channels} must be at least 1")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive")
+        if self.cond not in COND_MODES:
+            raise ValueError(f"cond={self.cond!r} must be one of {COND_MODES}")
+        if self.cond == "class" and self.num_classes < 1:
+            raise ValueError(f"num_classes={self.num_classes} must be at least 1 for cond='class'")
+        if self.cond == "text" and (self.text_dim is None or self.text_dim < 1):
+            raise ValueError(f"text_dim={self.text_dim} must be a positive int for cond='text'")
+        if self.repa_dim is not None:
+            if self.repa_dim < 1 or self.projector_dim < 1:
+                raise ValueError(
+                    f"repa_dim={self.repa_dim} and projector_dim={self.projector_dim} must be positive"
+                )
+            if not 1 <= self.align_layer <= self.depth:
+                raise ValueError(
+                    f"align_layer={self.align_layer} must be between 1 and depth={self.depth} "
+                    "(1-based: align_layer=k aligns the output of the k-th block)"
+                )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """The preset's shape with any field overridden, e.g. ``from_preset("SiT-XL/2", repa_dim=768)``."""
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
+        fields = dict(MODEL_PRESETS[name])
+        if "head_dim" in overrides and "num_heads" not in overrides:
+            del fields["num_heads"]  # an explicit head size replaces the preset's head count
+        fields.update(overrides)
+        return cls(preset=name, **fields)
+
+
+#################################################################################
+#               Embedding layers for timesteps, labels and captions             #
+#################################################################################
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation of tokens (B, N, D) by per-sample vectors (B, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """Cuts latents (B, C, H, W) into p x p patches and projects each to a token (B, H*W/p^2, D)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds rectified-flow time t in [0, 1] like DiT's diffusion steps: sinusoid of t * 1000, then MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """Sinusoidal embedding (B, dim) of (possibly fractional) positions t (B,)."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t.float()[:, None] * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: Tensor) -> Tensor:
+        t_freq = self.timestep_embedding(t * 1000, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label table with one extra row, ``num_classes``, the null class for classifier-free guidance.
+
+    Label dropout is the caller's job: it passes the null id for dropped labels.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.embedding_table(labels)
+
+
+class CaptionEmbedder(nn.Module):
+    """Projects caption token embeddings (B, L, text_dim) to context tokens and a pooled vector.
+
+    Padded tokens (mask False) are zeroed before anything reads them, so their content can never leak into
+    the output. A learned null token stands in for dropped captions (classifier-free guidance).
+    """
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.pool_proj = nn.Linear(hidden_size, hidden_size)
+        self.null_token = nn.Parameter(torch.zeros(1, text_dim))
+
+    def forward(self, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns context (B, L, D), the SDPA attention mask (B, 1, 1, L) and the pooled vector (B, D)."""
+        text = text.masked_fill(~mask.unsqueeze(-1), 0.0)
+        context = self.norm(self.proj(text))
+        weights = mask.unsqueeze(-1).to(context.dtype)
+        pooled = (context * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        # A caption without real tokens would make every attention logit -inf and the softmax NaN. Letting
+        # such a row attend to its zeroed padding instead gives one fixed vector, whatever the padding held.
+        attn_mask = mask | ~mask.any(dim=-1, keepdim=True)
+        return context, attn_mask[:, None, None, :], self.pool_proj(pooled)
+
+    def null_text(self, batch_size: int, seq_len: int = 1) -> tuple[Tensor, Tensor]:
+        """The null caption for a batch: the learned token, then ``seq_len - 1`` padded positions."""
+        tokens = self.null_token.new_zeros(batch_size, seq_len, self.null_token.shape[-1])
+        tokens[:, 0] = self.null_token
+        mask = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=tokens.device)
+        mask[:, 0] = True
+        return tokens, mask
+
+
+#################################################################################
+#                                 Core SiT model                                #
+#################################################################################
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network with tanh-approximated GELU, as in DiT."""
+
+    def __init__(self, hidden_size: int, mlp_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden_size)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, H*d) -> (B, H, N, d)."""
+    batch, tokens, width = x.shape
+    return x.reshape(batch, tokens, num_heads, width // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(B, H, N, d) -> (B, N, H*d)."""
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over image tokens with a fused qkv projection."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (_split_heads(part, self.num_heads) for part in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens (queries) to caption tokens (keys/values), padding masked."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor, context: Tensor, attn_mask: Tensor) -> Tensor:
+        """attn_mask (B, 1, 1, L) boolean, True where a caption token may be attended to."""
+        q = _split_heads(self.q(x), self.num_heads)
+        k, v = (_split_heads(part, self.num_heads) for part in self.kv(context).chunk(2, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(_merge_heads(out))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning, optionally cross-attending to caption tokens.
+
+    The conditioning vector yields shift/scale/gate triples for self-attention and MLP (6-way adaLN), plus
+    one for the cross-attention when present (9-way). Zero-initialised, every gate starts closed, so each
+    block starts as the identity.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross_attention: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, num_heads)
+        else:
+            self.norm_cross = self.cross_attn = None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.num_modulations = 9 if cross_attention else 6
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, self.num_modulations * hidden_size)
+        )
+
+    def forward(
+        self, x: Tensor, c: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+    ) -> Tensor:
+        mods = self.adaLN_modulation(c).chunk(self.num_modulations, dim=-1)
+        shift_msa, scale_msa, gate_msa = mods[:3]
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            shift_xa, scale_xa, gate_xa = mods[3:6]
+            queries = modulate(self.norm_cross(x), shift_xa, scale_xa)
+            x = x + gate_xa.unsqueeze(1) * self.cross_attn(queries, context, context_mask)
+        shift_mlp, scale_mlp, gate_mlp = mods[-3:]
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and linear map from each token to its p x p x C patch of velocity."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:
+    """REPA projector: Linear · SiLU · Linear · SiLU · Linear, applied to every token."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, out_dim),
+    )
+
+
+class SiT(nn.Module):
+    """Diffusion transformer predicting the rectified-flow velocity, with an optional REPA projector."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()  # configs are mutable dataclasses; re-check what was changed after construction
+        self.config = config
+        hidden = config.width
+        self.num_patches = (config.input_size // config.patch_size) ** 2
+
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, hidden)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = LabelEmbedder(config.num_classes, hidden) if config.cond == "class" else None
+        self.caption_embedder = CaptionEmbedder(config.text_dim, hidden) if config.cond == "text" else None
+        # fixed, so a buffer; persistent so a model built on the meta device loads it from a checkpoint
+        grid = config.input_size // config.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, grid).unsqueeze(0))
+
+        self.blocks = nn.ModuleList(
+            SiTBlock(hidden, config.num_heads, config.mlp_ratio, cross_attention=config.cond == "text")
+            for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(hidden, config.patch_size, config.in_channels)
+        self.projector = None
+        if config.repa_dim is not None:
+            self.projector = build_projector(hidden, config.projector_dim, config.repa_dim)
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int:
+        """Label id of the null class that classifier-free guidance substitutes for dropped labels."""
+        return self.config.num_classes
+
+    def null_text(self, batch_size: int, seq_len: int = 1) -> tuple[Tensor, Tensor]:
+        """(tokens (B, seq_len, text_dim), mask (B, seq_len)) of the learned null caption, for CFG."""
+        if self.caption_embedder is None:
+            raise ValueError(f"null_text needs cond='text', this model has cond={self.config.cond!r}")
+        return self.caption_embedder.null_text(batch_size, seq_len)
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        # the patch embedding is a linear map over flattened patches, so init it like one
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.caption_embedder is not None:
+            nn.init.normal_(self.caption_embedder.null_token, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        p, channels = self.config.patch_size, self.config.in_channels
+        grid = self.config.input_size // p
+        x = x.reshape(x.shape[0], grid, grid, p, p, channels)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], channels, grid * p, grid * p)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        text: Tensor | None = None,
+        text_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Velocity prediction and REPA-projected tokens.
+
+        x: latents (B, C, H, W); t: rectified-flow time (B,) in [0, 1]; y: class ids (B,) for cond="class"
+        (``null_class`` for dropped labels); text (B, L, text_dim) and text_mask (B, L), True = real token,
+        for cond="text" (a missing mask means every token is real).
+        Returns (velocity (B, C, H, W), projected tokens (B, num_patches, repa_dim) or None without REPA).
+        """
+        tokens = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t)
+        context = context_mask = None
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("cond='class' needs class ids y")
+            c = c + self.y_embedder(y)
+        if self.caption_embedder is not None:
+            if text is None:
+                raise ValueError("cond='text' needs caption embeddings text (use null_text for none)")
+            if text_mask is None:
+                text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            context, context_mask, pooled = self.caption_embedder(text, text_mask)
+            c = c + pooled
+
+        projected = None
+        for index, block in enumerate(self.blocks, start=1):
+            tokens = block(tokens, c, context, context_mask)
+            if self.projector is not None and index == self.config.align_layer:
+                projected = self.projector(tokens)
+        return self.unpatchify(self.final_layer(tokens, c)), projected
+
+
+#################################################################################
+#                       Positional embedding, losses, counts                    #
+#################################################################################
+
+
+def sincos_pos_embed_1d(dim: int, positions: Tensor) -> Tensor:
+    """(M,) positions -> (M, dim): sines then cosines of geometrically spaced frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = positions.to(torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
+    """Fixed 2-D sin-cos embedding (grid_size**2, dim) in row-major token order, as in DiT/MAE."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    # DiT/MAE put the column (width) coordinate in the first half of the channels
+    embedding = torch.cat(
+        [sincos_pos_embed_1d(dim // 2, cols.reshape(-1)), sincos_pos_embed_1d(dim // 2, rows.reshape(-1))],
+        dim=1,
+    )
+    return embedding.float()
+
+
+def repa_loss_per_sample(projected: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens of −cos(projected, target), per sample: (B, N, D) x (B, N, D) -> (B,).
+
+    Computed in float32: the target usually comes from the cache in float16 and the projection in bf16.
+    """
+    cosine = (F.normalize(projected.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1)
+    return -cosine.mean(dim=-1)
+
+
+def repa_loss(projected: Tensor, target: Tensor) -> Tensor:
+    """REPA alignment loss: per-sample mean of −cos over tokens, averaged over the batch (a scalar)."""
+    return repa_loss_per_sample(projected, target).mean()
+
+
+def count_parameters(model: nn.Module, include_projector: bool = False) -> int:
+    """Number of parameters, by default without the REPA projector (the convention of the SiT/REPA papers)."""
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if include_projector or not name.startswith("projector.")
+    )
+
+
+#################################################################################
+#                                  SiT presets                                  #
+#################################################################################
+
+# Class-conditional ImageNet shapes from the DiT/SiT papers; align_layer is the REPA paper's choice.
+_SIZES: dict[str, dict] = {
+    "B": dict(depth=12, width=768, num_heads=12, align_layer=4),
+    "L": dict(depth=24, width=1024, num_heads=16, align_layer=8),
+    "XL": dict(depth=28, width=1152, num_heads=16, align_layer=8),
+}
+
+MODEL_PRESETS: dict[str, dict] = {
+    f"SiT-{size}/{patch}": {**shape, "patch_size": patch}
+    for size, shape in _SIZES.items()
+    for patch in (2, 4, 8)
+}
