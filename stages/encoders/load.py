@@ -146,7 +146,7 @@ def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device):
     if cfg.model_type not in DINO_MODEL_TYPES:
         raise EncoderLoadError(f"'{src.describe()}' is a {cfg.model_type} model, not DINOv2; pass e.g. facebook/dinov2-base")
     try:
-        model = AutoModel.from_pretrained(src.id, torch_dtype=dtype, **src.kwargs())
+        model = AutoModel.from_pretrained(src.id, dtype=dtype, **src.kwargs())
     except Exception as e:
         raise _fail("DINOv2", src, e) from e
     return model.to(device).eval().requires_grad_(False)
@@ -163,7 +163,7 @@ def load_text_encoder(src: ModelSource, dtype: torch.dtype, device: torch.device
         cls = UMT5EncoderModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.id, **_tokenizer_kwargs(src))
-        model = cls.from_pretrained(src.id, torch_dtype=dtype, **src.kwargs())
+        model = cls.from_pretrained(src.id, dtype=dtype, **src.kwargs())
     except Exception as e:
         raise _fail("text encoder", src, e) from e
     return tokenizer, model.to(device).eval().requires_grad_(False)
