@@ -74,7 +74,7 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, draft: bool) -> 
     except UnidentifiedImageError:
         return "decode-error: not a recognised image format"
     except Exception as e:
-        return f"decode-error: {e}"
+        return _error_reason(e)
     w, h = img.size
     if w * h > max_pixels:
         return f"too-large: {w}x{h} exceeds --max-pixels {max_pixels}"
@@ -86,12 +86,14 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, draft: bool) -> 
         img.load()
         img = to_rgb(img)
         return center_crop_adm(img, resolution)
-    except OSError as e:
-        if "truncated" in str(e):
-            return f"truncated-image: {e}"
-        return f"decode-error: {e}"
-    except Exception as e:  # PIL raises a zoo of errors on corrupt data (SyntaxError, ValueError, ...)
-        return f"decode-error: {type(e).__name__}: {e}"
+    except Exception as e:  # PIL raises a zoo of errors on corrupt data (OSError, SyntaxError, ValueError, ...)
+        return _error_reason(e)
+
+
+def _error_reason(e: Exception) -> str:
+    if "truncated" in str(e).lower():
+        return f"truncated-image: {e}"
+    return f"decode-error: {type(e).__name__}: {e}"
 
 
 def _caption(sample: dict) -> str | Skipped:
@@ -126,6 +128,8 @@ def _label(sample: dict) -> int | Skipped:
 
 def prepare_sample(sample: dict, resolution: int, max_pixels: int, draft: bool) -> Prepared | Skipped:
     key = sample.get("__key__")
+    if "__duplicate__" in sample:
+        return Skipped(key, f"duplicate-entry: {key}.{sample['__duplicate__']} appears twice in the shard")
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         return Skipped(key, "missing-image: no jpg/jpeg/png/webp entry")

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import tarfile
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
 from braceexpand import braceexpand
 
 from cache_schema import UsageError
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 
 from .preprocess import Prepared, Skipped, prepare_sample
+
+
+_META = r"__[^/]*__($|/)"  # webdataset's pattern for meta entries, which carry no sample
 
 
 class SourceError(UsageError):
@@ -87,9 +94,34 @@ class Batch:
         return len(self.keys)
 
 
-def iter_tar(url: str):
-    """Samples of one tar shard as webdataset dicts (``__key__`` plus one bytes entry per extension)."""
-    return group_by_keys(tar_file_expander(url_opener([{"url": url}])))
+def iter_tar(url: str) -> Iterator[dict]:
+    """Samples of one tar shard as webdataset dicts (``__key__`` plus one bytes entry per extension).
+
+    Like webdataset's ``tar_file_expander`` + ``group_by_keys``, except at a break: when the
+    stream fails inside a file of the *next* sample, the sample before it is known complete and
+    is yielded before the error propagates (webdataset drops it).
+    """
+    current: dict | None = None
+    with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
+        for info in tf:
+            if not info.isreg():
+                continue
+            prefix, suffix = base_plus_ext(info.name)
+            if prefix is None or re.match(_META, info.name):
+                continue
+            if current is not None and prefix != current["__key__"]:
+                yield current
+                current = None
+            data = tf.extractfile(info).read()
+            if current is None:
+                current = {"__key__": prefix, "__url__": url}
+            suffix = suffix.lower()
+            if suffix in current:
+                current.setdefault("__duplicate__", suffix)
+            current[suffix] = data
+            tf.members = []  # do not accumulate member headers over a whole shard
+        if current is not None:
+            yield current
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -1,0 +1,109 @@
+"""Helpers for the encode tests: configs pointing at the tiny models, CLI subprocesses, tar surgery."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from stages.encode.config import EncodeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(models: dict, source: str, cache: Path, **kw) -> EncodeConfig:
+    base = dict(
+        source=source, cache=cache, resolution=64, vae=str(models["vae"]), dino=str(models["dino"]),
+        text_encoder=str(models["text"]), max_text_tokens=16, batch_size=8, num_workers=0, shard_size=16,
+    )
+    base.update(kw)
+    return EncodeConfig(**base)
+
+
+def cli_args(cfg: EncodeConfig) -> list[str]:
+    args = [
+        "--source", cfg.source, "--cache", str(cfg.cache), "--resolution", str(cfg.resolution),
+        "--vae", cfg.vae, "--dino", cfg.dino, "--text-encoder", cfg.text_encoder or "none",
+        "--max-text-tokens", str(cfg.max_text_tokens), "--batch-size", str(cfg.batch_size),
+        "--num-workers", str(cfg.num_workers), "--shard-size", str(cfg.shard_size),
+        "--feature-codec", cfg.feature_codec,
+    ]
+    return args
+
+
+def env() -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def repa(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT, **kw
+    )
+
+
+def tar_keys(paths) -> list[str]:
+    keys = []
+    for p in paths:
+        keys += [s["__key__"] for s in wds.WebDataset(str(p), shardshuffle=False)]
+    return keys
+
+
+def jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_bad_corpus(out: Path) -> tuple[list[Path], dict[str, str], list[str]]:
+    """Two shards mixing good and bad samples; the second tar is cut in the middle of a file.
+
+    Returns (shards, expected skip reason per key, keys that must be encoded).
+    """
+    rng = np.random.default_rng(0)
+    good = lambda: jpeg(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))  # noqa: E731
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (80, 80), (0, 200, 200, 0)).save(cmyk, format="JPEG")
+    gray16 = png(Image.fromarray(np.full((80, 80), 40000, dtype=np.uint16)))
+    rgba = png(Image.new("RGBA", (80, 80), (255, 0, 0, 100)))
+    samples = [
+        ("a000", {"jpg": good(), "txt": b"fine"}, None),
+        ("a001", {"jpg": b"\xff\xd8 this is not really a jpeg", "txt": b"x"}, "decode-error"),
+        ("a002", {"jpg": good()[:300], "txt": b"x"}, "truncated-image"),
+        ("a003", {"txt": b"caption without image", "json": b"{}"}, "missing-image"),
+        ("a004", {"png": png(Image.new("RGB", (6, 40))), "txt": b"x"}, "too-small"),
+        ("a005", {"png": png(Image.new("RGB", (600, 600))), "txt": b"x"}, "too-large"),
+        ("a006", {"jpg": good(), "txt": b"\xc3\x28 broken utf-8"}, "bad-caption"),
+        ("a007", {"jpg": cmyk.getvalue(), "txt": b"cmyk"}, None),
+        ("a008", {"png": gray16, "json": b'{"caption": "sixteen bit"}'}, None),
+        ("a009", {"png": rgba, "txt": b"alpha"}, None),
+        ("a010", {"jpg": good(), "txt": "unicode caption \u00e9\u4e2d".encode()}, None),
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    first = out / "bad-0000.tar"
+    with wds.TarWriter(str(first)) as w:
+        for key, content, _ in samples:
+            w.write({"__key__": key, **content})
+    second = out / "bad-0001.tar"
+    with wds.TarWriter(str(second)) as w:
+        for i in range(6):
+            w.write({"__key__": f"b{i:03d}", "jpg": good(), "txt": f"caption {i}".encode()})
+    data = second.read_bytes()
+    cut = data.find(b"b004.jpg")  # the tar header of sample 4's image: cut inside its data
+    second.write_bytes(data[: cut + 512 + 700])
+    expected_skips = {k: r for k, _, r in samples if r}
+    kept = [k for k, _, r in samples if r is None] + ["b000", "b001", "b002", "b003"]
+    return [first, second], expected_skips, kept

@@ -1,0 +1,224 @@
+"""Stage one end to end on tiny encoders: contents, resume, multi-process, bad input, errors, dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zarr
+
+from cache_schema import CacheError, CacheReader, read_manifest, verify_cache
+from cache_schema.layout import PARTS_DIR
+from stages.encode.preprocess import Prepared, prepare_sample
+from stages.encode.run import run_encode
+from stages.encode.source import SourceError
+from stages.encoders.features import dino_preprocess
+from stages.encoders.load import EncoderLoadError
+
+from .encode_helpers import ROOT, cli_args, env, repa, tar_keys, tiny_config, write_bad_corpus
+
+
+def _pattern(shards) -> str:
+    return str(Path(shards[0]).parent / ("cc12m-train-{0000..%04d}.tar" % (len(shards) - 1)))
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory, tiny_models, demo_shards):
+    cache = tmp_path_factory.mktemp("enc") / "cache"
+    summary = run_encode(tiny_config(tiny_models, _pattern(demo_shards), cache))
+    return cache, summary
+
+
+def test_demo_encodes_every_sample_with_the_right_contents(demo_cache, demo_shards, tiny_models):
+    cache, summary = demo_cache
+    keys = tar_keys(demo_shards)
+    reader = CacheReader(cache)
+    assert summary.encoded == len(keys) == len(reader) == 72
+    assert sorted(reader.keys.tolist()) == sorted(keys)
+    assert verify_cache(cache) == 72
+    man = reader.manifest
+    assert man.latent["channels"] == 4 and man.latent["size"] == 8 and man.latent["scaling_factor"] == 0.18215
+    assert man.dino["tokens"] == 16 and man.dino["grid"] == [4, 4]  # 64 px -> 56 px DINO input -> 4x4 patches
+    assert man.text["dim"] == read_manifest(cache).fields["text"]["shape"][0]
+    assert len(man.latent["mean"]) == 4 and all(s > 0 for s in man.latent["std"])
+
+    # one sample recomputed by hand from the tar with the same encoders
+    from diffusers import AutoencoderKL
+    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+
+    raw = next(iter(wds.WebDataset(str(demo_shards[1]), shardshuffle=False)))
+    prep = prepare_sample(raw, 64, 10**9, draft=True)
+    assert isinstance(prep, Prepared)
+    idx = reader.keys.tolist().index(raw["__key__"])
+    got = reader.sample(idx)
+    assert got["caption"] == raw["txt"].decode().strip() and got["source"] == str(demo_shards[1])
+    x = torch.from_numpy(prep.image.copy()).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        dist = AutoencoderKL.from_pretrained(tiny_models["vae"]).encode(x.float() / 127.5 - 1).latent_dist
+        dino = AutoModel.from_pretrained(tiny_models["dino"])(pixel_values=dino_preprocess(x, 64)).last_hidden_state[:, 1:]
+        tok = AutoTokenizer.from_pretrained(tiny_models["text"])(got["caption"], max_length=16, truncation=True, return_tensors="pt")
+        text = T5EncoderModel.from_pretrained(tiny_models["text"])(**tok).last_hidden_state[0]
+    np.testing.assert_allclose(got["moments"], torch.cat([dist.mean, dist.std], 1)[0].numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(got["dino"].astype(np.float32), dino[0].numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(got["text"].astype(np.float32), text.numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_cache_is_plain_zarr_readable_without_the_project_reader(demo_cache):
+    cache, _ = demo_cache
+    man = json.loads((cache / "manifest.json").read_text())
+    part = man["parts"][0]
+    g = zarr.open_group(str(cache / PARTS_DIR / f"{part['name']}.zarr"), mode="r")
+    n = part["num_samples"]
+    assert g["moments"].shape == (n, 8, 8, 8) and g["moments"].dtype == np.float16
+    assert g["dino"].shape[:2] == (n, 16) and g["key"].shape == (n,)
+    offs = g["text_offsets"][:]
+    assert offs[0] == 0 and offs[-1] == g["text"].shape[0] == part["num_text_tokens"]
+    assert g.attrs["part"]["source"] == part["source"] and g.attrs["complete"] is True
+
+
+def test_rerun_skips_committed_parts(demo_cache, tiny_models, demo_shards):
+    cache, _ = demo_cache
+    before = read_manifest(cache)
+    again = run_encode(tiny_config(tiny_models, _pattern(demo_shards), cache))
+    assert again.encoded == 0 and again.parts == 0
+    assert read_manifest(cache).parts == before.parts
+
+
+def test_int8_features_are_close_to_fp16(demo_cache, tiny_models, demo_shards, tmp_path):
+    cache, _ = demo_cache
+    run_encode(tiny_config(tiny_models, str(demo_shards[0]), tmp_path / "int8", feature_codec="int8"))
+    q, ref = CacheReader(tmp_path / "int8"), CacheReader(cache)
+    assert q.manifest.fields["dino"]["dtype"] == "int8"
+    ref_index = {k: i for i, k in enumerate(ref.keys.tolist())}
+    cos = []
+    for i in range(len(q)):
+        a, b = q.sample(i), ref.sample(ref_index[q.keys[i]])
+        for x, y in ((a["dino"], b["dino"]), (a["text"], b["text"])):
+            x, y = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+            cos.append(torch.nn.functional.cosine_similarity(x, y, dim=-1))
+    assert torch.cat(cos).min() >= 0.999
+    assert q.manifest.bytes_per_sample()["dino"] < 0.6 * ref.manifest.bytes_per_sample()["dino"]
+
+
+def test_bad_input_is_skipped_with_reasons_and_nothing_else_is_lost(tmp_path, tiny_models):
+    shards, expected, kept = write_bad_corpus(tmp_path / "bad")
+    cfg = tiny_config(tiny_models, str(tmp_path / "bad" / "bad-{0000..0001}.tar"), tmp_path / "c", max_pixels=500 * 500)
+    summary = run_encode(cfg)
+    reader = CacheReader(tmp_path / "c")
+    assert sorted(reader.keys.tolist()) == sorted(kept)
+    man = reader.manifest
+    by_key = {s["key"]: s["reason"].split(":")[0] for s in man.skipped if s["key"]}
+    assert by_key == expected
+    breaks = [s for s in man.skipped if s["key"] is None]
+    assert len(breaks) == 1 and breaks[0]["reason"].startswith("truncated-tar") and breaks[0]["source"] == str(shards[1])
+    assert summary.skipped["truncated-tar"] == 1 and summary.skipped["decode-error"] == 1
+    captions = {reader.sample(i)["key"]: reader.sample(i)["caption"] for i in range(len(reader))}
+    assert captions["a008"] == "sixteen bit" and captions["a010"] == "unicode caption \u00e9\u4e2d"
+    assert verify_cache(tmp_path / "c") == len(kept)
+
+
+def test_fingerprint_mismatch_is_refused_and_the_cache_kept(demo_cache, tiny_models, demo_shards):
+    cache, _ = demo_cache
+    n = read_manifest(cache).num_samples
+    with pytest.raises(CacheError, match=r"feature_codec: \"fp16\" -> \"int8\".*--overwrite"):
+        run_encode(tiny_config(tiny_models, _pattern(demo_shards), cache, feature_codec="int8"))
+    assert verify_cache(cache) == n
+
+
+def test_dry_run_loads_no_model_and_writes_nothing(tmp_path, tiny_models, demo_shards, monkeypatch):
+    from diffusers import AutoencoderKL
+    from transformers import AutoModel, T5EncoderModel
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded during --dry-run")
+
+    for cls in (AutoencoderKL, AutoModel, T5EncoderModel):
+        monkeypatch.setattr(cls, "from_pretrained", boom)
+    cfg = tiny_config(tiny_models, _pattern(demo_shards), tmp_path / "never", dry_run=True)
+    lines = run_encode(cfg).lines
+    text = "\n".join(lines)
+    assert "~72" in text and "3 to encode" in text and "dino" in text and "GiB" in text
+    assert not (tmp_path / "never").exists()
+
+
+def test_source_matching_nothing_fails_before_any_work(tmp_path, tiny_models):
+    cfg = tiny_config(tiny_models, str(tmp_path / "none-{0000..0003}.tar"), tmp_path / "c")
+    with pytest.raises(SourceError, match="matches no existing file"):
+        run_encode(cfg)
+    assert not (tmp_path / "c").exists()
+
+
+def test_model_that_cannot_load_fails_before_any_work(tmp_path, tiny_models, demo_shards):
+    cfg = tiny_config(tiny_models, str(demo_shards[0]), tmp_path / "c", dino=str(tmp_path / "no-such-model"))
+    with pytest.raises(EncoderLoadError, match="cannot load DINOv2 .*no-such-model"):
+        run_encode(cfg)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_models, demo_shards):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = tiny_config(tiny_models, str(demo_shards[0]), blocker)
+    r = repa("encode", *cli_args(cfg))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --cache") and "Traceback" not in r.stderr
+    r = repa("encode", *cli_args(cfg), "--resolution", "100")
+    assert r.returncode == 2 and "multiple of 16" in r.stderr
+
+
+def _keys_and_moments(cache: Path) -> dict[str, np.ndarray]:
+    r = CacheReader(cache)
+    return {r.sample(i)["key"]: r.sample(i)["moments"] for i in range(len(r))}
+
+
+def test_two_processes_produce_the_same_samples_as_one(demo_cache, tiny_models, demo_shards, tmp_path):
+    cache, _ = demo_cache
+    cfg = tiny_config(tiny_models, _pattern(demo_shards), tmp_path / "two")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "pipeline", "encode", *cli_args(cfg)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    man = read_manifest(tmp_path / "two")
+    writers = {p["writer"].split("-")[-2] for p in man.parts}  # the pid in each part's temporary name
+    assert len(writers) == 2, "both processes should have written parts"
+    one, two = _keys_and_moments(cache), _keys_and_moments(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    for k in one:
+        np.testing.assert_allclose(one[k].astype(np.float32), two[k].astype(np.float32), atol=1e-3)
+    assert verify_cache(tmp_path / "two") == 72
+
+
+def test_kill_9_mid_encode_then_rerun_gives_every_sample_once(tmp_path, tiny_models):
+    from stages.encode.demo_data import write_demo_shards
+
+    shards = write_demo_shards(tmp_path / "data", num_shards=8, samples_per_shard=12, seed=1)
+    cfg = tiny_config(tiny_models, str(tmp_path / "data" / "cc12m-train-{0000..0007}.tar"), tmp_path / "c", batch_size=4)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "encode", *cli_args(cfg)], env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    manifest = tmp_path / "c" / "manifest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text() or "{}").get("parts", [])) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the encode finished before it could be killed; make the job longer"
+    time.sleep(0.3)  # land somewhere inside the next part
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(read_manifest(tmp_path / "c").parts)
+    assert 2 <= committed < 8
+    r = repa("encode", *cli_args(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    reader = CacheReader(tmp_path / "c")
+    assert sorted(reader.keys.tolist()) == sorted(tar_keys(shards))
+    assert verify_cache(tmp_path / "c") == 96
+    assert not [p for p in (tmp_path / "c" / PARTS_DIR).iterdir() if p.name.startswith(".tmp-")]
