@@ -119,6 +119,74 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# -- train ----------------------------------------------------------------------------------------
+def _train_defaults():
+    from stages.train.config import TrainConfig
+
+    return TrainConfig()
+
+
+_T = _train_defaults()
+
+
+@app.command()
+@user_errors
+def train(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    cache: Annotated[Path, typer.Option(help="Feature cache written by `repa encode` (read-only).", metavar="DIR")] = _T.cache,
+    run_dir: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics.jsonl, curves.png, tensorboard logs.", metavar="DIR")] = _T.run_dir,
+    model: Annotated[Optional[str], typer.Option(help="Preset: SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), or none to use --width/--depth.")] = _T.model,
+    width: Annotated[Optional[int], typer.Option(help="Hidden size (128-2048); overrides the preset.")] = _T.width,
+    depth: Annotated[Optional[int], typer.Option(help="Number of blocks; overrides the preset.")] = _T.depth,
+    head_dim: Annotated[Optional[int], typer.Option(help="Channels per attention head; overrides the preset's heads.")] = _T.head_dim,
+    patch_size: Annotated[Optional[int], typer.Option(help="Latent pixels per token side; overrides the preset.")] = _T.patch_size,
+    cond: Annotated[str, typer.Option(help="Conditioning: auto (text if the cache has captions, else class if labelled, else none), class, text, none.")] = _T.cond,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classes for --cond class [default: max label + 1].")] = _T.num_classes,
+    time_sampling: Annotated[str, typer.Option(help="t distribution: uniform or logit-normal.")] = _T.time_sampling,
+    repa_lambda: Annotated[float, typer.Option(help="Weight of the REPA loss; 0 disables REPA and the projector.")] = _T.repa_lambda,
+    align_layer: Annotated[Optional[int], typer.Option(help="1-based block whose output is aligned to DINOv2 [default: preset's, 8 for L/XL, 4 for B].")] = _T.align_layer,
+    projector_dim: Annotated[int, typer.Option(help="Hidden size of the REPA projector MLP.")] = _T.projector_dim,
+    cond_dropout: Annotated[float, typer.Option(help="Probability of dropping the label/caption to the null one (for CFG).")] = _T.cond_dropout,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (all processes and accumulation steps).")] = _T.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = _T.grad_accum,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = _T.lr,
+    lr_schedule: Annotated[str, typer.Option(help="constant, or cosine decay to 0 after warmup.")] = _T.lr_schedule,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = _T.warmup_steps,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _T.weight_decay,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: off).")] = _T.grad_clip,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay, updated every step.")] = _T.ema_decay,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on GPU, off on CPU), bf16, fp16, no.")] = _T.mixed_precision,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = _T.compile,
+    steps: Annotated[int, typer.Option(help="Optimizer steps to train for.")] = _T.steps,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order and noise.")] = _T.seed,
+    val_fraction: Annotated[float, typer.Option(help="Share of the cache held out for validation (chosen by key hash).")] = _T.val_fraction,
+    max_val_samples: Annotated[int, typer.Option(help="Held-out samples evaluated per validation.")] = _T.max_val_samples,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = _T.num_workers,
+    log_every: Annotated[int, typer.Option(help="Steps between logged training metrics.")] = _T.log_every,
+    val_every: Annotated[int, typer.Option(help="Steps between validations (and curves.png).")] = _T.val_every,
+    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = _T.ckpt_every,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints to keep (0: all).")] = _T.keep_checkpoints,
+    preview_every: Annotated[int, typer.Option(help="Steps between saved preview latents (decode with `repa sample --decode-latents`; 0: off).")] = _T.preview_every,
+    report_to: Annotated[str, typer.Option(help="tensorboard, wandb or none (metrics.jsonl is always written).")] = _T.report_to,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --run-dir.")] = _T.resume,
+    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint file.", metavar="FILE")] = _T.resume_from,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing --run-dir first.")] = _T.overwrite,
+):
+    """Stage two: train SiT + REPA from the cache only (run under `accelerate launch` for several GPUs)."""
+    from pipeline.config import from_context
+    from stages.train.config import TrainConfig
+    from stages.train.loop import run_train
+
+    values = dict(locals())
+    values["model"] = _none(model)
+    cfg = from_context(TrainConfig, ctx, values, config, "train")
+    cfg.model = _none(cfg.model)
+    result = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
+    if _is_main() and result.final_val:
+        typer.echo(f"trained to step {result.steps}; final val denoise {result.final_val['denoise']:.4f}; run in {result.run_dir}")
+
+
 # -- cache tools ----------------------------------------------------------------------------------
 @cache_app.command("info")
 @user_errors

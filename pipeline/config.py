@@ -11,8 +11,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-import click
-
 from cache_schema import UsageError
 
 T = TypeVar("T")
@@ -36,7 +34,7 @@ def load_preset(path: Path, section: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in table.items()}
 
 
-def merge(cls: type[T], ctx: click.Context, cli: dict[str, Any], preset: dict[str, Any], origin: str = "") -> T:
+def merge(cls: type[T], ctx, cli: dict[str, Any], preset: dict[str, Any], origin: str = "") -> T:
     """cls(**(defaults <- preset <- explicitly given CLI values))."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(preset) - names)
@@ -46,10 +44,9 @@ def merge(cls: type[T], ctx: click.Context, cli: dict[str, Any], preset: dict[st
     for name, value in cli.items():
         if name not in names:
             continue
-        given = ctx.get_parameter_source(name) not in (
-            click.core.ParameterSource.DEFAULT,
-            click.core.ParameterSource.DEFAULT_MAP,
-        )
+        # Compared by name: typer may carry its own copy of click's ParameterSource enum.
+        source = ctx.get_parameter_source(name)
+        given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
         if given or name not in values:
             values[name] = value
     types = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -59,6 +56,6 @@ def merge(cls: type[T], ctx: click.Context, cli: dict[str, Any], preset: dict[st
     return cls(**values)
 
 
-def from_context(cls: type[T], ctx: click.Context, cli: dict[str, Any], config: Path | None, section: str) -> T:
+def from_context(cls: type[T], ctx, cli: dict[str, Any], config: Path | None, section: str) -> T:
     preset = load_preset(config, section) if config else {}
     return merge(cls, ctx, cli, preset, origin=f"--config {config} [{section}]")

@@ -1,0 +1,123 @@
+"""Everything `repa train` decides before the first step, with a one-line error for each bad case.
+
+Conditioning and model shape come from the cache manifest (latent channels and size, DINOv2 dim
+and token grid, caption dim) and the config; nothing about the cache is passed as a flag.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from cache_schema import Manifest, UsageError
+
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resume_differences
+from .config import TrainConfig
+from .model import MODEL_PRESETS, ModelConfig
+
+
+def resolve_cond(cfg: TrainConfig, manifest: Manifest, labels: np.ndarray) -> str:
+    has_text = manifest.text is not None
+    has_labels = bool(len(labels)) and bool((labels >= 0).all())
+    cond = cfg.cond
+    if cond == "auto":
+        cond = "text" if has_text else "class" if has_labels else "none"
+    if cond == "text" and not has_text:
+        raise UsageError(
+            f"--cond text: cache {cfg.cache} has no caption features; re-encode with --text-encoder or use --cond class/none"
+        )
+    if cond == "class" and not has_labels:
+        missing = int((labels < 0).sum())
+        raise UsageError(
+            f"--cond class: {missing} of {len(labels)} samples in cache {cfg.cache} have no class label; "
+            "encode a source with .cls entries or use --cond text/none"
+        )
+    return cond
+
+
+def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: np.ndarray) -> ModelConfig:
+    if cfg.model is not None and cfg.model not in MODEL_PRESETS:
+        raise UsageError(f"--model {cfg.model!r}: unknown preset; choose one of {', '.join(MODEL_PRESETS)}")
+    preset = dict(MODEL_PRESETS[cfg.model]) if cfg.model else {}
+    num_classes = cfg.num_classes if cfg.num_classes is not None else int(labels.max(initial=-1)) + 1
+    if cond == "class" and labels.size and labels.max() >= num_classes:
+        raise UsageError(f"--num-classes {num_classes}: the cache holds label {int(labels.max())}; raise it")
+    width = cfg.width or preset.get("width")
+    heads = None if (cfg.head_dim or cfg.width) else preset.get("num_heads")
+    align = cfg.align_layer or preset.get("align_layer") or 8
+    kw = dict(
+        preset=cfg.model,
+        width=width,
+        depth=cfg.depth or preset.get("depth"),
+        head_dim=cfg.head_dim if heads is None else None,
+        num_heads=heads,
+        patch_size=cfg.patch_size or preset.get("patch_size") or 2,
+        in_channels=manifest.latent["channels"],
+        input_size=manifest.latent["size"],
+        cond=cond,
+        num_classes=max(num_classes, 1),
+        text_dim=manifest.text["dim"] if cond == "text" else None,
+        repa_dim=manifest.dino["dim"] if cfg.repa_lambda > 0 else None,
+        align_layer=align,
+        projector_dim=cfg.projector_dim,
+    )
+    try:
+        mc = ModelConfig(**kw)
+    except ValueError as e:
+        flag = "--align-layer" if "align_layer" in str(e) else "--width/--depth/--head-dim"
+        raise UsageError(f"{flag}: {e}") from None
+    if mc.repa_dim is not None:
+        if mc.align_layer > mc.depth:
+            raise UsageError(f"--align-layer {mc.align_layer}: must be in 1..{mc.depth} (the model's depth)")
+        grid = mc.input_size // mc.patch_size
+        dino_grid = manifest.dino["grid"][0]
+        if grid != dino_grid:
+            raise UsageError(
+                f"the model sees a {grid}x{grid} token grid (latent {mc.input_size} / patch {mc.patch_size}) but the cache "
+                f"holds a {dino_grid}x{dino_grid} DINOv2 grid; use --patch-size {mc.input_size // dino_grid} or --repa-lambda 0"
+            )
+    return mc
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path | None:
+    """Create or check the run directory; return the checkpoint to resume from, if any."""
+    run = Path(cfg.run_dir)
+    if cfg.overwrite and run.exists() and not (cfg.resume or cfg.resume_from):
+        shutil.rmtree(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--run-dir {run}: not writable ({e.strerror}); choose another directory") from None
+    if cfg.resume_from is not None:
+        return Path(cfg.resume_from)
+    if cfg.resume:
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            raise UsageError(f"--resume: {run} holds no checkpoint; start without --resume")
+        return ckpt
+    if list_checkpoints(run):
+        raise UsageError(f"--run-dir {run} already holds checkpoints; pass --resume to continue, or --overwrite to start over")
+    return None
+
+
+def check_resume(path: Path, cfg: TrainConfig, manifest: Manifest, model_cfg: ModelConfig) -> dict:
+    """The checkpoint, after checking it was made by the same config on the same cache."""
+    ckpt = load_checkpoint(path)
+    diff = resume_differences(ckpt["config"], cfg.to_json())
+    if ckpt["model_config"] != asdict(model_cfg):
+        diff.append("model shape (from the cache manifest)")
+    if diff:
+        raise UsageError(f"cannot resume from {path}: settings differ ({'; '.join(diff)}); use the original settings or a new --run-dir")
+    if ckpt["fingerprint"] != manifest.fingerprint:
+        raise UsageError(
+            f"cannot resume from {path}: it was trained on cache fingerprint {ckpt['fingerprint']}, "
+            f"{cfg.cache} has {manifest.fingerprint}; point --cache at the original cache"
+        )
+    return ckpt
