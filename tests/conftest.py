@@ -24,3 +24,25 @@ def demo_shards(tmp_path_factory) -> list[Path]:
     from stages.encode.demo_data import write_demo_shards
 
     return write_demo_shards(tmp_path_factory.mktemp("demo-data"), num_shards=3, samples_per_shard=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(tmp_path_factory) -> list[Path]:
+    from stages.encode.demo_data import write_demo_shards
+
+    return write_demo_shards(tmp_path_factory.mktemp("demo-labelled"), num_shards=2, samples_per_shard=48, seed=3, labels=True)
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory, tiny_models, labelled_shards) -> Path:
+    """A 96-sample cache with captions, class labels, text features and DINOv2 tokens (64 px)."""
+    from stages.encode.config import EncodeConfig
+    from stages.encode.run import run_encode
+
+    cache = tmp_path_factory.mktemp("train-cache") / "cache"
+    run_encode(EncodeConfig(
+        source=str(labelled_shards[0].parent / "cc12m-train-{0000..0001}.tar"), cache=cache, resolution=64,
+        vae=str(tiny_models["vae"]), dino=str(tiny_models["dino"]), text_encoder=str(tiny_models["text"]),
+        max_text_tokens=16, batch_size=16, num_workers=0, shard_size=32,
+    ))
+    return cache

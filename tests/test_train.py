@@ -1,0 +1,274 @@
+"""Stage two: the objective's formulas, short runs on a tiny cache, exact resume, isolation, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_schema import UsageError
+from stages.train.checkpoint import latest_checkpoint, list_checkpoints
+from stages.train.config import TrainConfig
+from stages.train.loop import Conditioner, run_train, step_generator
+from stages.train.metrics import read_metrics
+from stages.train.model import ModelConfig, SiT
+from stages.train.objective import bin_by_t, denoise_loss_per_sample, interpolate, sample_latents, sample_t
+
+from .encode_helpers import ROOT, env
+
+
+def tiny_train(cache: Path, run_dir: Path, **kw) -> TrainConfig:
+    base = dict(
+        cache=cache, run_dir=run_dir, model=None, width=32, depth=3, head_dim=16, align_layer=2, projector_dim=32,
+        batch_size=8, lr=1e-3, steps=6, val_fraction=0.1, num_workers=0, log_every=2, val_every=3, ckpt_every=3,
+        report_to="none", ema_decay=0.9,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_cli_args(cfg: TrainConfig) -> list[str]:
+    out = []
+    for k, v in cfg.to_json().items():
+        if v is None or k in ("resume", "overwrite", "compile", "adam_betas"):
+            continue
+        out += [f"--{k.replace('_', '-')}", "none" if k == "model" and v is None else str(v)]
+    return out
+
+
+# -- formulas -------------------------------------------------------------------------------------
+def test_objective_matches_the_formulas_by_hand():
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3)
+    z = sample_latents(torch.cat([mean, std], 1).half(), scaling_factor=0.5, shift_factor=0.1, generator=g)
+    n = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, (mean.half().float() + std.half().float() * n - 0.1) * 0.5)
+
+    x, eps, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([0.25, 0.9])
+    x_t, v = interpolate(x, eps, t)
+    torch.testing.assert_close(x_t[0], 0.75 * x[0] + 0.25 * eps[0])
+    torch.testing.assert_close(v, eps - x)
+    pred = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(denoise_loss_per_sample(pred, v), torch.stack([((pred[i] - v[i]) ** 2).mean() for i in range(2)]))
+
+    sums, counts = bin_by_t(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.05, 0.07, 0.95]))
+    assert sums[0] == 3.0 and counts[0] == 2 and sums[9] == 4.0 and counts.sum() == 3
+
+
+def test_time_sampling_distributions():
+    g = torch.Generator().manual_seed(1)
+    u = sample_t(20000, "uniform", g, torch.device("cpu"))
+    ln = sample_t(20000, "logit-normal", g, torch.device("cpu"))
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - (1 / 12) ** 0.5) < 0.01
+    logits = torch.log(ln / (1 - ln))
+    assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03
+
+
+def test_step_noise_is_a_pure_function_of_its_position():
+    a = torch.randn(5, generator=step_generator(0, 0, 7, 0, torch.device("cpu")))
+    b = torch.randn(5, generator=step_generator(0, 0, 7, 0, torch.device("cpu")))
+    c = torch.randn(5, generator=step_generator(0, 1, 7, 0, torch.device("cpu")))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_condition_dropout_substitutes_the_null_condition():
+    model = SiT(ModelConfig(width=32, depth=1, head_dim=16, cond="class", num_classes=5))
+    batch = {"moments": torch.zeros(4000, 8, 2, 2), "label": torch.full((4000,), 3)}
+    y = Conditioner("class", model, 0.25)(batch, torch.Generator().manual_seed(0))["y"]
+    assert set(y.unique().tolist()) == {3, 5} and abs((y == 5).float().mean() - 0.25) < 0.03
+    assert torch.equal(Conditioner("class", model, 0.25)(batch)["y"], batch["label"])  # no generator: no dropout
+
+    tmodel = SiT(ModelConfig(width=32, depth=1, head_dim=16, cond="text", text_dim=6))
+    tb = {"moments": torch.zeros(64, 8, 2, 2), "text": torch.randn(64, 3, 6), "text_mask": torch.ones(64, 3, dtype=torch.bool)}
+    out = Conditioner("text", tmodel, 0.5)(tb, torch.Generator().manual_seed(0))
+    dropped = ~out["text_mask"][:, 1]
+    null, _ = tmodel.null_text(1, 3)
+    assert 10 < dropped.sum() < 54
+    torch.testing.assert_close(out["text"][dropped][:, 0], null[0, 0].expand(int(dropped.sum()), -1).detach())
+
+
+# -- short runs -----------------------------------------------------------------------------------
+def test_short_run_learns_and_writes_metrics_curves_and_checkpoints(train_cache, tmp_path):
+    cfg = tiny_train(train_cache, tmp_path / "run", steps=40, val_every=20, ckpt_every=20, keep_checkpoints=1)
+    result = run_train(cfg)
+    records = read_metrics(tmp_path / "run")
+    vals = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [20, 40]
+    first_train = next(r for r in records if r["kind"] == "train")
+    assert vals[-1]["denoise"] < first_train["denoise"]  # it learns
+    assert len(vals[-1]["denoise_bins"]) == 10 and "repa_cos" in vals[-1] and vals[-1]["repa_cos"] > 0.2
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000040.pt"]  # keep 1
+    ckpt = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=False)
+    assert ckpt["step"] == 40 and ckpt["cond"] == "text" and set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "rng", "data_position"}
+    assert result.steps == 40 and result.final_val["denoise"] == vals[-1]["denoise"]
+
+
+def test_class_conditioning_and_no_repa(train_cache, tmp_path):
+    run_train(tiny_train(train_cache, tmp_path / "cls", cond="class", repa_lambda=0.0, steps=3, val_every=3))
+    ckpt = torch.load(latest_checkpoint(tmp_path / "cls"), weights_only=False)
+    assert ckpt["model_config"]["cond"] == "class" and ckpt["model_config"]["num_classes"] == 40
+    assert not any(k.startswith("projector") for k in ckpt["model"])
+
+
+def test_validation_is_the_same_problem_for_every_run(train_cache, tmp_path):
+    """Same cache, different seeds and batch sizes: scored on identical (sample, t, noise) triples,
+    so identical weights give identical validation numbers."""
+    from stages.train.data import CacheBatchDataset, split_ids
+    from stages.train.validation import Validator
+    from cache_schema import read_manifest
+
+    ds = CacheBatchDataset(train_cache, need_text=True)
+    _, val = split_ids(ds.reader.keys, 0.1)
+    man = read_manifest(train_cache)
+    torch.manual_seed(0)
+    model = SiT(ModelConfig(width=32, depth=2, head_dim=16, in_channels=4, input_size=8, cond="text", text_dim=man.text["dim"],
+                            repa_dim=man.dino["dim"], align_layer=1, projector_dim=16))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    cond = Conditioner("text", model, 0.0)
+    a = Validator(ds, val, 64, 2, man.latent, 0, 1, torch.device("cpu")).run(model, cond, lambda t: t)
+    b = Validator(ds, val, 64, 5, man.latent, 0, 1, torch.device("cpu")).run(model, cond, lambda t: t)
+    assert a["samples"] == len(val) and a["denoise"] == pytest.approx(b["denoise"], rel=1e-6)
+
+
+# -- exact resume ---------------------------------------------------------------------------------
+def test_kill_9_and_resume_is_bit_identical_to_an_uninterrupted_run(train_cache, tmp_path):
+    common = dict(steps=30, ckpt_every=3, val_every=15, log_every=3, num_workers=1, keep_checkpoints=0)
+    # Both runs in subprocesses with the same environment (thread count changes float rounding).
+    straight = subprocess.run([sys.executable, "-m", "pipeline", "train", *train_cli_args(tiny_train(train_cache, tmp_path / "straight", **common))],
+                              env=env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    cfg = tiny_train(train_cache, tmp_path / "killed", **common)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *train_cli_args(cfg)], env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list_checkpoints(tmp_path / "killed"):
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = latest_checkpoint(tmp_path / "killed")
+    assert resumed_from is not None and resumed_from.name != "step-0000030.pt"
+
+    r = subprocess.run([sys.executable, "-m", "pipeline", "train", *train_cli_args(cfg), "--resume"],
+                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "step-0000030.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "step-0000030.pt", weights_only=False)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    for k, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[n], b["optimizer"]["state"][k][n]) for n in state)
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed") if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice after the resume
+
+
+# -- isolation from the encoders ------------------------------------------------------------------
+NO_ENCODER_PROBE = """
+import json, runpy, sys
+sys.argv = ["repa"] + json.loads(sys.argv[1])
+try:
+    runpy.run_module("pipeline", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+# The CLI defines every command's options, so it imports the (dependency-free) encode config.
+allowed = {"stages.encode", "stages.encode.config"}
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers")
+             or (m.startswith("stages.encode") and m not in allowed))
+print(json.dumps({"code": code, "encoder_modules": bad}))
+"""
+
+
+def test_training_never_imports_an_encoder(tmp_path, tiny_models, labelled_shards):
+    import shutil
+
+    from stages.encode.config import EncodeConfig
+    from stages.encode.run import run_encode
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models["vae"], models / "vae")
+    shutil.copytree(tiny_models["dino"], models / "dino")
+    run_encode(EncodeConfig(source=str(labelled_shards[0]), cache=tmp_path / "cache", resolution=64, vae=str(models / "vae"),
+                            dino=str(models / "dino"), batch_size=16, num_workers=0))
+    shutil.rmtree(models)  # training must not need them
+    args = ["train", *train_cli_args(tiny_train(tmp_path / "cache", tmp_path / "run", steps=2, val_every=2))]
+    r = subprocess.run([sys.executable, "-c", NO_ENCODER_PROBE, json.dumps(args)], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0, r.stderr[-2000:]
+    assert report["encoder_modules"] == []
+
+
+def test_two_runs_read_one_cache_at_the_same_time(train_cache, tmp_path):
+    procs = []
+    for name, lam in (("a", 0.0), ("b", 1.0)):
+        cfg = tiny_train(train_cache, tmp_path / name, steps=8, repa_lambda=lam, num_workers=1)
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "train", *train_cli_args(cfg)], env=env(), cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-2000:]
+    for name in ("a", "b"):
+        assert latest_checkpoint(tmp_path / name).name == "step-0000008.pt"
+
+
+# -- errors before the first step -----------------------------------------------------------------
+def test_text_conditioning_on_a_cache_without_captions(tmp_path, tiny_models, labelled_shards):
+    from stages.encode.config import EncodeConfig
+    from stages.encode.run import run_encode
+
+    run_encode(EncodeConfig(source=str(labelled_shards[1]), cache=tmp_path / "c", resolution=64, vae=str(tiny_models["vae"]),
+                            dino=str(tiny_models["dino"]), batch_size=16, num_workers=0))
+    with pytest.raises(UsageError, match="--cond text: cache .* has no caption features"):
+        run_train(tiny_train(tmp_path / "c", tmp_path / "run", cond="text"))
+
+
+@pytest.mark.parametrize("align", [0, 4])
+def test_align_layer_outside_the_model(train_cache, tmp_path, align):
+    with pytest.raises(UsageError, match="--align-layer"):
+        run_train(tiny_train(train_cache, tmp_path / "run", align_layer=align))
+
+
+def test_batch_larger_than_the_split(train_cache, tmp_path):
+    with pytest.raises(UsageError, match="--batch-size 512: batch 512 > .* samples per process"):
+        run_train(tiny_train(train_cache, tmp_path / "run", batch_size=512))
+
+
+def test_unwritable_run_dir(train_cache, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="--run-dir .* not writable"):
+        run_train(tiny_train(train_cache, tmp_path / "file" / "run"))
+
+
+def test_resume_with_other_settings_or_cache_is_refused(train_cache, tmp_path, tiny_models, labelled_shards):
+    run_train(tiny_train(train_cache, tmp_path / "run", steps=3))
+    with pytest.raises(UsageError, match=r"settings differ \(lr: 0.001 -> 0.002"):
+        run_train(tiny_train(train_cache, tmp_path / "run", steps=6, lr=2e-3, resume=True))
+    with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
+        run_train(tiny_train(train_cache, tmp_path / "run", steps=6))
+
+    from stages.encode.config import EncodeConfig
+    from stages.encode.run import run_encode
+
+    other = tmp_path / "other-cache"  # same shapes, different crop setting -> different fingerprint
+    run_encode(EncodeConfig(source=str(labelled_shards[0].parent / "cc12m-train-{0000..0001}.tar"), cache=other, resolution=64,
+                            vae=str(tiny_models["vae"]), dino=str(tiny_models["dino"]), text_encoder=str(tiny_models["text"]),
+                            max_text_tokens=16, batch_size=16, num_workers=0, jpeg_draft=False))
+    with pytest.raises(UsageError, match="trained on cache fingerprint"):
+        run_train(tiny_train(other, tmp_path / "run", steps=6, resume=True))
+    run_train(tiny_train(train_cache, tmp_path / "run", steps=6, resume=True, log_every=3))  # same settings: fine
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000006.pt"
