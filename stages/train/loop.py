@@ -29,6 +29,7 @@ from .data import CacheBatchDataset, EpochBatchSampler, make_loader, split_ids, 
 from .metrics import CURVES_FILE, append_metrics, plot_curves, read_metrics, truncate_metrics
 from .model import SiT, count_parameters, repa_loss_per_sample
 from .objective import NUM_T_BINS, bin_by_t, denoise_loss_per_sample, interpolate, sample_latents, sample_t
+from .previews import Previewer
 from .setup import build_model_config, check_resume, prepare_run_dir, resolve_cond
 from .validation import Validator
 
@@ -174,6 +175,9 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     loader = make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda")
     validator = Validator(dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world, device)
     scale, shift = manifest.latent["scaling_factor"], manifest.latent["shift_factor"]
+    previewer = None
+    if cfg.preview_every and main and len(val_ids):
+        previewer = Previewer(cfg.cache, dataset, val_ids, manifest.latent)
 
     params = count_parameters(raw_model)
     if main:
@@ -281,6 +285,9 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
             if main:
                 bar.write(f"step {step}: val denoise {val_metrics['denoise']:.4f}"
                           + (f", REPA cosine {val_metrics['repa_cos']:.3f}" if "repa_cos" in val_metrics else ""))
+        if previewer is not None and step % cfg.preview_every == 0:
+            with accelerator.autocast():
+                previewer.save(ema, Conditioner(cond, ema, 0.0), step, cfg.run_dir, device)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save(step)
     bar.close()

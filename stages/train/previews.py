@@ -1,0 +1,51 @@
+"""Cheap progress pictures: sampled latents for fixed held-out conditions, saved every N steps.
+
+No VAE runs during training; `repa sample --decode-latents RUN_DIR` turns the saved latents into
+PNG grids. A preview file ``previews/step-0001000.pt`` holds ``latents`` (K, C, h, w) in the
+model's normalised latent space, ``latent`` (the manifest's scaling/shift factors), and the
+``keys``, ``captions`` and ``labels`` of the conditions they were sampled for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_schema import CacheReader
+
+from ..sample.samplers import euler_ode
+from .data import CacheBatchDataset, to_device
+
+PREVIEW_DIR = "previews"
+PREVIEW_SEED = 1234
+
+
+class Previewer:
+    def __init__(self, cache: Path, dataset: CacheBatchDataset, val_ids: np.ndarray, latent: dict, count: int = 8,
+                 steps: int = 25):
+        self.ids = np.asarray(val_ids)[:count]
+        self.dataset, self.latent, self.steps = dataset, latent, steps
+        reader = CacheReader(cache)
+        meta = [reader.sample(int(i)) for i in self.ids]
+        self.keys = [m["key"] for m in meta]
+        self.captions = [m["caption"] for m in meta]
+        self.labels = [int(m["label"]) for m in meta]
+        c, s = latent["channels"], latent["size"]
+        self.noise = torch.randn(len(self.ids), c, s, s, generator=torch.Generator().manual_seed(PREVIEW_SEED))
+
+    @torch.no_grad()
+    def save(self, model, conditioner, step: int, run_dir: Path, device: torch.device) -> Path:
+        batch = to_device(self.dataset.__getitems__(self.ids), device)
+        cond = conditioner(batch)
+
+        def velocity(x, t):
+            return model(x, t, **cond)[0].float()
+
+        latents = euler_ode(velocity, self.noise.to(device), steps=self.steps)
+        path = Path(run_dir) / PREVIEW_DIR / f"step-{step:07d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"step": step, "latents": latents.cpu(), "latent": self.latent, "keys": self.keys,
+                    "captions": self.captions, "labels": self.labels}, path)
+        return path
