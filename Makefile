@@ -1,8 +1,11 @@
-# Everything runs inside a virtual environment created on first use.
-#   make encode                     demo: synthetic shards + tiny encoders, encoded on CPU (~1 min)
-#   make encode PRESET=imagenet256 SOURCE='data/imagenet-train-{0000..1281}.tar'
-#   make encode SOURCE=... VAE=... DINO=... TEXT=...   any corpus and encoders
-#   make train / make sample / make test / make bench-encode / make bench-reader
+# Everything runs inside a virtual environment created on first use (PYTHON=python3.11 to choose).
+#   make encode          demo: synthetic shards + tiny encoders, encoded on CPU (about a minute)
+#   make train           demo: a small SiT + REPA trained on the demo cache on CPU (a few minutes)
+#   make sample          demo: a grid of samples from the demo run
+#   make encode PRESET=imagenet256 SOURCE='data/imagenet-train-{000000..001281}.tar'
+#   make encode SOURCE=... VAE=... DINO=... TEXT=...      any corpus and encoders
+#   make train  PRESET=imagenet256 | make train CACHE=... MODEL=SiT-XL/2 ...
+#   make test | make bench-encode | make bench-reader | make bench-train
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch
@@ -15,18 +18,23 @@ NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 NPROC ?= $(if $(filter-out 0,$(NGPU)),$(NGPU),1)
 LAUNCH = $(if $(filter 1,$(NPROC)),$(VENV)/bin/repa,$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) -m pipeline)
 
-# With no SOURCE the demo preset is used (and its assets generated); with SOURCE, the CLI defaults
-# (SD-VAE, DINOv2-B) unless PRESET, VAE, DINO or TEXT say otherwise.
-ifeq ($(origin SOURCE),undefined)
+# With neither SOURCE nor CACHE given the demo preset is used (and its assets generated); otherwise the
+# CLI defaults (SD-VAE, DINOv2-B, SiT-XL/2) unless PRESET or the variables below say otherwise.
+ifeq ($(origin SOURCE)$(origin CACHE),undefinedundefined)
 PRESET ?= demo
 ENCODE_DEPS := demo-assets
+TRAIN_DEPS := cache/demo/manifest.json
 endif
 CONFIG_ARG = $(if $(PRESET),--config configs/$(PRESET).toml)
 opt = $(if $(2),$(1) '$(2)')
 ENCODE_ARGS = $(CONFIG_ARG) $(call opt,--source,$(SOURCE)) $(call opt,--cache,$(CACHE)) $(call opt,--vae,$(VAE)) \
 	$(call opt,--dino,$(DINO)) $(call opt,--text-encoder,$(TEXT)) $(call opt,--resolution,$(RES)) $(ARGS)
 
-.PHONY: install encode demo-assets test bench-encode bench-reader clean help
+TRAIN_ARGS = $(CONFIG_ARG) $(call opt,--cache,$(CACHE)) $(call opt,--run-dir,$(RUN)) $(call opt,--model,$(MODEL)) \
+	$(call opt,--steps,$(STEPS)) $(call opt,--batch-size,$(BATCH)) $(ARGS)
+SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
+
+.PHONY: install encode demo-assets train sample test bench-encode bench-reader bench-train clean help
 
 help:
 	@sed -n '1,6p' Makefile
@@ -53,14 +61,26 @@ demo-assets: $(DEMO_DATA)/.done $(TINY)/.done
 encode: $(STAMP) $(ENCODE_DEPS)
 	$(LAUNCH) encode $(ENCODE_ARGS)
 
+cache/demo/manifest.json:
+	$(MAKE) encode
+
+train: $(STAMP) $(TRAIN_DEPS)
+	$(LAUNCH) train $(TRAIN_ARGS)
+
+sample: $(STAMP)
+	$(LAUNCH) sample $(SAMPLE_ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
 
 bench-encode: $(STAMP)
-	$(PY) bench/encode_cpu.py $(ARGS)
+	$(PY) bench/encode.py $(ARGS)
 
 bench-reader: $(STAMP)
 	$(PY) bench/reader.py $(ARGS)
+
+bench-train: $(STAMP)
+	$(PY) bench/train.py $(ARGS)
 
 clean:
 	rm -rf cache/demo runs/demo samples/demo $(DEMO_DATA) $(TINY) bench/out

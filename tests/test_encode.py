@@ -222,3 +222,19 @@ def test_kill_9_mid_encode_then_rerun_gives_every_sample_once(tmp_path, tiny_mod
     assert sorted(reader.keys.tolist()) == sorted(tar_keys(shards))
     assert verify_cache(tmp_path / "c") == 96
     assert not [p for p in (tmp_path / "c" / PARTS_DIR).iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_flux_style_vae_registers_dino_and_clip_text(tmp_path, tiny_models, demo_shards):
+    """16-channel VAE with a shift factor, DINOv2 with register tokens (dropped), CLIP text encoder."""
+    cfg = tiny_config(tiny_models, str(demo_shards[0]), tmp_path / "c", vae=str(tiny_models["vae-flux"]),
+                      dino=str(tiny_models["dino-reg"]), text_encoder=str(tiny_models["clip-text"]))
+    run_encode(cfg)
+    reader = CacheReader(tmp_path / "c")
+    man = reader.manifest
+    assert man.latent["channels"] == 16 and man.latent["shift_factor"] == pytest.approx(0.1159)
+    assert man.latent["scaling_factor"] == pytest.approx(0.3611)
+    assert man.dino["registers"] == 4 and man.dino["tokens"] == 16  # 1 CLS + 4 registers dropped
+    assert man.text["kind"] == "clip"
+    s = reader.sample(0)
+    assert s["moments"].shape == (32, 8, 8) and s["dino"].shape == (16, man.dino["dim"])
+    assert s["text"].shape[0] >= 2  # start and end tokens at least, no padding stored

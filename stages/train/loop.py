@@ -93,6 +93,36 @@ class Conditioner:
         return {}
 
 
+def micro_step(forward, conditioner: Conditioner, batch: dict, gen: torch.Generator, cfg: TrainConfig,
+               scale: float, shift: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached."""
+    x = sample_latents(batch["moments"], scale, shift, gen)
+    t = sample_t(x.shape[0], cfg.time_sampling, gen, x.device)
+    noise = torch.randn(x.shape, generator=gen, device=x.device)
+    x_t, v = interpolate(x, noise, t)
+    pred, proj = forward(x_t, t, **conditioner(batch, gen))
+    denoise = denoise_loss_per_sample(pred, v)
+    loss = denoise.mean()
+    cos = torch.zeros_like(denoise)
+    if proj is not None:
+        repa = repa_loss_per_sample(proj, batch["dino"])
+        loss = loss + cfg.repa_lambda * repa.mean()
+        cos = -repa.detach()
+    return loss, denoise.detach(), cos, t
+
+
+def optimizer_update(accelerator, model, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+    if grad_clip > 0:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -221,7 +251,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     # -- the loop -------------------------------------------------------------------------------
     model.train()
     batches = iter(loader)
-    window = torch.zeros(6, dtype=torch.float64, device=device)  # loss, denoise, cos, grad norm, count, steps
+    window = torch.zeros(5, dtype=torch.float64, device=device)  # loss, denoise, cos, grad norm, steps
     bins = torch.zeros(3, NUM_T_BINS, dtype=torch.float64, device=device)  # denoise, cos, count
     last_log, last_log_step = time.perf_counter(), start_step
     bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not main, dynamic_ncols=True, desc="train")
@@ -231,34 +261,17 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
         for m in range(cfg.grad_accum):
             batch = to_device(next(batches), device)
             gen = step_generator(cfg.seed, rank, step, m, device)
-            x = sample_latents(batch["moments"], scale, shift, gen)
-            t = sample_t(x.shape[0], cfg.time_sampling, gen, device)
-            noise = torch.randn(x.shape, generator=gen, device=device)
-            x_t, v = interpolate(x, noise, t)
-            sync = m == cfg.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                pred, proj = forward(x_t, t, **conditioner(batch, gen))
-                denoise = denoise_loss_per_sample(pred, v)
-                loss = denoise.mean()
-                cos = torch.zeros_like(denoise)
-                if proj is not None:
-                    repa = repa_loss_per_sample(proj, batch["dino"])
-                    loss = loss + cfg.repa_lambda * repa.mean()
-                    cos = -repa.detach()
+            with nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model):
+                loss, denoise, cos, t = micro_step(forward, conditioner, batch, gen, cfg, scale, shift)
                 accelerator.backward(loss / cfg.grad_accum)
-            window[:3] += torch.stack([loss.detach(), denoise.mean().detach(), cos.mean()]).double() / cfg.grad_accum
-            bins[0] += bin_by_t(denoise.detach(), t)[0]
+            window[:3] += torch.stack([loss.detach(), denoise.mean(), cos.mean()]).double() / cfg.grad_accum
+            denoise_sum, counts = bin_by_t(denoise, t)
+            bins[0] += denoise_sum
             bins[1] += bin_by_t(cos, t)[0]
-            bins[2] += bin_by_t(denoise.detach(), t)[1]
-        if cfg.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        else:
-            grad_norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            bins[2] += counts
+        grad_norm = optimizer_update(accelerator, model, optimizer, scheduler, cfg.grad_clip)
         update_ema(ema, raw_model, cfg.ema_decay)
-        window[3] += float(grad_norm)
+        window[3] += grad_norm.detach().double()  # stays on the device: no sync per step
         window[4] += 1
         bar.update(1)
 

@@ -1,0 +1,144 @@
+"""Stage-one throughput: the whole `repa encode` pipeline against the encoders alone, on the same batches.
+
+    python bench/encode.py                 # CPU, tiny encoders (make bench-encode)
+    python bench/encode.py --real          # GPU: SD-VAE + DINOv2-B architectures, random init (bench/encode_gpu.sh)
+
+Writes synthetic JPEG shards (natural-image-sized, distinct per sample) and random-init encoders
+under bench/out/, then measures
+  1. encoders alone: ``FeatureEncoders.encode`` on batches already in device memory;
+  2. end to end: ``run_encode`` (decode workers, crop, encode, D2H, background zarr writes) into a
+     fresh cache;
+and prints both rates and their ratio (the pipeline's efficiency; the target on an H100 is >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from stages.encode.config import EncodeConfig
+from stages.encode.preprocess import prepare_sample
+from stages.encode.run import run_encode
+from stages.encode.source import expand_source, iter_tar
+from stages.encoders.features import EncoderSpec, FeatureEncoders
+from stages.encoders.load import ModelSource, torch_dtype
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def real_models(out: Path) -> dict[str, Path]:
+    """Random-init models with the real SD-VAE and DINOv2-B architectures (no download needed)."""
+    from diffusers import AutoencoderKL
+    from transformers import Dinov2Config, Dinov2Model
+
+    paths = {"vae": out / "sd-vae-arch", "dino": out / "dinov2-base-arch"}
+    if not (paths["vae"] / "config.json").exists():
+        AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, sample_size=256, scaling_factor=0.18215,
+        ).save_pretrained(paths["vae"])
+    if not (paths["dino"] / "config.json").exists():
+        Dinov2Model(Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                                 patch_size=14, image_size=518)).save_pretrained(paths["dino"])
+    return paths
+
+
+def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> str:
+    """JPEG shards of smooth random images (decode cost like photos of that size); distinct per sample."""
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = str(out / ("bench-{0000..%04d}.tar" % (shards - 1)))
+    if (out / f"bench-{shards - 1:04d}.tar").exists():
+        return pattern
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for s in range(shards):
+        with wds.TarWriter(str(out / f"bench-{s:04d}.tar")) as tw:
+            for i in range(per_shard):
+                coarse = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+                img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=90)
+                tw.write({"__key__": f"{s:05d}{i:04d}", "jpg": buf.getvalue(), "txt": f"image {i} of shard {s}".encode()})
+    return pattern
+
+
+def encoders_alone(cfg: EncodeConfig, pattern: str, batches: int, device: torch.device) -> float:
+    """img/s of the encoders on pre-decoded batches resident on the device (same crops as the pipeline)."""
+    spec = EncoderSpec(ModelSource(cfg.vae), ModelSource(cfg.dino), None, cfg.max_text_tokens, cfg.resolution)
+    enc = FeatureEncoders(spec, device, torch_dtype(cfg.dtype, device), compile=cfg.compile, batch_size=cfg.batch_size)
+    images = []
+    for sample in iter_tar(expand_source(pattern)[0]):
+        images.append(prepare_sample(sample, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft).image)
+        if len(images) == cfg.batch_size:
+            break
+    x = torch.from_numpy(np.stack(images)).to(device)
+    captions = [""] * len(images)
+
+    def once():
+        out = enc.encode(x, captions, cfg.feature_codec)
+        for v in out.values():
+            v.to("cpu")  # include the device-to-host copy the pipeline also pays
+
+    for _ in range(2):  # warm-up (and compilation)
+        once()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(batches):
+        once()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batches * len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", action="store_true", help="real SD-VAE + DINOv2-B architectures at 256 px (GPU)")
+    ap.add_argument("--shards", type=int, default=None)
+    ap.add_argument("--per-shard", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--codec", default="fp16")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.real:
+        models = real_models(OUT / "models-real")
+        shards, per_shard, res, size = args.shards or 16, args.per_shard or 1024, 256, (500, 375)
+        batch, workers, compile_ = args.batch_size or 128, args.workers or 14, True if args.compile is None else args.compile
+    else:
+        from stages.encoders.tiny import write_tiny_encoders
+
+        models = write_tiny_encoders(OUT / "models-tiny") if not (OUT / "models-tiny" / "vae").exists() else {
+            "vae": OUT / "models-tiny" / "vae", "dino": OUT / "models-tiny" / "dino"}
+        shards, per_shard, res, size = args.shards or 4, args.per_shard or 128, 128, (320, 240)
+        batch, workers, compile_ = args.batch_size or 32, args.workers or 1, bool(args.compile)
+    pattern = synthetic_shards(OUT / f"shards-{shards}x{per_shard}-{size[0]}x{size[1]}", shards, per_shard, size)
+    cfg = EncodeConfig(source=pattern, cache=OUT / "cache", resolution=res, vae=str(models["vae"]), dino=str(models["dino"]),
+                       batch_size=batch, num_workers=workers, compile=compile_, feature_codec=args.codec, overwrite=True)
+
+    alone = encoders_alone(cfg, pattern, batches=8 if args.real else 4, device=device)
+    shutil.rmtree(cfg.cache, ignore_errors=True)
+    summary = run_encode(cfg, log=lambda m: None)
+    ratio = summary.rate / alone
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print()
+    print(f"device {name}, {'SD-VAE + DINOv2-B architectures' if args.real else 'tiny encoders'}, {res} px, "
+          f"batch {batch}, {workers} decode workers, compile={compile_}, codec {args.codec}")
+    print(f"{'encoders alone (batches in device memory)':<46}{alone:10.1f} img/s")
+    print(f"{'end to end (decode + encode + write)':<46}{summary.rate:10.1f} img/s  ({summary.encoded} images)")
+    print(f"{'ratio end-to-end / encoders-alone':<46}{ratio:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
