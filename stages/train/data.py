@@ -1,0 +1,327 @@
+"""Training data from the feature cache: validation split, resumable sampler, batch dataset, loader.
+
+Only the cache is read here; no encoder is ever loaded. A batch is fetched whole by one
+DataLoader worker (``__getitems__``) straight into shared-memory tensors, so collation is free
+and nothing is pickled but the tensor handles. int8 features travel as int8 and are dequantised
+on the training device by ``to_device``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import multiprocessing
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from cache_schema import CacheError, dequantize_int8
+from cache_schema.fast_reader import FastReader
+
+Batch = dict[str, torch.Tensor]
+
+
+def split_ids(keys: np.ndarray, val_fraction: float, salt: str = "val") -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, val ids), sorted, for a cache whose sample ``i`` has key ``keys[i]``.
+
+    A sample is held out when blake2b(salt + key), read as a number in [0, 1), is below
+    ``val_fraction``; the choice depends on the key alone, so it survives re-encoding, adding parts
+    and reordering them. With ``val_fraction > 0`` and at least two samples neither side is empty.
+    Hashing costs about a microsecond per key.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    u = np.array([_unit_hash(salt, str(k)) for k in keys], dtype=np.float64)
+    held_out = u < val_fraction
+    if val_fraction > 0 and len(u) >= 2:
+        # Tiny caches: keep the split usable by moving the extreme key across.
+        if not held_out.any():
+            held_out[np.argmin(u)] = True
+        if held_out.all():
+            held_out[np.argmax(u)] = False
+    ids = np.arange(len(u), dtype=np.int64)
+    return ids[~held_out], ids[held_out]
+
+
+def _unit_hash(salt: str, key: str) -> float:
+    digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+class EpochBatchSampler:
+    """Batches of ids for one process: a fresh random permutation of ``ids`` every epoch.
+
+    The permutation depends only on (seed, epoch); each of ``world_size`` ranks takes its own
+    contiguous, equally sized share of it (the ``len(ids) % world_size`` ids left over sit out that
+    epoch, different ones every epoch). Iteration never ends: it runs through epochs from
+    ``start = (epoch, batch_in_epoch)``, so a run resumed at ``position_after(batches consumed)``
+    continues exactly where the interrupted one stopped.
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        start: tuple[int, int] = (0, 0),
+        name: str = "the id set",
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
+        self.share = len(self.ids) // world_size
+        if batch_size > self.share:
+            raise ValueError(
+                f"batch {batch_size} > {self.share} samples per process in {name} "
+                f"({len(self.ids)} samples over {world_size} process(es)); lower the batch size"
+            )
+        rounding = math.floor if drop_last else math.ceil
+        self.batches_per_epoch = rounding(self.share / batch_size)
+        epoch, batch = start
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(f"start {start} outside epochs of {self.batches_per_epoch} batches")
+        self.start = (epoch, batch)
+
+    def epoch_ids(self, epoch: int) -> np.ndarray:
+        """This rank's ids for ``epoch``, in the order they will be served."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+        return self.ids[perm[self.rank * self.share : (self.rank + 1) * self.share]]
+
+    def position_after(self, num_batches: int) -> tuple[int, int]:
+        """(epoch, batch in epoch) of the next batch once ``num_batches`` from ``start`` are consumed."""
+        done = self.start[0] * self.batches_per_epoch + self.start[1] + num_batches
+        return divmod(done, self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        epoch, batch = self.start
+        while True:
+            order = self.epoch_ids(epoch)
+            for b in range(batch, self.batches_per_epoch):
+                yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            epoch, batch = epoch + 1, 0
+
+
+Allocator = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def _plain_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype, storage: torch.UntypedStorage | None = None) -> torch.Tensor:
+    """A tensor in shared memory, so that sending it to another process copies nothing
+    (``share_memory_`` would copy it). Uses ``storage`` when given (it must be large enough)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if storage is None:
+        storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class CacheBatchDataset(Dataset):
+    """Batches of cached features, fetched whole through ``__getitems__``.
+
+    A batch is a dict of tensors: ``index`` (B,) int64 global ids; ``moments`` (B, 2C, h, w) fp16;
+    ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8; ``label`` (B,) int64 (-1:
+    none); with ``need_text``: ``text`` (B, Lmax, Dt) as stored and zero-padded, ``text_mask``
+    (B, Lmax) bool, and ``text_scale`` (B, Lmax) for int8. Fields not asked for are not read.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        need_dino: bool = True,
+        need_text: bool = False,
+        need_label: bool = True,
+    ):
+        self.reader = FastReader(cache_dir)
+        if need_text and not self.reader.has_text:
+            raise CacheError(
+                f"{cache_dir}: cache has no text features but this run needs them; "
+                "re-encode with a text encoder or train without text conditioning"
+            )
+        names = ["moments"] + (["dino"] if need_dino else []) + (["label"] if need_label else [])
+        if need_dino and "dino_scale" in self.reader.fields:
+            names.append("dino_scale")
+        self.per_sample = names
+        self.need_text = need_text
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> Batch:
+        """A batch of one sample (the dataset is meant to be read batch-wise)."""
+        return self.__getitems__([index])
+
+    def __getitems__(self, ids) -> Batch:
+        return self.fetch(ids, _plain_tensor)
+
+    def fetch(self, ids, alloc: Allocator) -> Batch:
+        """The batch for ``ids``, read straight into tensors obtained from ``alloc(name, shape, dtype)``."""
+        ids = self.reader.checked_ids(ids)
+        batch: Batch = {"index": alloc("index", ids.shape, torch.int64)}
+        batch["index"].numpy()[...] = ids
+        for name in self.per_sample:
+            f = self.reader.fields[name]
+            batch[name] = alloc(name, (len(ids),) + f.inner_shape, getattr(torch, f.dtype))
+        self.reader.read_many(ids, {name: batch[name].numpy() for name in self.per_sample})
+        if self.need_text:
+            batch.update(self._text(ids, alloc))
+        return batch
+
+    def _text(self, ids: np.ndarray, alloc: Allocator) -> Batch:
+        lengths = self.reader.text_lengths(ids)
+        lead = (len(ids), int(lengths.max(initial=0)))
+        fields = self.reader.fields
+        out = {"text": alloc("text", lead + fields["text"].inner_shape, getattr(torch, fields["text"].dtype))}
+        if "text_scale" in fields:
+            out["text_scale"] = alloc("text_scale", lead, getattr(torch, fields["text_scale"].dtype))
+        scale_out = out["text_scale"].numpy() if "text_scale" in out else None
+        self.reader.read_text(ids, padded=True, out=out["text"].numpy(), scale_out=scale_out)
+        out["text_mask"] = alloc("text_mask", lead, torch.bool)
+        np.less(np.arange(lead[1]), lengths[:, None], out=out["text_mask"].numpy())
+        return out
+
+
+# -- loading in worker processes ------------------------------------------------------------------
+# A 100 MiB batch in fresh shared memory costs a worker ~75 ms of page allocation and faults on
+# this kind of machine, more than reading it. So each worker keeps a few shared buffers ("slots")
+# and refills one only after the main process has seen every reference to it dropped, signalled
+# through a small shared table of flags. Correctness never depends on timing: a worker that finds
+# no free slot reads into fresh shared memory instead.
+SLOT_KEY = "_slot"
+_FREE, _LENT = 0, 1
+
+
+class _SlottedDataset(Dataset):
+    """Worker side: fetches each batch into the first free slot of this worker."""
+
+    def __init__(self, dataset: CacheBatchDataset, flags: torch.Tensor):
+        self.dataset = dataset
+        self.flags = flags  # (workers, slots) uint8 in shared memory, written by both sides
+        self._buffers: list[dict[str, torch.UntypedStorage]] = []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, ids) -> Batch:
+        worker = get_worker_info().id
+        row = self.flags[worker].numpy()
+        free = np.flatnonzero(row == _FREE)
+        if len(free) == 0:
+            batch = self.dataset.fetch(ids, lambda name, shape, dtype: _shared_tensor(shape, dtype))
+            batch[SLOT_KEY] = (worker, -1)
+            return batch
+        slot = int(free[0])
+        row[slot] = _LENT
+        while len(self._buffers) <= slot:
+            self._buffers.append({})
+        batch = self.dataset.fetch(ids, lambda name, shape, dtype: self._slot_tensor(slot, name, shape, dtype))
+        batch[SLOT_KEY] = (worker, slot)
+        return batch
+
+    def _slot_tensor(self, slot: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buffers = self._buffers[slot]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if name not in buffers or buffers[name].nbytes() < nbytes:
+            buffers[name] = _shared_tensor((max(nbytes, 1),), torch.uint8).untyped_storage()
+        return _shared_tensor(shape, dtype, buffers[name])
+
+
+class RecyclingLoader(DataLoader):
+    """A DataLoader over worker slots (see ``make_loader``); yields batches without ``SLOT_KEY``.
+
+    A slot is handed back to its worker once nothing outside this loader references the batch's
+    storages any more, checked each time the next batch is requested. Keeping a batch longer is
+    safe; it only makes its worker fall back to fresh memory (counted in ``unrecycled_batches``).
+    """
+
+    def __init__(self, dataset: _SlottedDataset, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.flags = dataset.flags
+        self.unrecycled_batches = 0
+        # Storages of every slot seen, kept so each buffer stays mapped here and is recognised when
+        # it arrives again (torch looks up received shared memory in a cache of live storages).
+        self._mapped: dict[tuple[int, int], list[torch.UntypedStorage]] = {}
+        self._lent: set[tuple[int, int]] = set()
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in super().__iter__():
+            self._release_unused()
+            worker, slot = batch.pop(SLOT_KEY)
+            if slot < 0:
+                self.unrecycled_batches += 1
+            elif self.pin_memory:  # the batch is already a pinned copy; the slot is unused
+                self.flags[worker, slot] = _FREE
+            else:
+                self._mapped[(worker, slot)] = [t.untyped_storage() for t in batch.values()]
+                self._lent.add((worker, slot))
+            yield batch
+
+    def _release_unused(self) -> None:
+        for key in list(self._lent):
+            # One reference is ours (the storage object in _mapped); more means a tensor is alive.
+            if all(torch._C._storage_Use_Count(s._cdata) == 1 for s in self._mapped[key]):
+                self._lent.discard(key)
+                self.flags[key] = _FREE
+
+
+def _whole_batch(batch: Batch) -> Batch:
+    """Collation is a no-op: ``__getitems__`` already returns the batch."""
+    return batch
+
+
+def make_loader(
+    dataset: CacheBatchDataset,
+    batch_sampler: EpochBatchSampler,
+    num_workers: int,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> DataLoader:
+    """A DataLoader that fetches whole batches in ``num_workers`` persistent worker processes.
+
+    Workers are forked from a clean ``forkserver`` process that has imported this module (and so
+    torch) once: forking the training process itself is not an option, since tensorstore aborts a
+    forked child once the parent has used it, and ``spawn`` workers re-import torch each and exit
+    through interpreter teardown, which aborts in torch when batches are still queued. With
+    workers, batches arrive in recycled shared memory (``RecyclingLoader``).
+    """
+    if num_workers == 0:
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_whole_batch, pin_memory=pin_memory)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # no effect once the server runs; it has them then
+    # prefetch_factor batches queued per worker, one with the consumer, one awaiting release.
+    flags = torch.zeros((num_workers, prefetch_factor + 2), dtype=torch.uint8).share_memory_()
+    return RecyclingLoader(
+        _SlottedDataset(dataset, flags),
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=_whole_batch,
+        pin_memory=pin_memory,
+        persistent_workers=True,
+        prefetch_factor=prefetch_factor,
+        multiprocessing_context=context,
+    )
+
+
+def to_device(batch: Batch, device: torch.device | str, dtype: torch.dtype = torch.float16) -> Batch:
+    """Move a batch to ``device`` and dequantise int8 features there (``dino``/``text`` become
+    ``dtype`` and their ``*_scale`` entries are dropped)."""
+    moved = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+    for name in ("dino", "text"):
+        scale = moved.pop(f"{name}_scale", None)
+        if scale is not None:
+            moved[name] = dequantize_int8(moved[name], scale, dtype)
+    return moved
