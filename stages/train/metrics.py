@@ -39,7 +39,8 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
-    """Training and validation loss over steps, and the last validation loss per t-bin, as a PNG."""
+    """Training and validation denoising loss over steps, and the last validation loss (and REPA
+    cosine) per t-bin, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +50,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     val = [r for r in records if r["kind"] == "val"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)
+        # the total loss includes -lambda*cosine and can be negative: plot the denoising part (log scale)
         ax1.plot([r["step"] for r in train], [r["denoise"] for r in train], label="train denoise", alpha=0.6)
     if val:
         ax1.plot([r["step"] for r in val], [r["denoise"] for r in val], "o-", label="val denoise")
@@ -61,7 +62,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
             ax2b.plot(centres, val[-1]["repa_cos_bins"], "s--", color="tab:red", label="val REPA cosine")
             ax2b.set_ylabel("REPA cosine")
     ax1.set_xlabel("step")
-    ax1.set_ylabel("loss")
+    ax1.set_ylabel("denoising loss")
     ax1.set_yscale("log")
     ax1.legend()
     ax1.set_title(title or "loss")

@@ -1,0 +1,69 @@
+"""The README's CLI reference, generated from the commands themselves.
+
+    python -m pipeline.docs            print the reference (Markdown)
+    python -m pipeline.docs --write    replace the block between the markers in README.md
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+START = "<!-- cli-reference:start -->"
+END = "<!-- cli-reference:end -->"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _walk(cmd, prefix: str):
+    if hasattr(cmd, "commands"):  # a group (typer may vendor its own click, so no isinstance)
+        for name in sorted(cmd.commands):
+            yield from _walk(cmd.commands[name], f"{prefix} {name}")
+    else:
+        yield prefix, cmd
+
+
+def _default(p) -> str:
+    if p.is_flag and not p.secondary_opts:
+        return "off" if not p.default else "on"
+    if p.is_flag:
+        return p.opts[0] if p.default else p.secondary_opts[0]
+    if p.default is None or p.default == "":
+        return "-"
+    return f"`{p.default}`"
+
+
+def reference() -> str:
+    from .cli import app
+
+    root = typer.main.get_command(app)
+    out = []
+    for name, cmd in _walk(root, "repa"):
+        out.append(f"#### `{name}`\n\n{(cmd.help or '').strip().splitlines()[0]}\n")
+        args = [p for p in cmd.params if p.param_type_name == "argument"]
+        if args:
+            out.append("Arguments: " + ", ".join(f"`{(a.metavar or a.name).upper()}` ({a.help or ''})" for a in args) + "\n")
+        opts = [p for p in cmd.params if p.param_type_name == "option" and p.name != "help"]
+        if opts:
+            out.append("| option | default | meaning |\n|---|---|---|")
+            for p in opts:
+                names = " / ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
+                help_text = (p.help or "").replace("|", "\\|").replace("\n", " ")
+                out.append(f"| {names} | {_default(p)} | {help_text} |")
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_readme(path: Path = README) -> None:
+    text = path.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{reference()}{END}{tail}")
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        write_readme()
+    else:
+        sys.stdout.write(reference())

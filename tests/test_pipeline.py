@@ -1,0 +1,62 @@
+"""The CLI plumbing: presets parse into the stage configs, command-line options override them, docs are current."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import cli
+from pipeline.config import ConfigError, load_preset
+from stages.encode.config import EncodeConfig
+from stages.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_shipped_presets_build_valid_configs(preset):
+    enc = load_preset(preset, "encode")
+    if enc:
+        EncodeConfig(**{"source": "x.tar", **enc}).validate()
+    train = load_preset(preset, "train")
+    if train:
+        TrainConfig(**train).validate()
+
+
+def test_command_line_overrides_the_preset_which_overrides_defaults(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cfg, log=print):
+        seen["cfg"] = cfg
+        from stages.encode.run import EncodeSummary
+
+        return EncodeSummary()
+
+    monkeypatch.setattr("stages.encode.run.run_encode", fake_run)
+    preset = tmp_path / "p.toml"
+    preset.write_text('[encode]\nsource = "a.tar"\nresolution = 512\nbatch_size = 7\ntext_encoder = "none"\n')
+    r = CliRunner().invoke(cli.app, ["encode", "--config", str(preset), "--batch-size", "9"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.source, cfg.resolution, cfg.batch_size, cfg.text_encoder) == ("a.tar", 512, 9, None)
+    assert cfg.dino == EncodeConfig().dino  # untouched default
+
+
+def test_unknown_preset_key_is_a_one_line_error(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('[encode]\nsource = "a.tar"\nresolutoin = 512\n')
+    r = CliRunner().invoke(cli.app, ["encode", "--config", str(preset)])
+    assert r.exit_code == 2 and "unknown key 'resolutoin'" in r.output
+    with pytest.raises(ConfigError, match="no such file"):
+        load_preset(tmp_path / "missing.toml", "encode")
+
+
+def test_readme_cli_reference_is_current():
+    from pipeline.docs import END, START, reference
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split(START, 1)[1].split(END, 1)[0].strip()
+    assert block == reference().strip(), "README CLI reference is stale: run `python -m pipeline.docs --write`"
