@@ -1,0 +1,165 @@
+"""From latents to pictures: the cache's VAE, PNG and grid writing, and `repa sample --decode-latents`.
+
+Latents are in the model's normalised space; the VAE sees ``latents / scaling_factor + shift_factor``
+(the inverse of what training applied) and returns [-1, 1], mapped to uint8 as ADM and EDM do
+(``x * 127.5 + 128``, clipped). The VAE runs in float32: these pixels feed FID.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from cache_schema import Manifest, UsageError, read_manifest
+from cache_schema.fsutil import atomic_write_json
+
+IMAGE_NAME = "{:06d}.png"
+PREVIEW_NAME = re.compile(r"^step-(\d{7,})\.pt$")
+
+#################################################################################
+#                               Cache and its VAE                               #
+#################################################################################
+
+
+def resolve_cache(recorded: str, override: Path | None, fingerprint: str | None) -> tuple[Path, Manifest]:
+    """The cache a run trained on (or ``override``) and its manifest, checked against the run's fingerprint."""
+    cache = Path(override) if override is not None else Path(recorded)
+    try:
+        manifest = read_manifest(cache)
+    except UsageError as e:
+        hint = "" if override is not None else "; pass --cache DIR if the cache has moved"
+        raise UsageError(f"{e}{hint}") from None
+    if fingerprint and manifest.fingerprint != fingerprint:
+        raise UsageError(
+            f"cache {cache} has fingerprint {manifest.fingerprint[:12]}, the run trained on {fingerprint[:12]}; "
+            "pass --cache with the cache the run was trained on"
+        )
+    return cache, manifest
+
+
+class LatentDecoder:
+    """The VAE named by a cache manifest, turning normalised latents into uint8 (B, 3, H, W) images."""
+
+    def __init__(self, manifest: Manifest, device: torch.device):
+        from ..encoders.load import ModelSource, load_vae
+
+        source = manifest.encoders.get("vae")
+        if not source:
+            raise UsageError("the cache manifest does not say where its VAE came from; re-encode the cache")
+        self.vae = load_vae(ModelSource(**source), torch.float32, device)
+        self.scale = float(manifest.latent["scaling_factor"])
+        self.shift = float(manifest.latent["shift_factor"])
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, latents: Tensor) -> Tensor:
+        x = self.vae.decode(latents.to(self.device, torch.float32) / self.scale + self.shift).sample
+        return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+#################################################################################
+#                                  Image files                                  #
+#################################################################################
+
+
+def check_outputs(paths: Iterable[Path], overwrite: bool) -> None:
+    """Refuse to replace a file written earlier unless ``overwrite``; the error names the first one."""
+    if overwrite:
+        return
+    existing = [p for p in paths if Path(p).exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UsageError(f"{existing[0]} exists{more}; pass --overwrite to replace it, or choose another --out")
+
+
+def save_png(image: Tensor | np.ndarray, path: Path) -> None:
+    """Write a uint8 (3, H, W) image; through a temporary file, so a killed run leaves no half PNG."""
+    array = image.permute(1, 2, 0).numpy() if isinstance(image, Tensor) else np.asarray(image)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def grid_image(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2) -> Image.Image:
+    """HWC uint8 images tiled row by row on a white background (``columns`` default: a near square)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    h, w = images[0].shape[:2]
+    canvas = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for k, img in enumerate(images):
+        r, c = divmod(k, columns)
+        canvas.paste(Image.fromarray(img), (pad + c * (w + pad), pad + r * (h + pad)))
+    return canvas
+
+
+def write_grid(files: Sequence[Path], out: Path) -> None:
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    grid_image(images).save(out)
+
+
+#################################################################################
+#                        `repa sample --decode-latents`                         #
+#################################################################################
+
+
+def preview_files(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / "previews"
+    found = sorted((int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := PREVIEW_NAME.match(p.name)))
+    if not found:
+        raise UsageError(f"{folder}: no preview latents (step-*.pt); train with --preview-every N to save them")
+    return [p for _, p in found]
+
+
+def run_info(run_dir: Path) -> dict:
+    """A run's config.json, written when training starts: its TrainConfig, model config and cache fingerprint."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing; is {run_dir} a run directory written by `repa train`?") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: unreadable ({e})") from None
+
+
+def run_cache(run_dir: Path, override: Path | None) -> tuple[Path, Manifest]:
+    """The cache a run trained on (or ``override``), from its config.json: no checkpoint is loaded."""
+    info = run_info(run_dir)
+    return resolve_cache(info["config"]["cache"], override, info.get("cache_fingerprint"))
+
+
+def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = False, device: torch.device | None = None,
+                    log=print) -> list[Path]:
+    """Decode each ``previews/step-XXXXXXX.pt`` into ``step-XXXXXXX.png`` (a grid) and a ``.json`` sidecar
+    with the keys, captions and labels of its images. Steps decoded earlier are kept unless ``overwrite``."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    previews = preview_files(run_dir)
+    todo = [p for p in previews if overwrite or not p.with_suffix(".png").exists()]
+    if len(todo) < len(previews):
+        log(f"{len(previews) - len(todo)} preview step(s) already decoded; --overwrite decodes them again")
+    if not todo:
+        return []
+    _, manifest = run_cache(run_dir, cache)
+    decoder = LatentDecoder(manifest, device)
+    written = []
+    for path in todo:
+        preview = torch.load(path, map_location="cpu", weights_only=False)
+        images = decoder(preview["latents"]).permute(0, 2, 3, 1).cpu().numpy()
+        png = path.with_suffix(".png")
+        grid_image(list(images)).save(png)
+        atomic_write_json(path.with_suffix(".json"), {
+            "step": preview["step"], "image": png.name,
+            "images": [{"key": k, "caption": c, "label": lab}
+                       for k, c, lab in zip(preview["keys"], preview["captions"], preview["labels"])],
+        })
+        written.append(png)
+        log(f"decoded {path.name} -> {png}")
+    return written

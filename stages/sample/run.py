@@ -1,0 +1,344 @@
+"""`repa sample`: images from a trained run, conditioned on prompts, class ids or nothing.
+
+Everything the run already knows comes from its checkpoint (weights, model shape, conditioning)
+and the manifest of the cache it trained on (VAE, text encoder, maximum caption tokens, latent
+scaling), so a user passes only what to draw and how.
+
+Reproducibility: image ``i`` starts from noise drawn by a CPU generator seeded with (seed, i), and
+process ``r`` of ``world`` takes the images ``i ≡ r (mod world)``, so the ODE samplers give the same
+image ``i`` whatever the number of processes or the batch size. The SDE sampler draws its per-step
+noise for a whole batch from one generator (``samplers.euler_maruyama_sde`` takes one), seeded
+with (seed, first index, batch length): its images depend on how indices are batched.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from cache_schema import Manifest, UsageError, dequantize_int8, quantize_int8
+from cache_schema.fsutil import atomic_write_json
+
+from ..train.checkpoint import latest_checkpoint, load_checkpoint
+from ..train.model import ModelConfig, SiT
+from .config import GRID_MAX_IMAGES, SampleConfig, SamplingOptions
+from .decode import IMAGE_NAME, LatentDecoder, check_outputs, resolve_cache, save_png, write_grid
+from .samplers import STOCHASTIC, guided, sample
+
+SIDECAR = "samples.json"
+GRID = "grid.png"
+
+#################################################################################
+#                             Loading a trained run                             #
+#################################################################################
+
+
+@dataclass
+class LoadedRun:
+    """A run's sampling model and everything it knows about its data."""
+
+    model: SiT
+    cond: str  # "class", "text" or "none"
+    checkpoint: Path
+    step: int
+    ema: bool
+    cache: Path
+    manifest: Manifest
+    train_config: dict  # the TrainConfig the run was trained with, as JSON
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return c.in_channels, c.input_size, c.input_size
+
+    def record(self) -> dict:
+        return {"checkpoint": str(self.checkpoint), "step": self.step, "ema": self.ema}
+
+
+def load_run(
+    run_dir: Path, checkpoint: Path | None = None, cache: Path | None = None, ema: bool = True,
+    device: torch.device | str = "cpu",
+) -> LoadedRun:
+    """The newest checkpoint of ``run_dir`` (or ``checkpoint``) as an eval-mode model on ``device``."""
+    if checkpoint is None:
+        if not Path(run_dir).is_dir():
+            raise UsageError(f"--run-dir {run_dir}: no such run directory")
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UsageError(
+                f"--run-dir {run_dir}: no checkpoint in {Path(run_dir) / 'checkpoints'}; "
+                "train longer (one is written every --ckpt-every steps) or pass --checkpoint FILE"
+            )
+    ckpt = load_checkpoint(checkpoint)
+    cache_dir, manifest = resolve_cache(ckpt["cache"], cache, ckpt.get("fingerprint"))
+    model = SiT(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    model.projector = None  # REPA's projector only serves the training loss
+    model.to(device).eval().requires_grad_(False)
+    return LoadedRun(model, ckpt["cond"], Path(checkpoint), int(ckpt["step"]), ema, cache_dir, manifest, ckpt["config"])
+
+
+#################################################################################
+#                                  Conditioning                                 #
+#################################################################################
+
+
+class TextEncoder:
+    """The cache's text encoder, producing exactly what training read from the cache.
+
+    Tokenised as at encode time (``max_tokens``, truncation, right padding), padded positions
+    zeroed, and rounded through the cache's feature codec (fp16, or int8 with a per-token scale).
+    """
+
+    def __init__(self, manifest: Manifest, device: torch.device):
+        from ..encoders.load import ModelSource, load_text_encoder
+
+        source = manifest.encoders.get("text_encoder")
+        if source is None or manifest.text is None:
+            raise UsageError("the cache manifest names no text encoder; this run cannot encode prompts")
+        dtype = torch.bfloat16 if device.type == "cuda" and manifest.settings.get("dtype") == "bf16" else torch.float32
+        self.tokenizer, self.encoder = load_text_encoder(ModelSource(**source), dtype, device)
+        if self.tokenizer.padding_side != "right":
+            raise UsageError("the text tokenizer pads on the left; the cache was encoded with right padding")
+        self.max_tokens = int(manifest.text["max_tokens"])
+        self.codec = manifest.codec
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer(prompts, max_length=self.max_tokens, truncation=True, padding="longest", return_tensors="pt")
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        hidden = hidden * mask[..., None]
+        if self.codec == "int8":
+            hidden = dequantize_int8(*quantize_int8(hidden))
+        return hidden.half().float(), mask.bool()
+
+
+class Conditions:
+    """The conditioning of image ``i``: entry ``i % len(entries)`` (prompts or class ids), or nothing."""
+
+    kind = "none"
+
+    def __init__(self, entries: list | None = None):
+        self.entries = entries or [None]
+
+    def entry(self, index: int):
+        return self.entries[index % len(self.entries)]
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        return {}
+
+    def null(self) -> dict[str, Tensor]:
+        return {}
+
+    def describe(self, index: int) -> dict:
+        return {}
+
+
+class ClassConditions(Conditions):
+    kind = "class"
+
+    def __init__(self, labels: list[int], model: SiT, device: torch.device):
+        super().__init__([int(x) for x in labels])
+        self.null_class, self.device = model.null_class, device
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        return {"y": torch.tensor([self.entry(i) for i in indices], device=self.device)}
+
+    def null(self) -> dict[str, Tensor]:
+        return {"y": torch.tensor([self.null_class], device=self.device)}
+
+    def describe(self, index: int) -> dict:
+        return {"class": self.entry(index)}
+
+
+class PromptConditions(Conditions):
+    """Captions embedded by ``encoder(prompts) -> (text, mask)``; the null is the model's learned null caption."""
+
+    kind = "text"
+
+    def __init__(self, prompts: list[str], model: SiT, encoder: TextEncoder | None):
+        super().__init__(list(prompts))
+        self.model, self.encoder = model, encoder
+
+    def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        text, mask = self.encoder([self.entry(i) for i in indices])
+        return {"text": text, "text_mask": mask}
+
+    def null(self) -> dict[str, Tensor]:
+        text, mask = self.model.null_text(1, 1)
+        return {"text": text.float(), "text_mask": mask}
+
+    def describe(self, index: int) -> dict:
+        return {"prompt": self.entry(index)}
+
+
+def read_prompts(cfg: SampleConfig) -> list[str]:
+    if cfg.prompts is None:
+        return list(cfg.prompt)
+    try:
+        lines = Path(cfg.prompts).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--prompts {cfg.prompts}: cannot read it ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {cfg.prompts}: no prompt in the file (one per line)")
+    return prompts
+
+
+def parse_classes(spec: str | None, num_classes: int, count: int, seed: int) -> list[int]:
+    """``1,2,3`` as given, or ``random`` (also when ``spec`` is None): ``count`` ids drawn from ``seed``."""
+    if spec is None or spec.strip().lower() == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, size=count).tolist()
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--classes {spec!r}: give comma-separated class ids (1,2,3) or random") from None
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if not ids or bad:
+        raise UsageError(f"--classes {spec!r}: ids must lie in [0, {num_classes}) for this run")
+    return ids
+
+
+def sample_conditions(cfg: SampleConfig, run: LoadedRun, device: torch.device) -> Conditions:
+    """What `repa sample` conditions on, checked against what the run was trained for."""
+    has_prompts = cfg.prompts is not None or bool(cfg.prompt)
+    if run.cond == "text":
+        if cfg.classes is not None:
+            raise UsageError(f"--classes: {run.checkpoint} is a text-conditioned run; pass --prompts FILE or --prompt TEXT")
+        if not has_prompts:
+            raise UsageError(f"{run.checkpoint} is a text-conditioned run: pass --prompts FILE or --prompt TEXT")
+        return PromptConditions(read_prompts(cfg), run.model, TextEncoder(run.manifest, device))
+    if has_prompts:
+        option = "--prompts" if cfg.prompts is not None else "--prompt"
+        raise UsageError(f"{option}: {run.checkpoint} is a {run.cond}-conditioned run, not a text one; "
+                         + ("pass --classes" if run.cond == "class" else "it takes no conditioning"))
+    if run.cond == "class":
+        labels = parse_classes(cfg.classes, run.model.config.num_classes, cfg.num_samples, cfg.seed)
+        return ClassConditions(labels, run.model, device)
+    if cfg.classes is not None:
+        raise UsageError(f"--classes: {run.checkpoint} is an unconditional run; it takes no conditioning")
+    return Conditions()
+
+
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
+
+def _seed(*values: int) -> int:
+    return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0])
+
+
+def image_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> Tensor:
+    """Starting noise (B, *shape): row ``k`` from a CPU generator seeded with (seed, indices[k])."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_seed(seed, i))) for i in indices])
+
+
+def process_indices(count: int, rank: int, world: int) -> list[int]:
+    """The image indices process ``rank`` of ``world`` makes: ``i ≡ rank (mod world)``."""
+    return list(range(rank, count, world))
+
+
+def chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[k : k + size] for k in range(0, len(items), size)]
+
+
+class ImageSampler:
+    """Latents, then uint8 images, for batches of image indices."""
+
+    def __init__(self, run: LoadedRun, options: SamplingOptions, conditions: Conditions, device: torch.device):
+        if run.cond == "none" and options.cfg != 1.0:
+            raise UsageError(f"--cfg {options.cfg}: {run.checkpoint} is unconditional; guidance needs a conditional run")
+        self.run, self.options, self.conditions, self.device = run, options, conditions, device
+        self.decoder = LatentDecoder(run.manifest, device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+
+    def _velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        with self.autocast:
+            return self.run.model(x, t, **cond)[0].float()
+
+    @torch.no_grad()
+    def latents(self, indices: list[int]) -> Tensor:
+        o = self.options
+        noise = image_noise(o.seed, indices, self.run.latent_shape).to(self.device)
+        fn = guided(self._velocity, self.conditions.batch(indices), self.conditions.null(), o.cfg,
+                    o.guidance_low, o.guidance_high)
+        generator = None
+        if o.sampler in STOCHASTIC:
+            generator = torch.Generator(device=self.device).manual_seed(_seed(o.seed, indices[0], len(indices)))
+        return sample(fn, noise, o.sampler, o.num_steps, generator=generator)
+
+    def images(self, indices: list[int]) -> Tensor:
+        """uint8 (B, 3, H, W) on the sampling device."""
+        return self.decoder(self.latents(indices))
+
+
+#################################################################################
+#                                 `repa sample`                                 #
+#################################################################################
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    images: list[Path]
+    grid: Path
+    sidecar: Path
+
+
+def _clear_previous(out: Path) -> None:
+    """--overwrite: drop the images, grid and sidecar of an earlier run, so no stale image survives."""
+    for p in out.iterdir():
+        if re.fullmatch(r"\d{6}\.png", p.name) or p.name in (GRID, SIDECAR):
+            p.unlink()
+
+
+def sidecar_entries(cfg: SampleConfig, run: LoadedRun, conditions: Conditions) -> list[dict]:
+    made = {**cfg.record(), **run.record()}
+    return [{"file": IMAGE_NAME.format(i), "index": i, **conditions.describe(i), "seed": cfg.seed, **made}
+            for i in range(cfg.num_samples)]
+
+
+def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
+    from accelerate import PartialState
+
+    cfg.validate()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device, main = state.device, state.is_main_process
+    run = load_run(cfg.run_dir, cfg.checkpoint, cfg.cache, cfg.ema, device)
+    conditions = sample_conditions(cfg, run, device)
+    out = Path(cfg.out) if cfg.out is not None else Path(cfg.run_dir) / "samples" / f"step-{run.step:07d}"
+    files = [out / IMAGE_NAME.format(i) for i in range(cfg.num_samples)]
+    grid, sidecar = out / GRID, out / SIDECAR
+    check_outputs([*files, grid, sidecar], cfg.overwrite)
+    sampler = ImageSampler(run, cfg, conditions, device)
+    state.wait_for_everyone()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            _clear_previous(out)
+        log(f"sample: {cfg.num_samples} images from {run.checkpoint} (step {run.step}, {'EMA' if run.ema else 'raw'}), "
+            f"{cfg.sampler} {cfg.num_steps} steps, cfg {cfg.cfg} on t in {cfg.interval}, {state.num_processes} process(es)")
+    state.wait_for_everyone()
+
+    mine = process_indices(cfg.num_samples, state.process_index, state.num_processes)
+    with tqdm(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="sample") as bar:
+        for batch in chunks(mine, cfg.batch_size):
+            for i, image in zip(batch, sampler.images(batch).cpu()):
+                save_png(image, files[i])
+            bar.update(len(batch))
+    state.wait_for_everyone()
+    if main:
+        write_grid(files[:GRID_MAX_IMAGES], grid)
+        atomic_write_json(sidecar, {"images": sidecar_entries(cfg, run, conditions)})
+        log(f"wrote {len(files)} images, {grid.name} and {sidecar.name} to {out}")
+    return SampleResult(out, files, grid, sidecar)

@@ -1,0 +1,171 @@
+"""Stage three, `repa sample`: files and sidecar, reproducibility, guidance interval, previews, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cache_schema import UsageError
+from pipeline.cli import app
+from stages.sample.config import SampleConfig
+from stages.sample.run import ClassConditions, ImageSampler, load_run, process_indices, run_sample
+from stages.train.loop import run_train
+
+from .test_train import tiny_train
+
+RESOLUTION = 64  # the train_cache fixture's
+
+
+@pytest.fixture(scope="module")
+def text_run(train_cache, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sample") / "text"
+    run_train(tiny_train(train_cache, run_dir, steps=4, val_every=4, ckpt_every=4, preview_every=2), log=lambda m: None)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def class_run(train_cache, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sample") / "class"
+    run_train(tiny_train(train_cache, run_dir, cond="class", steps=3, val_every=3), log=lambda m: None)
+    return run_dir
+
+
+def sample_cfg(run_dir: Path, out: Path, **kw) -> SampleConfig:
+    base = dict(run_dir=run_dir, out=out, num_samples=4, steps=2, batch_size=4)
+    base.update(kw)
+    return SampleConfig(**base)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stderr.strip().splitlines()
+
+
+# -- what is written --------------------------------------------------------------------------------
+def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square on the left\n")
+    result = run_sample(sample_cfg(text_run, tmp_path / "out", prompts=prompts, num_samples=5, batch_size=2, cfg=2.0))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "samples.json"]
+    assert all(Image.open(p).size == (RESOLUTION, RESOLUTION) for p in result.images)
+    assert Image.open(result.grid).size[0] > 2 * RESOLUTION  # 3 columns for 5 images
+    entries = json.loads(result.sidecar.read_text())["images"]
+    assert [e["prompt"] for e in entries] == ["a red circle", "a blue square on the left"] * 2 + ["a red circle"]
+    assert entries[3] == {
+        "file": "000003.png", "index": 3, "prompt": "a blue square on the left", "seed": 0, "sampler": "euler", "steps": 2,
+        "cfg": 2.0, "interval": [0.0, 1.0], "checkpoint": str(text_run / "checkpoints" / "step-0000004.pt"), "step": 4,
+        "ema": True,
+    }
+
+
+def test_class_run_cycles_the_given_classes(class_run, tmp_path):
+    result = run_sample(sample_cfg(class_run, tmp_path / "out", classes="1,2,3", num_samples=5, ema=False, sampler="heun"))
+    entries = json.loads(result.sidecar.read_text())["images"]
+    assert [e["class"] for e in entries] == [1, 2, 3, 1, 2]
+    assert {(e["sampler"], e["steps"], e["ema"]) for e in entries} == {("heun", 2, False)}
+    assert len(list((tmp_path / "out").glob("0*.png"))) == 5
+    assert not np.array_equal(pixels(result.images[0]), pixels(result.images[1]))  # different noise per index
+
+
+# -- reproducibility ----------------------------------------------------------------------------------
+def test_image_depends_on_seed_and_index_not_on_batch_size(class_run, tmp_path):
+    one = run_sample(sample_cfg(class_run, tmp_path / "b1", classes="7", num_samples=3, batch_size=1, seed=5))
+    three = run_sample(sample_cfg(class_run, tmp_path / "b3", classes="7", num_samples=3, batch_size=3, seed=5))
+    other = run_sample(sample_cfg(class_run, tmp_path / "s6", classes="7", num_samples=1, seed=6))
+    for a, b in zip(one.images, three.images):
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1  # float rounding of batched matmuls at most
+    assert np.abs(pixels(one.images[0]) - pixels(other.images[0])).max() > 10
+
+
+def test_processes_split_indices_without_overlap():
+    shares = [process_indices(10, r, 3) for r in range(3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+
+
+# -- guidance -----------------------------------------------------------------------------------------
+def test_guidance_applies_only_inside_its_interval(class_run):
+    run = load_run(class_run, ema=False)
+    with torch.no_grad():  # three training steps leave the labels almost without effect; make them matter
+        run.model.y_embedder.embedding_table.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+    conditions = ClassConditions([3, 5], run.model, torch.device("cpu"))
+
+    def latents(**kw):
+        opts = sample_cfg(class_run, None, steps=4, **kw)
+        return ImageSampler(run, opts, conditions, torch.device("cpu")).latents([0, 1])
+
+    plain = latents(cfg=1.0)
+    # Euler with 4 steps evaluates t = 1, 0.75, 0.5, 0.25: none lies in [0.6, 0.7]
+    assert torch.equal(latents(cfg=4.0, guidance_low=0.6, guidance_high=0.7), plain)
+    assert not torch.allclose(latents(cfg=4.0), plain, atol=1e-4)
+    assert not torch.allclose(latents(cfg=4.0, guidance_low=0.0, guidance_high=0.3), latents(cfg=4.0), atol=1e-4)
+
+
+# -- previews -----------------------------------------------------------------------------------------
+def test_decode_latents_writes_one_grid_per_preview_step(text_run):
+    code, _ = cli("sample", "--decode-latents", str(text_run))
+    assert code == 0
+    previews = text_run / "previews"
+    assert sorted(p.name for p in previews.glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
+    side = json.loads((previews / "step-0000004.json").read_text())
+    assert side["step"] == 4 and len(side["images"]) == 8 and all(e["caption"] for e in side["images"])
+    assert Image.open(previews / "step-0000004.png").size[0] > 2 * RESOLUTION
+
+
+# -- overwriting and errors ---------------------------------------------------------------------------
+def test_nothing_is_overwritten_without_overwrite(class_run, tmp_path):
+    out = tmp_path / "out"
+    first = run_sample(sample_cfg(class_run, out, classes="1", num_samples=3))
+    before = pixels(first.images[0])
+    with pytest.raises(UsageError, match=r"000000\.png exists .*--overwrite"):
+        run_sample(sample_cfg(class_run, out, classes="2", num_samples=2))
+    assert np.array_equal(pixels(first.images[0]), before)
+    again = run_sample(sample_cfg(class_run, out, classes="2", num_samples=2, overwrite=True))
+    assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png"]  # no stale third image
+    assert [e["class"] for e in json.loads(again.sidecar.read_text())["images"]] == [2, 2]
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(class_run, tmp_path):
+    (tmp_path / "empty-run").mkdir()
+    cases = {
+        ("--run-dir", str(tmp_path / "empty-run")): "no checkpoint",
+        ("--run-dir", str(class_run), "--guidance-low", "0.8", "--guidance-high", "0.2"): "--guidance-high 0.2 is below",
+        ("--run-dir", str(class_run), "--steps", "0"): "--steps 0",
+        ("--run-dir", str(class_run), "--prompt", "a cat", "--out", str(tmp_path / "o")): "not a text one",
+    }
+    for args, message in cases.items():
+        code, lines = cli("sample", *args)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+
+
+def test_conditioning_must_match_the_run(text_run, class_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(UsageError, match="class-conditioned run, not a text one"):
+        run_sample(sample_cfg(class_run, tmp_path / "a", prompts=prompts))
+    with pytest.raises(UsageError, match="--classes: .* text-conditioned run"):
+        run_sample(sample_cfg(text_run, tmp_path / "b", classes="1,2"))
+    with pytest.raises(UsageError, match="text-conditioned run: pass --prompts"):
+        run_sample(sample_cfg(text_run, tmp_path / "c"))
+    with pytest.raises(UsageError, match=r"ids must lie in \[0, 40\)"):
+        run_sample(sample_cfg(class_run, tmp_path / "d", classes="3,40"))
+
+
+def test_a_vae_that_cannot_be_loaded_is_a_usage_error(class_run, train_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(train_cache, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["encoders"]["vae"]["id"] = str(tmp_path / "gone-vae")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    code, lines = cli("sample", "--run-dir", str(class_run), "--cache", str(cache), "--out", str(tmp_path / "o"))
+    assert code == 2 and len(lines) == 1 and "cannot load VAE" in lines[0] and "gone-vae" in lines[0]
