@@ -84,3 +84,15 @@ bench-train: $(STAMP)
 
 clean:
 	rm -rf cache/demo runs/demo samples/demo $(DEMO_DATA) $(TINY) bench/out
+
+# make sweep: the demo ablation (configs/sweep-demo.toml, 6 runs) over the demo cache, encoded first if
+# missing; make report: its comparison table and runs/sweep-demo/report.png. SWEEP=FILE SWEEP_OUT=DIR for others.
+SWEEP ?= configs/sweep-demo.toml
+SWEEP_OUT ?= runs/sweep-demo
+.PHONY: sweep report
+
+sweep: $(STAMP) $(if $(filter configs/sweep-demo.toml,$(SWEEP)),cache/demo/manifest.json)
+	$(VENV)/bin/repa sweep $(SWEEP) $(ARGS)
+
+report: $(STAMP)
+	$(VENV)/bin/repa report $(SWEEP_OUT) $(ARGS)

@@ -238,6 +238,9 @@ def encoders_tiny(
         typer.echo(f"{name:<10} {path}")
 
 
+from pipeline.sweep_cmd import register as _register_sweep; _register_sweep(app)
+
+
 from pipeline.sample_cmd import register as _register_sample; _register_sample(app)
 def main() -> None:
     app(prog_name="repa")
