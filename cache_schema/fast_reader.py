@@ -2,15 +2,18 @@
 
 zarr-python serves random samples from the sharded arrays at ~100 samples/s through fancy
 indexing; tensorstore reads the same zarr v3 shards with true random access. Measured on a
-2-core machine with SiT-XL/2-sized samples (``bench/reader.py``), the fastest correct way is one
-orthogonal-index read per (part, field), written straight into a preallocated output through an
-``array`` view of it: one read future per sample costs ~2x more CPU, and reading into fresh arrays
-that are then copied into the batch costs one more pass over every byte.
+2-core machine with SiT-XL/2-sized samples, the fastest correct way is one orthogonal-index read
+per (part, field), written straight into a preallocated output through an ``array`` view of it
+(~8 000 samples per CPU-second for 384 KiB rows): one read future per sample, or reading into
+fresh arrays that are then copied into the batch, cost ~1.8x more CPU. A chunk cache pool,
+``Batch``-grouped reads and other ``data_copy_concurrency`` limits measured no faster.
 
-Handles are opened lazily and per process: tensorstore's thread pools do not survive ``fork``,
-so an instance built in a parent process re-opens everything the first time it is used in a
-DataLoader worker. Small per-sample arrays (labels, keys, text offsets) are read once per process
-into RAM with zarr-python and indexed there. Results are bit-identical to ``CacheReader``.
+Handles are opened lazily and per process (an instance is created in the training process and
+used inside DataLoader workers; it re-opens everything when it finds itself in a new process).
+Note that tensorstore aborts a *forked* child once the parent has used it, so workers must be
+started with ``forkserver`` or ``spawn``, as ``stages.train.data.make_loader`` does. Small
+per-sample arrays (labels, keys, text offsets) are read once per process into RAM with
+zarr-python and indexed there. Results are bit-identical to ``CacheReader``.
 """
 
 from __future__ import annotations
@@ -24,13 +27,8 @@ import tensorstore as ts
 import zarr
 
 from .errors import CacheError
-from .layout import PART_SUFFIX, PARTS_DIR
+from .layout import PART_SUFFIX, PARTS_DIR, Field
 from .manifest import Manifest, field_from_json, read_manifest
-
-TEXT_FIELDS = ("text", "text_scale")
-# Shard indexes are read on every access without a cache; a small pool keeps them (and little else,
-# since random reads rarely hit a cached chunk) in memory. Per process, so per DataLoader worker.
-DEFAULT_CACHE_BYTES = 32 << 20
 
 
 @dataclass
@@ -49,20 +47,19 @@ class FastReader:
     manifest order. Not thread-safe; use one instance per thread (DataLoader workers are processes,
     which is fine)."""
 
-    def __init__(self, cache_dir: str | Path, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir)
         self.part_names: list[str] = self.manifest.part_names()
         self.offsets = np.cumsum([0] + [p["num_samples"] for p in self.manifest.parts], dtype=np.int64)
         self.fields = {name: field_from_json(name, spec) for name, spec in self.manifest.fields.items()}
-        self.cache_bytes = cache_bytes
         self._state: _ProcessState | None = None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __getstate__(self) -> dict:
-        # Spawned workers unpickle the reader; they open their own handles.
+        # Workers started by forkserver or spawn unpickle the reader; they open their own handles.
         return {**self.__dict__, "_state": None}
 
     @property
@@ -73,8 +70,9 @@ class FastReader:
     def _process(self) -> _ProcessState:
         pid = os.getpid()
         if self._state is None or self._state.pid != pid:
-            context = ts.Context({"cache_pool": {"total_bytes_limit": self.cache_bytes}})
-            self._state = _ProcessState(pid, context)
+            # Default context, so no chunk cache: random reads rarely hit one, and a 32-256 MiB
+            # pool (which would also keep shard indexes) measured no faster.
+            self._state = _ProcessState(pid, ts.Context())
         return self._state
 
     def _array_path(self, part: int, name: str) -> Path:
@@ -87,7 +85,7 @@ class FastReader:
             spec = {
                 "driver": "zarr3",
                 "kvstore": {"driver": "file", "path": str(self._array_path(part, name))},
-                # Committed parts never change, so cached shard indexes need no revalidation.
+                # Committed parts never change: never revalidate what tensorstore has read.
                 "recheck_cached_data": False,
                 "recheck_cached_metadata": False,
             }
@@ -187,9 +185,9 @@ class FastReader:
         each length. ``out`` / ``scale_out`` receive the result without an extra copy.
         """
         self._require_text()
+        ids = self.checked_ids(ids)
         part, _ = self.locate(ids)
         first, counts = self._text_spans()
-        ids = self.checked_ids(ids)
         starts, lengths = first[ids], counts[ids]
         width = int(lengths.max(initial=0))
         # Token j of sample i comes from row starts[i] + j of its part and goes to output row dest.
@@ -220,12 +218,12 @@ class FastReader:
         if not self.has_text:
             raise CacheError(f"{self.cache_dir}: cache has no text features (encoded without a text encoder)")
 
-    def _per_sample_field(self, name: str):
+    def _per_sample_field(self, name: str) -> Field:
         f = self.fields.get(name)
         if f is None:
             raise KeyError(f"cache has no field {name!r}; it has {', '.join(self.fields)}")
         if not f.per_sample or name == "text_offsets":
-            raise ValueError(f"{name} is stored per caption token; read it with read_text")
+            raise ValueError(f"{name} belongs to the caption tokens; read them with read_text or text_lengths")
         return f
 
     @staticmethod

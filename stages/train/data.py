@@ -8,9 +8,13 @@ on the training device by ``to_device``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import multiprocessing
+import os
+import select
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -201,7 +205,7 @@ class CacheBatchDataset(Dataset):
 # and refills one only after the main process has seen every reference to it dropped, signalled
 # through a small shared table of flags. Correctness never depends on timing: a worker that finds
 # no free slot reads into fresh shared memory instead.
-SLOT_KEY = "_slot"
+_SLOT_KEY = "_slot"
 _FREE, _LENT = 0, 1
 
 
@@ -222,14 +226,14 @@ class _SlottedDataset(Dataset):
         free = np.flatnonzero(row == _FREE)
         if len(free) == 0:
             batch = self.dataset.fetch(ids, lambda name, shape, dtype: _shared_tensor(shape, dtype))
-            batch[SLOT_KEY] = (worker, -1)
+            batch[_SLOT_KEY] = (worker, -1)
             return batch
         slot = int(free[0])
         row[slot] = _LENT
         while len(self._buffers) <= slot:
             self._buffers.append({})
         batch = self.dataset.fetch(ids, lambda name, shape, dtype: self._slot_tensor(slot, name, shape, dtype))
-        batch[SLOT_KEY] = (worker, slot)
+        batch[_SLOT_KEY] = (worker, slot)
         return batch
 
     def _slot_tensor(self, slot: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -241,7 +245,7 @@ class _SlottedDataset(Dataset):
 
 
 class RecyclingLoader(DataLoader):
-    """A DataLoader over worker slots (see ``make_loader``); yields batches without ``SLOT_KEY``.
+    """A DataLoader over worker slots (see ``make_loader``); yields batches without ``_SLOT_KEY``.
 
     A slot is handed back to its worker once nothing outside this loader references the batch's
     storages any more, checked each time the next batch is requested. Keeping a batch longer is
@@ -258,9 +262,14 @@ class RecyclingLoader(DataLoader):
         self._lent: set[tuple[int, int]] = set()
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            # Release before asking: receiving a batch lets the DataLoader hand its worker the next task.
             self._release_unused()
-            worker, slot = batch.pop(SLOT_KEY)
+            batch = next(batches, None)
+            if batch is None:
+                return
+            worker, slot = batch.pop(_SLOT_KEY)
             if slot < 0:
                 self.unrecycled_batches += 1
             elif self.pin_memory:  # the batch is already a pinned copy; the slot is unused
@@ -276,6 +285,26 @@ class RecyclingLoader(DataLoader):
             if all(torch._C._storage_Use_Count(s._cdata) == 1 for s in self._mapped[key]):
                 self._lent.discard(key)
                 self.flags[key] = _FREE
+
+
+def _exit_with(main_pid: int, worker_id: int) -> None:
+    """Worker init: exit as soon as the training process is gone, even after a ``kill -9``.
+
+    Forkserver workers are children of the fork server, which they keep alive, so torch's own
+    check (the parent pid changing) never fires. A pidfd becomes readable when its process ends.
+    """
+    try:
+        pidfd = os.pidfd_open(main_pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): rely on the DataLoader's shutdown
+        return
+
+    def wait_then_exit() -> None:
+        select.select([pidfd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-main", daemon=True).start()
 
 
 def _whole_batch(batch: Batch) -> Batch:
@@ -313,6 +342,7 @@ def make_loader(
         persistent_workers=True,
         prefetch_factor=prefetch_factor,
         multiprocessing_context=context,
+        worker_init_fn=functools.partial(_exit_with, os.getpid()),
     )
 
 
