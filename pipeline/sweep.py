@@ -295,7 +295,7 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
         else:
             queue.append(run)
     threads = None if gpus or parallel == 1 else max(1, (os.cpu_count() or 1) // parallel)
-    free_gpus: list[str | None] = gpus or [None] * parallel
+    free_gpus: list[str | None] = gpus[:parallel] if gpus else [None] * parallel
     running: list[_Running] = []
     total, started = len(queue), 0
     try:

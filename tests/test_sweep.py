@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ConfigError
-from pipeline.sweep import MANAGED_KEYS, RUN_CONFIG, RUN_LOG, expand_grid, load_sweep, to_toml
+from pipeline.sweep import MANAGED_KEYS, RUN_CONFIG, RUN_LOG, expand_grid, load_sweep, resolve_gpus, to_toml
 from stages.train.metrics import read_metrics
 
 from .test_train import tiny_train
@@ -73,10 +73,13 @@ def test_run_config_toml_round_trips():
 # -- launching --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_sweep(train_cache, tmp_path_factory):
-    """A 2-run sweep trained two at a time: (sweep file, output dir, CLI result)."""
+    """A 2-run sweep trained two at a time, one per (named) GPU: (sweep file, output dir, CLI result).
+
+    Ids of GPUs that do not exist leave the runs on the CPU, where the tests run anyway.
+    """
     tmp = tmp_path_factory.mktemp("sweep")
     path = write_sweep(tmp / "s.toml", train_cache, tmp / "runs", {"repa_lambda": [0.0, 0.5]})
-    return path, tmp / "runs", repa("sweep", path, "--parallel", "2")
+    return path, tmp / "runs", repa("sweep", path, "--gpus", "7,8")
 
 
 def test_sweep_trains_every_run_into_its_own_directory(finished_sweep):
@@ -92,6 +95,17 @@ def test_sweep_trains_every_run_into_its_own_directory(finished_sweep):
         assert json.loads((run / "config.json").read_text())["config"]["repa_lambda"] == lam  # trained with it
         assert "trained to step 4" in (run / RUN_LOG).read_text()
     assert "2 trained, 0 already finished, 0 failed" in result.stdout
+    gpus = {(out / n / RUN_LOG).read_text().split("CUDA_VISIBLE_DEVICES=")[1][0] for n in runs}
+    assert gpus == {"7", "8"}  # each run on its own GPU
+
+
+def test_gpu_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert resolve_gpus("auto") == ["2", "3"] and resolve_gpus("0, 1") == ["0", "1"] and resolve_gpus("none") == []
+    path = write_sweep(tmp_path / "s.toml", tmp_path / "cache", tmp_path / "out", {"lr": [0.001, 0.002, 0.003]})
+    r = repa("sweep", path, "--parallel", "3")
+    assert r.exit_code == 2 and "--parallel 3: only 2 GPU(s) (2,3) and each run gets its own" in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_rerun_skips_finished_runs(finished_sweep):
