@@ -66,6 +66,8 @@ def register(app: typer.Typer) -> None:
         if options.decode_latents is not None:
             from stages.sample.decode import decode_previews
 
+            if not _is_main():
+                return  # a handful of small grids: one process decodes them
             written = decode_previews(options.decode_latents, options.cache, options.overwrite,
                                       log=lambda msg: typer.echo(msg, err=True))
             typer.echo(f"decoded {len(written)} preview step(s) in {Path(options.decode_latents) / 'previews'}")

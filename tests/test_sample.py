@@ -169,3 +169,22 @@ def test_a_vae_that_cannot_be_loaded_is_a_usage_error(class_run, train_cache, tm
     (cache / "manifest.json").write_text(json.dumps(manifest))
     code, lines = cli("sample", "--run-dir", str(class_run), "--cache", str(cache), "--out", str(tmp_path / "o"))
     assert code == 2 and len(lines) == 1 and "cannot load VAE" in lines[0] and "gone-vae" in lines[0]
+
+
+def test_two_processes_write_the_same_images_as_one(class_run, tmp_path):
+    import subprocess
+    import sys
+
+    from .encode_helpers import ROOT, env
+
+    args = ["sample", "--run-dir", str(class_run), "--classes", "4,9", "--num-samples", "5", "--batch-size", "2",
+            "--steps", "2", "--cfg", "1.5"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "pipeline", *args, "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    code, _ = cli(*args, "--out", str(tmp_path / "one"))
+    assert code == 0
+    for i in range(5):
+        assert np.abs(pixels(tmp_path / "one" / f"{i:06d}.png") - pixels(tmp_path / "two" / f"{i:06d}.png")).max() <= 1
+    assert (tmp_path / "one" / "samples.json").read_text() == (tmp_path / "two" / "samples.json").read_text()

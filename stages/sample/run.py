@@ -315,11 +315,11 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     state = PartialState(cpu=not torch.cuda.is_available())
     device, main = state.device, state.is_main_process
     run = load_run(cfg.run_dir, cfg.checkpoint, cfg.cache, cfg.ema, device)
-    conditions = sample_conditions(cfg, run, device)
     out = Path(cfg.out) if cfg.out is not None else Path(cfg.run_dir) / "samples" / f"step-{run.step:07d}"
     files = [out / IMAGE_NAME.format(i) for i in range(cfg.num_samples)]
     grid, sidecar = out / GRID, out / SIDECAR
     check_outputs([*files, grid, sidecar], cfg.overwrite)
+    conditions = sample_conditions(cfg, run, device)
     sampler = ImageSampler(run, cfg, conditions, device)
     state.wait_for_everyone()
     if main:
