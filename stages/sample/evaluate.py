@@ -241,6 +241,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     if cfg.make_reference is not None:
         return make_reference(cfg, state, log)
     device, main, rank, world = state.device, state.is_main_process, state.process_index, state.num_processes
+    reference = FeatureStats.load(cfg.reference) if cfg.reference is not None else None  # a bad file fails first
     run = load_run(cfg.run_dir, cfg.checkpoint, cfg.cache, cfg.ema, device)
     if cfg.clip_model and run.cond != "text":
         raise UsageError(f"--clip-model: {run.checkpoint} is a {run.cond}-conditioned run; a CLIP score needs captions")
@@ -251,12 +252,10 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     sampler = ImageSampler(run, cfg, conditions, device)
     clip = ClipScore(cfg.clip_model, device) if cfg.clip_model else None
 
-    if cfg.reference is not None:
-        reference, reference_name = FeatureStats.load(cfg.reference), str(cfg.reference)
-    else:
+    reference_name = str(cfg.reference) if reference is not None else f"held-out:{run.cache}"
+    if reference is None:
         log(f"evaluate: reference statistics from {len(held)} held-out source images of {run.cache}")
         reference = reference_stats(held, run.cache, run.manifest, net, device, cfg.batch_size, rank, world)
-        reference_name = f"held-out:{run.cache}"
     fid = fid_metric(net, device)
     reference.load_into(fid, main)
     with warnings.catch_warnings():  # it keeps every image's probabilities: 200 MB for 50 000 images, by design

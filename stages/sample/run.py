@@ -123,9 +123,7 @@ class TextEncoder:
 
 
 class Conditions:
-    """The conditioning of image ``i``: entry ``i % len(entries)`` (prompts or class ids), or nothing."""
-
-    kind = "none"
+    """The conditioning of image ``i``: entry ``i % len(entries)`` (prompts or class ids), or nothing (unconditional runs)."""
 
     def __init__(self, entries: list | None = None):
         self.entries = entries or [None]
@@ -144,7 +142,7 @@ class Conditions:
 
 
 class ClassConditions(Conditions):
-    kind = "class"
+    """Class ids; the null condition is the model's extra null class."""
 
     def __init__(self, labels: list[int], model: SiT, device: torch.device):
         super().__init__([int(x) for x in labels])
@@ -162,8 +160,6 @@ class ClassConditions(Conditions):
 
 class PromptConditions(Conditions):
     """Captions embedded by ``encoder(prompts) -> (text, mask)``; the null is the model's learned null caption."""
-
-    kind = "text"
 
     def __init__(self, prompts: list[str], model: SiT, encoder: TextEncoder | None):
         super().__init__(list(prompts))
@@ -321,14 +317,13 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     check_outputs([*files, grid, sidecar], cfg.overwrite)
     conditions = sample_conditions(cfg, run, device)
     sampler = ImageSampler(run, cfg, conditions, device)
-    state.wait_for_everyone()
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
             _clear_previous(out)
         log(f"sample: {cfg.num_samples} images from {run.checkpoint} (step {run.step}, {'EMA' if run.ema else 'raw'}), "
             f"{cfg.sampler} {cfg.num_steps} steps, cfg {cfg.cfg} on t in {cfg.interval}, {state.num_processes} process(es)")
-    state.wait_for_everyone()
+    state.wait_for_everyone()  # the folder exists and holds nothing stale before any process writes
 
     mine = process_indices(cfg.num_samples, state.process_index, state.num_processes)
     with tqdm(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="sample") as bar:
