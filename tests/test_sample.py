@@ -79,10 +79,12 @@ def test_class_run_cycles_the_given_classes(class_run, tmp_path):
 
 
 # -- reproducibility ----------------------------------------------------------------------------------
-def test_image_depends_on_seed_and_index_not_on_batch_size(class_run, tmp_path):
-    one = run_sample(sample_cfg(class_run, tmp_path / "b1", classes="7", num_samples=3, batch_size=1, seed=5))
-    three = run_sample(sample_cfg(class_run, tmp_path / "b3", classes="7", num_samples=3, batch_size=3, seed=5))
-    other = run_sample(sample_cfg(class_run, tmp_path / "s6", classes="7", num_samples=1, seed=6))
+@pytest.mark.parametrize("sampler", ["euler", "sde"])
+def test_image_depends_on_seed_and_index_not_on_batch_size(class_run, tmp_path, sampler):
+    kw = dict(classes="7", sampler=sampler, steps=3)
+    one = run_sample(sample_cfg(class_run, tmp_path / "b1", num_samples=3, batch_size=1, seed=5, **kw))
+    three = run_sample(sample_cfg(class_run, tmp_path / "b3", num_samples=3, batch_size=3, seed=5, **kw))
+    other = run_sample(sample_cfg(class_run, tmp_path / "s6", num_samples=1, seed=6, **kw))
     for a, b in zip(one.images, three.images):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1  # float rounding of batched matmuls at most
     assert np.abs(pixels(one.images[0]) - pixels(other.images[0])).max() > 10

@@ -149,6 +149,17 @@ def test_sde_is_reproducible_from_the_generator():
     assert not torch.equal(run(3), run(4))
 
 
+def test_sde_with_one_generator_per_sample_is_independent_of_the_batch():
+    noise = make_noise(3, 8, seed=4)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    batched = euler_maruyama_sde(exact_velocity, noise, steps=6, generator=gens())
+    for i in range(3):
+        alone = euler_maruyama_sde(exact_velocity, noise[i : i + 1], steps=6, generator=[gens()[i]])
+        torch.testing.assert_close(batched[i : i + 1], alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        euler_maruyama_sde(exact_velocity, noise, steps=6, generator=gens()[:2])
+
+
 def test_sde_grid_and_deterministic_last_step():
     generator = torch.Generator().manual_seed(0)
     states: list[Tensor] = []

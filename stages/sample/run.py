@@ -4,11 +4,10 @@ Everything the run already knows comes from its checkpoint (weights, model shape
 and the manifest of the cache it trained on (VAE, text encoder, maximum caption tokens, latent
 scaling), so a user passes only what to draw and how.
 
-Reproducibility: image ``i`` starts from noise drawn by a CPU generator seeded with (seed, i), and
-process ``r`` of ``world`` takes the images ``i ≡ r (mod world)``, so the ODE samplers give the same
-image ``i`` whatever the number of processes or the batch size. The SDE sampler draws its per-step
-noise for a whole batch from one generator (``samplers.euler_maruyama_sde`` takes one), seeded
-with (seed, first index, batch length): its images depend on how indices are batched.
+Reproducibility: image ``i`` starts from noise drawn by a CPU generator seeded with (seed, i), the
+SDE sampler draws image ``i``'s per-step noise from its own generator seeded with (seed, i, 1), and
+process ``r`` of ``world`` takes the images ``i ≡ r (mod world)``: every sampler gives the same image
+``i`` whatever the number of processes or the batch size.
 """
 
 from __future__ import annotations
@@ -270,7 +269,7 @@ class ImageSampler:
                     o.guidance_low, o.guidance_high)
         generator = None
         if o.sampler in STOCHASTIC:
-            generator = torch.Generator(device=self.device).manual_seed(_seed(o.seed, indices[0], len(indices)))
+            generator = [torch.Generator(device=self.device).manual_seed(_seed(o.seed, i, 1)) for i in indices]
         return sample(fn, noise, o.sampler, o.num_steps, generator=generator)
 
     def images(self, indices: list[int]) -> Tensor:

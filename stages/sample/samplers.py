@@ -12,7 +12,7 @@ has that dtype; mixed precision inside the model is the caller's business (e.g. 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -120,19 +120,29 @@ def heun_ode(fn: VelocityFn, noise: Tensor, steps: int = ODE_STEPS) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _gaussian(like: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    if len(generator) != like.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+    return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype, device=like.device) for g in generator])
+
+
 @torch.no_grad()
 def euler_maruyama_sde(
     fn: VelocityFn,
     noise: Tensor,
     steps: int = SDE_STEPS,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Euler–Maruyama integration of the reverse SDE from t = 1 to 0 (``steps`` velocity calls).
 
     Time grid: ``linspace(1, 0.04, steps)`` followed by 0. Diffusion coefficient w(t) = 2·t; the
     drift is d = v - ½·w(t)·s(x, t) with the score from :func:`score_from_velocity`. Every step
     but the last adds sqrt(w(t))·sqrt(|dt|)·z, z ~ N(0, I) drawn from ``generator`` (which must live
-    on the noise's device); the last step (0.04 → 0) is deterministic and draws nothing.
+    on the noise's device); the last step (0.04 → 0) is deterministic and draws nothing. A sequence of
+    generators, one per sample, draws row b from generator b, so a sample's trajectory does not depend
+    on which other samples share its batch.
     """
     _check_steps(steps)
     times = torch.linspace(1.0, SDE_LAST_T, steps, dtype=torch.float64).tolist() + [0.0]
@@ -145,8 +155,7 @@ def euler_maruyama_sde(
         if t_next == 0.0:
             x = x_mean
         else:
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = x_mean + math.sqrt(w * abs(dt)) * z
+            x = x_mean + math.sqrt(w * abs(dt)) * _gaussian(x, generator)
     return x
 
 
