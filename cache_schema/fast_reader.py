@@ -92,15 +92,19 @@ class FastReader:
             try:
                 handle = ts.open(spec, read=True, context=state.context).result()
             except ValueError as e:  # tensorstore reports missing or damaged arrays as ValueError
-                raise CacheError(f"{self._array_path(part, name)}: cannot be opened ({e}); run `repa cache verify`") from e
+                path = self._array_path(part, name)
+                raise CacheError(f"{path}: cannot be opened ({e}); run `repa cache verify`") from e
             state.stores[(part, name)] = handle
         return handle
+
+    def _read_whole(self, part: int, name: str) -> np.ndarray:
+        return zarr.open_array(str(self._array_path(part, name)), mode="r")[:]
 
     def _read_small(self, name: str) -> np.ndarray:
         """A whole small array (one entry per sample), all parts concatenated, cached per process."""
         state = self._process()
         if name not in state.small:
-            chunks = [zarr.open_array(str(self._array_path(p, name)), mode="r")[:] for p in range(len(self.part_names))]
+            chunks = [self._read_whole(p, name) for p in range(len(self.part_names))]
             empty = np.array([], dtype=str if self.fields[name].dtype == "str" else self.fields[name].dtype)
             state.small[name] = np.concatenate(chunks) if chunks else empty
         return state.small[name]
@@ -109,9 +113,7 @@ class FastReader:
         """(first token row within its part, token count) of every sample, by global id."""
         state = self._process()
         if state.text_spans is None:
-            offsets = [
-                zarr.open_array(str(self._array_path(p, "text_offsets")), mode="r")[:] for p in range(len(self.part_names))
-            ]
+            offsets = [self._read_whole(p, "text_offsets") for p in range(len(self.part_names))]
             starts = np.concatenate([o[:-1] for o in offsets] + [np.zeros(0, np.int64)])
             counts = np.concatenate([np.diff(o) for o in offsets] + [np.zeros(0, np.int64)])
             state.text_spans = starts.astype(np.int64), counts.astype(np.int64)

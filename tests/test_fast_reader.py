@@ -28,47 +28,48 @@ def write_cache(root: Path, codec: str, text: bool = True, parts=(("a", 7), ("b"
     settings = dict(
         resolution=32, crop="adm", vae={"id": "v"}, dino={"id": "d"}, dino_preprocess="x", dtype="fp32",
         text_encoder={"id": "t"} if text else None, max_text_tokens=MAX_TOKENS, feature_codec=codec, shard_size=4,
-    )  # fmt: skip
+    )
     latent = dict(channels=LATENT_CHANNELS, size=LATENT_SIZE, scaling_factor=0.5, shift_factor=0.0, mean=None, std=None)
     text_info = dict(dim=TEXT_DIM, max_tokens=MAX_TOKENS) if text else None
-    start_encode(root, new_manifest(settings, latent, dict(dim=DINO_DIM, tokens=DINO_TOKENS, grid=[2, 3]), text_info, fields), False)
+    dino_info = dict(dim=DINO_DIM, tokens=DINO_TOKENS, grid=[2, 3])
+    start_encode(root, new_manifest(settings, latent, dino_info, text_info, fields), False)
     originals: dict[str, dict[str, np.ndarray]] = {"dino": {}, "text": {}}
     for name, count in parts:
         writer = PartWriter(root, name, f"/data/{name}.tar", fields, shard_size=4)
         for start in range(0, count, 3):  # several appends per shard exercise the writer's buffering
-            rows = [_sample(seed, name, i, codec, text) for i in range(start, min(start + 3, count))]
-            writer.append({k: [r[k] for r in rows] if k in ("text", "text_scale") else np.stack([r[k] for r in rows])
-                           for k in rows[0] if k not in ("dino_f32", "text_f32")})  # fmt: skip
-            for r in rows:
-                originals["dino"][r["key"].item()] = r["dino_f32"]
-                originals["text"][r["key"].item()] = r.get("text_f32")
+            rows = []
+            for i in range(start, min(start + 3, count)):
+                row, dino, tokens = _sample(seed, name, i, codec, text)
+                rows.append(row)
+                originals["dino"][f"{name}-{i}"], originals["text"][f"{name}-{i}"] = dino, tokens
+            ragged = ("text", "text_scale")
+            writer.append({k: [r[k] for r in rows] if k in ragged else np.stack([r[k] for r in rows]) for k in rows[0]})
         writer.commit()
     return originals
 
 
-def _sample(seed: int, part: str, i: int, codec: str, text: bool) -> dict:
+def _sample(seed: int, part: str, i: int, codec: str, text: bool) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """One row for PartWriter.append, with the float32 DINO and text features it was quantised from."""
     key = f"{part}-{i}"
     rng = np.random.default_rng([seed, *key.encode()])
     dino = rng.standard_normal((DINO_TOKENS, DINO_DIM)).astype(np.float32)
+    moments = rng.standard_normal((2 * LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)).astype(np.float16)
     row = dict(
         key=np.array(key), source_index=np.array(i), caption=np.array("" if i % 5 == 0 else f"caption {key}"),
-        label=np.array(i % 7 - 1), moments=rng.standard_normal((2 * LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)).astype(np.float16),
-        dino_f32=dino,
-    )  # fmt: skip
-    tokens = rng.standard_normal((i % 5, TEXT_DIM)).astype(np.float32)
-    if codec == "int8":
-        q, s = quantize_int8(torch.from_numpy(dino))
-        row.update(dino=q.numpy(), dino_scale=s.numpy())
-    else:
-        row["dino"] = dino.astype(np.float16)
+        label=np.array(i % 7 - 1), moments=moments,
+    )
+    row.update(_encoded("dino", dino, codec))
+    tokens = rng.standard_normal((i % 5, TEXT_DIM)).astype(np.float32) if text else None
     if text:
-        row["text_f32"] = tokens
-        if codec == "int8":
-            q, s = quantize_int8(torch.from_numpy(tokens))
-            row.update(text=q.numpy(), text_scale=s.numpy())
-        else:
-            row["text"] = tokens.astype(np.float16)
-    return row
+        row.update(_encoded("text", tokens, codec))
+    return row, dino, tokens
+
+
+def _encoded(name: str, x: np.ndarray, codec: str) -> dict[str, np.ndarray]:
+    if codec == "fp16":
+        return {name: x.astype(np.float16)}
+    q, scale = quantize_int8(torch.from_numpy(x))
+    return {name: q.numpy(), f"{name}_scale": scale.numpy()}
 
 
 @pytest.fixture(scope="module", params=["fp16", "int8"])
@@ -129,9 +130,11 @@ def test_ragged_text_flat_and_padded_match_the_reference(cache):
         if int8:
             want_scale = reference_text(ref, "text_scale", int(i))
             assert np.array_equal(scales[starts[j] : starts[j] + lengths[j]], want_scale)
-            assert np.array_equal(padded_scales[j, : lengths[j]], want_scale) and not padded_scales[j, lengths[j] :].any()
+            assert np.array_equal(padded_scales[j, : lengths[j]], want_scale)
+            assert not padded_scales[j, lengths[j] :].any()
     empty = ids[lengths == 0][:2]
-    assert fast.read_text(empty)[0].shape == (0, TEXT_DIM) and fast.read_text(empty, padded=True)[0].shape == (2, 0, TEXT_DIM)
+    assert fast.read_text(empty)[0].shape == (0, TEXT_DIM)
+    assert fast.read_text(empty, padded=True)[0].shape == (2, 0, TEXT_DIM)
 
 
 def test_reads_fill_the_given_buffers_in_place(cache):
@@ -171,7 +174,7 @@ class _WorkerReads(Dataset):
         tokens, _, lengths = self.reader.read_text(ids)
         feats = self.reader.read_many(ids, {"moments": None, "dino": None, "label": None})
         return {"pid": os.getpid(), **{k: torch.from_numpy(v) for k, v in feats.items()},
-                "text": torch.from_numpy(tokens), "lengths": torch.from_numpy(lengths)}  # fmt: skip
+                "text": torch.from_numpy(tokens), "lengths": torch.from_numpy(lengths)}
 
 
 def _batch(batch):
@@ -186,7 +189,7 @@ def test_reader_made_and_used_in_the_parent_works_in_dataloader_workers(tmp_path
     loader = DataLoader(
         _WorkerReads(reader), batch_sampler=batches, num_workers=2, collate_fn=_batch,
         multiprocessing_context="forkserver",
-    )  # fmt: skip
+    )
     got = list(loader)
     pids = {b["pid"] for b in got}
     assert len(pids) == 2 and os.getpid() not in pids

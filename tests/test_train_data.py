@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from cache_schema.fast_reader import FastReader
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader, split_ids, to_device
-from tests.test_fast_reader import DINO_DIM, DINO_TOKENS, MAX_TOKENS, TEXT_DIM, write_cache
+from tests.test_fast_reader import DINO_DIM, DINO_TOKENS, TEXT_DIM, write_cache
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,8 @@ def test_resuming_from_a_position_continues_the_uninterrupted_sequence_exactly()
     first = EpochBatchSampler(ids, **kw)
     for consumed in (0, 5, 6, 7, 13):
         resumed = EpochBatchSampler(ids, start=first.position_after(consumed), **kw)
-        assert all(np.array_equal(x, y) for x, y in zip(take(resumed, 20 - consumed), uninterrupted[consumed:], strict=True))
+        continuation = take(resumed, 20 - consumed)
+        assert all(np.array_equal(x, y) for x, y in zip(continuation, uninterrupted[consumed:], strict=True))
     later = EpochBatchSampler(ids, start=(2, 1), **kw)
     assert later.position_after(4) == (2, 5) and later.position_after(5) == (3, 0)
 
@@ -147,8 +149,10 @@ def test_loader_workers_serve_the_sampler_order_and_kept_batches_stay_intact(int
         return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
     for workers in (0, 2):
-        loader = make_loader(dataset, sampler, num_workers=workers)
-        kept = list(itertools.islice(loader, 20))  # kept: their shared buffers must not be refilled
+        with warnings.catch_warnings():  # pin_memory without an accelerator: torch warns, pins nothing
+            warnings.simplefilter("ignore")
+            loader = make_loader(dataset, sampler, num_workers=workers, pin_memory=True)
+            kept = list(itertools.islice(loader, 20))  # kept: their shared buffers must not be refilled
         assert all(same(g, e) for g, e in zip(kept, expected, strict=True))
     assert 0 < loader.unrecycled_batches < 20  # batches beyond the slots had to use fresh memory
 

@@ -1,9 +1,10 @@
 """Training data from the feature cache: validation split, resumable sampler, batch dataset, loader.
 
 Only the cache is read here; no encoder is ever loaded. A batch is fetched whole by one
-DataLoader worker (``__getitems__``) straight into shared-memory tensors, so collation is free
-and nothing is pickled but the tensor handles. int8 features travel as int8 and are dequantised
-on the training device by ``to_device``.
+DataLoader worker (``__getitems__``) straight into shared-memory buffers, which the worker reuses
+once the training process has dropped every reference to them: collation is free, nothing is
+pickled but tensor handles, and no memory is allocated per batch. int8 features travel as int8
+and are dequantised on the training device by ``to_device``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def split_ids(keys: np.ndarray, val_fraction: float, salt: str = "val") -> tuple
     A sample is held out when blake2b(salt + key), read as a number in [0, 1), is below
     ``val_fraction``; the choice depends on the key alone, so it survives re-encoding, adding parts
     and reordering them. With ``val_fraction > 0`` and at least two samples neither side is empty.
-    Hashing costs about a microsecond per key.
+    Hashing costs ~1.4 µs per key (~17 s for 12 M keys).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -116,14 +117,18 @@ class EpochBatchSampler:
             epoch, batch = epoch + 1, 0
 
 
+# Where a batch entry is read into: alloc(name, shape, dtype) -> an uninitialised tensor.
 Allocator = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 def _plain_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Allocator for batches read in the training process itself."""
     return torch.empty(shape, dtype=dtype)
 
 
-def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype, storage: torch.UntypedStorage | None = None) -> torch.Tensor:
+def _shared_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, storage: torch.UntypedStorage | None = None
+) -> torch.Tensor:
     """A tensor in shared memory, so that sending it to another process copies nothing
     (``share_memory_`` would copy it). Uses ``storage`` when given (it must be large enough)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -272,7 +277,9 @@ class RecyclingLoader(DataLoader):
             worker, slot = batch.pop(_SLOT_KEY)
             if slot < 0:
                 self.unrecycled_batches += 1
-            elif self.pin_memory:  # the batch is already a pinned copy; the slot is unused
+            elif all(t.is_pinned() for t in batch.values() if t.numel()):
+                # The DataLoader's pinning thread has copied the batch out of the slot already.
+                # (pin_memory=True alone says nothing: without an accelerator nothing is pinned.)
                 self.flags[worker, slot] = _FREE
             else:
                 self._mapped[(worker, slot)] = [t.untyped_storage() for t in batch.values()]
