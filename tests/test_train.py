@@ -95,6 +95,15 @@ def test_condition_dropout_substitutes_the_null_condition():
     torch.testing.assert_close(out["text"][dropped][:, 0], null[0, 0].expand(int(dropped.sum()), -1).detach())
 
 
+def test_a_batch_of_empty_captions_gets_one_masked_slot():
+    model = SiT(ModelConfig(width=32, depth=1, head_dim=16, cond="text", text_dim=6, input_size=8))
+    batch = {"moments": torch.zeros(2, 8, 8, 8), "text": torch.zeros(2, 0, 6), "text_mask": torch.zeros(2, 0, dtype=torch.bool)}
+    cond = Conditioner("text", model, 0.0)(batch)
+    assert cond["text"].shape == (2, 1, 6) and not cond["text_mask"].any()
+    out, _ = model(torch.randn(2, 4, 8, 8), torch.rand(2), **cond)
+    assert torch.isfinite(out).all()
+
+
 # -- short runs -----------------------------------------------------------------------------------
 def test_short_run_learns_and_writes_metrics_curves_and_checkpoints(train_cache, tmp_path):
     cfg = tiny_train(train_cache, tmp_path / "run", steps=40, val_every=20, ckpt_every=20, keep_checkpoints=1)

@@ -85,6 +85,9 @@ class Conditioner:
             return {"y": y if drop is None else torch.where(drop, torch.full_like(y, self.model.null_class), y)}
         if self.cond == "text":
             text, mask = batch["text"].float(), batch["text_mask"]
+            if text.shape[1] == 0:  # every caption in the batch has zero tokens: attend to one masked slot
+                text = text.new_zeros(text.shape[0], 1, text.shape[2])
+                mask = mask.new_zeros(mask.shape[0], 1)
             if drop is not None:
                 null, null_mask = self.model.null_text(text.shape[0], text.shape[1])
                 text = torch.where(drop[:, None, None], null.to(text.dtype), text)
