@@ -122,6 +122,10 @@ def compare_runs(run_dirs: list[Path]) -> tuple[list[RunReport], list[str]]:
     """The runs' reports sorted by final validation loss (runs without one last), and the settings that differ."""
     reports = sorted((summarize_run(p) for p in run_dirs),
                      key=lambda r: (r.final_val is None, r.final_val if r.final_val is not None else 0.0))
+    names = [r.run for r in reports]
+    for r in reports:
+        if names.count(r.run) > 1:  # same-named runs of different sweeps: tell them apart by path
+            r.run = str(r.path)
     keys = sorted({k for r in reports for k in r.config} - _BOOKKEEPING)
     differ = [k for k in keys if len({json.dumps(r.config.get(k)) for r in reports}) > 1]
     return reports, differ
@@ -174,7 +178,7 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     if differ:
         out.append(f"settings that differ: {', '.join(differ)}")
     if any(not r.finished for r in reports):
-        out.append("steps shown as done/requested: the run has not finished")
+        out.append("steps N/M: reached N of the M requested (the run has not finished)")
     return "\n".join(out)
 
 
@@ -205,6 +209,7 @@ def plot_report(reports: list[RunReport], path: Path) -> None:
     curves.set_title("validation loss")
     bins.set_xlabel("t (0 = data, 1 = noise)")
     bins.set_ylabel("validation denoising loss")
+    bins.set_yscale("log")  # the loss falls by an order of magnitude from t = 0 to t = 1
     bins.set_title("final validation loss by t")
     handles, labels = curves.get_legend_handles_labels()
     if labels:
