@@ -195,6 +195,8 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
         if main:
             truncate_metrics(cfg.run_dir, start_step)
             log(f"resumed from {resume_path} at step {start_step}")
+    elif main:
+        truncate_metrics(cfg.run_dir, 0)  # a fresh start: records of an earlier, checkpoint-less attempt go
     if start_step >= cfg.steps:
         raise UsageError(f"--steps {cfg.steps}: the run is already at step {start_step}; raise --steps to continue")
     ema.to(device)
