@@ -148,7 +148,7 @@ def test_raising_steps_resumes_from_the_checkpoints(finished_sweep, tmp_path):
     log = (run / RUN_LOG).read_text()
     assert "--resume" in log.split(LOG_HEADER)[-1] and "resumed from" in log
     assert json.loads((run / "final.json").read_text())["step"] == 6
-    assert [r["step"] for r in read_metrics(run) if r["kind"] == "val"] == [2, 4, 6]
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "val"] == [0, 2, 4, 6]
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(train_cache, tmp_path):

@@ -110,9 +110,8 @@ def test_short_run_learns_and_writes_metrics_curves_and_checkpoints(train_cache,
     result = run_train(cfg)
     records = read_metrics(tmp_path / "run")
     vals = [r for r in records if r["kind"] == "val"]
-    assert [r["step"] for r in vals] == [20, 40]
-    first_train = next(r for r in records if r["kind"] == "train")
-    assert vals[-1]["denoise"] < first_train["denoise"]  # it learns
+    assert [r["step"] for r in vals] == [0, 20, 40]
+    assert vals[-1]["denoise"] < 0.8 * vals[0]["denoise"]  # it learns: same held-out problems, step 0 vs 40
     assert len(vals[-1]["denoise_bins"]) == 10 and "repa_cos" in vals[-1] and vals[-1]["repa_cos"] > 0.2
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000040.pt"]  # keep 1

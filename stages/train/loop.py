@@ -260,7 +260,8 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     bins = torch.zeros(3, NUM_T_BINS, dtype=torch.float64, device=device)  # denoise, cos, count
     last_log, last_log_step = time.perf_counter(), start_step
     bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not main, dynamic_ncols=True, desc="train")
-    val_metrics = None
+    # A fresh run is validated before its first step, so every curve starts from the untrained model.
+    val_metrics = validate(0) if start_step == 0 else None
     step = start_step
     for step in range(start_step + 1, cfg.steps + 1):
         for m in range(cfg.grad_accum):
