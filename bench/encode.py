@@ -8,7 +8,8 @@ under bench/out/, then measures
   1. encoders alone: ``FeatureEncoders.encode`` on batches already in device memory;
   2. end to end: ``run_encode`` (decode workers, crop, encode, D2H, background zarr writes) into a
      fresh cache;
-and prints both rates and their ratio (the pipeline's efficiency; the target on an H100 is >= 0.9).
+and prints both rates and their ratio (the pipeline's efficiency; the target on an H100 is >= 0.9),
+plus the decode workers' rate alone, which bounds the pipeline from the other side.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from PIL import Image
 from stages.encode.config import EncodeConfig
 from stages.encode.preprocess import prepare_sample
 from stages.encode.run import run_encode
-from stages.encode.source import expand_source, iter_tar
+from stages.encode.source import ShardStream, expand_source, iter_tar
 from stages.encoders.features import EncoderSpec, FeatureEncoders
 from stages.encoders.load import ModelSource, torch_dtype
 
@@ -100,6 +101,17 @@ def encoders_alone(cfg: EncodeConfig, pattern: str, batches: int, device: torch.
     return batches * len(images) / (time.perf_counter() - start)
 
 
+def decode_alone(cfg: EncodeConfig, pattern: str) -> float:
+    """img/s of the decode + crop workers alone (the same DataLoader the pipeline uses)."""
+    urls = expand_source(pattern)
+    stream = ShardStream(urls, cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(cfg.num_workers, len(urls)))
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch)
+    return n / (time.perf_counter() - start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", action="store_true", help="real SD-VAE + DINOv2-B architectures at 256 px (GPU)")
@@ -128,6 +140,7 @@ def main() -> None:
                        batch_size=batch, num_workers=workers, compile=compile_, feature_codec=args.codec, overwrite=True)
 
     alone = encoders_alone(cfg, pattern, batches=8 if args.real else 4, device=device)
+    decode = decode_alone(cfg, pattern)
     shutil.rmtree(cfg.cache, ignore_errors=True)
     summary = run_encode(cfg, log=lambda m: None)
     ratio = summary.rate / alone
@@ -136,8 +149,14 @@ def main() -> None:
     print(f"device {name}, {'SD-VAE + DINOv2-B architectures' if args.real else 'tiny encoders'}, {res} px, "
           f"batch {batch}, {workers} decode workers, compile={compile_}, codec {args.codec}")
     print(f"{'encoders alone (batches in device memory)':<46}{alone:10.1f} img/s")
+    print(f"{'decode + crop workers alone':<46}{decode:10.1f} img/s")
     print(f"{'end to end (decode + encode + write)':<46}{summary.rate:10.1f} img/s  ({summary.encoded} images)")
     print(f"{'ratio end-to-end / encoders-alone':<46}{ratio:10.2f}")
+    if device.type == "cpu":
+        # On the CPU, decoding and encoding share the same cores, so the best possible end-to-end rate
+        # is the harmonic combination of the two, not the encoder rate.
+        shared = 1 / (1 / alone + 1 / decode)
+        print(f"{'CPU bound when both share the cores':<46}{shared:10.1f} img/s  (end to end = {summary.rate / shared:.2f} of it)")
 
 
 if __name__ == "__main__":
