@@ -228,6 +228,8 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
         accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in cfg.to_json().items()})
 
+    bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not main, dynamic_ncols=True, desc="train")
+
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, reduction="sum") if world > 1 else t
 
@@ -239,6 +241,8 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
             plot_curves(read_metrics(cfg.run_dir), Path(cfg.run_dir) / CURVES_FILE, title=str(cfg.run_dir))
             accelerator.log({f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
             accelerator.log({f"val_bins/denoise_t{i}": v for i, v in enumerate(metrics["denoise_bins"])}, step=step)
+            bar.write(f"step {step}: val denoise {metrics['denoise']:.4f}"
+                      + (f", REPA cosine {metrics['repa_cos']:.3f}" if "repa_cos" in metrics else ""))
         return metrics
 
     def save(step: int) -> None:
@@ -259,7 +263,6 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     window = torch.zeros(5, dtype=torch.float64, device=device)  # loss, denoise, cos, grad norm, steps
     bins = torch.zeros(3, NUM_T_BINS, dtype=torch.float64, device=device)  # denoise, cos, count
     last_log, last_log_step = time.perf_counter(), start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not main, dynamic_ncols=True, desc="train")
     # A fresh run is validated before its first step, so every curve starts from the untrained model.
     val_metrics = validate(0) if start_step == 0 else None
     step = start_step
@@ -301,9 +304,6 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
             last_log, last_log_step = now, step
         if step % cfg.val_every == 0 or step == cfg.steps:
             val_metrics = validate(step)
-            if main:
-                bar.write(f"step {step}: val denoise {val_metrics['denoise']:.4f}"
-                          + (f", REPA cosine {val_metrics['repa_cos']:.3f}" if "repa_cos" in val_metrics else ""))
         if previewer is not None and step % cfg.preview_every == 0:
             with accelerator.autocast():
                 previewer.save(ema, Conditioner(cond, ema, 0.0), step, cfg.run_dir, device)
