@@ -238,3 +238,13 @@ def test_flux_style_vae_registers_dino_and_clip_text(tmp_path, tiny_models, demo
     s = reader.sample(0)
     assert s["moments"].shape == (32, 8, 8) and s["dino"].shape == (16, man.dino["dim"])
     assert s["text"].shape[0] >= 2  # start and end tokens at least, no padding stored
+
+
+def test_max_samples_stops_early_and_marks_the_part_incomplete(tmp_path, tiny_models, demo_shards):
+    summary = run_encode(tiny_config(tiny_models, _pattern(demo_shards), tmp_path / "c", max_samples=10))
+    man = read_manifest(tmp_path / "c")
+    assert summary.encoded == man.num_samples == 10
+    cut = [s for s in man.skipped if s["reason"].startswith("sample-limit")]
+    assert len(cut) == 1 and cut[0]["index"] == 10
+    g = zarr.open_group(str(tmp_path / "c" / PARTS_DIR / f"{man.parts[0]['name']}.zarr"), mode="r")
+    assert g.attrs["complete"] is False
