@@ -5,6 +5,7 @@
 #   make encode PRESET=imagenet256 SOURCE='data/imagenet-train-{000000..001281}.tar'
 #   make encode SOURCE=... VAE=... DINO=... TEXT=...      any corpus and encoders
 #   make train  PRESET=imagenet256 | make train CACHE=... MODEL=SiT-XL/2 ...
+#   make sweep | make report   a 6-run REPA ablation over the demo cache, and its comparison table
 #   make test | make bench-encode | make bench-reader | make bench-train
 PYTHON ?= python3
 VENV ?= .venv
@@ -37,7 +38,7 @@ SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
 .PHONY: install encode demo-assets train sample test bench-encode bench-reader bench-train clean help
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '/^#/p;/^PYTHON/q' Makefile
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
