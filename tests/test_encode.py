@@ -248,3 +248,10 @@ def test_max_samples_stops_early_and_marks_the_part_incomplete(tmp_path, tiny_mo
     assert len(cut) == 1 and cut[0]["index"] == 10
     g = zarr.open_group(str(tmp_path / "c" / PARTS_DIR / f"{man.parts[0]['name']}.zarr"), mode="r")
     assert g.attrs["complete"] is False
+
+
+def test_pipe_urls_are_read_through_webdataset(tmp_path, tiny_models, demo_shards):
+    summary = run_encode(tiny_config(tiny_models, f"pipe:cat {demo_shards[2]}", tmp_path / "c"))
+    reader = CacheReader(tmp_path / "c")
+    assert summary.encoded == len(reader) == 24
+    assert reader.parts[0]["source"] == f"pipe:cat {demo_shards[2]}" and reader.parts[0]["name"].startswith("cc12m-train-0002-")
