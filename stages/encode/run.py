@@ -208,7 +208,8 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
 
     stream = ShardStream(mine, cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit)
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+        stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda",
     )
     per_shard = samples_per_shard(todo[0]) if todo else None
     total = per_shard * len(todo) if per_shard else None
@@ -221,7 +222,7 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
         for batch in loader:
             host, ready = {}, None
             if len(batch):
-                feats = enc.encode(torch.from_numpy(batch.images), batch.captions, cfg.feature_codec)
+                feats = enc.encode(torch.as_tensor(batch.images), batch.captions, cfg.feature_codec)
                 host = {k: v.to("cpu", non_blocking=True) for k, v in feats.items()}
                 if device.type == "cuda":
                     ready = torch.cuda.Event()

@@ -81,7 +81,7 @@ class ShardEnd:
 class Batch:
     """What a worker yields. Rows are in source order within each input shard."""
 
-    images: np.ndarray  # (B, res, res, 3) uint8
+    images: np.ndarray | torch.Tensor  # (B, res, res, 3) uint8; a pinned tensor after pin_memory()
     keys: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
@@ -92,6 +92,12 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pinning thread (pin_memory=True): page-locked images copy to the
+        GPU asynchronously, so the next batch's upload overlaps the current batch's encoding."""
+        self.images = torch.from_numpy(self.images).pin_memory()
+        return self
 
 
 def iter_tar(url: str) -> Iterator[dict]:
