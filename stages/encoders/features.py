@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cache_schema import quantize_int8
+from cache_schema import UsageError, quantize_int8
 
 from .load import (
     ModelSource,
@@ -40,6 +40,19 @@ def dino_preprocess(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 DINO_PREPROCESS_DESCRIPTION = "uint8/255, imagenet mean/std, bicubic resize to 224*res/256 (align_corners=False)"
+
+
+def encode_captions(tokenizer, text_encoder, captions: list[str], max_tokens: int, device: torch.device):
+    """(hidden (B, L, D), attention mask (B, L)) with right padding, captions truncated to ``max_tokens``.
+
+    The one definition of caption encoding: the cache is written with it and prompts are encoded
+    with it at sampling time, so both see the same tokens.
+    """
+    if tokenizer.padding_side != "right":
+        raise UsageError("the text tokenizer pads on the left; set padding_side='right' in its config")
+    tok = tokenizer(captions, max_length=max_tokens, truncation=True, padding="longest", return_tensors="pt")
+    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
 
 @dataclass
@@ -105,19 +118,7 @@ class FeatureEncoders:
         return hidden[:, 1 + self.dino_info["registers"] :]
 
     def _text_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded hidden states (B, L, D) and real-token counts (B,); padding is on the right."""
-        tok = self.tokenizer(
-            captions,
-            max_length=self.spec.max_text_tokens,
-            truncation=True,
-            padding="longest",
-            return_tensors="pt",
-        )
-        if self.tokenizer.padding_side != "right":
-            raise ValueError("the text tokenizer pads on the left; set padding_side='right' in its config")
-        ids = tok["input_ids"].to(self.device)
-        mask = tok["attention_mask"].to(self.device)
-        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden, mask = encode_captions(self.tokenizer, self.text_encoder, captions, self.spec.max_text_tokens, self.device)
         return hidden, mask.sum(dim=1)
 
     @torch.inference_mode()

@@ -104,18 +104,16 @@ class TextEncoder:
             raise UsageError("the cache manifest names no text encoder; this run cannot encode prompts")
         dtype = torch.bfloat16 if device.type == "cuda" and manifest.settings.get("dtype") == "bf16" else torch.float32
         self.tokenizer, self.encoder = load_text_encoder(ModelSource(**source), dtype, device)
-        if self.tokenizer.padding_side != "right":
-            raise UsageError("the text tokenizer pads on the left; the cache was encoded with right padding")
         self.max_tokens = int(manifest.text["max_tokens"])
         self.codec = manifest.codec
         self.device = device
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        tok = self.tokenizer(prompts, max_length=self.max_tokens, truncation=True, padding="longest", return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        hidden = hidden * mask[..., None]
+        from ..encoders.features import encode_captions
+
+        hidden, mask = encode_captions(self.tokenizer, self.encoder, prompts, self.max_tokens, self.device)
+        hidden = hidden.float() * mask[..., None]
         if self.codec == "int8":
             hidden = dequantize_int8(*quantize_int8(hidden))
         return hidden.half().float(), mask.bool()
