@@ -190,3 +190,16 @@ def test_two_processes_write_the_same_images_as_one(class_run, tmp_path):
     for i in range(5):
         assert np.abs(pixels(tmp_path / "one" / f"{i:06d}.png") - pixels(tmp_path / "two" / f"{i:06d}.png")).max() <= 1
     assert (tmp_path / "one" / "samples.json").read_text() == (tmp_path / "two" / "samples.json").read_text()
+
+
+def test_prompts_are_encoded_as_the_cache_stored_captions(train_cache):
+    from cache_schema import CacheReader
+    from stages.sample.run import TextEncoder
+
+    reader = CacheReader(train_cache)
+    stored = reader.sample(3)
+    hidden, mask = TextEncoder(reader.manifest, torch.device("cpu"))([stored["caption"], "a"])
+    assert int(mask[0].sum()) == len(stored["text"])
+    # same tokens and encoder; only float rounding differs (other batch, other padding length)
+    np.testing.assert_allclose(hidden[0, : len(stored["text"])].numpy(), stored["text"].astype(np.float32), rtol=1e-2, atol=1e-3)
+    assert not hidden[0, int(mask[0].sum()):].any()  # padding is zero
