@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_schema import PartWriter, cache_fields, field_from_json, new_manifest, read_manifest, start_encode
+from cache_schema import PartWriter, cache_fields, new_manifest, read_manifest, start_encode
 from stages.train.config import TrainConfig
 from stages.train.data import CacheBatchDataset, to_device
 from stages.train.loop import Conditioner, micro_step, optimizer_update, run_train, step_generator, update_ema

@@ -154,7 +154,7 @@ def dry_run(cfg: EncodeConfig, urls: list[str]) -> list[str]:
         + (f" ({per_shard} in the first shard x {len(todo)} shards)" if per_shard is not None else ""),
         f"latents        {vae['channels']}x{latent_size}x{latent_size} (moments {2 * vae['channels']} channels)",
         f"dino           {dino['tokens']} tokens x {dino['dim']} ({dino['registers']} registers dropped)",
-        f"text           " + (f"dim {text['dim']}, up to {cfg.max_text_tokens} tokens" if text else "none"),
+        "text           " + (f"dim {text['dim']}, up to {cfg.max_text_tokens} tokens" if text else "none"),
     ]
     for name, b in per_sample.items():
         note = f" (assuming ~{assumed_tokens} tokens per caption)" if name == "text" else ""
