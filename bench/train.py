@@ -112,16 +112,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None, help="steps before timing starts (compilation, caches)")
+    ap.add_argument("--samples", type=int, default=None, help="samples in the synthetic cache")
     args = ap.parse_args()
 
     if args.real:
-        cache = synthetic_cache(OUT / "train-cache-xl", 8192, 4, 32, 256, 768)
+        cache = synthetic_cache(OUT / "train-cache-xl", args.samples or 8192, 4, 32, 256, 768)
         model = dict(model="SiT-XL/2")
-        batch, steps, warmup, workers = args.batch_size or 64, args.steps or 60, 15, args.workers or 8
+        batch, steps, warmup, workers = args.batch_size or 64, args.steps or 60, args.warmup or 15, args.workers or 8
     else:
-        cache = synthetic_cache(OUT / "train-cache-small", 2048, 4, 16, 64, 64, classes=10)
+        cache = synthetic_cache(OUT / "train-cache-small", args.samples or 2048, 4, 16, 64, 64, classes=10)
         model = dict(model=None, width=128, depth=4, head_dim=32, align_layer=2, projector_dim=256)
-        batch, steps, warmup, workers = args.batch_size or 32, args.steps or 30, 5, args.workers or 1
+        batch, steps, warmup, workers = args.batch_size or 32, args.steps or 30, args.warmup or 5, args.workers or 1
     cfg = TrainConfig(cache=cache, run_dir=OUT / "train-run", cond="class", batch_size=batch, steps=warmup + steps,
                       log_every=warmup, val_every=10**9, ckpt_every=10**9, val_fraction=0.0, num_workers=workers,
                       report_to="none", overwrite=True, compile=args.compile, **model)
