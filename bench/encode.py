@@ -25,12 +25,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from stages.core.encoders.features import EncoderSpec, FeatureEncoders
+from stages.core.encoders.images import prepare_sample
+from stages.core.encoders.load import ModelSource, torch_dtype
+from stages.core.encoders.tars import expand_source, iter_tar
 from stages.encode.config import EncodeConfig
-from stages.encode.preprocess import prepare_sample
 from stages.encode.run import run_encode
-from stages.encode.source import ShardStream, expand_source, iter_tar
-from stages.encoders.features import EncoderSpec, FeatureEncoders
-from stages.encoders.load import ModelSource, torch_dtype
+from stages.encode.source import ShardStream
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -129,7 +130,7 @@ def main() -> None:
         shards, per_shard, res, size = args.shards or 16, args.per_shard or 1024, 256, (500, 375)
         batch, workers, compile_ = args.batch_size or 128, args.workers or 14, True if args.compile is None else args.compile
     else:
-        from stages.encoders.tiny import write_tiny_encoders
+        from stages.demo.tiny_encoders import write_tiny_encoders
 
         models = write_tiny_encoders(OUT / "models-tiny") if not (OUT / "models-tiny" / "vae").exists() else {
             "vae": OUT / "models-tiny" / "vae", "dino": OUT / "models-tiny" / "dino"}

@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from cache_schema import CacheError, CacheReader, PartWriter, cache_fields, new_manifest, read_manifest, start_encode
+from cache_schema import (
+    CacheError,
+    CacheReader,
+    PartWriter,
+    cache_fields,
+    new_manifest,
+    read_manifest,
+    start_encode,
+)
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -142,18 +150,22 @@ def main() -> None:
     record("FastReader dataset (1 process)", *timed(batches, args.seconds / 2))
 
     if args.workers > 0:
-        loader = make_loader(dataset, EpochBatchSampler(np.arange(len(dataset)), args.batch, seed=1), args.workers)
-        t0 = time.perf_counter()
-        stream = iter(loader)
-        next(stream)
-        print(f"workers   {args.workers} started in {time.perf_counter() - t0:.1f} s")
-        record(f"make_loader, {args.workers} workers", *timed(stream, args.seconds))
-        print(f"recycled  all but {loader.unrecycled_batches} batches read into reused shared memory")
-        del stream, loader
+        # Slots released through weak references to the batch storages (the default where torch allows
+        # it), then the fallback that copies each batch out of its slot on arrival.
+        for copy_out, label in ((False, ""), (True, ", copy-out fallback")):
+            loader = make_loader(dataset, EpochBatchSampler(np.arange(len(dataset)), args.batch, seed=1), args.workers,
+                                 copy_out=copy_out)
+            t0 = time.perf_counter()
+            stream = iter(loader)
+            next(stream)
+            print(f"workers   {args.workers} started in {time.perf_counter() - t0:.1f} s{label}")
+            record(f"make_loader, {args.workers} workers{label}", *timed(stream, args.seconds))
+            print(f"recycled  all but {loader.unrecycled_batches} batches read into reused shared memory")
+            del stream, loader
 
-    print(f"\n{'read path':36s} {'samples/s':>10s} {'MB/s':>7s} {'samples/CPU-s':>14s} {'samples':>8s}")
+    print(f"\n{'read path':50s} {'samples/s':>10s} {'MB/s':>7s} {'samples/CPU-s':>14s} {'samples':>8s}")
     for path, rate, mbps, per_cpu, samples in rows:
-        print(f"{path:36s} {rate:10.0f} {mbps:7.0f} {per_cpu:14.0f} {samples:8d}")
+        print(f"{path:50s} {rate:10.0f} {mbps:7.0f} {per_cpu:14.0f} {samples:8d}")
     print(
         f"(batch {args.batch}, {bytes_per_sample / 1024:.0f} KiB per sample, fully random ids; "
         f"samples/CPU-s counts all processes, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"

@@ -5,8 +5,8 @@
 
 Writes a synthetic class-labelled cache on the spot (random moments and DINOv2 tokens of the real
 sizes), then runs
-  1. in memory: the training step (``micro_step`` + ``optimizer_update`` + EMA, exactly the loop's
-     code) on one batch resident on the device;
+  1. in memory: the training step (``Trainer.step``: forward, backward, update and EMA, exactly the
+     loop's code) on one batch resident on the device;
   2. cache-fed: ``run_train`` for the same model and batch, reading random batches through the
      DataLoader; its img/s is taken from metrics.jsonl after the warm-up window;
 and prints both rates and their ratio (target on an H100: >= 0.97).
@@ -15,6 +15,7 @@ and prints both rates and their ratio (target on an H100: >= 0.97).
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import statistics
 import time
@@ -23,12 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_schema import PartWriter, cache_fields, new_manifest, read_manifest, start_encode
+from cache_schema import (
+    PartWriter,
+    cache_fields,
+    new_manifest,
+    read_manifest,
+    start_encode,
+)
+from stages.core.codec import features_to_device
 from stages.train.config import TrainConfig
-from stages.train.data import CacheBatchDataset, to_device
-from stages.train.loop import Conditioner, micro_step, optimizer_update, run_train, step_generator, update_ema
+from stages.train.data import CacheBatchDataset
+from stages.train.loop import build_trainer, make_accelerator, run_train
 from stages.train.metrics import read_metrics
-from stages.train.model import SiT
 from stages.train.setup import build_model_config
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -64,42 +71,23 @@ def synthetic_cache(path: Path, samples: int, channels: int, size: int, tokens: 
 
 
 def in_memory_rate(cfg: TrainConfig, steps: int, warmup: int) -> float:
-    """img/s of the loop's own step on one resident batch (the upper bound for cache-fed training)."""
-    from accelerate import Accelerator
-
-    from stages.train.loop import resolve_precision
-
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
+    """img/s of the loop's own step (``Trainer.step``) on one batch resident on the device: the upper
+    bound for cache-fed training."""
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
     manifest = read_manifest(cfg.cache)
     dataset = CacheBatchDataset(cfg.cache, need_dino=cfg.repa_lambda > 0, need_label=True)
     labels = dataset.reader.read("label", np.arange(len(dataset)))
-    model_cfg = build_model_config(cfg, manifest, "class", labels)
-    torch.manual_seed(cfg.seed)
-    model = SiT(model_cfg)
-    ema = SiT(model_cfg).to(device).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
-    forward = torch.compile(model) if cfg.compile else model
-    conditioner = Conditioner("class", raw, cfg.cond_dropout)
-    batch = to_device(dataset.__getitems__(np.arange(cfg.batch_size)), device)
-    scale, shift = manifest.latent["scaling_factor"], manifest.latent["shift_factor"]
-
-    def step(i: int) -> None:
-        loss, *_ = micro_step(forward, conditioner, batch, step_generator(cfg.seed, 0, i, 0, device), cfg, scale, shift)
-        accelerator.backward(loss)
-        optimizer_update(accelerator, model, optimizer, scheduler, cfg.grad_clip)
-        update_ema(ema, raw, cfg.ema_decay)
-
+    trainer = build_trainer(cfg, accelerator, build_model_config(cfg, manifest, "class", labels), "class",
+                            manifest.latent)
+    batches = itertools.repeat(features_to_device(dataset.__getitems__(np.arange(cfg.batch_size)), device))
     for i in range(warmup):
-        step(i)
+        trainer.step(i + 1, batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(steps):
-        step(warmup + i)
+        trainer.step(warmup + i + 1, batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * cfg.batch_size / (time.perf_counter() - start)

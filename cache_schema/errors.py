@@ -1,9 +1,6 @@
-"""Errors that reach the user as one line (`error: ...`) and a non-zero exit, never as a traceback."""
+"""The one error type of the contract: a cache cannot be used as asked (missing, incompatible, corrupt
+or locked). Its message names the cache, part or file and the fix; the CLI prints it as one line."""
 
 
-class UsageError(Exception):
-    """Something the user gave cannot be used; the message says what and how to fix it."""
-
-
-class CacheError(UsageError):
-    """A cache cannot be used as asked: missing, incompatible, corrupt or locked."""
+class CacheError(Exception):
+    """A cache cannot be used as asked; the message says what and how to fix it."""

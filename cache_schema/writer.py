@@ -23,7 +23,14 @@ import zarr
 
 from .errors import CacheError
 from .fsutil import fsync_dir, fsync_tree
-from .layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, TEXT_CHUNK_TOKENS, TMP_PREFIX, Field
+from .layout import (
+    MANIFEST_NAME,
+    PART_SUFFIX,
+    PARTS_DIR,
+    TEXT_CHUNK_TOKENS,
+    TMP_PREFIX,
+    Field,
+)
 from .manifest import Manifest, PartRecord, locked_update, settings_diff
 
 _PLAIN_CHUNK = 65536  # rows per chunk of the small per-sample arrays (keys, labels, offsets)

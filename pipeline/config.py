@@ -1,17 +1,21 @@
-"""Building a stage's config dataclass from three layers: its defaults, a TOML preset, the command line.
+"""Building a stage's config from three layers: its declared defaults, a TOML preset, the command line.
 
-Option defaults shown in ``--help`` are the dataclass defaults; a ``--config FILE`` preset
-overrides them; options given explicitly on the command line override the preset.
+Option defaults shown in ``--help`` are the declared defaults; a ``--config FILE`` preset overrides
+them; options given explicitly on the command line override the preset. Preset keys are the config's
+field names (dashes or underscores); an unknown key is refused with the closest valid one named.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cache_schema import UsageError
+import tomllib
+
+from stages.core.errors import UsageError
+from stages.core.options import check, convert
 
 T = TypeVar("T")
 
@@ -34,26 +38,37 @@ def load_preset(path: Path, section: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in table.items()}
 
 
-def merge(cls: type[T], ctx, cli: dict[str, Any], preset: dict[str, Any], origin: str = "") -> T:
-    """cls(**(defaults <- preset <- explicitly given CLI values))."""
+def unknown_key_error(where: str, key: str, valid: set[str], table: str = "") -> ConfigError:
+    """A preset key that is not an option, with the closest valid key (or all of them) named."""
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{where}: unknown key {key!r}{f' in {table}' if table else ''}; {hint}")
+
+
+def check_keys(cls: type, keys, where: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(preset) - names)
-    if unknown:
-        raise ConfigError(f"{origin or 'preset'}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
+    for key in keys:
+        if key not in names:
+            raise unknown_key_error(where, key, names)
+
+
+def build(cls: type[T], values: dict[str, Any], where: str = "preset") -> T:
+    """``cls`` from preset-style values (converted to the field types), checked against its declaration."""
+    check_keys(cls, values, where)
+    return check(cls(**{k: convert(cls, k, v) for k, v in values.items()}))
+
+
+def merge(cls: type[T], ctx, cli: dict[str, Any], preset: dict[str, Any], origin: str = "") -> T:
+    """cls(**(defaults <- preset <- explicitly given CLI values)), checked."""
+    check_keys(cls, preset, origin or "preset")
     values = dict(preset)
     for name, value in cli.items():
-        if name not in names:
-            continue
         # Compared by name: typer may carry its own copy of click's ParameterSource enum.
         source = ctx.get_parameter_source(name)
         given = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
         if given or name not in values:
             values[name] = value
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    for name, value in values.items():
-        if isinstance(value, str) and "Path" in str(types[name]):
-            values[name] = Path(value)
-    return cls(**values)
+    return build(cls, values, origin or "preset")
 
 
 def from_context(cls: type[T], ctx, cli: dict[str, Any], config: Path | None, section: str) -> T:

@@ -25,6 +25,8 @@ def _walk(cmd, prefix: str):
 
 
 def _default(p) -> str:
+    if isinstance(p.show_default, str):  # a computed default, described in words
+        return p.show_default
     if p.is_flag and not p.secondary_opts:
         return "off" if not p.default else "on"
     if p.is_flag:

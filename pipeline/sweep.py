@@ -24,15 +24,18 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache_schema import UsageError
-from pipeline.config import ConfigError, load_preset
-from stages.train.config import TrainConfig
+import tomllib
+
+from stages.core.errors import UsageError
+from stages.core.run_files import FINAL_FILE, METRICS_FILE
+from stages.train.config import TrainConfig, resume_differences
+
+from .config import ConfigError, load_preset, unknown_key_error
 
 RUN_CONFIG = "sweep-config.toml"
 RUN_LOG = "train.log"
@@ -87,7 +90,7 @@ def load_sweep(path: Path) -> SweepSpec:
         raise ConfigError(f"{where}: no [sweep] table; add one with out = \"runs/NAME\" and grid = {{ KEY = [VALUES] }}")
     unknown = sorted(set(sweep) - set(SWEEP_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} in [sweep]; valid keys: {', '.join(SWEEP_KEYS)}")
+        raise unknown_key_error(where, unknown[0], set(SWEEP_KEYS), "[sweep]")
     grid = sweep.get("grid", {})
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: [sweep] grid must be a table of KEY = [VALUES]")
@@ -96,7 +99,7 @@ def load_sweep(path: Path) -> SweepSpec:
     for table, keys in (("[train]", base), ("[sweep] grid", grid)):
         bad = sorted(set(keys) - fields)
         if bad:
-            raise ConfigError(f"{where}: unknown key {bad[0]!r} in {table}; valid keys: {', '.join(sorted(fields - MANAGED_KEYS))}")
+            raise unknown_key_error(where, bad[0], fields - MANAGED_KEYS, table)
         managed = sorted(set(keys) & MANAGED_KEYS)
         if managed:
             raise ConfigError(f"{where}: {table} sets {managed[0]!r}, which the sweep manages; set [sweep] out instead")
@@ -151,11 +154,11 @@ def assess(run: PlannedRun) -> PlannedRun:
     done: finished at (or beyond) the requested steps; resume: has checkpoints; new: nothing to keep;
     conflict: holds checkpoints made with other settings (neither resumable nor safe to skip).
     """
-    from stages.train.checkpoint import list_checkpoints, resume_differences
+    from stages.core.checkpoint import checkpoint_step, list_checkpoints
 
     ckpts = list_checkpoints(run.run_dir)
     final = _read_final_step(run.run_dir)
-    ckpt_step = int(ckpts[-1].stem.split("-")[1]) if ckpts else None
+    ckpt_step = checkpoint_step(ckpts[-1]) if ckpts else None
     saved = run.run_dir / RUN_CONFIG
     if (ckpts or final is not None) and saved.exists():
         diff = resume_differences(tomllib.loads(saved.read_text()).get("train", {}), run.train)
@@ -179,7 +182,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
 
 def _read_final_step(run_dir: Path) -> int | None:
     try:
-        return int(json.loads((run_dir / "final.json").read_text())["step"])
+        return int(json.loads((run_dir / FINAL_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -251,7 +254,7 @@ def _start(run: PlannedRun, gpu: str | None, threads: int | None) -> _Running:
                       + to_toml(run.train, "train"))
     if run.state == "new":
         # Records of an attempt killed before its first checkpoint would be appended to, not replaced.
-        for stale in ("metrics.jsonl", "final.json"):
+        for stale in (METRICS_FILE, FINAL_FILE):
             (run.run_dir / stale).unlink(missing_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpu is not None:
@@ -325,12 +328,12 @@ def _report_finished(job: _Running, outcome: SweepOutcome, log: Callable[[str], 
     secs = time.monotonic() - job.started
     final = _read_final_step(run.run_dir)
     if rc == 0 and final is not None and final >= run.steps:
-        val = (json.loads((run.run_dir / "final.json").read_text()).get("val") or {}).get("denoise")
+        val = (json.loads((run.run_dir / FINAL_FILE).read_text()).get("val") or {}).get("denoise")
         outcome.finished.append(run.name)
         log(f"done    {run.name} in {secs:.0f} s" + (f": val denoise {val:.4f}" if val is not None else ""))
         return
     outcome.failed.append(run.name)
-    why = f"exit status {rc}" if rc else "exited without writing final.json"
+    why = f"exit status {rc}" if rc else f"exited without writing {FINAL_FILE}"
     tail = log_tail(run.run_dir / RUN_LOG, job.log_offset)
     log(f"FAILED  {run.name} ({why}) after {secs:.0f} s; last lines of {run.run_dir / RUN_LOG}:\n"
         + "\n".join(f"    | {line}" for line in tail.splitlines()))

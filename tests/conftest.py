@@ -14,21 +14,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from stages.encoders.tiny import write_tiny_encoders
+    from stages.demo.tiny_encoders import write_tiny_encoders
 
     return write_tiny_encoders(tmp_path_factory.mktemp("tiny-models"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> list[Path]:
-    from stages.encode.demo_data import write_demo_shards
+    from stages.demo.data import write_demo_shards
 
     return write_demo_shards(tmp_path_factory.mktemp("demo-data"), num_shards=3, samples_per_shard=24, seed=0)
 
 
 @pytest.fixture(scope="session")
 def labelled_shards(tmp_path_factory) -> list[Path]:
-    from stages.encode.demo_data import write_demo_shards
+    from stages.demo.data import write_demo_shards
 
     return write_demo_shards(tmp_path_factory.mktemp("demo-labelled"), num_shards=2, samples_per_shard=48, seed=3, labels=True)
 

@@ -49,6 +49,29 @@ def repa(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     )
 
 
+IMPORT_PROBE = """
+import json, runpy, sys
+sys.argv = ["repa"] + json.loads(sys.argv[1])
+try:
+    runpy.run_module("pipeline", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+def cli_imports(args: list[str], timeout: float = 300) -> tuple[int, list[str], str]:
+    """Run `repa ARGS` in a fresh interpreter: (exit code, every module it imported, stderr)."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", IMPORT_PROBE, json.dumps(args)], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    return report["code"], report["modules"], r.stderr
+
+
 def tar_keys(paths) -> list[str]:
     keys = []
     for p in paths:

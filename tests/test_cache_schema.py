@@ -16,14 +16,15 @@ from cache_schema import (
     CacheReader,
     PartWriter,
     cache_fields,
-    dequantize_int8,
+    dequantize_int8_numpy,
     new_manifest,
-    quantize_int8,
+    quantize_int8_numpy,
     read_manifest,
     start_encode,
     verify_cache,
 )
 from cache_schema.layout import PARTS_DIR, TMP_PREFIX
+from stages.core.codec import dequantize_int8, quantize_int8
 
 C, S, T, D, DT = 4, 8, 16, 12, 10  # latent channels, latent size, dino tokens, dino dim, text dim
 
@@ -135,6 +136,14 @@ def test_int8_codec_is_close_to_fp16():
     assert q.dtype == torch.int8 and s.dtype == torch.float16
     assert cos.min() > 0.999
     assert torch.equal(dequantize_int8(*quantize_int8(torch.zeros(3, 4))), torch.zeros(3, 4))
+
+
+def test_torch_codec_is_bit_identical_to_the_contracts_numpy_reference():
+    x = torch.randn(16, 40, 24) * torch.linspace(0.01, 50.0, 24)
+    q, s = quantize_int8(x)
+    q_ref, s_ref = quantize_int8_numpy(x.numpy())
+    assert np.array_equal(q.numpy(), q_ref) and np.array_equal(s.numpy(), s_ref)
+    assert np.array_equal(dequantize_int8(q, s, torch.float16).numpy(), dequantize_int8_numpy(q_ref, s_ref))
 
 
 def test_uncommitted_parts_are_invisible_and_cleaned_up(tmp_path):

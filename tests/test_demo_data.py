@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.encode.demo_data import CLASS_NAMES, COLOURS, caption_words, make_sample, write_demo_shards
+from stages.demo.data import (
+    CLASS_NAMES,
+    COLOURS,
+    caption_words,
+    make_sample,
+    write_demo_shards,
+)
 
 NUM_SHARDS, PER_SHARD = 2, 12
 

@@ -33,6 +33,6 @@ def test_demo_preset_encode_train_sample(tmp_path, tiny_models):
     prompts = (ROOT / "configs" / "demo-prompts.txt").read_text().splitlines()
     assert [im["prompt"] for im in sidecar["images"]] == prompts[:3]
     assert (tmp_path / "samples" / "grid.png").exists() and len(list((tmp_path / "samples").glob("0*.png"))) == 3
-    r = runner.invoke(app, ["sample", "--decode-latents", str(tmp_path / "run")])
+    r = runner.invoke(app, ["decode-previews", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "previews" / "step-0000004.png").exists()

@@ -18,13 +18,21 @@ import zarr
 
 from cache_schema import CacheError, CacheReader, read_manifest, verify_cache
 from cache_schema.layout import PARTS_DIR
-from stages.encode.preprocess import Prepared, prepare_sample
+from stages.core.encoders.features import dino_preprocess
+from stages.core.encoders.images import Prepared, prepare_sample
+from stages.core.encoders.load import EncoderLoadError
+from stages.core.encoders.tars import SourceError
 from stages.encode.run import run_encode
-from stages.encode.source import SourceError
-from stages.encoders.features import dino_preprocess
-from stages.encoders.load import EncoderLoadError
 
-from .encode_helpers import ROOT, cli_args, env, repa, tar_keys, tiny_config, write_bad_corpus
+from .encode_helpers import (
+    ROOT,
+    cli_args,
+    env,
+    repa,
+    tar_keys,
+    tiny_config,
+    write_bad_corpus,
+)
 
 
 def _pattern(shards) -> str:
@@ -198,7 +206,7 @@ def test_two_processes_produce_the_same_samples_as_one(demo_cache, tiny_models, 
 
 
 def test_kill_9_mid_encode_then_rerun_gives_every_sample_once(tmp_path, tiny_models):
-    from stages.encode.demo_data import write_demo_shards
+    from stages.demo.data import write_demo_shards
 
     shards = write_demo_shards(tmp_path / "data", num_shards=8, samples_per_shard=12, seed=1)
     cfg = tiny_config(tiny_models, str(tmp_path / "data" / "cc12m-train-{0000..0007}.tar"), tmp_path / "c", batch_size=4)

@@ -14,10 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from cache_schema import UsageError
 from pipeline.cli import app
+from stages.core.errors import UsageError
+from stages.core.run_files import EVAL_FILE
 from stages.sample.config import EvaluateConfig
-from stages.sample.evaluate import EVAL_FILE, fid_metric, inception_file, load_inception, run_evaluate
+from stages.sample.evaluate import (
+    fid_metric,
+    inception_file,
+    load_inception,
+    run_evaluate,
+)
 from stages.sample.reference import FeatureStats
 from stages.train.loop import run_train
 
@@ -63,7 +69,7 @@ def tiny_clip(tmp_path_factory) -> Path:
     """A random-init CLIPModel with a CLIPProcessor (32-px images, the tiny word-level tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from stages.encoders.tiny import CLIP_MAX_LENGTH, clip_tokenizer
+    from stages.demo.tiny_encoders import CLIP_MAX_LENGTH, clip_tokenizer
 
     tok = clip_tokenizer()
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

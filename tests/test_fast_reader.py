@@ -11,8 +11,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache_schema import CacheError, CacheReader, PartWriter, cache_fields, new_manifest, quantize_int8, start_encode
+from cache_schema import (
+    CacheError,
+    CacheReader,
+    PartWriter,
+    cache_fields,
+    new_manifest,
+    start_encode,
+)
 from cache_schema.fast_reader import FastReader
+from stages.core.codec import quantize_int8
 
 LATENT_CHANNELS, LATENT_SIZE, DINO_TOKENS, DINO_DIM, TEXT_DIM, MAX_TOKENS = 2, 4, 6, 8, 5, 4
 

@@ -1,4 +1,4 @@
-"""Tests for the SiT diffusion transformer and the REPA loss (stages/train/model.py)."""
+"""Tests for the SiT diffusion transformer (stages/core/sit.py) and the REPA loss (stages/core/objective.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.train.model import (
-    MODEL_PRESETS,
-    ModelConfig,
-    SiT,
-    count_parameters,
-    repa_loss,
-    repa_loss_per_sample,
-)
+from stages.core.objective import LossTerms, repa_loss_per_sample
+from stages.core.sit import MODEL_PRESETS, ModelConfig, SiT, count_parameters
 
 BATCH = 3
 TEXT_LEN = 5
+
+
+def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The REPA part of the training loss (lambda 1, denoising part zero), as the loop computes it."""
+    per_sample = repa_loss_per_sample(projected, target)
+    return LossTerms(torch.zeros_like(per_sample), per_sample).total(1.0)
 TEXT_DIM = 12
 
 

@@ -8,8 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline import cli
-from pipeline.config import ConfigError, load_preset
+from pipeline.config import ConfigError, build, load_preset
+from pipeline.sweep import expand_grid, load_sweep
 from stages.encode.config import EncodeConfig
+from stages.sample.config import SampleConfig
 from stages.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,10 +22,16 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 def test_shipped_presets_build_valid_configs(preset):
     enc = load_preset(preset, "encode")
     if enc:
-        EncodeConfig(**{"source": "x.tar", **enc}).validate()
+        build(EncodeConfig, {"source": "x.tar", **enc})
     train = load_preset(preset, "train")
-    if train:
-        TrainConfig(**train).validate()
+    if load_preset(preset, "sweep"):  # a sweep file: every grid point must be a valid run
+        for run in expand_grid(load_sweep(preset)):
+            build(TrainConfig, run.train)
+    elif train:
+        build(TrainConfig, train)
+    sample = load_preset(preset, "sample")
+    if sample:
+        build(SampleConfig, sample)
 
 
 def test_command_line_overrides_the_preset_which_overrides_defaults(tmp_path, monkeypatch):

@@ -9,8 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.encode.preprocess import Prepared, Skipped, center_crop_adm, decode_image, prepare_sample, to_rgb
-from stages.encoders.features import IMAGENET_MEAN, IMAGENET_STD, dino_preprocess
+from stages.core.encoders.features import IMAGENET_MEAN, IMAGENET_STD, dino_preprocess
+from stages.core.encoders.images import (
+    Prepared,
+    Skipped,
+    center_crop_adm,
+    decode_image,
+    prepare_sample,
+    to_rgb,
+)
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

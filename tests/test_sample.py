@@ -12,10 +12,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cache_schema import UsageError
 from pipeline.cli import app
+from stages.core.errors import UsageError
 from stages.sample.config import SampleConfig
-from stages.sample.run import ClassConditions, ImageSampler, load_run, process_indices, run_sample
+from stages.sample.run import (
+    ClassConditions,
+    ImageSampler,
+    load_run,
+    process_indices,
+    run_sample,
+)
 from stages.train.loop import run_train
 
 from .test_train import tiny_train
@@ -56,7 +62,7 @@ def cli(*args: str):
 def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square on the left\n")
-    result = run_sample(sample_cfg(text_run, tmp_path / "out", prompts=prompts, num_samples=5, batch_size=2, cfg=2.0))
+    result = run_sample(sample_cfg(text_run, tmp_path / "out", prompts=prompts, num_samples=5, batch_size=2, guidance_scale=2.0))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "samples.json"]
     assert all(Image.open(p).size == (RESOLUTION, RESOLUTION) for p in result.images)
     assert Image.open(result.grid).size[0] > 2 * RESOLUTION  # 3 columns for 5 images
@@ -106,16 +112,16 @@ def test_guidance_applies_only_inside_its_interval(class_run):
         opts = sample_cfg(class_run, None, steps=4, **kw)
         return ImageSampler(run, opts, conditions, torch.device("cpu")).latents([0, 1])
 
-    plain = latents(cfg=1.0)
+    plain = latents(guidance_scale=1.0)
     # Euler with 4 steps evaluates t = 1, 0.75, 0.5, 0.25: none lies in [0.6, 0.7]
-    assert torch.equal(latents(cfg=4.0, guidance_low=0.6, guidance_high=0.7), plain)
-    assert not torch.allclose(latents(cfg=4.0), plain, atol=1e-4)
-    assert not torch.allclose(latents(cfg=4.0, guidance_low=0.0, guidance_high=0.3), latents(cfg=4.0), atol=1e-4)
+    assert torch.equal(latents(guidance_scale=4.0, guidance_low=0.6, guidance_high=0.7), plain)
+    assert not torch.allclose(latents(guidance_scale=4.0), plain, atol=1e-4)
+    assert not torch.allclose(latents(guidance_scale=4.0, guidance_low=0.0, guidance_high=0.3), latents(guidance_scale=4.0), atol=1e-4)
 
 
 # -- previews -----------------------------------------------------------------------------------------
-def test_decode_latents_writes_one_grid_per_preview_step(text_run):
-    code, _ = cli("sample", "--decode-latents", str(text_run))
+def test_decode_previews_writes_one_grid_per_preview_step(text_run):
+    code, _ = cli("decode-previews", str(text_run))
     assert code == 0
     previews = text_run / "previews"
     assert sorted(p.name for p in previews.glob("*.png")) == ["step-0000002.png", "step-0000004.png"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from stages.sample.samplers import (
+from stages.core.samplers import (
     Conditioning,
     concat_conditioning,
     euler_maruyama_sde,

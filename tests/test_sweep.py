@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ConfigError
-from pipeline.sweep import MANAGED_KEYS, RUN_CONFIG, RUN_LOG, expand_grid, load_sweep, resolve_gpus, to_toml
+from pipeline.sweep import (
+    MANAGED_KEYS,
+    RUN_CONFIG,
+    RUN_LOG,
+    expand_grid,
+    load_sweep,
+    resolve_gpus,
+    to_toml,
+)
 from stages.train.metrics import read_metrics
 
 from .test_train import tiny_train

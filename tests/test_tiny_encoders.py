@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-from stages.encode.demo_data import make_sample
-from stages.encoders.tiny import write_tiny_encoders
+from stages.demo.data import make_sample
+from stages.demo.tiny_encoders import write_tiny_encoders
 
 CAPTIONS = [make_sample(0, 0, i)[1] for i in range(8)]
 

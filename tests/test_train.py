@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,15 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_schema import UsageError
-from stages.train.checkpoint import latest_checkpoint, list_checkpoints
+from stages.core.checkpoint import latest_checkpoint, list_checkpoints
+from stages.core.conditioning import Conditioner
+from stages.core.errors import UsageError
+from stages.core.objective import (
+    bin_by_t,
+    denoise_loss_per_sample,
+    interpolate,
+    sample_latents,
+    sample_t,
+)
+from stages.core.sit import ModelConfig, SiT
 from stages.train.config import TrainConfig
-from stages.train.loop import Conditioner, run_train, step_generator
+from stages.train.loop import run_train, step_generator
 from stages.train.metrics import read_metrics
-from stages.train.model import ModelConfig, SiT
-from stages.train.objective import bin_by_t, denoise_loss_per_sample, interpolate, sample_latents, sample_t
 
-from .encode_helpers import ROOT, env
+from .encode_helpers import ROOT, cli_imports, env
 
 
 def tiny_train(cache: Path, run_dir: Path, **kw) -> TrainConfig:
@@ -114,14 +120,14 @@ def test_short_run_learns_and_writes_metrics_curves_and_checkpoints(train_cache,
     assert len(vals[-1]["denoise_bins"]) == 10 and "repa_cos" in vals[-1] and vals[-1]["repa_cos"] > 0.2
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000040.pt"]  # keep 1
-    ckpt = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=False)
-    assert ckpt["step"] == 40 and ckpt["cond"] == "text" and set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "rng", "data_position"}
+    ckpt = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["cond"] == "text" and set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "rng", "config", "model_config"}
     assert result.steps == 40 and result.final_val["denoise"] == vals[-1]["denoise"]
 
 
 def test_class_conditioning_and_no_repa(train_cache, tmp_path):
     run_train(tiny_train(train_cache, tmp_path / "cls", cond="class", repa_lambda=0.0, steps=3, val_every=3))
-    ckpt = torch.load(latest_checkpoint(tmp_path / "cls"), weights_only=False)
+    ckpt = torch.load(latest_checkpoint(tmp_path / "cls"), weights_only=True)
     assert ckpt["model_config"]["cond"] == "class" and ckpt["model_config"]["num_classes"] == 40
     assert not any(k.startswith("projector") for k in ckpt["model"])
 
@@ -129,9 +135,10 @@ def test_class_conditioning_and_no_repa(train_cache, tmp_path):
 def test_validation_is_the_same_problem_for_every_run(train_cache, tmp_path):
     """Same cache, different seeds and batch sizes: scored on identical (sample, t, noise) triples,
     so identical weights give identical validation numbers."""
-    from stages.train.data import CacheBatchDataset, split_ids
-    from stages.train.validation import Validator
     from cache_schema import read_manifest
+    from stages.core.split import split_ids
+    from stages.train.data import CacheBatchDataset
+    from stages.train.validation import Validator
 
     ds = CacheBatchDataset(train_cache, need_text=True)
     _, val = split_ids(ds.reader.keys, 0.1)
@@ -171,8 +178,8 @@ def test_kill_9_and_resume_is_bit_identical_to_an_uninterrupted_run(train_cache,
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "step-0000030.pt", weights_only=False)
-    b = torch.load(tmp_path / "killed" / "checkpoints" / "step-0000030.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "step-0000030.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "step-0000030.pt", weights_only=True)
     for part in ("model", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
@@ -183,23 +190,6 @@ def test_kill_9_and_resume_is_bit_identical_to_an_uninterrupted_run(train_cache,
 
 
 # -- isolation from the encoders ------------------------------------------------------------------
-NO_ENCODER_PROBE = """
-import json, runpy, sys
-sys.argv = ["repa"] + json.loads(sys.argv[1])
-try:
-    runpy.run_module("pipeline", run_name="__main__")
-except SystemExit as e:
-    code = e.code
-else:
-    code = 0
-# The CLI defines every command's options, so it imports the (dependency-free) encode config.
-allowed = {"stages.encode", "stages.encode.config"}
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers")
-             or (m.startswith("stages.encode") and m not in allowed))
-print(json.dumps({"code": code, "encoder_modules": bad}))
-"""
-
-
 def test_training_never_imports_an_encoder(tmp_path, tiny_models, labelled_shards):
     import shutil
 
@@ -213,11 +203,13 @@ def test_training_never_imports_an_encoder(tmp_path, tiny_models, labelled_shard
                             dino=str(models / "dino"), batch_size=16, num_workers=0))
     shutil.rmtree(models)  # training must not need them
     args = ["train", *train_cli_args(tiny_train(tmp_path / "cache", tmp_path / "run", steps=2, val_every=2))]
-    r = subprocess.run([sys.executable, "-c", NO_ENCODER_PROBE, json.dumps(args)], env=env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert report["code"] == 0, r.stderr[-2000:]
-    assert report["encoder_modules"] == []
+    code, modules, stderr = cli_imports(args)
+    assert code == 0, stderr[-2000:]
+    # The CLI declares every command's options, so it imports the (dependency-free) stage configs.
+    configs = {"stages.encode", "stages.encode.config", "stages.sample", "stages.sample.config"}
+    encoder_code = [m for m in modules if m.split(".")[0] in ("diffusers", "transformers") or (
+        m.startswith(("stages.core.encoders", "stages.encode", "stages.demo", "stages.sample")) and m not in configs)]
+    assert encoder_code == []
 
 
 def test_two_runs_read_one_cache_at_the_same_time(train_cache, tmp_path):

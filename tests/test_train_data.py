@@ -1,4 +1,4 @@
-"""The training data path: validation split, resumable epoch sampler, batch dataset, loader, to_device."""
+"""The training data path: validation split, resumable epoch sampler, batch dataset, loader, device transfer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from cache_schema.fast_reader import FastReader
-from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader, split_ids, to_device
+from stages.core.codec import features_to_device as to_device
+from stages.core.split import split_ids
+from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 from tests.test_fast_reader import DINO_DIM, DINO_TOKENS, TEXT_DIM, write_cache
 
 
@@ -158,4 +160,27 @@ def test_loader_workers_serve_the_sampler_order_and_kept_batches_stay_intact(int
 
     loader = make_loader(dataset, sampler, num_workers=2)
     assert all(same(g, e) for g, e in zip(loader, expected))  # each batch dropped before the next
+    assert loader.unrecycled_batches == 0
+
+
+def test_a_view_kept_from_a_batch_keeps_its_slot_from_being_refilled(int8_cache):
+    root, _ = int8_cache
+    dataset = CacheBatchDataset(root, need_text=True)
+    sampler = EpochBatchSampler(np.arange(len(dataset)), 3, seed=2)
+    expected = [dataset.__getitems__(ids)["moments"][1:] for ids in take(sampler, 12)]
+    views = [batch["moments"][1:] for batch in itertools.islice(make_loader(dataset, sampler, num_workers=1), 12)]
+    assert all(torch.equal(v, e) for v, e in zip(views, expected, strict=True))
+
+
+def test_the_copy_out_fallback_serves_the_same_batches_and_frees_every_slot(int8_cache):
+    from stages.train.data import storage_lifetime_is_observable
+
+    assert storage_lifetime_is_observable()  # this torch: the fast path is the default
+    root, _ = int8_cache
+    dataset = CacheBatchDataset(root, need_text=True)
+    sampler = EpochBatchSampler(np.arange(len(dataset)), 3, seed=3)
+    expected = [dataset.__getitems__(ids) for ids in take(sampler, 16)]
+    loader = make_loader(dataset, sampler, num_workers=2, copy_out=True)
+    kept = list(itertools.islice(loader, 16))  # all kept, yet no worker ever runs out of slots
+    assert all(torch.equal(g[k], e[k]) for g, e in zip(kept, expected, strict=True) for k in e)
     assert loader.unrecycled_batches == 0

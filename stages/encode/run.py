@@ -19,16 +19,38 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, part_name, read_manifest, start_encode
+from cache_schema import (
+    CacheError,
+    cache_fields,
+    field_from_json,
+    new_manifest,
+    part_name,
+    read_manifest,
+    start_encode,
+)
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
+from stages.core.encoders.features import (
+    DINO_PREPROCESS_DESCRIPTION,
+    EncoderSpec,
+    FeatureEncoders,
+)
+from stages.core.encoders.images import IMAGE_EXTENSIONS, crop_name
+from stages.core.encoders.load import (
+    ModelSource,
+    dino_geometry,
+    hf_config,
+    text_geometry,
+    torch_dtype,
+    vae_config,
+    vae_geometry,
+)
+from stages.core.encoders.tars import expand_source, is_remote
+from stages.core.options import check
 
-from ..encoders.features import DINO_PREPROCESS_DESCRIPTION, EncoderSpec, FeatureEncoders
-from ..encoders.load import ModelSource, dino_geometry, hf_config, text_geometry, torch_dtype, vae_config, vae_geometry
 from .config import EncodeConfig
 from .part_sink import PartSink, SinkStats
-from .preprocess import IMAGE_EXTENSIONS, crop_name
-from .source import ShardStream, expand_source
+from .source import ShardStream
 
 
 @dataclass
@@ -109,7 +131,7 @@ def _check_cache_dir(cache: Path) -> None:
 
 def samples_per_shard(url: str) -> int | None:
     """Samples in one local tar, counted from its headers (no image is read)."""
-    if "://" in url or url.startswith("pipe:"):
+    if is_remote(url):
         return None
     try:
         with tarfile.open(url) as tf:
@@ -171,7 +193,7 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    cfg.validate()
+    check(cfg)
     cfg.cache = Path(cfg.cache)
     urls = expand_source(cfg.source)
     if cfg.dry_run:

@@ -1,71 +1,20 @@
-"""Input shards: expanding the --source pattern and streaming decoded batches out of DataLoader workers.
+"""Decoded batches out of DataLoader workers, from the input shards of this process.
 
 Each worker owns whole input shards (``shards[worker::num_workers]``) and yields fixed-size
 batches of cropped images. A batch also carries the skips found while filling it and the list of
 input shards that ended before it was yielded, so the consumer can commit a part as soon as all
-of its rows have arrived. Tar parsing is webdataset's (``tar_file_expander`` + ``group_by_keys``);
-a truncated tar keeps every sample before the break and reports the break.
+of its rows have arrived. A truncated tar keeps every sample before the break and reports the break.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import re
-import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 
-from cache_schema import UsageError
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext
-
-from .preprocess import Prepared, Skipped, prepare_sample
-
-
-_META = r"__[^/]*__($|/)"  # webdataset's pattern for meta entries, which carry no sample
-
-
-class SourceError(UsageError):
-    """The --source pattern cannot be used; the message says why and how to fix it."""
-
-
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
-def expand_source(pattern: str) -> list[str]:
-    """Brace- and glob-expand a source pattern into shard URLs, in a stable order.
-
-    Local files must exist; ``pipe:`` and other URLs are passed to webdataset's gopen as they are.
-    """
-    urls: list[str] = []
-    for piece in pattern.split("::"):
-        for url in braceexpand(piece.strip()):
-            if _is_remote(url):
-                urls.append(url)
-            elif any(c in url for c in "*?["):
-                urls.extend(sorted(glob.glob(url)))
-            else:
-                urls.append(url)
-    if not urls:
-        raise SourceError(f"--source {pattern!r} matches no input shards; check the path or brace pattern")
-    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
-    if len(missing) == len(urls):
-        raise SourceError(f"--source {pattern!r} matches no existing file (first: {missing[0]}); check the path")
-    if missing:
-        raise SourceError(
-            f"--source {pattern!r}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
-            "fix the pattern so it lists only shards you have"
-        )
-    dupes = len(urls) - len(set(urls))
-    if dupes:
-        raise SourceError(f"--source {pattern!r} lists {dupes} shard(s) twice; each input shard may appear once")
-    return urls
+from stages.core.encoders.images import Prepared, Skipped, prepare_sample
+from stages.core.encoders.tars import iter_tar
 
 
 @dataclass
@@ -98,36 +47,6 @@ class Batch:
         GPU asynchronously, so the next batch's upload overlaps the current batch's encoding."""
         self.images = torch.from_numpy(self.images).pin_memory()
         return self
-
-
-def iter_tar(url: str) -> Iterator[dict]:
-    """Samples of one tar shard as webdataset dicts (``__key__`` plus one bytes entry per extension).
-
-    Like webdataset's ``tar_file_expander`` + ``group_by_keys``, except at a break: when the
-    stream fails inside a file of the *next* sample, the sample before it is known complete and
-    is yielded before the error propagates (webdataset drops it).
-    """
-    current: dict | None = None
-    with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
-        for info in tf:
-            if not info.isreg():
-                continue
-            prefix, suffix = base_plus_ext(info.name)
-            if prefix is None or re.match(_META, info.name):
-                continue
-            if current is not None and prefix != current["__key__"]:
-                yield current
-                current = None
-            data = tf.extractfile(info).read()
-            if current is None:
-                current = {"__key__": prefix, "__url__": url}
-            suffix = suffix.lower()
-            if suffix in current:
-                current.setdefault("__duplicate__", suffix)
-            current[suffix] = data
-            tf.members = []  # do not accumulate member headers over a whole shard
-        if current is not None:
-            yield current
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -1,4 +1,4 @@
-"""Every knob of `repa sample` and `repa evaluate`, with its default and what it does.
+"""Every option of `repa sample` and `repa evaluate`: default, help text and checks, declared once.
 
 Both commands share :class:`SamplingOptions` (which run, which weights, which sampler and guidance);
 :class:`SampleConfig` adds where images go and what they are conditioned on, :class:`EvaluateConfig`
@@ -8,76 +8,64 @@ option: it comes from the checkpoint and the cache manifest it trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema import UsageError
+from stages.core.errors import UsageError
+from stages.core.options import option
 
-from .samplers import DEFAULT_STEPS, SAMPLERS
-
+SAMPLER_NAMES = ("euler", "heun", "sde")
 GRID_MAX_IMAGES = 64  # the grid shows the first images only; a 50k-image grid helps nobody
 
 
 @dataclass
 class SamplingOptions:
-    run_dir: Path = Path("runs/demo")  # run directory written by `repa train`
-    checkpoint: Path | None = None  # checkpoint file; None: the newest in run_dir/checkpoints
-    cache: Path | None = None  # cache whose manifest names the VAE/text encoder; None: the one the run trained on
-    ema: bool = True  # sample with the EMA weights (False: the raw weights)
-    sampler: str = "euler"  # euler or heun (probability-flow ODE), sde (Euler-Maruyama, as REPA's paper numbers)
-    steps: int | None = None  # sampling steps; None: 50 for euler/heun, 250 for sde
-    seed: int = 0  # image i starts from noise seeded with (seed, i)
-    cfg: float = 1.0  # classifier-free guidance scale (1: no guidance)
-    guidance_low: float = 0.0  # guidance applies only for t in [guidance_low, guidance_high] (t = 1 is noise)
-    guidance_high: float = 1.0  # REPA's best ImageNet numbers use cfg 1.8 with guidance_high 0.7
-    batch_size: int = 64  # images per sampling batch on each process
-    num_samples: int = 16  # images to generate
-
-    @property
-    def num_steps(self) -> int:
-        return DEFAULT_STEPS[self.sampler] if self.steps is None else self.steps
+    run_dir: Path = option(Path("runs/demo"), "Run directory written by `repa train`.", metavar="DIR")
+    checkpoint: Path | None = option(
+        None, "Checkpoint file.", metavar="FILE", default_text="the newest in RUN_DIR/checkpoints",
+    )
+    cache: Path | None = option(
+        None, "Cache whose manifest names the VAE and text encoder.", metavar="DIR",
+        default_text="the one the run trained on",
+    )
+    ema: bool = option(True, "Use the EMA weights (--no-ema: the raw weights).")
+    sampler: str = option(
+        "euler", "euler or heun (ODE), sde (Euler-Maruyama, as REPA's paper numbers).", choices=SAMPLER_NAMES,
+    )
+    steps: int | None = option(None, "Sampling steps.", default_text="50 for euler/heun, 250 for sde", gt=0)
+    seed: int = option(0, "Image i starts from noise seeded with (seed, i).", ge=0)
+    guidance_scale: float = option(
+        1.0, "Classifier-free guidance scale (1: none).", flags=("--guidance-scale", "--cfg"), ge=0,
+    )
+    guidance_low: float = option(0.0, "Guidance only for t >= this (t = 1 is noise, 0 is data).")
+    guidance_high: float = option(1.0, "Guidance only for t <= this (REPA: scale 1.8 with 0.7).")
+    batch_size: int = option(64, "Images per sampling batch on each process.", gt=0)
+    num_samples: int = option(16, "Images to generate (prompts or classes are cycled).", gt=0)
 
     @property
     def interval(self) -> list[float]:
         return [self.guidance_low, self.guidance_high]
 
-    def validate(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise UsageError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if self.steps is not None and self.steps <= 0:
-            raise UsageError(f"--steps {self.steps}: must be a positive number of sampling steps")
+    def check(self) -> None:
         if self.guidance_high < self.guidance_low:
             raise UsageError(
                 f"--guidance-high {self.guidance_high} is below --guidance-low {self.guidance_low}; "
                 "guidance applies for guidance-low <= t <= guidance-high"
             )
-        if self.cfg < 0:
-            raise UsageError(f"--cfg {self.cfg}: must be >= 0 (1 disables guidance)")
-        if self.seed < 0:
-            raise UsageError(f"--seed {self.seed}: must be >= 0")
-        if self.batch_size <= 0:
-            raise UsageError(f"--batch-size {self.batch_size}: must be positive")
-        if self.num_samples <= 0:
-            raise UsageError(f"--num-samples {self.num_samples}: must be positive")
-
-    def record(self) -> dict:
-        """How the images were made, as written next to them and into eval.jsonl."""
-        return {"sampler": self.sampler, "steps": self.num_steps, "cfg": self.cfg, "interval": self.interval}
 
 
 @dataclass
 class SampleConfig(SamplingOptions):
-    out: Path | None = None  # output folder; None: RUN_DIR/samples/step-XXXXXXX
-    prompts: Path | None = None  # text runs: a file with one prompt per line
-    prompt: list[str] = field(default_factory=list)  # text runs: prompts given on the command line
-    classes: str | None = None  # class runs: comma-separated ids, or "random" (the default for class runs)
-    overwrite: bool = False  # replace images, grid and sidecar written earlier in `out`
-    decode_latents: Path | None = None  # instead of sampling: decode RUN_DIR/previews/step-*.pt into PNG grids
+    out: Path | None = option(None, "Output folder.", metavar="DIR", default_text="RUN_DIR/samples/step-XXXXXXX")
+    prompts: Path | None = option(None, "Text runs: a file with one prompt per line.", metavar="FILE")
+    prompt: list[str] = option([], "Text runs: a prompt (repeat for several).", metavar="TEXT")
+    classes: str | None = option(
+        None, "Class runs: comma-separated ids (1,2,3) or random.", default_text="random",
+    )
+    overwrite: bool = option(False, "Replace images, grid and sidecar written earlier.", flags=("--overwrite",))
 
-    def validate(self) -> None:
-        if self.decode_latents is not None:
-            return  # decoding previews uses none of the sampling options
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if self.prompts is not None and self.prompt:
             raise UsageError("give --prompts FILE or --prompt TEXT, not both")
         if (self.prompts is not None or self.prompt) and self.classes is not None:
@@ -86,16 +74,27 @@ class SampleConfig(SamplingOptions):
 
 @dataclass
 class EvaluateConfig(SamplingOptions):
-    num_samples: int = 10_000  # generated images (50 000 for numbers comparable with papers)
-    inception_weights: Path | None = None  # NVIDIA's inception-2015-12-05.pt; None: download into the torch hub cache
-    reference: Path | None = None  # .npz with mu and sigma (and n); None: computed from the held-out source images
-    make_reference: Path | None = None  # only write the held-out split's statistics to this .npz, then stop
-    clip_model: str | None = None  # CLIP model (Hub id or folder) for a CLIP score on captioned data; None: off
-    overwrite: bool = False  # replace an existing --make-reference file
+    num_samples: int = option(
+        10_000, "Generated images (50000 for numbers comparable with papers).", ge=2,
+    )
+    inception_weights: Path | None = option(
+        None, "NVIDIA's inception-2015-12-05.pt for offline use.", metavar="FILE",
+        default_text="downloaded into the torch hub cache",
+    )
+    reference: Path | None = option(
+        None, "Reference statistics (.npz with mu, sigma).", metavar="FILE",
+        default_text="computed from the held-out source images",
+    )
+    make_reference: Path | None = option(
+        None, "Only write the held-out split's reference statistics to this .npz.", metavar="FILE",
+    )
+    clip_model: str | None = option(
+        None, "Also report a CLIP score with this model (e.g. openai/clip-vit-large-patch14); text runs.",
+        metavar="ID|DIR",
+    )
+    overwrite: bool = option(False, "Replace an existing --make-reference file.", flags=("--overwrite",))
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
+        super().check()
         if self.make_reference is not None and self.reference is not None:
             raise UsageError("--make-reference writes reference statistics and --reference reads them; give one")
-        if self.num_samples < 2:
-            raise UsageError(f"--num-samples {self.num_samples}: FID needs at least 2 images")

@@ -1,4 +1,4 @@
-"""From latents to pictures: the cache's VAE, PNG and grid writing, and `repa sample --decode-latents`.
+"""From latents to pictures: the cache's VAE, PNG and grid writing, and `repa decode-previews`.
 
 Latents are in the model's normalised space; the VAE sees ``latents / scaling_factor + shift_factor``
 (the inverse of what training applied) and returns [-1, 1], mapped to uint8 as ADM and EDM do
@@ -7,7 +7,6 @@ Latents are in the model's normalised space; the VAE sees ``latents / scaling_fa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -19,8 +18,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cache_schema import Manifest, UsageError, read_manifest
+from cache_schema import CacheError, Manifest, read_manifest
 from cache_schema.fsutil import atomic_write_json
+from stages.core.errors import UsageError
+from stages.core.run_files import PREVIEW_DIR, read_run_config
 
 IMAGE_NAME = "{:06d}.png"
 PREVIEW_NAME = re.compile(r"^step-(\d{7,})\.pt$")
@@ -35,7 +36,7 @@ def resolve_cache(recorded: str, override: Path | None, fingerprint: str | None)
     cache = Path(override) if override is not None else Path(recorded)
     try:
         manifest = read_manifest(cache)
-    except UsageError as e:
+    except CacheError as e:
         hint = "" if override is not None else "; pass --cache DIR if the cache has moved"
         raise UsageError(f"{e}{hint}") from None
     if fingerprint and manifest.fingerprint != fingerprint:
@@ -50,7 +51,7 @@ class LatentDecoder:
     """The VAE named by a cache manifest, turning normalised latents into uint8 (B, 3, H, W) images."""
 
     def __init__(self, manifest: Manifest, device: torch.device):
-        from ..encoders.load import ModelSource, load_vae
+        from stages.core.encoders.load import ModelSource, load_vae
 
         source = manifest.encoders.get("vae")
         if not source:
@@ -107,33 +108,30 @@ def write_grid(files: Sequence[Path], out: Path) -> None:
 
 
 #################################################################################
-#                        `repa sample --decode-latents`                         #
+#                            `repa decode-previews`                             #
 #################################################################################
 
 
 def preview_files(run_dir: Path) -> list[Path]:
-    folder = Path(run_dir) / "previews"
+    folder = Path(run_dir) / PREVIEW_DIR
     found = sorted((int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := PREVIEW_NAME.match(p.name)))
     if not found:
         raise UsageError(f"{folder}: no preview latents (step-*.pt); train with --preview-every N to save them")
     return [p for _, p in found]
 
 
-def run_info(run_dir: Path) -> dict:
-    """A run's config.json, written when training starts: its TrainConfig, model config and cache fingerprint."""
-    path = Path(run_dir) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: missing; is {run_dir} a run directory written by `repa train`?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: unreadable ({e})") from None
-
-
 def run_cache(run_dir: Path, override: Path | None) -> tuple[Path, Manifest]:
     """The cache a run trained on (or ``override``), from its config.json: no checkpoint is loaded."""
-    info = run_info(run_dir)
+    info = read_run_config(run_dir)
     return resolve_cache(info["config"]["cache"], override, info.get("cache_fingerprint"))
+
+
+def load_preview(path: Path) -> dict:
+    """A preview file's contents, loaded without running any code stored in it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path}: not a loadable preview file ({type(e).__name__}); delete it or retrain") from None
 
 
 def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = False, device: torch.device | None = None,
@@ -151,7 +149,7 @@ def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = 
     decoder = LatentDecoder(manifest, device)
     written = []
     for path in todo:
-        preview = torch.load(path, map_location="cpu", weights_only=False)
+        preview = load_preview(path)
         images = decoder(preview["latents"]).permute(0, 2, 3, 1).cpu().numpy()
         png = path.with_suffix(".png")
         grid_image(list(images)).save(png)

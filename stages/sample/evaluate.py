@@ -23,28 +23,41 @@ evaluator on saved samples (`repa sample`) for tables next to the paper's.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 from tqdm import tqdm
 
-from cache_schema import UsageError
+from cache_schema import FastReader
+from stages.core.codec import features_to_device
+from stages.core.conditioning import Conditioner
+from stages.core.errors import UsageError
+from stages.core.options import check
+from stages.core.run_files import EVAL_FILE, append_jsonl, read_run_config
 
 from .config import EvaluateConfig
-from .decode import check_outputs, resolve_cache, run_info
+from .decode import check_outputs, resolve_cache
 from .reference import FeatureStats, HeldOut, held_out, image_batches, source_images
-from .run import ClassConditions, Conditions, ImageSampler, LoadedRun, PromptConditions, chunks, load_run, process_indices
+from .run import (
+    ClassConditions,
+    Conditions,
+    ImageSampler,
+    LoadedRun,
+    PromptConditions,
+    chunks,
+    load_run,
+    process_indices,
+    sampling_record,
+)
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-EVAL_FILE = "eval.jsonl"
 IS_SPLITS = 10
 
 #################################################################################
@@ -139,7 +152,7 @@ class ClipScore(Metric):
         super().__init__()
         from transformers import CLIPModel, CLIPProcessor
 
-        from ..encoders.load import EncoderLoadError
+        from stages.core.encoders.load import EncoderLoadError
 
         try:
             self.model = CLIPModel.from_pretrained(source).to(device).eval().requires_grad_(False)
@@ -179,17 +192,19 @@ class CachedCaptions(PromptConditions):
     """Held-out captions with the caption features the cache stores for them: what training read."""
 
     def __init__(self, held: HeldOut, cache: Path, run: LoadedRun, device: torch.device):
-        from ..train.data import CacheBatchDataset, to_device
-        from ..train.loop import Conditioner
-
         super().__init__(held.captions, run.model, encoder=None)
-        self.ids, self.device, self.to_device = held.ids, device, to_device
-        self.dataset = CacheBatchDataset(cache, need_dino=False, need_text=True, need_label=False)
+        self.ids, self.device = held.ids, device
+        self.reader = FastReader(cache)
         self.conditioner = Conditioner("text", run.model, 0.0)
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
-        ids = [int(self.ids[i % len(self.ids)]) for i in indices]
-        return self.conditioner(self.to_device(self.dataset.__getitems__(ids), self.device))
+        ids = np.array([int(self.ids[i % len(self.ids)]) for i in indices], dtype=np.int64)
+        tokens, scales, lengths = self.reader.read_text(ids, padded=True)
+        batch = {"text": torch.from_numpy(tokens),
+                 "text_mask": torch.from_numpy(np.arange(tokens.shape[1]) < lengths[:, None])}
+        if scales is not None:
+            batch["text_scale"] = torch.from_numpy(scales)
+        return self.conditioner(features_to_device(batch, self.device))
 
 
 def held_out_conditions(run: LoadedRun, held: HeldOut, device: torch.device) -> Conditions:
@@ -205,20 +220,11 @@ def held_out_conditions(run: LoadedRun, held: HeldOut, device: torch.device) -> 
 #################################################################################
 
 
-def append_eval(run_dir: Path, record: dict) -> Path:
-    path = Path(run_dir) / EVAL_FILE
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return path
-
-
 def make_reference(cfg: EvaluateConfig, state, log=print) -> Path:
     """``--make-reference``: statistics of the run's held-out source images, written to an .npz."""
     out = Path(cfg.make_reference)
     check_outputs([out], cfg.overwrite)
-    info = run_info(cfg.run_dir)
+    info = read_run_config(cfg.run_dir)
     cache, manifest = resolve_cache(info["config"]["cache"], cfg.cache, info.get("cache_fingerprint"))
     held = held_out(cache, info["config"]["val_fraction"])
     with state.main_process_first():
@@ -236,7 +242,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     from accelerate import PartialState
     from torchmetrics.image.inception import InceptionScore
 
-    cfg.validate()
+    check(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
     if cfg.make_reference is not None:
         return make_reference(cfg, state, log)
@@ -276,7 +282,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     torch.manual_seed(cfg.seed)  # InceptionScore shuffles its splits with the global generator
     is_mean, is_std = inception_score.compute()
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run.record(), "n": cfg.num_samples, **cfg.record(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run.record(), "n": cfg.num_samples, **sampling_record(cfg),
         "seed": cfg.seed, "fid": float(fid.compute()), "is_mean": float(is_mean), "is_std": float(is_std),
         "reference": reference_name, "reference_n": reference.n,
     }
@@ -284,7 +290,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
         record["clip_score"] = float(clip.compute())
         record["clip_model"] = cfg.clip_model
     if main:
-        path = append_eval(cfg.run_dir, record)
+        path = append_jsonl(Path(cfg.run_dir) / EVAL_FILE, record, durable=True)
         log(f"FID {record['fid']:.3f}, IS {record['is_mean']:.2f} ± {record['is_std']:.2f}"
             + (f", CLIP score {record['clip_score']:.2f}" if clip is not None else "") + f" -> {path}")
     return record

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cache_schema import CacheReader, Manifest, UsageError
-
-from ..train.data import split_ids
+from cache_schema import CacheReader, Manifest
+from stages.core.encoders.images import Skipped, crop_name, prepare_sample
+from stages.core.encoders.tars import is_remote, iter_tar
+from stages.core.errors import UsageError
+from stages.core.split import split_ids
 
 #################################################################################
 #                               The held-out split                              #
@@ -70,8 +72,7 @@ def held_out(cache: Path, val_fraction: float) -> HeldOut:
 
 
 def _check_local(url: str, cache: Path) -> None:
-    remote = url.startswith("pipe:") or "://" in url  # handed to webdataset's gopen as at encode time
-    if not remote and not Path(url).is_file():
+    if not is_remote(url) and not Path(url).is_file():
         raise UsageError(
             f"{url}: source shard of cache {cache} not found (shard paths are as given to `repa encode`); "
             "run from the directory encode ran in, or pass --reference FILE.npz"
@@ -80,9 +81,6 @@ def _check_local(url: str, cache: Path) -> None:
 
 def source_images(held: HeldOut, urls: list[str], manifest: Manifest, cache: Path) -> Iterator[np.ndarray]:
     """The held-out images of the given shards, (res, res, 3) uint8, cropped as the cache was."""
-    from ..encode.preprocess import Skipped, crop_name, prepare_sample
-    from ..encode.source import iter_tar
-
     resolution = int(manifest.settings["resolution"])
     draft = manifest.settings["crop"] == crop_name(True)
     wanted: dict[str, set[str]] = defaultdict(set)

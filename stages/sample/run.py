@@ -22,14 +22,26 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cache_schema import Manifest, UsageError, dequantize_int8, quantize_int8
+from cache_schema import Manifest
 from cache_schema.fsutil import atomic_write_json
+from stages.core.checkpoint import latest_checkpoint, load_checkpoint
+from stages.core.codec import dequantize_int8, quantize_int8
+from stages.core.errors import UsageError
+from stages.core.options import check
+from stages.core.run_files import CKPT_DIR
+from stages.core.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
+from stages.core.seeding import generator
+from stages.core.sit import ModelConfig, SiT
 
-from ..train.checkpoint import latest_checkpoint, load_checkpoint
-from ..train.model import ModelConfig, SiT
 from .config import GRID_MAX_IMAGES, SampleConfig, SamplingOptions
-from .decode import IMAGE_NAME, LatentDecoder, check_outputs, resolve_cache, save_png, write_grid
-from .samplers import STOCHASTIC, guided, sample
+from .decode import (
+    IMAGE_NAME,
+    LatentDecoder,
+    check_outputs,
+    resolve_cache,
+    save_png,
+    write_grid,
+)
 
 SIDECAR = "samples.json"
 GRID = "grid.png"
@@ -72,7 +84,7 @@ def load_run(
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise UsageError(
-                f"--run-dir {run_dir}: no checkpoint in {Path(run_dir) / 'checkpoints'}; "
+                f"--run-dir {run_dir}: no checkpoint in {Path(run_dir) / CKPT_DIR}; "
                 "train longer (one is written every --ckpt-every steps) or pass --checkpoint FILE"
             )
     ckpt = load_checkpoint(checkpoint)
@@ -97,7 +109,7 @@ class TextEncoder:
     """
 
     def __init__(self, manifest: Manifest, device: torch.device):
-        from ..encoders.load import ModelSource, load_text_encoder
+        from stages.core.encoders.load import ModelSource, load_text_encoder
 
         source = manifest.encoders.get("text_encoder")
         if source is None or manifest.text is None:
@@ -110,7 +122,7 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        from ..encoders.features import encode_captions
+        from stages.core.encoders.captions import encode_captions
 
         hidden, mask = encode_captions(self.tokenizer, self.encoder, prompts, self.max_tokens, self.device)
         hidden = hidden.float() * mask[..., None]
@@ -227,13 +239,15 @@ def sample_conditions(cfg: SampleConfig, run: LoadedRun, device: torch.device) -
 #################################################################################
 
 
-def _seed(*values: int) -> int:
-    return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0])
-
-
 def image_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> Tensor:
     """Starting noise (B, *shape): row ``k`` from a CPU generator seeded with (seed, indices[k])."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_seed(seed, i))) for i in indices])
+    return torch.stack([torch.randn(shape, generator=generator(seed, i)) for i in indices])
+
+
+def sampling_record(options: SamplingOptions) -> dict:
+    """How the images were made, as written next to them and into eval.jsonl."""
+    steps = DEFAULT_STEPS[options.sampler] if options.steps is None else options.steps
+    return {"sampler": options.sampler, "steps": steps, "cfg": options.guidance_scale, "interval": options.interval}
 
 
 def process_indices(count: int, rank: int, world: int) -> list[int]:
@@ -249,8 +263,9 @@ class ImageSampler:
     """Latents, then uint8 images, for batches of image indices."""
 
     def __init__(self, run: LoadedRun, options: SamplingOptions, conditions: Conditions, device: torch.device):
-        if run.cond == "none" and options.cfg != 1.0:
-            raise UsageError(f"--cfg {options.cfg}: {run.checkpoint} is unconditional; guidance needs a conditional run")
+        if run.cond == "none" and options.guidance_scale != 1.0:
+            raise UsageError(f"--guidance-scale {options.guidance_scale}: {run.checkpoint} is unconditional; "
+                             "guidance needs a conditional run")
         self.run, self.options, self.conditions, self.device = run, options, conditions, device
         self.decoder = LatentDecoder(run.manifest, device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
@@ -263,12 +278,12 @@ class ImageSampler:
     def latents(self, indices: list[int]) -> Tensor:
         o = self.options
         noise = image_noise(o.seed, indices, self.run.latent_shape).to(self.device)
-        fn = guided(self._velocity, self.conditions.batch(indices), self.conditions.null(), o.cfg,
+        fn = guided(self._velocity, self.conditions.batch(indices), self.conditions.null(), o.guidance_scale,
                     o.guidance_low, o.guidance_high)
-        generator = None
+        generators = None
         if o.sampler in STOCHASTIC:
-            generator = [torch.Generator(device=self.device).manual_seed(_seed(o.seed, i, 1)) for i in indices]
-        return sample(fn, noise, o.sampler, o.num_steps, generator=generator)
+            generators = [generator(o.seed, i, 1, device=self.device) for i in indices]
+        return sample(fn, noise, o.sampler, o.steps, generator=generators)
 
     def images(self, indices: list[int]) -> Tensor:
         """uint8 (B, 3, H, W) on the sampling device."""
@@ -296,7 +311,7 @@ def _clear_previous(out: Path) -> None:
 
 
 def sidecar_entries(cfg: SampleConfig, run: LoadedRun, conditions: Conditions) -> list[dict]:
-    made = {**cfg.record(), **run.record()}
+    made = {**sampling_record(cfg), **run.record()}
     return [{"file": IMAGE_NAME.format(i), "index": i, **conditions.describe(i), "seed": cfg.seed, **made}
             for i in range(cfg.num_samples)]
 
@@ -304,7 +319,7 @@ def sidecar_entries(cfg: SampleConfig, run: LoadedRun, conditions: Conditions) -
 def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     from accelerate import PartialState
 
-    cfg.validate()
+    check(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
     device, main = state.device, state.is_main_process
     run = load_run(cfg.run_dir, cfg.checkpoint, cfg.cache, cfg.ema, device)
@@ -319,7 +334,8 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
         if cfg.overwrite:
             _clear_previous(out)
         log(f"sample: {cfg.num_samples} images from {run.checkpoint} (step {run.step}, {'EMA' if run.ema else 'raw'}), "
-            f"{cfg.sampler} {cfg.num_steps} steps, cfg {cfg.cfg} on t in {cfg.interval}, {state.num_processes} process(es)")
+            f"{cfg.sampler} {sampling_record(cfg)['steps']} steps, guidance scale {cfg.guidance_scale} on t in "
+            f"{cfg.interval}, {state.num_processes} process(es)")
     state.wait_for_everyone()  # the folder exists and holds nothing stale before any process writes
 
     mine = process_indices(cfg.num_samples, state.process_index, state.num_processes)

@@ -1,96 +1,93 @@
-"""Every knob of `repa train`, with its default and what it does (defaults: official REPA ImageNet-256)."""
+"""Every option of `repa train`: its default, its help text and its checks, declared once
+(defaults: official REPA ImageNet-256)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema import UsageError
+from stages.core.errors import UsageError
+from stages.core.model_presets import MODEL_PRESETS
+from stages.core.options import option, to_json
 
-TIME_SAMPLINGS = ("uniform", "logit-normal")
 CONDITIONINGS = ("auto", "class", "text", "none")
+TIME_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "bf16", "fp16", "no")
+TRACKERS = ("tensorboard", "wandb", "none")
 
 
 @dataclass
 class TrainConfig:
-    cache: Path = Path("cache/demo")  # feature cache written by `repa encode` (read-only here)
-    run_dir: Path = Path("runs/demo")  # checkpoints, logs, metrics.jsonl, curves.png
-    # -- model ----------------------------------------------------------------------------------
-    model: str | None = "SiT-XL/2"  # preset (SiT-B/2, SiT-L/2, SiT-XL/2, /4, /8); None: use width/depth below
-    width: int | None = None  # hidden size (128-2048); overrides the preset's
-    depth: int | None = None  # number of blocks; overrides the preset's
-    head_dim: int | None = None  # channels per attention head; overrides the preset's head count
-    patch_size: int | None = None  # latent pixels per token side; overrides the preset's
-    cond: str = "auto"  # auto (text if the cache has caption features, else class if it has labels, else none)
-    num_classes: int | None = None  # class count for cond=class; None: max label in the cache + 1
+    cache: Path = option(Path("cache/demo"), "Feature cache written by `repa encode` (read-only).", metavar="DIR")
+    run_dir: Path = option(
+        Path("runs/demo"), "Run directory: checkpoints, metrics.jsonl, curves.png, tensorboard logs.", metavar="DIR",
+    )
+    # -- model ------------------------------------------------------------------------------------
+    model: str | None = option(
+        "SiT-XL/2", "Preset: SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), or none to use --width/--depth.",
+        choices=tuple(MODEL_PRESETS), none_word=True,
+    )
+    width: int | None = option(None, "Hidden size (128-2048); overrides the preset.", gt=0)
+    depth: int | None = option(None, "Number of blocks; overrides the preset.", gt=0)
+    head_dim: int | None = option(None, "Channels per attention head; overrides the preset's heads.", gt=0)
+    patch_size: int | None = option(None, "Latent pixels per token side; overrides the preset.", gt=0)
+    cond: str = option(
+        "auto", "Conditioning: auto (text if the cache has captions, else class if labelled, else none), "
+        "class, text, none.", choices=CONDITIONINGS,
+    )
+    num_classes: int | None = option(None, "Classes for --cond class.", default_text="max label + 1", gt=0)
     # -- objective --------------------------------------------------------------------------------
-    time_sampling: str = "uniform"  # uniform t, or logit-normal t = sigmoid(n), n ~ N(0, 1)
-    repa_lambda: float = 0.5  # weight of the REPA loss; 0 disables REPA and drops the projector
-    align_layer: int | None = None  # 1-based block whose output is aligned; None: preset's (8 for L/XL, 4 for B)
-    projector_dim: int = 2048  # hidden size of the REPA projector MLP
-    cond_dropout: float = 0.1  # probability of replacing a label/caption by the null one (for CFG)
+    time_sampling: str = option("uniform", "t distribution: uniform or logit-normal.", choices=TIME_SAMPLINGS)
+    repa_lambda: float = option(0.5, "Weight of the REPA loss; 0 disables REPA and the projector.", ge=0)
+    align_layer: int | None = option(
+        None, "1-based block whose output is aligned to DINOv2.", default_text="preset's: 8 for L/XL, 4 for B",
+    )
+    projector_dim: int = option(2048, "Hidden size of the REPA projector MLP.", gt=0)
+    cond_dropout: float = option(
+        0.1, "Probability of dropping the label/caption to the null one (for CFG).", ge=0, lt=1,
+    )
     # -- optimisation -----------------------------------------------------------------------------
-    batch_size: int = 256  # global batch (all processes, all accumulation steps)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # AdamW learning rate
-    lr_schedule: str = "constant"  # constant, or cosine decay to 0 after warmup
-    warmup_steps: int = 0  # linear warmup from 0 to lr
-    weight_decay: float = 0.0  # AdamW weight decay
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    grad_clip: float = 1.0  # clip the global grad norm to this (0 disables)
-    ema_decay: float = 0.9999  # EMA of the weights, updated every step
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, off on CPU), bf16, fp16, no
-    compile: bool = False  # torch.compile the model
-    steps: int = 400_000  # optimizer steps to train for
-    seed: int = 0  # seeds weights, data order and all noise
-    # -- data -----------------------------------------------------------------------------------
-    val_fraction: float = 0.01  # share of the cache (chosen by key hash) held out for validation
-    max_val_samples: int = 2048  # cap on held-out samples evaluated per validation
-    num_workers: int = 4  # DataLoader workers per process
-    # -- bookkeeping ----------------------------------------------------------------------------
-    log_every: int = 50  # steps between logged training metrics
-    val_every: int = 2000  # steps between validations (and curve PNGs)
-    ckpt_every: int = 10_000  # steps between checkpoints
-    keep_checkpoints: int = 3  # keep the newest K checkpoints (0 keeps all)
-    preview_every: int = 0  # steps between saved preview latents of fixed validation conditions (0: off)
-    report_to: str = "tensorboard"  # tensorboard, wandb or none (metrics.jsonl is always written)
-    resume: bool = False  # continue from the newest checkpoint in run_dir
-    resume_from: Path | None = None  # continue from this checkpoint file
-    overwrite: bool = False  # delete an existing run_dir first
+    batch_size: int = option(256, "Global batch size (all processes and accumulation steps).", gt=0)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", gt=0)
+    lr: float = option(1e-4, "AdamW learning rate.", gt=0)
+    lr_schedule: str = option("constant", "constant, or cosine decay to 0 after warmup.", choices=LR_SCHEDULES)
+    warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", cli=False)
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0: off).", ge=0)
+    ema_decay: float = option(0.9999, "EMA decay, updated every step.", ge=0, le=1)
+    mixed_precision: str = option("auto", "auto (bf16 on GPU, off on CPU), bf16, fp16, no.", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model.")
+    steps: int = option(400_000, "Optimizer steps to train for.", gt=0)
+    seed: int = option(0, "Seed for weights, data order and noise.", ge=0)
+    # -- data -------------------------------------------------------------------------------------
+    val_fraction: float = option(
+        0.01, "Share of the cache held out for validation (chosen by key hash).", ge=0, lt=1,
+    )
+    max_val_samples: int = option(2048, "Held-out samples evaluated per validation.", ge=0)
+    num_workers: int = option(4, "DataLoader workers per process.", ge=0)
+    # -- bookkeeping ------------------------------------------------------------------------------
+    log_every: int = option(50, "Steps between logged training metrics.", gt=0)
+    val_every: int = option(2000, "Steps between validations (and curves.png).", gt=0)
+    ckpt_every: int = option(10_000, "Steps between checkpoints.", gt=0)
+    keep_checkpoints: int = option(3, "Checkpoints to keep (0: all).", ge=0)
+    preview_every: int = option(
+        0, "Steps between saved preview latents (decode with `repa decode-previews`; 0: off).", ge=0,
+    )
+    report_to: str = option(
+        "tensorboard", "tensorboard, wandb or none (metrics.jsonl is always written).", choices=TRACKERS,
+    )
+    resume: bool = option(False, "Continue from the newest checkpoint in --run-dir.", flags=("--resume",))
+    resume_from: Path | None = option(None, "Continue from this checkpoint file.", metavar="FILE")
+    overwrite: bool = option(False, "Delete an existing --run-dir first.", flags=("--overwrite",))
 
-    def validate(self) -> None:
-        def bad(msg: str):
-            raise UsageError(msg)
-
-        if self.time_sampling not in TIME_SAMPLINGS:
-            bad(f"--time-sampling {self.time_sampling!r}: choose {' or '.join(TIME_SAMPLINGS)}")
-        if self.cond not in CONDITIONINGS:
-            bad(f"--cond {self.cond!r}: choose one of {', '.join(CONDITIONINGS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            bad(f"--lr-schedule {self.lr_schedule!r}: choose {' or '.join(LR_SCHEDULES)}")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            bad(f"--mixed-precision {self.mixed_precision!r}: choose auto, bf16, fp16 or no")
-        if self.report_to not in ("tensorboard", "wandb", "none"):
-            bad(f"--report-to {self.report_to!r}: choose tensorboard, wandb or none")
-        if self.batch_size <= 0 or self.grad_accum <= 0 or self.steps <= 0:
-            bad("--batch-size, --grad-accum and --steps must be positive")
-        if self.repa_lambda < 0:
-            bad(f"--repa-lambda {self.repa_lambda}: must be >= 0")
-        if not 0 <= self.cond_dropout < 1:
-            bad(f"--cond-dropout {self.cond_dropout}: must be in [0, 1)")
-        if not 0 <= self.val_fraction < 1:
-            bad(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+    def check(self) -> None:
         if self.model is None and (self.width is None or self.depth is None):
-            bad("without --model, give both --width and --depth")
-        for name in ("log_every", "val_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                bad(f"--{name.replace('_', '-')} must be positive")
+            raise UsageError("without --model, give both --width and --depth")
 
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                for k, v in dataclasses.asdict(self).items()}
+        return to_json(self)
 
 
 # Settings that may change when a run resumes: bookkeeping, not the trajectory.
@@ -98,3 +95,14 @@ RESUMABLE_CHANGES = frozenset(
     {"steps", "run_dir", "cache", "num_workers", "log_every", "val_every", "ckpt_every", "keep_checkpoints",
      "preview_every", "report_to", "resume", "resume_from", "overwrite", "max_val_samples", "compile"}
 )
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """Config fields that differ in ways that would change the training trajectory."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if k in RESUMABLE_CHANGES:
+            continue
+        if saved.get(k) != current.get(k):
+            out.append(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}")
+    return out

@@ -1,21 +1,21 @@
-"""Training data from the feature cache: validation split, resumable sampler, batch dataset, loader.
+"""Training data from the feature cache: resumable sampler, batch dataset, loader.
 
 Only the cache is read here; no encoder is ever loaded. A batch is fetched whole by one
 DataLoader worker (``__getitems__``) straight into shared-memory buffers, which the worker reuses
 once the training process has dropped every reference to them: collation is free, nothing is
 pickled but tensor handles, and no memory is allocated per batch. int8 features travel as int8
-and are dequantised on the training device by ``to_device``.
+and are dequantised on the training device (``stages.core.codec.features_to_device``).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import multiprocessing
 import os
 import select
 import threading
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,37 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from cache_schema import CacheError, dequantize_int8
-from cache_schema.fast_reader import FastReader
+from cache_schema import CacheError, FastReader
 
 Batch = dict[str, torch.Tensor]
-
-
-def split_ids(keys: np.ndarray, val_fraction: float, salt: str = "val") -> tuple[np.ndarray, np.ndarray]:
-    """(train ids, val ids), sorted, for a cache whose sample ``i`` has key ``keys[i]``.
-
-    A sample is held out when blake2b(salt + key), read as a number in [0, 1), is below
-    ``val_fraction``; the choice depends on the key alone, so it survives re-encoding, adding parts
-    and reordering them. With ``val_fraction > 0`` and at least two samples neither side is empty.
-    Hashing costs ~1.4 µs per key (~17 s for 12 M keys).
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    u = np.array([_unit_hash(salt, str(k)) for k in keys], dtype=np.float64)
-    held_out = u < val_fraction
-    if val_fraction > 0 and len(u) >= 2:
-        # Tiny caches: keep the split usable by moving the extreme key across.
-        if not held_out.any():
-            held_out[np.argmin(u)] = True
-        if held_out.all():
-            held_out[np.argmax(u)] = False
-    ids = np.arange(len(u), dtype=np.int64)
-    return ids[~held_out], ids[held_out]
-
-
-def _unit_hash(salt: str, key: str) -> float:
-    digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
 
 
 class EpochBatchSampler:
@@ -129,13 +101,13 @@ def _plain_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torc
 def _shared_tensor(
     shape: tuple[int, ...], dtype: torch.dtype, storage: torch.UntypedStorage | None = None
 ) -> torch.Tensor:
-    """A tensor in shared memory, so that sending it to another process copies nothing
-    (``share_memory_`` would copy it). Uses ``storage`` when given (it must be large enough)."""
+    """A tensor in shared memory, so that sending it to another process copies nothing. Uses
+    ``storage`` when given (it must be large enough); otherwise allocates new shared memory."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if storage is None:
-        storage = torch.UntypedStorage._new_shared(nbytes)
+        storage = torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
@@ -162,7 +134,7 @@ class CacheBatchDataset(Dataset):
                 "re-encode with a text encoder or train without text conditioning"
             )
         names = ["moments"] + (["dino"] if need_dino else []) + (["label"] if need_label else [])
-        if need_dino and "dino_scale" in self.reader.fields:
+        if need_dino and self.reader.manifest.codec == "int8":
             names.append("dino_scale")
         self.per_sample = names
         self.need_text = need_text
@@ -195,7 +167,7 @@ class CacheBatchDataset(Dataset):
         lead = (len(ids), int(lengths.max(initial=0)))
         fields = self.reader.fields
         out = {"text": alloc("text", lead + fields["text"].inner_shape, getattr(torch, fields["text"].dtype))}
-        if "text_scale" in fields:
+        if self.reader.manifest.codec == "int8":
             out["text_scale"] = alloc("text_scale", lead, getattr(torch, fields["text_scale"].dtype))
         scale_out = out["text_scale"].numpy() if "text_scale" in out else None
         self.reader.read_text(ids, padded=True, out=out["text"].numpy(), scale_out=scale_out)
@@ -254,22 +226,38 @@ class _SlottedDataset(Dataset):
         return _shared_tensor(shape, dtype, buffers[name])
 
 
+def storage_lifetime_is_observable() -> bool:
+    """Whether a weak reference to a tensor's storage dies exactly when the last tensor or view using
+    that memory dies: true when torch gives each storage one Python object for its whole life, which
+    the slot recycling below relies on. Checked once per process, not assumed."""
+    t = torch.empty(16)
+    if t.untyped_storage() is not t.untyped_storage():
+        return False
+    ref = weakref.ref(t.untyped_storage())
+    view = t[4:8]
+    del t
+    alive_with_view = ref() is not None
+    del view
+    return alive_with_view and ref() is None
+
+
 class RecyclingLoader(DataLoader):
     """A DataLoader over worker slots (see ``make_loader``); yields batches without ``_SLOT_KEY``.
 
-    A slot is handed back to its worker once nothing outside this loader references the batch's
-    storages any more, checked each time the next batch is requested. Keeping a batch longer is
-    safe; it only makes its worker fall back to fresh memory (counted in ``unrecycled_batches``).
+    A slot is handed back to its worker once every tensor (and every view) of the batch read into it
+    is gone, seen through weak references to the batch's storages and checked each time the next
+    batch is requested. Keeping a batch longer is safe; it only makes its worker fall back to fresh
+    memory (counted in ``unrecycled_batches``). Where storage lifetimes cannot be observed (see
+    ``storage_lifetime_is_observable``) each batch is copied out of its slot on arrival instead
+    (``copy_out``), which is correct and slower.
     """
 
-    def __init__(self, dataset: _SlottedDataset, **kwargs):
+    def __init__(self, dataset: _SlottedDataset, copy_out: bool | None = None, **kwargs):
         super().__init__(dataset, **kwargs)
         self.flags = dataset.flags
         self.unrecycled_batches = 0
-        # Storages of every slot seen, kept so each buffer stays mapped here and is recognised when
-        # it arrives again (torch looks up received shared memory in a cache of live storages).
-        self._mapped: dict[tuple[int, int], list[torch.UntypedStorage]] = {}
-        self._lent: set[tuple[int, int]] = set()
+        self.copy_out = not storage_lifetime_is_observable() if copy_out is None else copy_out
+        self._lent: dict[tuple[int, int], list[weakref.ref]] = {}
 
     def __iter__(self) -> Iterator[Batch]:
         batches = super().__iter__()
@@ -286,16 +274,17 @@ class RecyclingLoader(DataLoader):
                 # The DataLoader's pinning thread has copied the batch out of the slot already.
                 # (pin_memory=True alone says nothing: without an accelerator nothing is pinned.)
                 self.flags[worker, slot] = _FREE
+            elif self.copy_out:
+                batch = {name: t.clone() for name, t in batch.items()}
+                self.flags[worker, slot] = _FREE
             else:
-                self._mapped[(worker, slot)] = [t.untyped_storage() for t in batch.values()]
-                self._lent.add((worker, slot))
+                self._lent[(worker, slot)] = [weakref.ref(t.untyped_storage()) for t in batch.values()]
             yield batch
 
     def _release_unused(self) -> None:
-        for key in list(self._lent):
-            # One reference is ours (the storage object in _mapped); more means a tensor is alive.
-            if all(torch._C._storage_Use_Count(s._cdata) == 1 for s in self._mapped[key]):
-                self._lent.discard(key)
+        for key, refs in list(self._lent.items()):
+            if all(ref() is None for ref in refs):
+                del self._lent[key]
                 self.flags[key] = _FREE
 
 
@@ -330,6 +319,7 @@ def make_loader(
     num_workers: int,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    copy_out: bool | None = None,
 ) -> DataLoader:
     """A DataLoader that fetches whole batches in ``num_workers`` persistent worker processes.
 
@@ -347,6 +337,7 @@ def make_loader(
     flags = torch.zeros((num_workers, prefetch_factor + 2), dtype=torch.uint8).share_memory_()
     return RecyclingLoader(
         _SlottedDataset(dataset, flags),
+        copy_out=copy_out,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=_whole_batch,
@@ -356,14 +347,3 @@ def make_loader(
         multiprocessing_context=context,
         worker_init_fn=functools.partial(_exit_with, os.getpid()),
     )
-
-
-def to_device(batch: Batch, device: torch.device | str, dtype: torch.dtype = torch.float16) -> Batch:
-    """Move a batch to ``device`` and dequantise int8 features there (``dino``/``text`` become
-    ``dtype`` and their ``*_scale`` entries are dropped)."""
-    moved = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-    for name in ("dino", "text"):
-        scale = moved.pop(f"{name}_scale", None)
-        if scale is not None:
-            moved[name] = dequantize_int8(moved[name], scale, dtype)
-    return moved

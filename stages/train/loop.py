@@ -1,14 +1,16 @@
 """`repa train`: SiT + rectified flow + REPA under accelerate, fed only by the feature cache.
 
-Reads top to bottom: helpers, then ``run_train``. Progress is counted in optimizer steps; all
-randomness of step ``s`` (latent sampling, t, noise, label/caption dropout) comes from a generator
-seeded with (seed, rank, s, micro-batch) and the data order from (seed, epoch), so a run resumed
-from a checkpoint continues bit-for-bit where the interrupted one stopped.
+Reads top to bottom: helpers, then ``run_train`` (set-up, then the loop, each step a named call).
+Progress is counted in optimizer steps; all randomness of step ``s`` (latent sampling, t, noise,
+label/caption dropout) comes from a generator seeded with (seed, rank, s, micro-batch) and the data
+order from (seed, epoch), so a run resumed from a checkpoint continues bit-for-bit where the
+interrupted one stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -18,17 +20,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from cache_schema import UsageError, read_manifest
+from cache_schema import read_manifest
 from cache_schema.fsutil import atomic_write_json
+from stages.core.checkpoint import (
+    checkpoint_path,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from stages.core.codec import features_to_device
+from stages.core.conditioning import Conditioner
+from stages.core.errors import UsageError
+from stages.core.objective import loss_terms, sample_latents, sample_t
+from stages.core.options import check
+from stages.core.run_files import CONFIG_FILE, FINAL_FILE
+from stages.core.seeding import generator
+from stages.core.sit import SiT, count_parameters
+from stages.core.split import split_ids
 
-from .checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import CacheBatchDataset, EpochBatchSampler, make_loader, split_ids, to_device
-from .metrics import CURVES_FILE, append_metrics, plot_curves, read_metrics, truncate_metrics
-from .model import SiT, count_parameters, repa_loss_per_sample
-from .objective import NUM_T_BINS, bin_by_t, denoise_loss_per_sample, interpolate, sample_latents, sample_t
+from .data import CacheBatchDataset, EpochBatchSampler, make_loader
+from .metrics import TrainWindow, append_metrics, truncate_metrics, write_curves
 from .previews import Previewer
 from .setup import build_model_config, check_resume, prepare_run_dir, resolve_cond
 from .validation import Validator
@@ -40,15 +56,15 @@ from .validation import Validator
 
 def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
     """The generator for one micro-batch: a pure function of its position in the run."""
-    state = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(state)
+    return generator(seed, rank, step, micro, device=device)
 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, every parameter in one fused call (torch's own EMA update)."""
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    get_ema_multi_avg_fn(decay)(ema_params, params, None)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -69,49 +85,35 @@ def resolve_precision(name: str) -> str:
     return name
 
 
-class Conditioner:
-    """Turns a batch into the model's conditioning keywords, with dropout to the null condition."""
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
 
-    def __init__(self, cond: str, model: SiT, dropout: float):
-        self.cond, self.model, self.dropout = cond, model, dropout
-
-    def __call__(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        drop = None
-        if generator is not None and self.dropout > 0 and self.cond != "none":
-            n = batch["moments"].shape[0]
-            drop = torch.rand(n, generator=generator, device=batch["moments"].device) < self.dropout
-        if self.cond == "class":
-            y = batch["label"]
-            return {"y": y if drop is None else torch.where(drop, torch.full_like(y, self.model.null_class), y)}
-        if self.cond == "text":
-            text, mask = batch["text"].float(), batch["text_mask"]
-            if text.shape[1] == 0:  # every caption in the batch has zero tokens: attend to one masked slot
-                text = text.new_zeros(text.shape[0], 1, text.shape[2])
-                mask = mask.new_zeros(mask.shape[0], 1)
-            if drop is not None:
-                null, null_mask = self.model.null_text(text.shape[0], text.shape[1])
-                text = torch.where(drop[:, None, None], null.to(text.dtype), text)
-                mask = torch.where(drop[:, None], null_mask, mask)
-            return {"text": text, "text_mask": mask}
-        return {}
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(cfg.mixed_precision),
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(cfg.run_dir),
+        cpu=not torch.cuda.is_available(),
+    )
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
 
 
-def micro_step(forward, conditioner: Conditioner, batch: dict, gen: torch.Generator, cfg: TrainConfig,
-               scale: float, shift: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def micro_step(forward, conditioner: Conditioner, batch: dict, gen: torch.Generator, time_sampling: str,
+               repa_lambda: float, latent: dict):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached."""
-    x = sample_latents(batch["moments"], scale, shift, gen)
-    t = sample_t(x.shape[0], cfg.time_sampling, gen, x.device)
+    x = sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"], gen)
+    t = sample_t(x.shape[0], time_sampling, gen, x.device)
     noise = torch.randn(x.shape, generator=gen, device=x.device)
-    x_t, v = interpolate(x, noise, t)
-    pred, proj = forward(x_t, t, **conditioner(batch, gen))
-    denoise = denoise_loss_per_sample(pred, v)
-    loss = denoise.mean()
-    cos = torch.zeros_like(denoise)
-    if proj is not None:
-        repa = repa_loss_per_sample(proj, batch["dino"])
-        loss = loss + cfg.repa_lambda * repa.mean()
-        cos = -repa.detach()
-    return loss, denoise.detach(), cos, t
+    terms = loss_terms(forward, x, noise, t, conditioner(batch, gen), batch.get("dino"))
+    return terms.total(repa_lambda), terms.denoise.detach(), terms.cosine(), t
 
 
 def optimizer_update(accelerator, model, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
@@ -127,6 +129,119 @@ def optimizer_update(accelerator, model, optimizer, scheduler, grad_clip: float)
 
 
 @dataclass
+class Trainer:
+    """What one optimizer step needs; ``step`` runs it (accumulation, update, EMA, metrics)."""
+
+    cfg: TrainConfig
+    accelerator: object
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped on several processes)
+    forward: object  # the model, compiled or not
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    conditioner: Conditioner
+    latent: dict
+    window: TrainWindow
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def step(self, step: int, batches) -> None:
+        cfg, device = self.cfg, self.accelerator.device
+        for m in range(cfg.grad_accum):
+            batch = features_to_device(next(batches), device)
+            gen = step_generator(cfg.seed, self.accelerator.process_index, step, m, device)
+            with nullcontext() if m == cfg.grad_accum - 1 else self.accelerator.no_sync(self.model):
+                loss, denoise, cos, t = micro_step(self.forward, self.conditioner, batch, gen, cfg.time_sampling,
+                                                   cfg.repa_lambda, self.latent)
+                self.accelerator.backward(loss / cfg.grad_accum)
+            self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / cfg.grad_accum)
+        grad_norm = optimizer_update(self.accelerator, self.model, self.optimizer, self.scheduler, cfg.grad_clip)
+        update_ema(self.ema, self.raw_model, cfg.ema_decay)
+        self.window.add_step(grad_norm)  # stays on the device: no sync per step
+
+
+def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict) -> Trainer:
+    """A fresh model (seeded), its EMA, optimizer and schedule, prepared by accelerate."""
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    model = SiT(model_cfg)
+    ema = copy.deepcopy(model).requires_grad_(False).to(device)
+    optimizer, scheduler = make_optimizer(cfg, model, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    forward = torch.compile(model) if cfg.compile else model
+    conditioner = Conditioner(cond, accelerator.unwrap_model(model), cfg.cond_dropout)
+    return Trainer(cfg, accelerator, model, forward, ema, optimizer, scheduler, conditioner, latent, TrainWindow(device))
+
+
+def restore(trainer: Trainer, ckpt: dict) -> int:
+    """Load a checkpoint's weights, EMA, optimizer, schedule and RNG into ``trainer``; returns its step."""
+    trainer.raw_model.load_state_dict(ckpt["model"])
+    trainer.ema.load_state_dict(ckpt["ema"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["step"])
+
+
+def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest) -> dict:
+    """Everything a checkpoint holds (see ``stages.core.checkpoint``)."""
+    return {
+        "step": step, "model": trainer.raw_model.state_dict(), "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "rng": rng_state(), "config": trainer.cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond,
+        "fingerprint": manifest.fingerprint, "latent": manifest.latent, "cache": str(trainer.cfg.cache),
+    }
+
+
+class RateClock:
+    """Images per second between two log lines."""
+
+    def __init__(self, step: int):
+        self.last, self.last_step = time.perf_counter(), step
+
+    def rate(self, step: int, batch_size: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.last_step) * batch_size / max(now - self.last, 1e-9)
+        self.last, self.last_step = now, step
+        return rate
+
+
+class Logbook:
+    """Where the main process sends numbers: metrics.jsonl, curves.png, the trackers and the progress bar."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, start_step: int):
+        self.run_dir, self.accelerator = Path(cfg.run_dir), accelerator
+        self.main = accelerator.is_main_process
+        self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not self.main, dynamic_ncols=True,
+                        desc="train")
+
+    def sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t
+
+    def train(self, step: int, record: dict) -> None:
+        if self.main:
+            append_metrics(self.run_dir, {"kind": "train", "step": step, **record})
+            self.accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=step)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}", refresh=False)
+
+    def validation(self, step: int, metrics: dict) -> dict:
+        if self.main:
+            append_metrics(self.run_dir, {"kind": "val", "step": step, **metrics})
+            write_curves(self.run_dir)
+            self.accelerator.log({f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
+            self.accelerator.log({f"val_bins/denoise_t{i}": v for i, v in enumerate(metrics["denoise_bins"])},
+                                 step=step)
+            self.bar.write(f"step {step}: val denoise {metrics['denoise']:.4f}"
+                           + (f", REPA cosine {metrics['repa_cos']:.3f}" if "repa_cos" in metrics else ""))
+        return metrics
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
 class TrainResult:
     steps: int
     final_val: dict | None
@@ -139,84 +254,55 @@ class TrainResult:
 
 
 def run_train(cfg: TrainConfig, log=print) -> TrainResult:
-    from accelerate import Accelerator
-
-    cfg.validate()
+    check(cfg)
     manifest = read_manifest(cfg.cache)
     resume_path = prepare_run_dir(cfg)
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(cfg.mixed_precision),
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=str(cfg.run_dir),
-        cpu=not torch.cuda.is_available(),
-    )
+    accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
-    # -- data ---------------------------------------------------------------------------------
-    dataset_probe = CacheBatchDataset(cfg.cache, need_dino=False, need_text=False, need_label=False)
-    reader = dataset_probe.reader
+    # -- data: conditioning, model shape and split come from the cache ---------------------------
+    probe = CacheBatchDataset(cfg.cache, need_dino=False, need_text=False, need_label=False)
+    reader = probe.reader
     labels = reader.read("label", np.arange(len(reader))) if len(reader) else np.zeros(0, np.int64)
     cond = resolve_cond(cfg, manifest, labels)
     model_cfg = build_model_config(cfg, manifest, cond, labels)
+    repa = model_cfg.repa_dim is not None
     per_step = world * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {per_step}")
     micro = cfg.batch_size // per_step
     train_ids, val_ids = split_ids(reader.keys, cfg.val_fraction)
-    dataset = CacheBatchDataset(cfg.cache, need_dino=model_cfg.repa_dim is not None,
-                                need_text=cond == "text", need_label=cond == "class")
+    dataset = CacheBatchDataset(cfg.cache, need_dino=repa, need_text=cond == "text", need_label=cond == "class")
     try:
-        probe = EpochBatchSampler(train_ids, micro, cfg.seed, rank, world, name=f"the training split of {cfg.cache}")
+        first_epoch = EpochBatchSampler(train_ids, micro, cfg.seed, rank, world, name=f"the training split of {cfg.cache}")
     except ValueError as e:
         raise UsageError(f"--batch-size {cfg.batch_size}: {e}") from None
 
-    # -- model, optimizer, resume -------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = SiT(model_cfg)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # -- model, optimizer, resume -----------------------------------------------------------------
+    trainer = build_trainer(cfg, accelerator, model_cfg, cond, manifest.latent)
     start_step = 0
     if resume_path is not None:
-        ckpt = check_resume(resume_path, cfg, manifest, model_cfg)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
+        start_step = restore(trainer, check_resume(resume_path, cfg, manifest, model_cfg))
         if main:
-            truncate_metrics(cfg.run_dir, start_step)
             log(f"resumed from {resume_path} at step {start_step}")
-    elif main:
-        truncate_metrics(cfg.run_dir, 0)  # a fresh start: records of an earlier, checkpoint-less attempt go
     if start_step >= cfg.steps:
         raise UsageError(f"--steps {cfg.steps}: the run is already at step {start_step}; raise --steps to continue")
-    ema.to(device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    forward = torch.compile(model) if cfg.compile else model
-    conditioner = Conditioner(cond, raw_model, cfg.cond_dropout)
-
+    if main:  # a resumed run logs the steps after its checkpoint again; a fresh one starts from nothing
+        truncate_metrics(cfg.run_dir, start_step)
     sampler = EpochBatchSampler(train_ids, micro, cfg.seed, rank, world,
-                                start=probe.position_after(start_step * cfg.grad_accum))
-    loader = make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda")
-    validator = Validator(dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world, device)
-    scale, shift = manifest.latent["scaling_factor"], manifest.latent["shift_factor"]
+                                start=first_epoch.position_after(start_step * cfg.grad_accum))
+    batches = iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda"))
+    validator = Validator(dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world, device,
+                          repa=repa)
     previewer = None
     if cfg.preview_every and main and len(val_ids):
         previewer = Previewer(cfg.cache, dataset, val_ids, manifest.latent)
 
-    params = count_parameters(raw_model)
+    # -- bookkeeping: config.json, trackers, progress ---------------------------------------------
+    params = count_parameters(trainer.raw_model)
     if main:
-        atomic_write_json(Path(cfg.run_dir) / "config.json", {
+        atomic_write_json(Path(cfg.run_dir) / CONFIG_FILE, {
             "config": cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond, "parameters": params,
             "cache_fingerprint": manifest.fingerprint, "train_samples": len(train_ids), "val_samples": len(val_ids),
         })
@@ -227,90 +313,33 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     if cfg.report_to != "none":
         accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in cfg.to_json().items()})
+    logbook = Logbook(cfg, accelerator, start_step)
+    validate = functools.partial(validator.run, trainer.forward, trainer.conditioner, logbook.sum_over_processes)
 
-    bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not main, dynamic_ncols=True, desc="train")
-
-    def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        return accelerator.reduce(t, reduction="sum") if world > 1 else t
-
-    def validate(step: int) -> dict:
-        metrics = validator.run(forward, conditioner, reduce_sum)
-        if main:
-            record = {"kind": "val", "step": step, **metrics}
-            append_metrics(cfg.run_dir, record)
-            plot_curves(read_metrics(cfg.run_dir), Path(cfg.run_dir) / CURVES_FILE, title=str(cfg.run_dir))
-            accelerator.log({f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
-            accelerator.log({f"val_bins/denoise_t{i}": v for i, v in enumerate(metrics["denoise_bins"])}, step=step)
-            bar.write(f"step {step}: val denoise {metrics['denoise']:.4f}"
-                      + (f", REPA cosine {metrics['repa_cos']:.3f}" if "repa_cos" in metrics else ""))
-        return metrics
-
-    def save(step: int) -> None:
-        if main:
-            state = {
-                "step": step, "model": raw_model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "data_position": sampler.position_after((step - start_step) * cfg.grad_accum),
-                "config": cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond,
-                "fingerprint": manifest.fingerprint, "latent": manifest.latent, "cache": str(cfg.cache),
-            }
-            save_checkpoint(checkpoint_path(cfg.run_dir, step), state, cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-
-    # -- the loop -------------------------------------------------------------------------------
-    model.train()
-    batches = iter(loader)
-    window = torch.zeros(5, dtype=torch.float64, device=device)  # loss, denoise, cos, grad norm, steps
-    bins = torch.zeros(3, NUM_T_BINS, dtype=torch.float64, device=device)  # denoise, cos, count
-    last_log, last_log_step = time.perf_counter(), start_step
+    # -- the loop ---------------------------------------------------------------------------------
+    trainer.model.train()
+    clock = RateClock(start_step)
     # A fresh run is validated before its first step, so every curve starts from the untrained model.
-    val_metrics = validate(0) if start_step == 0 else None
+    val_metrics = logbook.validation(0, validate()) if start_step == 0 else None
     step = start_step
     for step in range(start_step + 1, cfg.steps + 1):
-        for m in range(cfg.grad_accum):
-            batch = to_device(next(batches), device)
-            gen = step_generator(cfg.seed, rank, step, m, device)
-            with nullcontext() if m == cfg.grad_accum - 1 else accelerator.no_sync(model):
-                loss, denoise, cos, t = micro_step(forward, conditioner, batch, gen, cfg, scale, shift)
-                accelerator.backward(loss / cfg.grad_accum)
-            window[:3] += torch.stack([loss.detach(), denoise.mean(), cos.mean()]).double() / cfg.grad_accum
-            denoise_sum, counts = bin_by_t(denoise, t)
-            bins[0] += denoise_sum
-            bins[1] += bin_by_t(cos, t)[0]
-            bins[2] += counts
-        grad_norm = optimizer_update(accelerator, model, optimizer, scheduler, cfg.grad_clip)
-        update_ema(ema, raw_model, cfg.ema_decay)
-        window[3] += grad_norm.detach().double()  # stays on the device: no sync per step
-        window[4] += 1
-        bar.update(1)
-
+        trainer.step(step, batches)
+        logbook.bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            w, b = reduce_sum(window.clone()), reduce_sum(bins.clone())
-            n = w[4].clamp_min(1)
-            now = time.perf_counter()
-            rate = (step - last_log_step) * cfg.batch_size / (now - last_log)
-            record = {
-                "kind": "train", "step": step, "loss": float(w[0] / n), "denoise": float(w[1] / n),
-                "repa_cos": float(w[2] / n), "grad_norm": float(w[3] / n), "lr": scheduler.get_last_lr()[0],
-                "img_per_s": rate, "denoise_bins": (b[0] / b[2].clamp_min(1)).tolist(),
-                "repa_cos_bins": (b[1] / b[2].clamp_min(1)).tolist(),
-            }
-            if main:
-                append_metrics(cfg.run_dir, record)
-                accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
-            window.zero_()
-            bins.zero_()
-            last_log, last_log_step = now, step
+            logbook.train(step, {**trainer.window.record(logbook.sum_over_processes), "lr": trainer.scheduler.get_last_lr()[0],
+                                 "img_per_s": clock.rate(step, cfg.batch_size)})
         if step % cfg.val_every == 0 or step == cfg.steps:
-            val_metrics = validate(step)
+            val_metrics = logbook.validation(step, validate())
         if previewer is not None and step % cfg.preview_every == 0:
             with accelerator.autocast():
-                previewer.save(ema, Conditioner(cond, ema, 0.0), step, cfg.run_dir, device)
+                previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save(step)
-    bar.close()
+            if main:
+                save_checkpoint(checkpoint_path(cfg.run_dir, step), checkpoint_state(trainer, step, cond, model_cfg, manifest))
+                prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    logbook.close()
     accelerator.end_training()
     if main:
-        (Path(cfg.run_dir) / "final.json").write_text(json.dumps({"step": step, "val": val_metrics}, indent=1))
+        (Path(cfg.run_dir) / FINAL_FILE).write_text(json.dumps({"step": step, "val": val_metrics}, indent=1))
     return TrainResult(steps=step, final_val=val_metrics, run_dir=Path(cfg.run_dir))

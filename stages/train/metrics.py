@@ -9,22 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
+import torch
+
+from stages.core.objective import NUM_T_BINS, bin_by_t
+from stages.core.run_files import CURVES_FILE, METRICS_FILE, append_jsonl, read_jsonl
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-    return out
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -34,8 +26,39 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(Path(run_dir) / METRICS_FILE, record)
+
+
+class TrainWindow:
+    """Training metrics summed on the device between two log lines (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, denoise, cos, grad norm, steps
+        self.bins = torch.zeros(3, NUM_T_BINS, dtype=torch.float64, device=device)  # denoise, cos, count
+
+    def add_micro_batch(self, loss: torch.Tensor, denoise: torch.Tensor, cos: torch.Tensor, t: torch.Tensor,
+                        weight: float) -> None:
+        self.sums[:3] += torch.stack([loss.detach(), denoise.mean(), cos.mean()]).double() * weight
+        denoise_sum, counts = bin_by_t(denoise, t)
+        self.bins[0] += denoise_sum
+        self.bins[1] += bin_by_t(cos, t)[0]
+        self.bins[2] += counts
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
+        self.sums[3] += grad_norm.detach().double()
+        self.sums[4] += 1
+
+    def record(self, reduce) -> dict:
+        """Means over the window (summed over processes by ``reduce``), then start a new window."""
+        sums, bins = reduce(self.sums.clone()), reduce(self.bins.clone())
+        n = sums[4].clamp_min(1)
+        counts = bins[2].clamp_min(1)
+        out = {"loss": float(sums[0] / n), "denoise": float(sums[1] / n), "repa_cos": float(sums[2] / n),
+               "grad_norm": float(sums[3] / n), "denoise_bins": (bins[0] / counts).tolist(),
+               "repa_cos_bins": (bins[1] / counts).tolist()}
+        self.sums.zero_()
+        self.bins.zero_()
+        return out
 
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
@@ -73,3 +96,9 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def write_curves(run_dir: Path) -> Path:
+    path = Path(run_dir) / CURVES_FILE
+    plot_curves(read_metrics(run_dir), path, title=str(run_dir))
+    return path

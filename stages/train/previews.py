@@ -1,9 +1,10 @@
 """Cheap progress pictures: sampled latents for fixed held-out conditions, saved every N steps.
 
-No VAE runs during training; `repa sample --decode-latents RUN_DIR` turns the saved latents into
-PNG grids. A preview file ``previews/step-0001000.pt`` holds ``latents`` (K, C, h, w) in the
-model's normalised latent space, ``latent`` (the manifest's scaling/shift factors), and the
-``keys``, ``captions`` and ``labels`` of the conditions they were sampled for.
+No VAE runs during training; `repa decode-previews RUN_DIR` turns the saved latents into PNG grids.
+A preview file ``previews/step-0001000.pt`` holds plain tensors and values only (it loads with
+``weights_only=True``): ``latents`` (K, C, h, w) in the model's normalised latent space, ``latent``
+(the manifest's scaling/shift factors), and the ``keys``, ``captions`` and ``labels`` of the
+conditions they were sampled for.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import numpy as np
 import torch
 
 from cache_schema import CacheReader
+from stages.core.codec import features_to_device
+from stages.core.run_files import PREVIEW_DIR
+from stages.core.samplers import euler_ode
+from stages.core.seeding import generator
 
-from ..sample.samplers import euler_ode
-from .data import CacheBatchDataset, to_device
+from .data import CacheBatchDataset
 
-PREVIEW_DIR = "previews"
 PREVIEW_SEED = 1234
 
 
@@ -33,11 +36,11 @@ class Previewer:
         self.captions = [m["caption"] for m in meta]
         self.labels = [int(m["label"]) for m in meta]
         c, s = latent["channels"], latent["size"]
-        self.noise = torch.randn(len(self.ids), c, s, s, generator=torch.Generator().manual_seed(PREVIEW_SEED))
+        self.noise = torch.randn(len(self.ids), c, s, s, generator=generator(PREVIEW_SEED))
 
     @torch.no_grad()
     def save(self, model, conditioner, step: int, run_dir: Path, device: torch.device) -> Path:
-        batch = to_device(self.dataset.__getitems__(self.ids), device)
+        batch = features_to_device(self.dataset.__getitems__(self.ids), device)
         cond = conditioner(batch)
 
         def velocity(x, t):

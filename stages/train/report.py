@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache_schema import UsageError
+from stages.core.errors import UsageError
+from stages.core.run_files import CONFIG_FILE, EVAL_FILE, FINAL_FILE, METRICS_FILE
 
 from .config import RESUMABLE_CHANGES
-from .metrics import METRICS_FILE, read_metrics
+from .metrics import read_metrics
 
-EVAL_FILE = "eval.jsonl"
 # Bookkeeping that does not change what a run learns; kept out of "settings that differ".
 _BOOKKEEPING = RESUMABLE_CHANGES - {"steps", "cache", "max_val_samples"}
 # t ranges of the compact per-bin columns (t = 0 is data, t = 1 is noise).
@@ -56,7 +56,7 @@ class RunReport:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.json").exists() or (path / METRICS_FILE).exists()
+    return (path / CONFIG_FILE).exists() or (path / METRICS_FILE).exists()
 
 
 def expand_runs(paths: list[Path]) -> list[Path]:
@@ -67,7 +67,7 @@ def expand_runs(paths: list[Path]) -> list[Path]:
             raise UsageError(f"{path}: no such directory; give run directories or a sweep's output directory")
         found = [path] if is_run_dir(path) else sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))
         if not found:
-            raise UsageError(f"{path}: not a run directory (no config.json or {METRICS_FILE}) and holds no runs")
+            raise UsageError(f"{path}: not a run directory (no {CONFIG_FILE} or {METRICS_FILE}) and holds no runs")
         out += [p for p in found if p not in out]
     return out
 
@@ -93,7 +93,7 @@ def _read_json(path: Path) -> dict | None:
 def summarize_run(run_dir: Path) -> RunReport:
     run_dir = Path(run_dir)
     rep = RunReport(run=run_dir.name, path=run_dir)
-    meta = _read_json(run_dir / "config.json")
+    meta = _read_json(run_dir / CONFIG_FILE)
     if meta:
         rep.config = meta.get("config", {})
         rep.parameters = meta.get("parameters")
@@ -101,7 +101,7 @@ def summarize_run(run_dir: Path) -> RunReport:
     records = read_metrics(run_dir)
     val = sorted((r for r in records if r["kind"] == "val"), key=lambda r: r["step"])
     train = [r for r in records if r["kind"] == "train"]
-    final = _read_json(run_dir / "final.json")
+    final = _read_json(run_dir / FINAL_FILE)
     rep.steps = final["step"] if final else max((r["step"] for r in records), default=0)
     rep.finished = final is not None and (rep.requested_steps is None or rep.steps >= rep.requested_steps)
     rep.val_curve = [(r["step"], r["denoise"]) for r in val]

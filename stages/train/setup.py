@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_schema import Manifest, UsageError
+from cache_schema import Manifest
+from stages.core.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from stages.core.errors import UsageError
+from stages.core.model_presets import MODEL_PRESETS
+from stages.core.sit import ModelConfig
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resume_differences
-from .config import TrainConfig
-from .model import MODEL_PRESETS, ModelConfig
+from .config import TrainConfig, resume_differences
 
 
 def resolve_cond(cfg: TrainConfig, manifest: Manifest, labels: np.ndarray) -> str:
@@ -40,8 +42,6 @@ def resolve_cond(cfg: TrainConfig, manifest: Manifest, labels: np.ndarray) -> st
 
 
 def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: np.ndarray) -> ModelConfig:
-    if cfg.model is not None and cfg.model not in MODEL_PRESETS:
-        raise UsageError(f"--model {cfg.model!r}: unknown preset; choose one of {', '.join(MODEL_PRESETS)}")
     preset = dict(MODEL_PRESETS[cfg.model]) if cfg.model else {}
     num_classes = cfg.num_classes if cfg.num_classes is not None else int(labels.max(initial=-1)) + 1
     if cond == "class" and labels.size and labels.max() >= num_classes:
@@ -71,8 +71,6 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         flag = "--align-layer" if "align_layer" in str(e) else "--width/--depth/--head-dim"
         raise UsageError(f"{flag}: {e}") from None
     if mc.repa_dim is not None:
-        if mc.align_layer > mc.depth:
-            raise UsageError(f"--align-layer {mc.align_layer}: must be in 1..{mc.depth} (the model's depth)")
         grid = mc.input_size // mc.patch_size
         dino_grid = manifest.dino["grid"][0]
         if grid != dino_grid:

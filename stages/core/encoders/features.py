@@ -1,6 +1,6 @@
 """The encoders of stage one, batched on the GPU: VAE moments, DINOv2 patch tokens, caption hidden states.
 
-Preprocessing follows REPA exactly (see DESIGN notes): both encoders see the same centre crop;
+Preprocessing follows official REPA (its ``preprocess_raw_image``): both encoders see the same centre crop;
 the VAE gets it in [-1, 1]; DINOv2 gets it /255, ImageNet-normalised, then bicubic-resized to
 224 px per 256 px, so its 14-px patch grid lines up with the latent token grid.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cache_schema import UsageError, quantize_int8
-
+from ..codec import quantize_int8
+from .captions import encode_captions
 from .load import (
     ModelSource,
     dino_geometry,
@@ -40,19 +40,6 @@ def dino_preprocess(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 DINO_PREPROCESS_DESCRIPTION = "uint8/255, imagenet mean/std, bicubic resize to 224*res/256 (align_corners=False)"
-
-
-def encode_captions(tokenizer, text_encoder, captions: list[str], max_tokens: int, device: torch.device):
-    """(hidden (B, L, D), attention mask (B, L)) with right padding, captions truncated to ``max_tokens``.
-
-    The one definition of caption encoding: the cache is written with it and prompts are encoded
-    with it at sampling time, so both see the same tokens.
-    """
-    if tokenizer.padding_side != "right":
-        raise UsageError("the text tokenizer pads on the left; set padding_side='right' in its config")
-    tok = tokenizer(captions, max_length=max_tokens, truncation=True, padding="longest", return_tensors="pt")
-    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
-    return text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
 
 @dataclass

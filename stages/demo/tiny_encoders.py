@@ -12,7 +12,7 @@ runs (and is tested) without downloading weights:
 - ``clip-text/`` CLIPTextModel + word-level tokenizer (start/end tokens, 77 positions)
 
 The tokenizers are built with the ``tokenizers`` library over the demo caption vocabulary
-(imported from ``stages.encode.demo_data``, so the two cannot drift) plus common English words,
+(imported from ``stages.demo.data``, so the two cannot drift) plus common English words,
 so they need no sentencepiece/BPE files and no network.
 """
 
@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -37,7 +44,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from stages.encode.demo_data import caption_words
+from .data import caption_words
 
 # Widths chosen for speed on CPU: batch 32, fp32, 2 cores, the encoder needs about 1/190 core-pair
 # seconds per image at 128 px and 1/30 at 256 px (the mid-block attention then sees 32x32 tokens).

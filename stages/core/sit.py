@@ -9,7 +9,7 @@ layer and an unpatchify back to latent shape. Differences from DiT:
 - ``cond="text"`` adds cross-attention to caption tokens in every block (9-way adaLN) and a pooled caption
   vector to the time embedding; ``cond="none"`` is unconditional;
 - REPA: a projector MLP maps the hidden state after block ``align_layer`` (1-based) to the dimension of a
-  frozen vision encoder's patch tokens, for the alignment loss ``repa_loss``.
+  frozen vision encoder's patch tokens, for the alignment loss (``stages.core.objective``).
 
 ``forward`` has no data-dependent Python control flow, so the model compiles as one graph.
 """
@@ -23,6 +23,8 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .model_presets import MODEL_PRESETS
 
 CondMode = Literal["class", "text", "none"]
 COND_MODES: tuple[str, ...] = get_args(CondMode)
@@ -450,7 +452,7 @@ class SiT(nn.Module):
 
 
 #################################################################################
-#                       Positional embedding, losses, counts                    #
+#                       Positional embedding, parameter counts                  #
 #################################################################################
 
 
@@ -473,20 +475,6 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
     return embedding.float()
 
 
-def repa_loss_per_sample(projected: Tensor, target: Tensor) -> Tensor:
-    """Mean over tokens of −cos(projected, target), per sample: (B, N, D) x (B, N, D) -> (B,).
-
-    Computed in float32: the target usually comes from the cache in float16 and the projection in bf16.
-    """
-    cosine = (F.normalize(projected.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1)
-    return -cosine.mean(dim=-1)
-
-
-def repa_loss(projected: Tensor, target: Tensor) -> Tensor:
-    """REPA alignment loss: per-sample mean of −cos over tokens, averaged over the batch (a scalar)."""
-    return repa_loss_per_sample(projected, target).mean()
-
-
 def count_parameters(model: nn.Module, include_projector: bool = False) -> int:
     """Number of parameters, by default without the REPA projector (the convention of the SiT/REPA papers)."""
     return sum(
@@ -494,21 +482,3 @@ def count_parameters(model: nn.Module, include_projector: bool = False) -> int:
         for name, p in model.named_parameters()
         if include_projector or not name.startswith("projector.")
     )
-
-
-#################################################################################
-#                                  SiT presets                                  #
-#################################################################################
-
-# Class-conditional ImageNet shapes from the DiT/SiT papers; align_layer is the REPA paper's choice.
-_SIZES: dict[str, dict] = {
-    "B": dict(depth=12, width=768, num_heads=12, align_layer=4),
-    "L": dict(depth=24, width=1024, num_heads=16, align_layer=8),
-    "XL": dict(depth=28, width=1152, num_heads=16, align_layer=8),
-}
-
-MODEL_PRESETS: dict[str, dict] = {
-    f"SiT-{size}/{patch}": {**shape, "patch_size": patch}
-    for size, shape in _SIZES.items()
-    for patch in (2, 4, 8)
-}

@@ -1,6 +1,6 @@
 """Loading the encoders from a Hub id or a local folder (anything saved with ``save_pretrained``).
 
-Used by the encode and sample stages only; training never imports this module.
+Used by the encode and sample stages only; training never imports this package.
 Every failure becomes an ``EncoderLoadError`` with one line naming the model and the fix.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from cache_schema import UsageError
+from ..errors import UsageError
 
 DINO_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 T5_MODEL_TYPES = ("t5", "mt5", "umt5")
@@ -154,7 +154,12 @@ def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device):
 
 def load_text_encoder(src: ModelSource, dtype: torch.dtype, device: torch.device):
     """(tokenizer, encoder) for a T5 encoder or a CLIP text model."""
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
+    from transformers import (
+        AutoTokenizer,
+        CLIPTextModel,
+        T5EncoderModel,
+        UMT5EncoderModel,
+    )
 
     cfg = hf_config("text encoder", src)
     kind = text_geometry(cfg)["kind"]

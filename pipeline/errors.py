@@ -1,0 +1,43 @@
+"""How the CLI ends: one line for errors the user can fix, a clean exit on Ctrl-C, process groups torn down."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+
+from cache_schema import CacheError
+from stages.core.errors import UsageError
+
+
+def user_errors(fn):
+    """Turn expected failures into `error: <one line>` and exit status 2; tear down process groups."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UsageError, CacheError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: committed parts and checkpoints are kept; rerun the same command to resume", err=True)
+            raise typer.Exit(130) from None
+        finally:
+            _teardown_distributed()
+
+    return wrapper
+
+
+def _teardown_distributed() -> None:
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # never import torch just to find nothing to tear down
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

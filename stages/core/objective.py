@@ -1,0 +1,105 @@
+"""The training objective: rectified flow on cached VAE moments plus the REPA alignment loss.
+
+Rectified flow (the SiT "linear" path): x_t = (1 - t) x + t eps, the model predicts v = eps - x, and
+the denoising loss is the mean over (C, H, W) of (v_hat - v)^2. Latents are drawn from the cached
+posterior every step, z = mean + std * n, then normalised with the VAE's shift and scaling factors.
+
+REPA: the projector's tokens are compared with the frozen encoder's patch tokens by cosine
+similarity; the loss is the mean over tokens of -cos. Total loss = denoise + lambda * REPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NUM_T_BINS = 10
+
+
+def sample_latents(
+    moments: Tensor,
+    scaling_factor: float,
+    shift_factor: float,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """moments (B, 2C, h, w) = [mean, std] -> normalised latent sample (B, C, h, w) in float32.
+
+    The posterior noise is ``noise`` when given (validation's fixed draws), else drawn from ``generator``.
+    """
+    mean, std = moments.float().chunk(2, dim=1)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise - shift_factor) * scaling_factor
+
+
+def sample_t(batch: int, mode: str, generator: torch.Generator, device: torch.device) -> Tensor:
+    if mode == "uniform":
+        return torch.rand(batch, generator=generator, device=device)
+    if mode == "logit-normal":
+        return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    raise ValueError(f"unknown time sampling {mode!r}; choose uniform or logit-normal")
+
+
+def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, v): the point on the linear path at time t and the velocity target."""
+    tt = t.view(-1, *([1] * (x.dim() - 1)))
+    return (1 - tt) * x + tt * noise, noise - x
+
+
+def denoise_loss_per_sample(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over all but the batch axis of the squared error, in float32."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def repa_loss_per_sample(projected: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens of -cos(projected, target), per sample: (B, N, D) x (B, N, D) -> (B,).
+
+    Computed in float32: the target usually comes from the cache in float16 and the projection in bf16.
+    """
+    cosine = (F.normalize(projected.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1)
+    return -cosine.mean(dim=-1)
+
+
+@dataclass
+class LossTerms:
+    """Per-sample terms of one forward pass; ``repa`` is None for a model without a projector."""
+
+    denoise: Tensor  # (B,)
+    repa: Tensor | None  # (B,) -cos, or None
+
+    def total(self, repa_lambda: float) -> Tensor:
+        """The scalar that is minimised: mean denoising loss + lambda * mean REPA loss."""
+        loss = self.denoise.mean()
+        if self.repa is not None:
+            loss = loss + repa_lambda * self.repa.mean()
+        return loss
+
+    def cosine(self) -> Tensor:
+        """Per-sample REPA cosine (zeros without REPA), detached, for logging."""
+        return torch.zeros_like(self.denoise) if self.repa is None else -self.repa.detach()
+
+
+def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, target: Tensor | None) -> LossTerms:
+    """Both losses for clean latents ``x``, path noise ``noise`` and times ``t``.
+
+    ``forward(x_t, t, **cond) -> (velocity, projected tokens or None)`` is the model; ``target`` the
+    frozen encoder's tokens for the REPA loss (unused when the model has no projector).
+    """
+    x_t, v = interpolate(x, noise, t)
+    pred, projected = forward(x_t, t, **cond)
+    repa = repa_loss_per_sample(projected, target) if projected is not None else None
+    return LossTerms(denoise_loss_per_sample(pred, v), repa)
+
+
+def bin_by_t(values: Tensor, t: Tensor, bins: int = NUM_T_BINS) -> tuple[Tensor, Tensor]:
+    """(sum per bin, count per bin) of per-sample values, bins of equal width over t in [0, 1]."""
+    idx = (t.float() * bins).long().clamp_(0, bins - 1)
+    sums = torch.zeros(bins, device=values.device, dtype=torch.float64).index_add_(0, idx, values.double())
+    counts = torch.zeros(bins, device=values.device, dtype=torch.float64).index_add_(
+        0, idx, torch.ones_like(values, dtype=torch.float64)
+    )
+    return sums, counts
