@@ -27,6 +27,7 @@ import tensorstore as ts
 import zarr
 
 from .errors import CacheError
+from .integrity import check_part_files, damaged
 from .layout import PART_SUFFIX, PARTS_DIR, Field
 from .manifest import Manifest, field_from_json, read_manifest
 
@@ -40,6 +41,7 @@ class _ProcessState:
     stores: dict[tuple[int, str], ts.TensorStore] = field(default_factory=dict)
     small: dict[str, np.ndarray] = field(default_factory=dict)
     text_spans: tuple[np.ndarray, np.ndarray] | None = None  # per sample: first token row in its part, count
+    checked: set[int] = field(default_factory=set)  # parts whose files were checked against their records
 
 
 class FastReader:
@@ -78,27 +80,41 @@ class FastReader:
     def _array_path(self, part: int, name: str) -> Path:
         return self.cache_dir / PARTS_DIR / f"{self.part_names[part]}{PART_SUFFIX}" / name
 
+    def _check(self, part: int) -> None:
+        """Compare a part's files with its record once per process: a missing file must never be
+        read as zeros (zarr-python fills missing chunks), a truncated one never be trusted."""
+        state = self._process()
+        if part not in state.checked:
+            check_part_files(self.cache_dir, self.manifest.parts[part])
+            state.checked.add(part)
+
     def _store(self, part: int, name: str) -> ts.TensorStore:
         state = self._process()
         handle = state.stores.get((part, name))
         if handle is None:
+            self._check(part)
             spec = {
                 "driver": "zarr3",
                 "kvstore": {"driver": "file", "path": str(self._array_path(part, name))},
                 # Committed parts never change: never revalidate what tensorstore has read.
                 "recheck_cached_data": False,
                 "recheck_cached_metadata": False,
+                # A chunk that is not there is an error, not zeros (a deleted or half-copied file).
+                "fill_missing_data_reads": False,
             }
             try:
                 handle = ts.open(spec, read=True, context=state.context).result()
             except ValueError as e:  # tensorstore reports missing or damaged arrays as ValueError
-                path = self._array_path(part, name)
-                raise CacheError(f"{path}: cannot be opened ({e}); run `repa cache verify`") from e
+                raise damaged(self.manifest.parts[part], f"{name} cannot be opened ({e})") from None
             state.stores[(part, name)] = handle
         return handle
 
     def _read_whole(self, part: int, name: str) -> np.ndarray:
-        return zarr.open_array(str(self._array_path(part, name)), mode="r")[:]
+        self._check(part)
+        try:
+            return zarr.open_array(str(self._array_path(part, name)), mode="r")[:]
+        except Exception as e:  # a crc32c mismatch, undecodable bytes
+            raise damaged(self.manifest.parts[part], f"{name} cannot be read ({type(e).__name__}: {e})") from None
 
     def _read_small(self, name: str) -> np.ndarray:
         """A whole small array (one entry per sample), all parts concatenated, cached per process."""
@@ -164,8 +180,7 @@ class FastReader:
             out = self._check_out(out, (len(row),) + f.inner_shape, f.dtype, name)
             pending += self._scatter(name, part, row, np.arange(len(row)), out)
             result[name] = out
-        for future in pending:
-            future.result()
+        self._wait(pending)
         return result
 
     def text_lengths(self, ids: np.ndarray) -> np.ndarray:
@@ -211,8 +226,7 @@ class FastReader:
                 target[...] = 0
             flat = target.reshape((-1,) + target.shape[len(lead) :])
             pending += self._scatter(name, part[sample], src_rows, dest, flat)
-        for future in pending:
-            future.result()
+        self._wait(pending)
         return tokens, scales, lengths
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -237,9 +251,20 @@ class FastReader:
             raise ValueError(f"out for {name}: got {out.dtype}{out.shape}, want a C-contiguous {np_dtype}{shape}")
         return out
 
+    def _wait(self, pending: list[tuple[ts.Future, int, str]]) -> None:
+        """Wait for every read; a failed one (missing chunk, crc32c mismatch) names its part and field."""
+        error = None
+        for future, part, name in pending:
+            try:
+                future.result()
+            except ValueError as e:
+                error = error or damaged(self.manifest.parts[part], f"{name} cannot be read ({e})")
+        if error is not None:
+            raise error
+
     def _scatter(
         self, name: str, part: np.ndarray, src: np.ndarray, dest: np.ndarray, out: np.ndarray
-    ) -> list[ts.Future]:
+    ) -> list[tuple[ts.Future, int, str]]:
         """Start reading rows ``src`` (of parts ``part``) of a sharded array into ``out[dest]``.
 
         One orthogonal-index read per part, written through an array view of ``out``: tensorstore
@@ -251,5 +276,5 @@ class FastReader:
         futures = []
         for p in np.unique(part):
             sel = np.flatnonzero(part == p)
-            futures.append(target.oindex[dest[sel]].write(self._store(int(p), name).oindex[src[sel]]))
+            futures.append((target.oindex[dest[sel]].write(self._store(int(p), name).oindex[src[sel]]), int(p), name))
         return futures

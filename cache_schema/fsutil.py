@@ -1,11 +1,31 @@
-"""Durable file operations: a commit is only a commit once it survives a power cut."""
+"""Durable file operations: a commit is only a commit once it survives a power cut.
+
+Also the cache's advisory lock. Files are created with the permissions the umask gives (a teammate
+in the same group can read a cache), not the 0600 of ``tempfile.mkstemp``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
+
+from .errors import CacheError
+from .layout import LOCK_NAME
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
 
 
 def fsync_dir(path: Path) -> None:
@@ -33,6 +53,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -46,4 +67,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path) -> Iterator[None]:
+    """The cache's advisory lock (flock), held for the short critical sections of writers: creating the
+    manifest, claiming parts, committing and dropping parts. A dead holder's lock is released by the OS."""
+    lock_path = Path(cache_dir) / LOCK_NAME
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def disk_full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error(what: Path, e: OSError, after: str) -> CacheError:
+    """A one-line error for a failed write: full disk, permissions, anything else."""
+    if disk_full(e):
+        return CacheError(f"{what}: no space left on the device (or quota exceeded); free space and {after}")
+    return CacheError(f"{what}: cannot write ({e.strerror or e}); fix the cause and {after}")

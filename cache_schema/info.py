@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from .manifest import Manifest, field_from_json
 
 
@@ -13,10 +11,6 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def skip_reasons(manifest: Manifest) -> Counter:
-    return Counter(s["reason"].split(":")[0] for s in manifest.skipped)
 
 
 def _src(m: Manifest, role: str) -> str:
@@ -34,7 +28,8 @@ def describe(manifest: Manifest) -> list[str]:
     lines = [
         f"samples      {m.num_samples}",
         f"parts        {len(m.parts)}",
-        f"skipped      {len(m.skipped)}" + "".join(f"  {r}={c}" for r, c in sorted(skip_reasons(m).items())),
+        f"skipped      {len(m.skipped)}" + "".join(f"  {r}={c}" for r, c in sorted(m.skip_counts().items())),
+        f"status       {m.completeness()}",
         f"fingerprint  {m.fingerprint}  (schema v{m.schema_version})",
         f"resolution   {s['resolution']}  crop={s['crop']}  dtype={s['dtype']}  codec={s['feature_codec']}",
         f"vae          {_src(m, 'vae')}  latent {m.latent['channels']}x{m.latent['size']}x{m.latent['size']}"

@@ -3,16 +3,20 @@
 A cache directory looks like::
 
     CACHE/
-      manifest.json            settings, fingerprint, committed parts, skipped samples, statistics
-      .manifest.lock           advisory lock serialising manifest updates across processes
+      manifest.json            settings, fingerprint, encoders, geometry, fields, the input shards asked for
+      .manifest.lock           advisory lock (flock) for the short critical sections of writers
+      records/<part>.json      the commit record of a part: counts, files and their sizes, skips, statistics
+      claims/<part>.json       the lease of the process encoding a part (host, pid, last heartbeat)
       parts/
         <part>.zarr/           one zarr v3 group per input shard, written by exactly one process
-        .tmp-<part>-....zarr/  a part being written; never read, removed on the next run
+        .tmp-<part>-....zarr/  a part being written; never read
 
-Every array in a part has the sample (or, for ragged text, the token) as its first axis.
-Per-sample feature arrays use zarr v3 sharding: one sample per inner chunk, ``shard_size``
-samples per shard file, no compression (float16 features are nearly incompressible and
-compression halves read speed), so a reader fetches any single sample with one small read.
+A part exists for readers exactly when its record exists. Every array in a part has the sample
+(or, for ragged text, the token) as its first axis. Per-sample feature arrays use zarr v3
+sharding: one sample per inner chunk, ``shard_size`` samples per shard file, no compression
+(float16 features are nearly incompressible and compression halves read speed), so a reader
+fetches any single sample with one small read. Every chunk ends with a crc32c checksum (the
+zarr v3 ``crc32c`` codec), which zarr-python and tensorstore verify on every read.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"
 PARTS_DIR = "parts"
+RECORDS_DIR = "records"
+CLAIMS_DIR = "claims"
 PART_SUFFIX = ".zarr"
+RECORD_SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
 
 FEATURE_CODECS = ("fp16", "int8")
 DEFAULT_SHARD_SIZE = 1024
@@ -93,13 +101,12 @@ def cache_fields(
     return {f.name: f for f in fields}
 
 
-def part_name(source_url: str) -> str:
-    """A stable, filesystem-safe part name for an input shard: its stem plus a hash of the full URL.
-
-    The hash keeps two inputs with the same file name in different folders apart.
-    """
+def part_name(source_url: str, source_id: str) -> str:
+    """A stable, filesystem-safe part name for an input shard: its file stem plus a hash of its content
+    identity (``cache_schema.sources.source_id``), so the same tar reached by two spellings of its path
+    is one part, and two different tars with the same file name are two."""
     stem = re.split(r"[/\\]", source_url.rstrip("/ |"))[-1]
     stem = re.sub(r"\.(tar|tgz|tar\.gz)$", "", stem)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80] or "shard"
-    digest = hashlib.sha1(source_url.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(source_id.encode()).hexdigest()[:8]
     return f"{stem}-{digest}"

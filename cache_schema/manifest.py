@@ -1,25 +1,27 @@
-"""The manifest: what a cache holds, how it was made, and which parts are committed.
+"""The manifest and the part records: what a cache holds, how it was made, which parts are committed.
 
-The manifest is the single source of truth for readers. Writers update it under an advisory
-file lock (``fcntl.flock`` on ``.manifest.lock``) with an atomic replace, so any number of
-processes, on one machine or several sharing a POSIX filesystem, may commit parts concurrently.
+``manifest.json`` holds what is true of the whole cache (settings and their fingerprint, encoders,
+latent/DINOv2/text geometry, fields, and the input shards any encode was asked for). Each committed
+part has its own record, ``records/<part>.json``: committing a part writes one small file, whatever
+the number of parts already there, and readers see a part exactly when its record exists. Reading
+a manifest loads both; global sample ids run over parts in name order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from .errors import CacheError
-from .fsutil import atomic_write_json
-from .layout import LOCK_NAME, MANIFEST_NAME, SCHEMA_VERSION, Field
+from .fsutil import atomic_write_json, cache_lock
+from .layout import MANIFEST_NAME, RECORD_SUFFIX, RECORDS_DIR, SCHEMA_VERSION, Field
 
 # Settings that change the stored features. Two caches agree on these or they are different caches.
 FINGERPRINT_KEYS = (
@@ -58,32 +60,49 @@ def _short(v) -> str:
 
 @dataclass
 class PartRecord:
+    """What a committed part holds; written to ``records/<name>.json`` (and the part's group attributes)."""
+
     name: str
-    source: str
+    source: str  # the input shard as it was given
     num_samples: int
+    source_id: str = ""  # content identity of the input shard (cache_schema.sources)
     num_text_tokens: int = 0
     bytes: int = 0
     skipped: int = 0
+    skips: list[dict] = field(default_factory=list)  # key, source, index, reason of each skipped sample
+    complete: bool = True  # the source was read to its end without error and without a sample limit
+    samples_read: int = 0  # samples met in the source (encoded + skipped)
+    files: dict[str, int] = field(default_factory=dict)  # every file of the part (relative path) -> bytes
     latent_sum: list[float] = field(default_factory=list)
     latent_sumsq: list[float] = field(default_factory=list)
     latent_count: int = 0
-    writer: str = ""
+    writer: str = ""  # the temporary directory it was written in (host, pid, unique id)
+    committed: str = ""
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str) -> PartRecord:
+        known = {f.name for f in fields(cls)}
+        missing = [k for k in ("name", "source", "num_samples") if k not in obj]
+        if missing or not isinstance(obj.get("files", {}), dict):
+            raise CacheError(f"{where}: not a part record (missing {', '.join(missing) or 'files'}); "
+                             "rerun the encode command with --repair to redo the part")
+        return cls(**{k: v for k, v in obj.items() if k in known})
 
 
 @dataclass
 class Manifest:
     settings: dict
-    latent: dict  # channels, size, scaling_factor, shift_factor, mean, std
-    dino: dict  # model, dim, tokens, grid, registers
-    text: dict | None  # model, dim, max_tokens, or None without a text encoder
-    fields: dict  # name -> {dtype, shape, per_sample, doc}
+    latent: dict  # channels, size, downsample, scaling_factor, shift_factor (+ mean, std over the parts)
+    dino: dict  # dim, tokens, grid, registers
+    text: dict | None  # dim, kind, max_tokens, or None without a text encoder
+    fields: dict  # name -> {dtype, shape, per_sample, sharded, doc}
     encoders: dict = field(default_factory=dict)  # role -> {id, subfolder, revision}: where to load them again
     fingerprint: str = ""
     schema_version: int = SCHEMA_VERSION
-    parts: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
+    sources: dict = field(default_factory=dict)  # part name -> {url, id}: every input shard an encode asked for
     created: str = ""
     updated: str = ""
+    parts: list[dict] = field(default_factory=list)  # the part records, in name order (not in manifest.json)
 
     # -- derived views -------------------------------------------------------------------------
     @property
@@ -98,11 +117,40 @@ class Manifest:
     def shard_size(self) -> int:
         return self.settings["shard_size"]
 
+    @property
+    def skipped(self) -> list[dict]:
+        return [s for p in self.parts for s in p.get("skips", [])]
+
+    def skip_counts(self) -> Counter:
+        return Counter(s["reason"].split(":")[0] for s in self.skipped)
+
     def part_names(self) -> list[str]:
         return [p["name"] for p in self.parts]
 
     def has_part(self, name: str) -> bool:
         return any(p["name"] == name for p in self.parts)
+
+    def incomplete_parts(self) -> list[dict]:
+        """Committed parts whose source was not read to its end (a break, a sample limit)."""
+        return [p for p in self.parts if not p.get("complete", True)]
+
+    def missing_sources(self) -> list[str]:
+        """Input shards an encode was asked for that have no committed part yet (part names)."""
+        done = set(self.part_names())
+        return sorted(name for name in self.sources if name not in done)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_sources() and not self.incomplete_parts()
+
+    def completeness(self) -> str:
+        """One line saying what is missing, or that nothing is."""
+        missing, short = self.missing_sources(), self.incomplete_parts()
+        if not missing and not short:
+            return f"complete: {len(self.parts)} of {len(self.sources) or len(self.parts)} input shards committed"
+        return (f"incomplete: {len(missing)} of {len(self.sources)} input shards not committed"
+                + (f" (first: {self.sources[missing[0]]['url']})" if missing else "")
+                + (f", {len(short)} part(s) cut short (first: {short[0]['name']})" if short else ""))
 
     def bytes_per_sample(self) -> dict[str, float]:
         """Mean stored bytes per sample for each field (ragged text counted over its real tokens)."""
@@ -119,15 +167,9 @@ class Manifest:
             out[name] = f.bytes_per_row * rows / n
         return out
 
-    # -- mutation (call inside locked_update) --------------------------------------------------
-    def add_part(self, rec: PartRecord, skipped: list[dict]) -> None:
-        if self.has_part(rec.name):
-            raise CacheError(f"part {rec.name} is already committed; refusing to record it twice")
-        self.parts.append(asdict(rec))
-        self.skipped.extend(skipped)
-        self._update_latent_stats()
-
-    def _update_latent_stats(self) -> None:
+    def with_parts(self, parts: list[dict]) -> Manifest:
+        """This manifest seeing ``parts`` (sorted by name), with latent statistics over them."""
+        self.parts = sorted(parts, key=lambda p: p["name"])
         c = self.latent["channels"]
         s, ss, n = [0.0] * c, [0.0] * c, 0
         for p in self.parts:
@@ -135,18 +177,27 @@ class Manifest:
                 s = [a + b for a, b in zip(s, p["latent_sum"])]
                 ss = [a + b for a, b in zip(ss, p["latent_sumsq"])]
                 n += p["latent_count"]
-        if n:
-            mean = [a / n for a in s]
-            self.latent["mean"] = mean
-            self.latent["std"] = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean)]
+        mean = [a / n for a in s] if n else None
+        std = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean)] if n else None
+        self.latent = {**self.latent, "mean": mean, "std": std}
+        return self
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["parts"]
+        out["latent"] = {k: v for k, v in out["latent"].items() if k not in ("mean", "std")}
+        return out
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Manifest":
-        return cls(**obj)
+    def from_json(cls, obj: dict, where: str = MANIFEST_NAME) -> Manifest:
+        required = {"settings": dict, "latent": dict, "dino": dict, "fields": dict}
+        wrong = [k for k, t in required.items() if not isinstance(obj.get(k), t)]
+        if wrong or not isinstance(obj.get("sources", {}), dict):
+            raise CacheError(f"{where}: not a cache manifest ({', '.join(wrong) or 'sources'} missing or of the "
+                             "wrong type); restore it from a copy or re-encode with --overwrite")
+        known = {f.name for f in fields(cls)} - {"parts"}
+        return cls(**{k: v for k, v in obj.items() if k in known})
 
 
 def field_to_json(f: Field) -> dict:
@@ -161,46 +212,71 @@ def manifest_path(cache_dir: Path) -> Path:
     return Path(cache_dir) / MANIFEST_NAME
 
 
-def read_manifest(cache_dir: Path) -> Manifest:
+def record_path(cache_dir: Path, part: str) -> Path:
+    return Path(cache_dir) / RECORDS_DIR / f"{part}{RECORD_SUFFIX}"
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{path}: unreadable {what} ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise CacheError(f"{path}: not a {what} (a JSON object is expected); {fix}")
+    return obj
+
+
+def read_manifest_only(cache_dir: Path) -> Manifest:
+    """manifest.json alone, without the part records."""
     path = manifest_path(cache_dir)
     if not Path(cache_dir).is_dir():
         raise CacheError(f"{cache_dir}: no such cache directory; create one with `repa encode --cache {cache_dir}`")
     if not path.is_file():
-        raise CacheError(f"{path}: no manifest; this is not a finished cache (run `repa encode` into it first)")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CacheError(f"{path}: unreadable manifest ({e}); restore it or re-encode with --overwrite") from e
+        raise CacheError(f"{path}: no manifest; this is not a cache yet (run `repa encode` into it first)")
+    obj = _read_json(path, "manifest", "restore it from a copy or re-encode with --overwrite")
     version = obj.get("schema_version")
     if version != SCHEMA_VERSION:
         raise CacheError(
             f"{path}: cache schema version {version}, this tool reads version {SCHEMA_VERSION}; re-encode the cache"
         )
-    return Manifest.from_json(obj)
+    return Manifest.from_json(obj, str(path))
 
 
-@contextlib.contextmanager
-def manifest_lock(cache_dir: Path) -> Iterator[None]:
-    lock_path = Path(cache_dir) / LOCK_NAME
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def read_records(cache_dir: Path) -> list[dict]:
+    """Every committed part's record (unsorted)."""
+    folder = Path(cache_dir) / RECORDS_DIR
+    if not folder.is_dir():
+        return []
+    out = []
+    for entry in os.scandir(folder):
+        if entry.name.endswith(RECORD_SUFFIX) and not entry.name.startswith("."):
+            path = Path(entry.path)
+            obj = _read_json(path, "part record", "rerun the encode command with --repair to redo the part")
+            out.append(asdict(PartRecord.from_json(obj, str(path))))
+    return out
 
 
-def locked_update(cache_dir: Path, fn: Callable[[Manifest | None], Manifest]) -> Manifest:
-    """Read-modify-write the manifest under the lock; fn gets None when there is no manifest yet."""
-    with manifest_lock(cache_dir):
-        path = manifest_path(cache_dir)
-        current = read_manifest(cache_dir) if path.exists() else None
+def read_manifest(cache_dir: Path) -> Manifest:
+    """The manifest with every committed part."""
+    return read_manifest_only(cache_dir).with_parts(read_records(cache_dir))
+
+
+def write_record(cache_dir: Path, rec: PartRecord) -> None:
+    path = record_path(cache_dir, rec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, asdict(rec))
+
+
+def update_manifest(cache_dir: Path, fn: Callable[[Manifest | None], Manifest]) -> Manifest:
+    """Read-modify-write manifest.json under the cache lock; ``fn`` gets None when there is none yet."""
+    with cache_lock(cache_dir):
+        current = read_manifest_only(cache_dir) if manifest_path(cache_dir).exists() else None
         new = fn(current)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         new.created = new.created or now
         new.updated = now
-        atomic_write_json(path, new.to_json())
-        return new
+        atomic_write_json(manifest_path(cache_dir), new.to_json())
+    return new
 
 
 def new_manifest(
@@ -219,7 +295,7 @@ def new_manifest(
     settings = {**settings, "schema_version": SCHEMA_VERSION}
     return Manifest(
         settings=settings,
-        latent=latent,
+        latent={k: v for k, v in latent.items() if k not in ("mean", "std")},
         dino=dino,
         text=text,
         fields={name: field_to_json(f) for name, f in fields.items()},

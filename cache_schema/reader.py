@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from .codec import dequantize_int8_numpy
-from .errors import CacheError
+from .integrity import check_part_files, damaged
 from .layout import PART_SUFFIX, PARTS_DIR
 from .manifest import Manifest, read_manifest
 
@@ -31,6 +31,7 @@ class CacheReader:
         self.manifest: Manifest = read_manifest(self.cache_dir)
         self.parts: list[dict] = list(self.manifest.parts)
         self.offsets = np.cumsum([0] + [p["num_samples"] for p in self.parts]).tolist()
+        self._index = {p["name"]: i for i, p in enumerate(self.parts)}
         self._groups: dict[str, zarr.Group] = {}
 
     def __len__(self) -> int:
@@ -43,13 +44,19 @@ class CacheReader:
     def part_path(self, name: str) -> Path:
         return self.cache_dir / PARTS_DIR / f"{name}{PART_SUFFIX}"
 
+    def record(self, name: str) -> dict:
+        return self.parts[self._index[name]]
+
     def group(self, name: str) -> zarr.Group:
+        """A part's zarr group, once its files were checked against its record (missing chunk files
+        would otherwise read as zeros)."""
         if name not in self._groups:
-            path = self.part_path(name)
+            rec = self.record(name)
+            check_part_files(self.cache_dir, rec)
             try:
-                self._groups[name] = zarr.open_group(str(path), mode="r")
-            except Exception as e:  # FileNotFoundError, or zarr's own errors for a damaged group
-                raise CacheError(f"{path}: part listed in the manifest cannot be opened ({e}); run `repa cache verify`") from e
+                self._groups[name] = zarr.open_group(str(self.part_path(name)), mode="r")
+            except Exception as e:  # zarr's own errors for a damaged group
+                raise damaged(rec, f"cannot be opened ({type(e).__name__}: {e})") from None
         return self._groups[name]
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -61,46 +68,49 @@ class CacheReader:
 
     def read(self, part: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of one field of one part, as stored (int8 stays int8)."""
-        return self.group(part)[field][start:stop]
+        arr = self.group(part)[field]
+        try:
+            return arr[start:stop]
+        except ValueError as e:  # a chunk whose crc32c does not match, or undecodable bytes
+            raise damaged(self.record(part), f"{field} rows {start}:{stop} cannot be read ({e})") from None
 
     def small_fields(self, part: str) -> dict[str, np.ndarray]:
         """The per-sample metadata arrays of a part (keys, captions, labels, source indices)."""
-        g = self.group(part)
-        return {name: g[name][:] for name in SMALL_FIELDS}
+        return {name: self.read(part, name) for name in SMALL_FIELDS}
 
     @cached_property
     def keys(self) -> np.ndarray:
         """Every sample key in global-id order (one read per part)."""
         if not self.parts:
             return np.array([], dtype=str)
-        return np.concatenate([self.group(p["name"])["key"][:] for p in self.parts])
+        return np.concatenate([self.read(p["name"], "key") for p in self.parts])
 
     def text_tokens(self, part: str, row: int) -> np.ndarray | None:
         if self.manifest.text is None:
             return None
-        g = self.group(part)
-        a, b = g["text_offsets"][row : row + 2]
-        tokens = g["text"][a:b]
-        if "text_scale" in g:
-            tokens = dequantize_int8_numpy(tokens, g["text_scale"][a:b])
+        a, b = self.read(part, "text_offsets", row, row + 2)
+        tokens = self.read(part, "text", a, b)
+        if self.manifest.codec == "int8":
+            tokens = dequantize_int8_numpy(tokens, self.read(part, "text_scale", a, b))
         return tokens
 
     def sample(self, index: int) -> dict:
         """One sample with features decoded to float16 (reference path; slow, for checks and tools)."""
         p, row = self.locate(index)
-        part = self.parts[p]
-        g = self.group(part["name"])
-        out = {name: g[name][row] for name in SMALL_FIELDS}
+        name = self.parts[p]["name"]
+        out = {field: self.read(name, field, row, row + 1)[0] for field in SMALL_FIELDS}
         out["key"], out["caption"] = str(out["key"]), str(out["caption"])
-        out["source"] = part["source"]
-        out["moments"] = g["moments"][row]
-        dino = g["dino"][row]
-        out["dino"] = dequantize_int8_numpy(dino, g["dino_scale"][row]) if "dino_scale" in g else dino
-        out["text"] = self.text_tokens(part["name"], row)
+        out["source"] = self.parts[p]["source"]
+        out["moments"] = self.read(name, "moments", row, row + 1)[0]
+        dino = self.read(name, "dino", row, row + 1)[0]
+        if self.manifest.codec == "int8":
+            dino = dequantize_int8_numpy(dino, self.read(name, "dino_scale", row, row + 1)[0])
+        out["dino"] = dino
+        out["text"] = self.text_tokens(name, row)
         return out
 
     def iter_chunks(self, part: str, field: str, rows: int) -> Iterator[np.ndarray]:
         """Whole-chunk sequential reads of one field, ``rows`` at a time."""
-        arr = self.group(part)[field]
-        for start in range(0, arr.shape[0], rows):
-            yield arr[start : start + rows]
+        n = self.group(part)[field].shape[0]
+        for start in range(0, n, rows):
+            yield self.read(part, field, start, start + rows)

@@ -1,37 +1,44 @@
-"""Writing one part of a cache: buffered, shard-aligned, committed atomically.
+"""Writing a cache: starting an encode, claiming parts, writing one part, committing or dropping it.
 
-A part is written into ``parts/.tmp-<name>-<unique>.zarr``. Sharded arrays are written one whole
-shard file at a time (zarr-python rewrites a shard on every partial write, and concurrent partial
-writers lose data), so rows are buffered until a shard is full. ``commit`` flushes the rest, stores
-the part record in the group attributes, fsyncs every file, renames the directory to
-``parts/<name>.zarr`` and records the part in the manifest. A part directory without the ``.tmp-``
-prefix is therefore always complete; a crash leaves only ``.tmp-`` directories, which the next
-run deletes.
+A part is written into ``parts/.tmp-<name>-<owner>.zarr`` by the one process that claimed it
+(``cache_schema.claims``). Sharded arrays are written one whole shard file at a time (zarr-python
+rewrites a shard on every partial write, and concurrent partial writers lose data), so rows are
+buffered until a shard is full. ``commit`` flushes the rest, lists every file with its size, stores
+the record in the group attributes, fsyncs everything, and then, under the cache lock and only if
+the writer still owns its claim, renames the directory to ``parts/<name>.zarr`` and writes
+``records/<name>.json``: the record is the commit. A crash leaves a ``.tmp-`` directory (deleted by
+the next claimer of that part) or, between the rename and the record, a published directory whose
+record the next claimer restores from its attributes.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import uuid
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
+from . import claims
+from .claims import Owner
 from .errors import CacheError
-from .fsutil import fsync_dir, fsync_tree
+from .fsutil import cache_lock, fsync_dir, fsync_tree, write_error
 from .layout import (
+    CLAIMS_DIR,
     MANIFEST_NAME,
     PART_SUFFIX,
     PARTS_DIR,
+    RECORDS_DIR,
     TEXT_CHUNK_TOKENS,
     TMP_PREFIX,
+    TRASH_PREFIX,
     Field,
 )
-from .manifest import Manifest, PartRecord, locked_update, settings_diff
+from .manifest import Manifest, PartRecord, read_records, record_path, settings_diff, update_manifest, write_record
 
 _PLAIN_CHUNK = 65536  # rows per chunk of the small per-sample arrays (keys, labels, offsets)
 
@@ -40,25 +47,40 @@ def _zarr_dtype(f: Field):
     return str if f.dtype == "str" else f.dtype
 
 
+def part_path(cache_dir: Path, name: str) -> Path:
+    return Path(cache_dir) / PARTS_DIR / f"{name}{PART_SUFFIX}"
+
+
+def list_files(root: Path) -> dict[str, int]:
+    """Every file below a part directory except the group's own metadata, relative path -> size."""
+    out = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if rel != "zarr.json":
+                out[rel] = os.path.getsize(path)
+    return out
+
+
 class PartWriter:
     """Writes one part. Not thread-safe: one writer thread owns it from creation to commit."""
 
-    def __init__(self, cache_dir: Path, name: str, source: str, fields: dict[str, Field], shard_size: int):
+    def __init__(self, cache_dir: Path, name: str, source: str, fields: dict[str, Field], shard_size: int,
+                 source_id: str = "", owner: Owner | None = None):
         self.cache_dir = Path(cache_dir)
-        self.name = name
-        self.source = source
+        self.name, self.source, self.source_id = name, source, source_id
         self.fields = fields
         self.shard_size = shard_size
+        self.owner = owner  # the claim holder; None for a writer that claims nothing (a sole writer)
+        unique = (owner or Owner.here()).id
         self.text_shard_tokens = TEXT_CHUNK_TOKENS * shard_size
         parts = self.cache_dir / PARTS_DIR
         parts.mkdir(parents=True, exist_ok=True)
-        unique = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp_path = parts / f"{TMP_PREFIX}{name}-{unique}{PART_SUFFIX}"
-        self.final_path = parts / f"{name}{PART_SUFFIX}"
+        self.final_path = part_path(self.cache_dir, name)
         self.group = zarr.open_group(str(self.tmp_path), mode="w-")
-        self.arrays: dict[str, zarr.Array] = {}
-        for f in fields.values():
-            self.arrays[f.name] = self._create(f)
+        self.arrays: dict[str, zarr.Array] = {f.name: self._create(f) for f in fields.values()}
         self._plain: dict[str, list] = {f.name: [] for f in fields.values() if not f.sharded}
         self._buf: dict[str, list[np.ndarray]] = {f.name: [] for f in fields.values() if f.sharded}
         self._buffered: dict[str, int] = {name: 0 for name in self._buf}
@@ -74,8 +96,10 @@ class PartWriter:
             self._plain["text_offsets"].append(0)
 
     def _create(self, f: Field) -> zarr.Array:
+        # Every chunk carries a crc32c: zarr-python and tensorstore check it on every read.
         if not f.sharded:
-            return self.group.create_array(f.name, shape=(0,) + f.inner_shape, dtype=_zarr_dtype(f), chunks=(_PLAIN_CHUNK,))
+            return self.group.create_array(f.name, shape=(0,) + f.inner_shape, dtype=_zarr_dtype(f),
+                                           chunks=(_PLAIN_CHUNK,), compressors=[Crc32cCodec()])
         if f.per_sample:
             chunk, shard = (1,) + f.inner_shape, (self.shard_size,) + f.inner_shape
         else:  # ragged text tokens: a chunk is a run of tokens
@@ -87,7 +111,7 @@ class PartWriter:
             dtype=f.dtype,
             chunks=chunk,
             shards=shard,
-            compressors=None,
+            compressors=[Crc32cCodec()],
             fill_value=0,
             # Every chunk is written, so skip zarr's scan for all-fill chunks (measured 1.5-2x faster).
             config={"write_empty_chunks": True},
@@ -173,90 +197,142 @@ class PartWriter:
         self._written[name] = start + count
 
     # -- finishing -----------------------------------------------------------------------------
-    def commit(self, attrs: dict | None = None) -> Manifest:
-        """Flush, make durable, publish under the final name and record in the manifest."""
-        for name in self._buf:
-            self._flush(name, self._buffered[name])
-        for name, vals in self._plain.items():
-            arr = self.arrays[name]
-            if vals:
-                arr.resize((len(vals),))
-                arr[:] = np.asarray(vals, dtype=str if self.fields[name].dtype == "str" else self.fields[name].dtype)
-        rec = PartRecord(
-            name=self.name,
-            source=self.source,
-            num_samples=self._num_samples,
-            num_text_tokens=self._text_tokens,
-            bytes=_tree_bytes(self.tmp_path),
-            skipped=len(self._skipped),
-            latent_sum=[] if self._latent_sum is None else self._latent_sum.tolist(),
-            latent_sumsq=[] if self._latent_sumsq is None else self._latent_sumsq.tolist(),
-            latent_count=self._latent_count,
-            writer=self.tmp_path.name,
-        )
-        self.group.attrs.update({"part": asdict(rec), "skipped": self._skipped, **(attrs or {})})
-        fsync_tree(self.tmp_path)
-        if self.final_path.exists():
-            raise CacheError(f"{self.final_path}: part already committed by another writer; not overwriting it")
-        os.rename(self.tmp_path, self.final_path)
-        fsync_dir(self.final_path.parent)
-        return record_committed_part(self.cache_dir, rec, self._skipped)
+    def commit(self, complete: bool = True, samples_read: int | None = None) -> PartRecord:
+        """Flush, make durable, then publish under the final name and write the record (the commit).
+
+        ``complete``: the source was read to its end without error or sample limit. Raises
+        CacheError, and deletes the work, when another process has taken over the claim.
+        """
+        try:
+            for name in self._buf:
+                self._flush(name, self._buffered[name])
+            for name, vals in self._plain.items():
+                arr = self.arrays[name]
+                if vals:
+                    arr.resize((len(vals),))
+                    arr[:] = np.asarray(vals, dtype=_zarr_dtype(self.fields[name]))
+            files = list_files(self.tmp_path)
+            rec = PartRecord(
+                name=self.name, source=self.source, source_id=self.source_id, num_samples=self._num_samples,
+                num_text_tokens=self._text_tokens, bytes=sum(files.values()), skipped=len(self._skipped),
+                skips=self._skipped, complete=complete,
+                samples_read=self._num_samples + len(self._skipped) if samples_read is None else samples_read,
+                files=files,
+                latent_sum=[] if self._latent_sum is None else self._latent_sum.tolist(),
+                latent_sumsq=[] if self._latent_sumsq is None else self._latent_sumsq.tolist(),
+                latent_count=self._latent_count, writer=self.tmp_path.name,
+                committed=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            )
+            self.group.attrs.update({"part": asdict(rec)})
+            fsync_tree(self.tmp_path)
+        except OSError as e:
+            self.abort()
+            raise write_error(self.tmp_path, e, "rerun the same encode command (committed parts are kept)") from None
+        with cache_lock(self.cache_dir):
+            if self.owner is not None and not claims.owns(self.cache_dir, self.name, self.owner):
+                shutil.rmtree(self.tmp_path, ignore_errors=True)
+                raise CacheError(f"part {self.name}: another process took over its claim while this one was "
+                                 "writing it (stalled past the lease); this copy is discarded")
+            if record_path(self.cache_dir, self.name).exists() or self.final_path.exists():
+                shutil.rmtree(self.tmp_path, ignore_errors=True)
+                raise CacheError(f"{self.final_path}: part already committed by another writer; not overwriting it")
+            os.rename(self.tmp_path, self.final_path)
+            fsync_dir(self.final_path.parent)
+            write_record(self.cache_dir, rec)
+            if self.owner is not None:
+                claims.release(self.cache_dir, self.name, self.owner, locked=True)
+        return rec
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
 
-def record_committed_part(cache_dir: Path, rec: PartRecord, skipped: list[dict]) -> Manifest:
-    def add(m: Manifest | None) -> Manifest:
-        if m is None:
-            raise CacheError(f"{cache_dir}: manifest vanished while part {rec.name} was being written")
-        m.add_part(rec, skipped)
-        return m
+# -- the life of a cache and of its parts ---------------------------------------------------------
+def start_encode(cache_dir: Path, template: Manifest, overwrite: bool, sources: dict | None = None,
+                 lease_s: float = claims.DEFAULT_LEASE_S) -> Manifest:
+    """Prepare a cache directory for an encode; call from one process of a job before the others start.
 
-    return locked_update(cache_dir, add)
-
-
-def _tree_bytes(root: Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
-
-
-def start_encode(cache_dir: Path, template: Manifest, overwrite: bool) -> Manifest:
-    """Prepare a cache directory for an encode run; call from one process before the others start.
-
-    Creates the manifest, or checks that an existing one has the same fingerprint (refusing with
-    the differing settings named otherwise), removes leftovers of interrupted writers and records
-    parts that were published but not yet entered in the manifest when a process died.
+    Creates the manifest, or checks that an existing one has the same fingerprint (refusing with the
+    differing settings named otherwise), and registers ``sources`` (part name -> {url, id}), the input
+    shards this encode was asked for. ``overwrite`` deletes what the cache holds, refused while any
+    process is writing to it. Leftovers of crashed writers are cleaned by whoever claims their part.
     """
     cache_dir = Path(cache_dir)
     if overwrite and cache_dir.exists():
-        shutil.rmtree(cache_dir / PARTS_DIR, ignore_errors=True)
-        for name in (MANIFEST_NAME,):
-            (cache_dir / name).unlink(missing_ok=True)
+        busy = claims.live_claims(cache_dir, lease_s)
+        if busy:
+            part, holder = next(iter(busy.items()))
+            raise CacheError(f"{cache_dir}: --overwrite refused: {len(busy)} part(s) are being written, e.g. "
+                             f"{part} by {claims.describe_holder(holder)}; stop those encodes first")
+        for name in (PARTS_DIR, RECORDS_DIR, CLAIMS_DIR):
+            shutil.rmtree(cache_dir / name, ignore_errors=True)
+        (cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
     try:
-        (cache_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        for name in (PARTS_DIR, RECORDS_DIR, CLAIMS_DIR):
+            (cache_dir / name).mkdir(parents=True, exist_ok=True)
         probe = cache_dir / f"{TMP_PREFIX}probe-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise CacheError(f"{cache_dir}: cache directory is not writable ({e.strerror}); choose another --cache") from e
 
-    for tmp in (cache_dir / PARTS_DIR).glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
     def merge(m: Manifest | None) -> Manifest:
         if m is None:
-            return template
-        if m.fingerprint != template.fingerprint:
+            m = template
+        elif m.fingerprint != template.fingerprint:
             diff = "; ".join(settings_diff(m.settings, template.settings)) or "fingerprint"
             raise CacheError(
                 f"{cache_dir}: holds a cache made with other settings ({diff}); "
                 "use another --cache or pass --overwrite to start over"
             )
-        for part_dir in sorted((cache_dir / PARTS_DIR).glob(f"*{PART_SUFFIX}")):
-            name = part_dir.name[: -len(PART_SUFFIX)]
-            if not m.has_part(name):
-                attrs = zarr.open_group(str(part_dir), mode="r").attrs.asdict()
-                m.add_part(PartRecord(**attrs["part"]), attrs.get("skipped", []))
+        m.sources = {**m.sources, **(sources or {})}
         return m
 
-    return locked_update(cache_dir, merge)
+    return update_manifest(cache_dir, merge).with_parts(read_records(cache_dir))
+
+
+def settle_part(cache_dir: Path, name: str, owner: Owner) -> PartRecord | None:
+    """Call after claiming ``name``: delete what earlier, dead writers left of it, and return its
+    record if a published directory only lacked one (restored from its attributes), else None."""
+    cache_dir = Path(cache_dir)
+    parts = cache_dir / PARTS_DIR
+    for leftover in parts.glob(f"{TMP_PREFIX}{name}-*{PART_SUFFIX}"):
+        if not leftover.name.endswith(f"-{owner.id}{PART_SUFFIX}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    final = part_path(cache_dir, name)
+    if record_path(cache_dir, name).exists() or not final.exists():
+        return None
+    with cache_lock(cache_dir):
+        try:
+            attrs = zarr.open_group(str(final), mode="r").attrs.asdict()
+            rec = PartRecord.from_json(attrs["part"], str(final))
+            if list_files(final) != rec.files:
+                raise CacheError(f"{final}: files differ from its record")
+        except Exception:  # an unreadable leftover: nothing to restore
+            rec = None
+            trash = _trash(final)
+        else:
+            write_record(cache_dir, rec)
+    if rec is None and trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return rec
+
+
+def drop_part(cache_dir: Path, name: str) -> None:
+    """Uncommit a part: its record goes first (readers stop seeing it), then its directory.
+    The caller holds the part's claim."""
+    cache_dir = Path(cache_dir)
+    with cache_lock(cache_dir):
+        record_path(cache_dir, name).unlink(missing_ok=True)
+        fsync_dir(cache_dir / RECORDS_DIR)
+        trash = _trash(part_path(cache_dir, name))
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _trash(path: Path) -> Path | None:
+    if not path.exists():
+        return None
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.time_ns()}")
+    os.rename(path, trash)
+    return trash

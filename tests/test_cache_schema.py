@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from cache_schema import (
     CacheError,
@@ -23,7 +24,9 @@ from cache_schema import (
     start_encode,
     verify_cache,
 )
-from cache_schema.layout import PARTS_DIR, TMP_PREFIX
+from cache_schema.claims import Owner, claim
+from cache_schema.layout import PARTS_DIR, RECORDS_DIR, TMP_PREFIX
+from cache_schema.writer import settle_part
 from stages.core.codec import dequantize_int8, quantize_int8
 
 C, S, T, D, DT = 4, 8, 16, 12, 10  # latent channels, latent size, dino tokens, dino dim, text dim
@@ -123,7 +126,7 @@ def test_layout_is_sharded_one_sample_per_chunk_uncompressed(tmp_path):
     start_encode(tmp_path, m, overwrite=False)
     _write_part(tmp_path, m, "p", np.random.default_rng(1))
     arr = zarr.open_group(str(tmp_path / PARTS_DIR / "p.zarr"), mode="r")["dino"]
-    assert arr.chunks == (1, T, D) and arr.shards == (4, T, D) and arr.compressors == ()
+    assert arr.chunks == (1, T, D) and arr.shards == (4, T, D) and arr.compressors == (Crc32cCodec(),)  # no compression
     shard_files = sorted(os.listdir(tmp_path / PARTS_DIR / "p.zarr" / "dino" / "c"))
     assert shard_files == ["0", "1", "2"]  # 10 samples in shards of 4, each written once
 
@@ -146,29 +149,36 @@ def test_torch_codec_is_bit_identical_to_the_contracts_numpy_reference():
     assert np.array_equal(dequantize_int8(q, s, torch.float16).numpy(), dequantize_int8_numpy(q_ref, s_ref))
 
 
-def test_uncommitted_parts_are_invisible_and_cleaned_up(tmp_path):
+def test_uncommitted_parts_are_invisible_and_cleaned_up_by_the_next_claimer(tmp_path):
     m = _manifest("fp16")
     start_encode(tmp_path, m, overwrite=False)
-    w = PartWriter(tmp_path, "half", "/data/half.tar", _fields(m), shard_size=4)
+    first, second = Owner.here(), Owner.here()
+    assert claim(tmp_path, ["half"], first)[0] == ["half"]
+    w = PartWriter(tmp_path, "half", "/data/half.tar", _fields(m), shard_size=4, owner=first)
     w.append(_rows(np.random.default_rng(2), 5, 0, "fp16")[0])  # flushed one shard, not committed
     assert w.tmp_path.name.startswith(TMP_PREFIX) and w.tmp_path.exists()
     assert len(CacheReader(tmp_path)) == 0
-    start_encode(tmp_path, m, overwrite=False)  # what the next run does first
-    assert not w.tmp_path.exists()
+    assert claim(tmp_path, ["half"], second)[0] == []  # a live claim is respected
+    assert claim(tmp_path, ["half"], second, lease_s=0.0)[0] == ["half"]  # a stale one is taken over
+    assert settle_part(tmp_path, "half", second) is None and not w.tmp_path.exists()
+    with pytest.raises(CacheError, match="another process took over its claim"):
+        w.commit()
+    assert len(CacheReader(tmp_path)) == 0
 
 
-def test_published_part_missing_from_manifest_is_recovered(tmp_path):
+def test_a_part_published_without_its_record_is_restored_by_the_next_claimer(tmp_path):
     m = _manifest("fp16")
     start_encode(tmp_path, m, overwrite=False)
     _write_part(tmp_path, m, "p", np.random.default_rng(3))
-    # simulate a crash between the rename and the manifest update
-    man = json.loads((tmp_path / "manifest.json").read_text())
-    man["parts"], man["skipped"] = [], []
-    (tmp_path / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(CacheError, match="not in the manifest"):
+    (tmp_path / RECORDS_DIR / "p.json").unlink()  # a crash between the rename and the record
+    assert read_manifest(tmp_path).num_samples == 0
+    with pytest.raises(CacheError, match="part p is on disk but has no record"):
         verify_cache(tmp_path)
-    start_encode(tmp_path, m, overwrite=False)
+    owner = Owner.here()
+    claim(tmp_path, ["p"], owner)
+    assert settle_part(tmp_path, "p", owner).num_samples == 10
     assert read_manifest(tmp_path).num_samples == 10 and len(read_manifest(tmp_path).skipped) == 1
+    assert verify_cache(tmp_path) == 10
 
 
 def test_fingerprint_mismatch_is_refused_naming_the_fields(tmp_path):

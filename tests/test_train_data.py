@@ -41,9 +41,8 @@ def test_split_is_stable_disjoint_covering_and_roughly_the_asked_fraction():
 
 def test_split_depends_on_keys_not_on_part_order(tmp_path):
     write_cache(tmp_path / "ab", "fp16", text=False, parts=(("a", 30), ("b", 30)))
-    write_cache(tmp_path / "ba", "fp16", text=False, parts=(("b", 30), ("a", 30)))
-    keys_ab, keys_ba = FastReader(tmp_path / "ab").keys.tolist(), FastReader(tmp_path / "ba").keys.tolist()
-    assert keys_ab != keys_ba
+    keys_ab = FastReader(tmp_path / "ab").keys.tolist()
+    keys_ba = keys_ab[30:] + keys_ab[:30]  # the same samples with the parts in the other order
     val_ab = {keys_ab[i] for i in split_ids(np.array(keys_ab), 0.2)[1]}
     val_ba = {keys_ba[i] for i in split_ids(np.array(keys_ba), 0.2)[1]}
     assert val_ab == val_ba and 0 < len(val_ab) < 60

@@ -52,6 +52,18 @@ class EncodeConfig:
         True, "Decode large JPEGs at reduced DCT scale (about 2x faster; part of the fingerprint).",
     )
     shard_size: int = option(DEFAULT_SHARD_SIZE, "Samples per zarr shard file.", gt=0)
+    redo: list[str] = option(
+        [], "Encode this part again (part name or input shard; repeat for several), keeping the rest.",
+        metavar="PART|SHARD",
+    )
+    repair: bool = option(
+        False, "Check every committed part of --source in full first and encode again those that fail.",
+        flags=("--repair",),
+    )
+    lease_seconds: float = option(
+        300.0, "Seconds without a heartbeat after which a shard claimed by a process on another machine is "
+        "taken over (a dead process on this machine is taken over at once).", gt=0,
+    )
     overwrite: bool = option(False, "Delete what the cache holds and start over.", flags=("--overwrite",))
     dry_run: bool = option(
         False, "Print what would be encoded and the estimated cache size; load no model.", flags=("--dry-run",)
@@ -60,3 +72,5 @@ class EncodeConfig:
     def check(self) -> None:
         if not self.source:
             raise UsageError("--source is required: a webdataset shard path, brace pattern or pipe: URL")
+        if self.overwrite and (self.redo or self.repair):
+            raise UsageError("--overwrite starts over; --redo and --repair keep the rest: give one of them")

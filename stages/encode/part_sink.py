@@ -2,7 +2,10 @@
 
 The encode loop hands over device tensors copied to the host with ``non_blocking=True`` plus a
 CUDA event; this thread waits on the event, splits rows by input shard, appends them to that
-shard's ``PartWriter`` and commits the part when the batch says the shard has ended.
+shard's ``PartWriter`` and commits the part when the batch says the shard has ended (complete when
+its source was read to the end without a break or a sample limit). Samples whose features are not
+finite (an encoder overflowing fp16, a NaN) are skipped and recorded like any other bad input; a
+batch in which every sample is non-finite stops the encode, since that is a setting, not the data.
 """
 
 from __future__ import annotations
@@ -16,9 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_schema import Field, PartWriter, part_name
+from cache_schema import CacheError, Field, PartWriter
+from cache_schema.claims import Heartbeat, Owner
+from cache_schema.fsutil import write_error
+from stages.core.encoders.features import NONFINITE_BITS
+from stages.core.errors import UsageError
 
+from .plan import Shard
 from .source import Batch
+
+MIN_BATCH_FOR_ALL_BAD = 8  # a smaller batch that is wholly non-finite may be bad data, not a bad setting
 
 
 @dataclass
@@ -35,10 +45,12 @@ _STOP = object()
 class PartSink:
     """Owns every part writer of this process. Only its thread touches them."""
 
-    def __init__(self, cache_dir: Path, fields: dict[str, Field], shard_size: int, max_pending: int = 3):
+    def __init__(self, cache_dir: Path, fields: dict[str, Field], shard_size: int, shards: dict[str, Shard],
+                 owner: Owner | None = None, heartbeat: Heartbeat | None = None, max_pending: int = 3):
         self.cache_dir = cache_dir
         self.fields = fields
         self.shard_size = shard_size
+        self.shards, self.owner, self.heartbeat = shards, owner, heartbeat
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.writers: dict[str, PartWriter] = {}
         self.stats = SinkStats()
@@ -78,8 +90,16 @@ class PartSink:
         self.writers.clear()
 
     def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing the cache failed: {self.error}") from self.error
+        """Re-raise the writer thread's error here: one line for what the user can fix (a full disk,
+        a lost claim, overflowing encoders), the full story for anything else."""
+        e = self.error
+        if e is None:
+            return
+        if isinstance(e, (UsageError, CacheError)):
+            raise e
+        if isinstance(e, OSError):
+            raise write_error(self.cache_dir, e, "rerun the same encode command (committed parts are kept)") from None
+        raise RuntimeError(f"writing the cache failed: {e}") from e
 
     # -- consumer side (thread) -----------------------------------------------------------------
     def _run(self) -> None:
@@ -95,18 +115,28 @@ class PartSink:
 
     def _writer(self, url: str) -> PartWriter:
         if url not in self.writers:
-            self.writers[url] = PartWriter(self.cache_dir, part_name(url), url, self.fields, self.shard_size)
+            shard = self.shards[url]
+            self.writers[url] = PartWriter(self.cache_dir, shard.part, url, self.fields, self.shard_size,
+                                           shard.source_id, self.owner)
         return self.writers[url]
 
     def _consume(self, batch: Batch, features: dict, ready) -> None:
         if ready is not None:
             ready.synchronize()
         host = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        bad = host.pop("nonfinite", np.zeros(len(batch), np.uint8))
+        if len(batch) >= MIN_BATCH_FOR_ALL_BAD and bad.all():
+            raise UsageError(f"every sample of a batch of {len(batch)} gave non-finite {_names(int(bad[0]))} "
+                             "features: the encoders overflow in this --dtype; encode with --dtype bf16 or fp32")
         urls = np.asarray(batch.urls)
         for url in dict.fromkeys(batch.urls):  # distinct, in order of appearance
-            rows = np.flatnonzero(urls == url)
-            self._writer(url).append(self._rows(batch, host, rows))
+            rows = np.flatnonzero((urls == url) & (bad == 0))
+            writer = self._writer(url)
+            writer.append(self._rows(batch, host, rows))
             self.stats.encoded += len(rows)
+            for i in np.flatnonzero((urls == url) & (bad != 0)):
+                writer.skip(batch.keys[i], batch.indices[i], f"non-finite: {_names(int(bad[i]))} features")
+                self.stats.skipped["non-finite"] += 1
         for url, key, index, reason in batch.skips:
             self._writer(url).skip(key, index, reason)
             self.stats.skipped[reason.split(":")[0]] += 1
@@ -115,9 +145,11 @@ class PartSink:
             if end.broken:
                 w.skip(None, end.samples_read, end.broken)
                 self.stats.skipped[end.broken.split(":")[0]] += 1
-            manifest = w.commit({"samples_read": end.samples_read, "complete": end.broken is None})
+            record = w.commit(complete=end.broken is None, samples_read=end.samples_read)
+            if self.heartbeat is not None:
+                self.heartbeat.discard(w.name)
             self.stats.parts += 1
-            self.stats.bytes += next(p["bytes"] for p in manifest.parts if p["name"] == w.name)
+            self.stats.bytes += record.bytes
             del self.writers[end.url]
 
     def _rows(self, batch: Batch, host: dict, rows: np.ndarray) -> dict:
@@ -137,3 +169,7 @@ class PartSink:
             if "text_scale" in self.fields:
                 out["text_scale"] = [host["text_scale"][i, : lengths[i]] for i in rows]
         return out
+
+
+def _names(bits: int) -> str:
+    return "/".join(name for name, bit in NONFINITE_BITS.items() if bits & bit)

@@ -1,16 +1,17 @@
 """`repa encode`: run the encoders over a webdataset corpus once and write the feature cache.
 
-One process per GPU (``accelerate launch -m pipeline encode ...``) or one process on CPU. The
-input shards not yet committed are dealt out to processes (``todo[rank::world]``), so no two
-processes ever write the same file; each process decodes in DataLoader workers, encodes on its
-device and writes on a background thread. Rerunning the same command resumes: committed parts are
-skipped, unfinished ones are redone from the start of their input shard.
+One process per GPU (``accelerate launch -m pipeline encode ...``) or one process on CPU, and any
+number of such jobs on the same cache. The main process plans the run (``plan``); the input shards
+to encode are dealt out to processes (``work[rank::world]``) and each process claims its shards
+before writing, so no two live processes ever write the same part. Each process decodes in
+DataLoader workers, encodes on its device and writes on a background thread. Rerunning the same
+command resumes: committed parts are skipped, parts cut short are redone from the start of their
+input shard, and --redo / --repair encode named or damaged parts again.
 """
 
 from __future__ import annotations
 
 import os
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,37 +20,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache_schema import (
-    CacheError,
-    cache_fields,
-    field_from_json,
-    new_manifest,
-    part_name,
-    read_manifest,
-    start_encode,
-)
+from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest, start_encode
+from cache_schema.claims import Heartbeat, Owner, release
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
-from stages.core.encoders.features import (
-    DINO_PREPROCESS_DESCRIPTION,
-    EncoderSpec,
-    FeatureEncoders,
-)
-from stages.core.encoders.images import IMAGE_EXTENSIONS, crop_name
-from stages.core.encoders.load import (
-    ModelSource,
-    dino_geometry,
-    hf_config,
-    text_geometry,
-    torch_dtype,
-    vae_config,
-    vae_geometry,
-)
-from stages.core.encoders.tars import expand_source, is_remote
+from stages.core.encoders.features import DINO_PREPROCESS_DESCRIPTION, EncoderSpec, FeatureEncoders
+from stages.core.encoders.images import crop_name
+from stages.core.encoders.load import ModelSource, torch_dtype
+from stages.core.encoders.tars import expand_source
 from stages.core.options import check
+from stages.core.processes import exit_with_parent
 
 from .config import EncodeConfig
+from .dry_run import dry_run, samples_per_shard
 from .part_sink import PartSink, SinkStats
+from .plan import claim_shards, identify, make_plan
 from .source import ShardStream
 
 
@@ -129,66 +114,22 @@ def _check_cache_dir(cache: Path) -> None:
         raise CacheError(f"--cache {cache}: manifest is not readable; fix permissions or choose another directory")
 
 
-def samples_per_shard(url: str) -> int | None:
-    """Samples in one local tar, counted from its headers (no image is read)."""
-    if is_remote(url):
-        return None
-    try:
-        with tarfile.open(url) as tf:
-            keys = {m.name.rsplit(".", 1)[0] for m in tf if m.isreg() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
-        return len(keys)
-    except (OSError, tarfile.TarError):
-        return None
-
-
 def _default_workers(num_processes: int) -> int:
     return max(1, min(16, (os.cpu_count() or 1) // max(num_processes, 1)))
 
 
-# -- dry run -----------------------------------------------------------------------------------
-def dry_run(cfg: EncodeConfig, urls: list[str]) -> list[str]:
-    """What would be encoded and how big the cache would be; reads model configs, never weights."""
-    spec = encoder_spec(cfg)
-    vae = vae_geometry(vae_config(spec.vae))
-    dino = dino_geometry(hf_config("DINOv2", spec.dino), cfg.resolution)
-    text = text_geometry(hf_config("text encoder", spec.text)) if spec.text else None
-    done = set()
-    if (cfg.cache / MANIFEST_NAME).exists() and not cfg.overwrite:
-        done = set(read_manifest(cfg.cache).part_names())
-    todo = [u for u in urls if part_name(u) not in done]
-    per_shard = samples_per_shard(urls[0])
-    estimate = per_shard * len(todo) if per_shard is not None else None
-    if cfg.max_samples is not None:
-        estimate = min(estimate, cfg.max_samples) if estimate is not None else cfg.max_samples
-    latent_size = cfg.resolution // vae["downsample"]
-    feat_bytes = 1 if cfg.feature_codec == "int8" else 2
-    per_sample = {
-        "moments": 2 * vae["channels"] * latent_size**2 * 2,
-        "dino": dino["tokens"] * dino["dim"] * feat_bytes + (dino["tokens"] * 2 if feat_bytes == 1 else 0),
-    }
-    assumed_tokens = min(cfg.max_text_tokens, 32)
-    if text:
-        per_sample["text"] = assumed_tokens * (text["dim"] * feat_bytes + (2 if feat_bytes == 1 else 0)) + 8
-    total = sum(per_sample.values())
-    lines = [
-        f"input shards   {len(urls)} ({len(urls) - len(todo)} already committed, {len(todo)} to encode)",
-        f"samples        ~{estimate if estimate is not None else 'unknown'}"
-        + (f" ({per_shard} in the first shard x {len(todo)} shards)" if per_shard is not None else ""),
-        f"latents        {vae['channels']}x{latent_size}x{latent_size} (moments {2 * vae['channels']} channels)",
-        f"dino           {dino['tokens']} tokens x {dino['dim']} ({dino['registers']} registers dropped)",
-        "text           " + (f"dim {text['dim']}, up to {cfg.max_text_tokens} tokens" if text else "none"),
-    ]
-    for name, b in per_sample.items():
-        note = f" (assuming ~{assumed_tokens} tokens per caption)" if name == "text" else ""
-        lines.append(f"bytes/sample   {name:<8}{b / 1024:10.1f} KiB{note}")
-    lines.append(f"bytes/sample   {'total':<8}{total / 1024:10.1f} KiB")
-    if estimate is not None:
-        lines.append(f"cache size     ~{total * estimate / 2**30:.2f} GiB for {estimate} samples")
-    lines.append("dry run: no model was loaded and nothing was written")
-    return lines
-
-
 # -- the real thing ----------------------------------------------------------------------------
+def _share(state, obj):
+    """The main process's ``obj`` on every process."""
+    if state.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -197,11 +138,11 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     cfg.cache = Path(cfg.cache)
     urls = expand_source(cfg.source)
     if cfg.dry_run:
-        return EncodeSummary(lines=dry_run(cfg, urls))
+        return EncodeSummary(lines=dry_run(cfg, urls, encoder_spec(cfg)))
     _check_cache_dir(cfg.cache)
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    device = state.device
+    device, main = state.device, state.is_main_process
     dtype = torch_dtype(cfg.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -209,36 +150,47 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
         torch.backends.cudnn.benchmark = True
     enc = FeatureEncoders(encoder_spec(cfg), device, dtype, compile=cfg.compile, batch_size=cfg.batch_size)
     template = build_manifest(cfg, enc)
-    if state.is_main_process:
-        start_encode(cfg.cache, template, cfg.overwrite)
-    state.wait_for_everyone()
+
+    # -- what to do: made once, by the main process -------------------------------------------
+    plan = None
+    if main:
+        shards = identify(urls)
+        sources = {s.part: {"url": s.url, "id": s.source_id} for s in shards}
+        manifest = start_encode(cfg.cache, template, cfg.overwrite, sources, cfg.lease_seconds)
+        plan = make_plan(cfg.cache, manifest, shards, cfg.redo, cfg.repair, log)
+    plan = _share(state, plan)
     manifest = read_manifest(cfg.cache)
     if manifest.fingerprint != template.fingerprint:
-        raise CacheError(f"{cfg.cache}: process {state.process_index} computed another fingerprint; encoders differ between processes")
-
-    done = set(manifest.part_names())
-    todo = [u for u in urls if part_name(u) not in done]
-    mine = todo[state.process_index :: state.num_processes]
+        raise CacheError(f"{cfg.cache}: process {state.process_index} computed another fingerprint; "
+                         "encoders differ between processes")
+    work = plan.work
+    owner = Owner.here()
+    mine = claim_shards(cfg.cache, work[state.process_index :: state.num_processes], plan, owner,
+                        cfg.lease_seconds, log)
+    heartbeat = Heartbeat(cfg.cache, owner, interval=cfg.lease_seconds / 4)
+    heartbeat.add([s.part for s in mine])
     limit = None
     if cfg.max_samples is not None:
         limit = cfg.max_samples // state.num_processes + (state.process_index < cfg.max_samples % state.num_processes)
     workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(state.num_processes)
     workers = min(workers, len(mine))
-    if state.is_main_process:
-        log(f"encode: {len(urls)} input shards, {len(done)} already committed, {len(todo)} to do "
-            f"on {state.num_processes} process(es) x {workers} decode worker(s), device {device}, {_dtype_name(dtype)}")
+    if main:
+        log(f"encode: {len(plan.shards)} input shards, {len(plan.done)} already committed, {len(plan.todo)} to do, "
+            f"{len(plan.redo)} to redo, on {state.num_processes} process(es) x {workers} decode worker(s), "
+            f"device {device}, {_dtype_name(dtype)}")
 
-    stream = ShardStream(mine, cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit)
+    # -- the loop: decode workers -> encoders -> background part sink -------------------------
+    stream = ShardStream([s.url for s in mine], cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", worker_init_fn=exit_with_parent if workers else None,
     )
-    per_shard = samples_per_shard(todo[0]) if todo else None
-    total = per_shard * len(todo) if per_shard else None
+    per_shard = samples_per_shard(work[0].url) if work else None
+    total = per_shard * len(work) if per_shard else None
     if cfg.max_samples is not None:
         total = min(total or cfg.max_samples, cfg.max_samples)
-    bar = tqdm(total=total, unit="img", disable=not state.is_main_process, dynamic_ncols=True, desc="encode")
-    sink = PartSink(cfg.cache, _fields_of(manifest), cfg.shard_size)
+    bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
+    sink = PartSink(cfg.cache, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine}, owner, heartbeat)
     start = time.perf_counter()
     try:
         for batch in loader:
@@ -256,9 +208,12 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
         stats = sink.close()
     except BaseException:
         sink.abort()
-        bar.close()
         raise
-    bar.close()
+    finally:
+        bar.close()
+        heartbeat.stop()
+        for s in mine:  # parts not committed (an error): let other processes have them at once
+            release(cfg.cache, s.part, owner)
     elapsed = time.perf_counter() - start
     all_stats: list[SinkStats] = gather_object([stats]) if state.num_processes > 1 else [stats]
     state.wait_for_everyone()
@@ -283,6 +238,7 @@ def _summary_lines(s: EncodeSummary, manifest) -> list[str]:
     lines = [
         f"encoded {s.encoded} samples into {s.parts} part(s) in {s.seconds:.1f} s ({s.rate:.1f} img/s)",
         f"skipped {sum(s.skipped.values())}: {skipped}",
+        f"cache is {manifest.completeness()}",
         f"cache now holds {manifest.num_samples} samples in {len(manifest.parts)} parts, "
         f"{per_sample / 1024:.1f} KiB/sample of features",
         "",

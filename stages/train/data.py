@@ -13,8 +13,6 @@ import functools
 import math
 import multiprocessing
 import os
-import select
-import threading
 import weakref
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cache_schema import CacheError, FastReader
+from stages.core.processes import exit_with_process
 
 Batch = dict[str, torch.Tensor]
 
@@ -288,26 +287,6 @@ class RecyclingLoader(DataLoader):
                 self.flags[key] = _FREE
 
 
-def _exit_with(main_pid: int, worker_id: int) -> None:
-    """Worker init: exit as soon as the training process is gone, even after a ``kill -9``.
-
-    Forkserver workers are children of the fork server, which they keep alive, so torch's own
-    check (the parent pid changing) never fires. A pidfd becomes readable when its process ends.
-    """
-    try:
-        pidfd = os.pidfd_open(main_pid)
-    except ProcessLookupError:
-        os._exit(0)
-    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): rely on the DataLoader's shutdown
-        return
-
-    def wait_then_exit() -> None:
-        select.select([pidfd], [], [])
-        os._exit(0)
-
-    threading.Thread(target=wait_then_exit, name="exit-with-main", daemon=True).start()
-
-
 def _whole_batch(batch: Batch) -> Batch:
     """Collation is a no-op: ``__getitems__`` already returns the batch."""
     return batch
@@ -345,5 +324,5 @@ def make_loader(
         persistent_workers=True,
         prefetch_factor=prefetch_factor,
         multiprocessing_context=context,
-        worker_init_fn=functools.partial(_exit_with, os.getpid()),
+        worker_init_fn=functools.partial(exit_with_process, os.getpid()),
     )

@@ -25,6 +25,9 @@ from .load import (
     weights_hash,
 )
 
+# Which stored feature of a sample is not finite: bits of FeatureEncoders.encode's "nonfinite".
+NONFINITE_BITS = {"moments": 1, "dino": 2, "text": 4}
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -111,8 +114,9 @@ class FeatureEncoders:
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, captions: list[str], codec: str) -> dict:
         """images: uint8 (B, res, res, 3) on any device. Returns device tensors for the writer:
-        moments, dino (+ dino_scale), and with a text encoder the padded text (+ text_scale) with
-        text_lengths, the number of real tokens per caption."""
+        moments, dino (+ dino_scale), with a text encoder the padded text (+ text_scale) with
+        text_lengths, the number of real tokens per caption, and ``nonfinite``: per sample, a bit set
+        (``NONFINITE_BITS``) for each stored feature holding a non-finite value (fp16 overflow, NaN)."""
         n = images.shape[0]
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         pad = self._pad_for_compile(n)
@@ -124,14 +128,27 @@ class FeatureEncoders:
             out["dino"], out["dino_scale"] = quantize_int8(dino)
         else:
             out["dino"] = dino.to(torch.float16)
+        bad = _nonfinite(out["moments"]) * NONFINITE_BITS["moments"]
+        bad |= _nonfinite(out.get("dino_scale", out["dino"])) * NONFINITE_BITS["dino"]
         if self.text_encoder is not None:
             hidden, out["text_lengths"] = self._text_tokens(captions)
             if codec == "int8":
                 out["text"], out["text_scale"] = quantize_int8(hidden)
             else:
                 out["text"] = hidden.to(torch.float16)
+            stored = out.get("text_scale", out["text"])
+            real = torch.arange(stored.shape[1], device=stored.device) < out["text_lengths"][:, None]
+            if stored.dim() == 3:
+                real = real[..., None]
+            bad |= _nonfinite(torch.where(real, stored, 0)) * NONFINITE_BITS["text"]
+        out["nonfinite"] = bad.to(torch.uint8)
         return out
 
     def _pad_for_compile(self, n: int) -> int:
         # A compiled graph is specialised to its batch size; pad short batches instead of recompiling.
         return max(self.batch_size - n, 0) if self.compiled else 0
+
+
+def _nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """Per sample (first axis): 1 where any stored value is inf or NaN (as the writer will store it)."""
+    return (~torch.isfinite(x)).flatten(1).any(dim=1).to(torch.int64)

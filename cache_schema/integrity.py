@@ -1,0 +1,43 @@
+"""Checking that a part's files are the ones its record lists, before anything is read from them.
+
+zarr-python reads a missing chunk file as the fill value (zeros) without a word, so a reader must
+never trust a directory listing it did not check: every committed part's record lists each of its
+files with its size, and these checks compare the disk against it. (tensorstore, the training
+reader, is also told to fail on missing chunks; every chunk's crc32c catches changed bytes.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CacheError
+from .layout import PART_SUFFIX, PARTS_DIR
+
+REPAIR_HINT = "rerun the encode command with --repair, or with --redo {name}"
+
+
+def part_where(rec: dict) -> str:
+    return f"part {rec['name']} (from {rec['source']})"
+
+
+def damaged(rec: dict, what: str) -> CacheError:
+    return CacheError(f"{part_where(rec)}: {what}; {REPAIR_HINT.format(name=rec['name'])}")
+
+
+def check_part_files(cache_dir: Path, rec: dict, arrays: list[str] | None = None) -> None:
+    """Raise CacheError naming the first listed file (of ``arrays``, default all) that is missing or has
+    another size than recorded."""
+    root = Path(cache_dir) / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}"
+    if not root.is_dir():
+        raise damaged(rec, f"directory {root} is missing")
+    wanted = set(arrays) if arrays is not None else None
+    for rel, size in sorted(rec["files"].items()):
+        if wanted is not None and rel.split(os.sep, 1)[0] not in wanted:
+            continue
+        try:
+            actual = os.stat(root / rel).st_size
+        except FileNotFoundError:
+            raise damaged(rec, f"file {rel} is missing") from None
+        if actual != size:
+            raise damaged(rec, f"file {rel} has {actual} bytes, the record says {size} (truncated or replaced)")

@@ -1,0 +1,37 @@
+"""Helper processes that end with the process they serve, however it ends (even ``kill -9``).
+
+DataLoader workers blocked on a full pipe never notice that their parent is gone, so each watches
+its parent through a pidfd (readable once the process has ended) and exits then.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+
+
+def exit_when_gone(pid: int) -> None:
+    """Exit this process as soon as process ``pid`` has ended (no-op where pidfds are missing)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): rely on the DataLoader's own shutdown
+        return
+
+    def wait_then_exit() -> None:
+        select.select([pidfd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-parent", daemon=True).start()
+
+
+def exit_with_process(pid: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` (with ``functools.partial(exit_with_process, pid)``)."""
+    exit_when_gone(pid)
+
+
+def exit_with_parent(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` for workers forked straight from the process they serve."""
+    exit_when_gone(os.getppid())

@@ -1,0 +1,68 @@
+"""`repa encode --dry-run`: what would be encoded and how big the cache would be, from model configs only."""
+
+from __future__ import annotations
+
+import tarfile
+
+from cache_schema import read_manifest
+from cache_schema.layout import MANIFEST_NAME
+from stages.core.encoders.images import IMAGE_EXTENSIONS
+from stages.core.encoders.load import dino_geometry, hf_config, text_geometry, vae_config, vae_geometry
+from stages.core.encoders.tars import is_remote
+
+from .config import EncodeConfig
+from .plan import identify
+
+
+def samples_per_shard(url: str) -> int | None:
+    """Samples in one local tar, counted from its headers (no image is read)."""
+    if is_remote(url):
+        return None
+    try:
+        with tarfile.open(url) as tf:
+            keys = {m.name.rsplit(".", 1)[0] for m in tf if m.isreg() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
+        return len(keys)
+    except (OSError, tarfile.TarError):
+        return None
+
+
+
+def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
+    """What would be encoded and how big the cache would be; reads model configs, never weights."""
+    vae = vae_geometry(vae_config(spec.vae))
+    dino = dino_geometry(hf_config("DINOv2", spec.dino), cfg.resolution)
+    text = text_geometry(hf_config("text encoder", spec.text)) if spec.text else None
+    done = set()
+    if (cfg.cache / MANIFEST_NAME).exists() and not cfg.overwrite:
+        done = {p["name"] for p in read_manifest(cfg.cache).parts if p.get("complete", True)}
+    todo = [s.url for s in identify(urls) if s.part not in done]
+    per_shard = samples_per_shard(urls[0])
+    estimate = per_shard * len(todo) if per_shard is not None else None
+    if cfg.max_samples is not None:
+        estimate = min(estimate, cfg.max_samples) if estimate is not None else cfg.max_samples
+    latent_size = cfg.resolution // vae["downsample"]
+    feat_bytes = 1 if cfg.feature_codec == "int8" else 2
+    per_sample = {
+        "moments": 2 * vae["channels"] * latent_size**2 * 2,
+        "dino": dino["tokens"] * dino["dim"] * feat_bytes + (dino["tokens"] * 2 if feat_bytes == 1 else 0),
+    }
+    assumed_tokens = min(cfg.max_text_tokens, 32)
+    if text:
+        per_sample["text"] = assumed_tokens * (text["dim"] * feat_bytes + (2 if feat_bytes == 1 else 0)) + 8
+    total = sum(per_sample.values())
+    lines = [
+        f"input shards   {len(urls)} ({len(urls) - len(todo)} already committed, {len(todo)} to encode)",
+        f"samples        ~{estimate if estimate is not None else 'unknown'}"
+        + (f" ({per_shard} in the first shard x {len(todo)} shards)" if per_shard is not None else ""),
+        f"latents        {vae['channels']}x{latent_size}x{latent_size} (moments {2 * vae['channels']} channels)",
+        f"dino           {dino['tokens']} tokens x {dino['dim']} ({dino['registers']} registers dropped)",
+        "text           " + (f"dim {text['dim']}, up to {cfg.max_text_tokens} tokens" if text else "none"),
+    ]
+    for name, b in per_sample.items():
+        note = f" (assuming ~{assumed_tokens} tokens per caption)" if name == "text" else ""
+        lines.append(f"bytes/sample   {name:<8}{b / 1024:10.1f} KiB{note}")
+    lines.append(f"bytes/sample   {'total':<8}{total / 1024:10.1f} KiB")
+    if estimate is not None:
+        lines.append(f"cache size     ~{total * estimate / 2**30:.2f} GiB for {estimate} samples")
+    lines.append("dry run: no model was loaded and nothing was written")
+    return lines

@@ -1,0 +1,128 @@
+"""What an encode run does with each input shard: skip it (committed and sound), encode it (never
+committed), or redo it (cut short, named with --redo, or failing the checks of --repair).
+
+Shards are identified by content (``cache_schema.sources``), so the same tar reached by two spellings
+of its path is one shard. The plan is made once (by the main process) and dealt out; each process
+then claims its shards (``cache_schema.claims``), so two jobs given overlapping lists never encode a
+shard twice and never delete each other's work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache_schema import Manifest, part_name
+from cache_schema.claims import Owner, claim, describe_holder, release
+from cache_schema.integrity import check_part_files
+from cache_schema.manifest import record_path
+from cache_schema.sources import source_id
+from cache_schema.verify import find_problems
+from cache_schema.writer import drop_part, settle_part
+from stages.core.encoders.tars import SourceError
+from stages.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # as given on the command line
+    source_id: str
+    part: str
+
+
+def identify(urls: list[str]) -> list[Shard]:
+    """Each URL with its content identity and part name; two spellings of one file are refused."""
+    shards, seen = [], {}
+    for url in urls:
+        sid = source_id(url)
+        if sid in seen:
+            raise SourceError(f"--source lists the same input shard twice: {seen[sid]} and {url} have the same "
+                              "content; give each shard once")
+        seen[sid] = url
+        shards.append(Shard(url, sid, part_name(url, sid)))
+    return shards
+
+
+@dataclass
+class Plan:
+    done: list[Shard] = field(default_factory=list)
+    todo: list[Shard] = field(default_factory=list)  # no committed part yet
+    redo: dict[str, str] = field(default_factory=dict)  # part -> why it is encoded again
+    shards: list[Shard] = field(default_factory=list)
+
+    @property
+    def work(self) -> list[Shard]:
+        """What this run encodes, in source order."""
+        return [s for s in self.shards if s in self.todo or s.part in self.redo]
+
+
+def _matches(shard: Shard, name: str) -> bool:
+    return name in (shard.part, shard.url) or os.path.basename(shard.url) == name
+
+
+def make_plan(cache: Path, manifest: Manifest | None, shards: list[Shard], redo: list[str], repair: bool,
+              log) -> Plan:
+    records = {p["name"]: p for p in manifest.parts} if manifest is not None else {}
+    unknown = [name for name in redo if not any(_matches(s, name) for s in shards)]
+    if unknown:
+        raise UsageError(f"--redo {unknown[0]}: not a part name or input shard of this --source; "
+                         "`repa cache info CACHE` lists the parts")
+    plan = Plan(shards=shards)
+    for s in shards:
+        rec = records.get(s.part)
+        if rec is None:
+            plan.todo.append(s)
+        elif any(_matches(s, name) for name in redo):
+            plan.redo[s.part] = "asked with --redo"
+        elif not rec.get("complete", True):
+            plan.redo[s.part] = "cut short last time (" + _break_reason(rec) + ")"
+        else:
+            try:
+                check_part_files(cache, rec)
+            except Exception as e:  # noqa: BLE001 - any damage means: encode it again
+                plan.redo[s.part] = str(e)
+            else:
+                plan.done.append(s)
+    if repair and plan.done:
+        log(f"repair: checking {len(plan.done)} committed part(s) in full")
+        problems = find_problems(cache, names=[s.part for s in plan.done])
+        for s in list(plan.done):
+            if s.part in problems:
+                plan.redo[s.part] = problems[s.part]
+                plan.done.remove(s)
+    for part, why in plan.redo.items():
+        log(f"redo {part}: {why}")
+    return plan
+
+
+def _break_reason(rec: dict) -> str:
+    breaks = [s["reason"] for s in rec.get("skips", []) if s.get("key") is None]
+    return breaks[-1].split(":")[0] if breaks else "incomplete"
+
+
+def claim_shards(cache: Path, mine: list[Shard], plan: Plan, owner: Owner, lease_s: float, log) -> list[Shard]:
+    """Claim this process's shards and prepare each: drop the old part of a shard to redo, clean what
+    dead writers left of the others. Returns the shards this process encodes."""
+    got, held = claim(cache, [s.part for s in mine], owner, lease_s)
+    if held:
+        part, holder = next(iter(held.items()))
+        log(f"{len(held)} input shard(s) are being encoded by other processes (e.g. {part} by "
+            f"{describe_holder(holder)}); leaving them to them")
+    claimed = set(got)
+    out = []
+    for s in mine:
+        if s.part not in claimed:
+            continue
+        if s.part in plan.redo:
+            drop_part(cache, s.part)
+        restored = settle_part(cache, s.part, owner)
+        if restored is not None and not restored.complete:
+            drop_part(cache, s.part)  # a part cut short, published by a process that died: redo it
+        elif restored is not None:
+            log(f"{s.part}: restored the record of a part committed by a process that died")
+        if record_path(cache, s.part).exists():  # restored, or committed by another job since the plan
+            release(cache, s.part, owner)
+            continue
+        out.append(s)
+    return out
