@@ -49,9 +49,17 @@ class FastReader:
     manifest order. Not thread-safe; use one instance per thread (DataLoader workers are processes,
     which is fine)."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, parts: list[str] | None = None):
+        """``parts``: read only these committed parts (e.g. those a run started with), else all."""
         self.cache_dir = Path(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir)
+        if parts is not None:
+            have = {p["name"]: p for p in self.manifest.parts}
+            gone = [name for name in parts if name not in have]
+            if gone:
+                raise CacheError(f"{self.cache_dir}: {len(gone)} part(s) this run trained on are no longer committed "
+                                 f"(first: {gone[0]}); rerun the encode command to restore them")
+            self.manifest.with_parts([have[name] for name in parts])
         self.part_names: list[str] = self.manifest.part_names()
         self.offsets = np.cumsum([0] + [p["num_samples"] for p in self.manifest.parts], dtype=np.int64)
         self.fields = {name: field_from_json(name, spec) for name, spec in self.manifest.fields.items()}

@@ -7,6 +7,7 @@ imported inside the commands, so `repa --help` imports no torch and `repa train`
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -209,6 +210,10 @@ def encoders_tiny(
 
 
 def main() -> None:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun / accelerate launch
+        from stages.core.processes import exit_when_gone
+
+        exit_when_gone(os.getppid(), code=1)  # the launcher was killed: do not live on without it
     app(prog_name="repa")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 
 import typer
@@ -19,6 +20,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except (UsageError, CacheError) as e:
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # the machine, not the code: a full disk, permissions, a vanished mount
+            what = f"{e.filename}: " if e.filename else ""
+            hint = ("free space and rerun the same command (committed parts and checkpoints are kept)"
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it and rerun the same command")
+            typer.echo(f"error: {what}{e.strerror or e}; {hint}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: committed parts and checkpoints are kept; rerun the same command to resume", err=True)

@@ -43,7 +43,10 @@ def tiny_train(cache: Path, run_dir: Path, **kw) -> TrainConfig:
 def train_cli_args(cfg: TrainConfig) -> list[str]:
     out = []
     for k, v in cfg.to_json().items():
-        if v is None or k in ("resume", "overwrite", "compile", "adam_betas"):
+        if v is None or k in ("resume", "overwrite", "adam_betas"):
+            continue
+        if isinstance(v, bool):  # flags: given when on
+            out += [f"--{k.replace('_', '-')}"] if v else []
             continue
         out += [f"--{k.replace('_', '-')}", "none" if k == "model" and v is None else str(v)]
     return out

@@ -88,6 +88,10 @@ class EvaluateConfig(SamplingOptions):
     make_reference: Path | None = option(
         None, "Only write the held-out split's reference statistics to this .npz.", metavar="FILE",
     )
+    source: str | None = option(
+        None, "The cache's input shards, where the recorded paths no longer hold them or they are pipe: commands "
+        "(a cache's recorded commands run only when given here).", metavar="PATTERN",
+    )
     clip_model: str | None = option(
         None, "Also report a CLIP score with this model (e.g. openai/clip-vit-large-patch14); text runs.",
         metavar="ID|DIR",

@@ -44,7 +44,7 @@ from stages.core.run_files import EVAL_FILE, append_jsonl, read_run_config
 
 from .config import EvaluateConfig
 from .decode import check_outputs, resolve_cache
-from .reference import FeatureStats, HeldOut, held_out, image_batches, source_images
+from .reference import FeatureStats, HeldOut, held_out, image_batches, source_images, source_locations
 from .run import (
     ClassConditions,
     Conditions,
@@ -123,12 +123,13 @@ def fid_metric(net: torch.jit.ScriptModule, device: torch.device):
     return FrechetInceptionDistance(feature=InceptionFeatures(net), reset_real_features=False).to(device)
 
 
-def reference_stats(held: HeldOut, cache: Path, manifest, net, device: torch.device, batch_size: int,
+def reference_stats(held: HeldOut, where: dict[str, str], manifest, net, device: torch.device, batch_size: int,
                     rank: int = 0, world: int = 1) -> FeatureStats:
-    """Statistics of the held-out source images; process ``rank`` reads every ``world``-th shard."""
+    """Statistics of the held-out source images (read where ``source_locations`` says); process ``rank``
+    reads every ``world``-th shard."""
     fid = fid_metric(net, device)
     urls = sorted(set(held.sources))[rank::world]
-    for batch in image_batches(source_images(held, urls, manifest, cache), batch_size):
+    for batch in image_batches(source_images(held, urls, manifest, where), batch_size):
         fid.update(batch.to(device), real=True)
     return FeatureStats.from_fid(fid)
 
@@ -227,9 +228,10 @@ def make_reference(cfg: EvaluateConfig, state, log=print) -> Path:
     info = read_run_config(cfg.run_dir)
     cache, manifest = resolve_cache(info["config"]["cache"], cfg.cache, info.get("cache_fingerprint"))
     held = held_out(cache, info["config"]["val_fraction"])
+    where = source_locations(held, cfg.source)  # before any model loads: a refused source fails fast
     with state.main_process_first():
         net = load_inception(cfg.inception_weights, state.device)
-    stats = reference_stats(held, cache, manifest, net, state.device, cfg.batch_size, state.process_index,
+    stats = reference_stats(held, where, manifest, net, state.device, cfg.batch_size, state.process_index,
                             state.num_processes)
     if state.is_main_process:
         stats.save(out)
@@ -252,6 +254,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     if cfg.clip_model and run.cond != "text":
         raise UsageError(f"--clip-model: {run.checkpoint} is a {run.cond}-conditioned run; a CLIP score needs captions")
     held = held_out(run.cache, run.train_config["val_fraction"])
+    where = source_locations(held, cfg.source) if reference is None else {}
     with state.main_process_first():
         net = load_inception(cfg.inception_weights, device)
     conditions = held_out_conditions(run, held, device)
@@ -261,7 +264,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     reference_name = str(cfg.reference) if reference is not None else f"held-out:{run.cache}"
     if reference is None:
         log(f"evaluate: reference statistics from {len(held)} held-out source images of {run.cache}")
-        reference = reference_stats(held, run.cache, run.manifest, net, device, cfg.batch_size, rank, world)
+        reference = reference_stats(held, where, run.manifest, net, device, cfg.batch_size, rank, world)
     fid = fid_metric(net, device)
     reference.load_into(fid, main)
     with warnings.catch_warnings():  # it keeps every image's probabilities: 200 MB for 50 000 images, by design

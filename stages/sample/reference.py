@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from cache_schema import CacheReader, Manifest
+from cache_schema.sources import source_id
 from stages.core.encoders.images import Skipped, crop_name, prepare_sample
-from stages.core.encoders.tars import is_remote, iter_tar
+from stages.core.encoders.tars import expand_source, is_remote, iter_tar
 from stages.core.errors import UsageError
 from stages.core.split import split_ids
 
@@ -40,7 +41,8 @@ class HeldOut:
     keys: list[str]
     captions: list[str]
     labels: list[int]
-    sources: list[str]  # the tar URL each sample was read from
+    sources: list[str]  # the tar URL each sample was read from, as recorded in the cache
+    source_ids: dict[str, str]  # recorded tar URL -> content identity recorded with it
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -54,7 +56,7 @@ def held_out(cache: Path, val_fraction: float) -> HeldOut:
         raise UsageError(f"the run held out no samples of {cache} (val_fraction {val_fraction}); "
                          "evaluation conditions on and compares with the held-out split")
     part_of = np.searchsorted(reader.offsets, ids, side="right") - 1
-    keys, captions, labels, sources = [], [], [], []
+    keys, captions, labels, sources, source_ids = [], [], [], [], {}
     for p in np.unique(part_of):
         part = reader.parts[p]
         small = reader.small_fields(part["name"])
@@ -63,7 +65,8 @@ def held_out(cache: Path, val_fraction: float) -> HeldOut:
         captions += [str(c) for c in small["caption"][rows]]
         labels += [int(x) for x in small["label"][rows]]
         sources += [part["source"]] * len(rows)
-    return HeldOut(ids, keys, captions, labels, sources)
+        source_ids[part["source"]] = part.get("source_id") or ""
+    return HeldOut(ids, keys, captions, labels, sources, source_ids)
 
 
 #################################################################################
@@ -71,25 +74,39 @@ def held_out(cache: Path, val_fraction: float) -> HeldOut:
 #################################################################################
 
 
-def _check_local(url: str, cache: Path) -> None:
-    if not is_remote(url) and not Path(url).is_file():
-        raise UsageError(
-            f"{url}: source shard of cache {cache} not found (shard paths are as given to `repa encode`); "
-            "run from the directory encode ran in, or pass --reference FILE.npz"
-        )
+def source_locations(held: HeldOut, given: str | None) -> dict[str, str]:
+    """Where to read each recorded source now. A recorded local tar is read where it was if its
+    content is unchanged; otherwise, and for every recorded ``pipe:`` command or URL, the source must
+    be among the shards given with ``--source`` on this command line (matched by content for local
+    files, by text for commands and URLs): a cache's recorded commands are never run on its word."""
+    given_urls = expand_source(given) if given else []
+    by_id = {source_id(u): u for u in given_urls}
+    out = {}
+    for url, sid in held.source_ids.items():
+        if sid in by_id:
+            out[url] = by_id[sid]
+        elif is_remote(url):
+            raise UsageError(f"the cache records the source {url!r}, a command or URL; it is run only when given "
+                             f"here: pass --source '{url}' (or the local shards), or --reference FILE.npz")
+        elif Path(url).is_file() and source_id(url) == sid:
+            out[url] = url
+        else:
+            raise UsageError(f"{url}: source shard of the cache not found, or changed since encoding; pass --source "
+                             "with the shards (matched by content), or --reference FILE.npz")
+    return out
 
 
-def source_images(held: HeldOut, urls: list[str], manifest: Manifest, cache: Path) -> Iterator[np.ndarray]:
-    """The held-out images of the given shards, (res, res, 3) uint8, cropped as the cache was."""
+def source_images(held: HeldOut, urls: list[str], manifest: Manifest, where: dict[str, str]) -> Iterator[np.ndarray]:
+    """The held-out images of the given (recorded) shards, (res, res, 3) uint8, cropped as the cache was;
+    ``where`` says where each is read now (``source_locations``)."""
     resolution = int(manifest.settings["resolution"])
     draft = manifest.settings["crop"] == crop_name(True)
     wanted: dict[str, set[str]] = defaultdict(set)
     for url, key in zip(held.sources, held.keys):
         wanted[url].add(key)
     for url in urls:
-        _check_local(url, cache)
         missing = set(wanted[url])
-        for sample in iter_tar(url):
+        for sample in iter_tar(where[url]):
             if sample["__key__"] not in missing:
                 continue
             missing.discard(sample["__key__"])

@@ -12,6 +12,7 @@ process ``r`` of ``world`` takes the images ``i ≡ r (mod world)``: every sampl
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -327,10 +328,16 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     files = [out / IMAGE_NAME.format(i) for i in range(cfg.num_samples)]
     grid, sidecar = out / GRID, out / SIDECAR
     check_outputs([*files, grid, sidecar], cfg.overwrite)
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f".probe-{os.getpid()}").touch()
+            (out / f".probe-{os.getpid()}").unlink()
+        except OSError as e:
+            raise UsageError(f"--out {out}: not writable ({e.strerror}); choose another --out") from None
     conditions = sample_conditions(cfg, run, device)
     sampler = ImageSampler(run, cfg, conditions, device)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
             _clear_previous(out)
         log(f"sample: {cfg.num_samples} images from {run.checkpoint} (step {run.step}, {'EMA' if run.ema else 'raw'}), "

@@ -66,6 +66,10 @@ class TrainConfig:
         0.01, "Share of the cache held out for validation (chosen by key hash).", ge=0, lt=1,
     )
     max_val_samples: int = option(2048, "Held-out samples evaluated per validation.", ge=0)
+    allow_partial: bool = option(
+        False, "Train on a cache whose encode has not finished (missing or cut-short input shards).",
+        flags=("--allow-partial",),
+    )
     num_workers: int = option(4, "DataLoader workers per process.", ge=0)
     # -- bookkeeping ------------------------------------------------------------------------------
     log_every: int = option(50, "Steps between logged training metrics.", gt=0)
@@ -93,7 +97,8 @@ class TrainConfig:
 # Settings that may change when a run resumes: bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "run_dir", "cache", "num_workers", "log_every", "val_every", "ckpt_every", "keep_checkpoints",
-     "preview_every", "report_to", "resume", "resume_from", "overwrite", "max_val_samples", "compile"}
+     "preview_every", "report_to", "resume", "resume_from", "overwrite", "max_val_samples", "compile",
+     "allow_partial"}
 )
 
 

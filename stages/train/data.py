@@ -125,8 +125,9 @@ class CacheBatchDataset(Dataset):
         need_dino: bool = True,
         need_text: bool = False,
         need_label: bool = True,
+        parts: list[str] | None = None,
     ):
-        self.reader = FastReader(cache_dir)
+        self.reader = FastReader(cache_dir, parts)
         if need_text and not self.reader.has_text:
             raise CacheError(
                 f"{cache_dir}: cache has no text features but this run needs them; "

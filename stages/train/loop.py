@@ -27,6 +27,7 @@ from cache_schema import read_manifest
 from cache_schema.fsutil import atomic_write_json
 from stages.core.checkpoint import (
     checkpoint_path,
+    load_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -46,7 +47,7 @@ from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
 from .metrics import TrainWindow, append_metrics, truncate_metrics, write_curves
 from .previews import Previewer
-from .setup import build_model_config, check_resume, prepare_run_dir, resolve_cond
+from .setup import build_model_config, check_resume, lock_run_dir, prepare_run_dir, resolve_cond, training_parts
 from .validation import Validator
 
 #################################################################################
@@ -142,10 +143,18 @@ class Trainer:
     conditioner: Conditioner
     latent: dict
     window: TrainWindow
+    nonfinite: torch.Tensor | None = None  # on the device: set once a loss or gradient norm was not finite
 
     @property
     def raw_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def diverged(self) -> bool:
+        """Whether any step so far had a non-finite loss or gradient (one host sync: call at log time)."""
+        return self.nonfinite is not None and bool(self.nonfinite.item())
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in [*self.raw_model.parameters(), *self.ema.parameters()])
 
     def step(self, step: int, batches) -> None:
         cfg, device = self.cfg, self.accelerator.device
@@ -157,9 +166,15 @@ class Trainer:
                                                    cfg.repa_lambda, self.latent)
                 self.accelerator.backward(loss / cfg.grad_accum)
             self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / cfg.grad_accum)
+            self._flag(loss)
         grad_norm = optimizer_update(self.accelerator, self.model, self.optimizer, self.scheduler, cfg.grad_clip)
         update_ema(self.ema, self.raw_model, cfg.ema_decay)
         self.window.add_step(grad_norm)  # stays on the device: no sync per step
+        self._flag(grad_norm)
+
+    def _flag(self, value: torch.Tensor) -> None:
+        bad = ~torch.isfinite(value.detach()).all()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
 
 
 def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict) -> Trainer:
@@ -185,14 +200,26 @@ def restore(trainer: Trainer, ckpt: dict) -> int:
     return int(ckpt["step"])
 
 
-def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest) -> dict:
+def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int]) -> dict:
     """Everything a checkpoint holds (see ``stages.core.checkpoint``)."""
-    return {
+    return {"parts": parts,
         "step": step, "model": trainer.raw_model.state_dict(), "ema": trainer.ema.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
         "rng": rng_state(), "config": trainer.cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond,
         "fingerprint": manifest.fingerprint, "latent": manifest.latent, "cache": str(trainer.cfg.cache),
     }
+
+
+class Diverged(UsageError):
+    """Training met a non-finite loss or gradient; nothing after the last good checkpoint was kept."""
+
+
+def stop_if_diverged(trainer: Trainer, step: int, last_good: int | None, run_dir: Path) -> None:
+    if trainer.diverged() or not trainer.weights_finite():
+        where = (f"the last good checkpoint is {checkpoint_path(run_dir, last_good)} (resume from it with --resume)"
+                 if last_good else "no checkpoint was written yet")
+        raise Diverged(f"step {step}: the loss or gradient became non-finite (NaN/inf) since the last check; {where}; "
+                       "lower --lr, or check the cache with `repa cache verify`")
 
 
 class RateClock:
@@ -237,8 +264,11 @@ class Logbook:
                            + (f", REPA cosine {metrics['repa_cos']:.3f}" if "repa_cos" in metrics else ""))
         return metrics
 
-    def close(self) -> None:
-        self.bar.close()
+    def __enter__(self) -> Logbook:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()  # before any error message, so the bar is not redrawn after it
 
 
 @dataclass
@@ -256,13 +286,24 @@ class TrainResult:
 def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     check(cfg)
     manifest = read_manifest(cfg.cache)
-    resume_path = prepare_run_dir(cfg)
     accelerator = make_accelerator(cfg)
+    lock = lock_run_dir(cfg.run_dir) if accelerator.is_main_process else None  # one training per run directory
+    try:
+        return train(cfg, manifest, accelerator, log)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
+    resume_path = prepare_run_dir(cfg, main)
+    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    parts = training_parts(cfg, manifest, ckpt)
 
     # -- data: conditioning, model shape and split come from the cache ---------------------------
-    probe = CacheBatchDataset(cfg.cache, need_dino=False, need_text=False, need_label=False)
+    probe = CacheBatchDataset(cfg.cache, need_dino=False, need_text=False, need_label=False, parts=list(parts))
     reader = probe.reader
     labels = reader.read("label", np.arange(len(reader))) if len(reader) else np.zeros(0, np.int64)
     cond = resolve_cond(cfg, manifest, labels)
@@ -273,7 +314,8 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {per_step}")
     micro = cfg.batch_size // per_step
     train_ids, val_ids = split_ids(reader.keys, cfg.val_fraction)
-    dataset = CacheBatchDataset(cfg.cache, need_dino=repa, need_text=cond == "text", need_label=cond == "class")
+    dataset = CacheBatchDataset(cfg.cache, need_dino=repa, need_text=cond == "text", need_label=cond == "class",
+                                parts=list(parts))
     try:
         first_epoch = EpochBatchSampler(train_ids, micro, cfg.seed, rank, world, name=f"the training split of {cfg.cache}")
     except ValueError as e:
@@ -282,8 +324,9 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     # -- model, optimizer, resume -----------------------------------------------------------------
     trainer = build_trainer(cfg, accelerator, model_cfg, cond, manifest.latent)
     start_step = 0
-    if resume_path is not None:
-        start_step = restore(trainer, check_resume(resume_path, cfg, manifest, model_cfg))
+    if ckpt is not None:
+        start_step = restore(trainer, check_resume(ckpt, resume_path, cfg, manifest, model_cfg))
+        del ckpt
         if main:
             log(f"resumed from {resume_path} at step {start_step}")
     if start_step >= cfg.steps:
@@ -297,7 +340,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
                           repa=repa)
     previewer = None
     if cfg.preview_every and main and len(val_ids):
-        previewer = Previewer(cfg.cache, dataset, val_ids, manifest.latent)
+        previewer = Previewer(dataset, val_ids, manifest.latent)
 
     # -- bookkeeping: config.json, trackers, progress ---------------------------------------------
     params = count_parameters(trainer.raw_model)
@@ -305,6 +348,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
         atomic_write_json(Path(cfg.run_dir) / CONFIG_FILE, {
             "config": cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond, "parameters": params,
             "cache_fingerprint": manifest.fingerprint, "train_samples": len(train_ids), "val_samples": len(val_ids),
+            "parts": len(parts), "cache_status": manifest.completeness(),
         })
         log(f"train: {model_cfg.preset or 'custom'} width {model_cfg.width} depth {model_cfg.depth} "
             f"({params / 1e6:.2f} M params), cond={cond}, REPA lambda={cfg.repa_lambda} at block {model_cfg.align_layer}, "
@@ -313,32 +357,36 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     if cfg.report_to != "none":
         accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in cfg.to_json().items()})
-    logbook = Logbook(cfg, accelerator, start_step)
-    validate = functools.partial(validator.run, trainer.forward, trainer.conditioner, logbook.sum_over_processes)
 
     # -- the loop ---------------------------------------------------------------------------------
-    trainer.model.train()
-    clock = RateClock(start_step)
-    # A fresh run is validated before its first step, so every curve starts from the untrained model.
-    val_metrics = logbook.validation(0, validate()) if start_step == 0 else None
-    step = start_step
-    for step in range(start_step + 1, cfg.steps + 1):
-        trainer.step(step, batches)
-        logbook.bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            logbook.train(step, {**trainer.window.record(logbook.sum_over_processes), "lr": trainer.scheduler.get_last_lr()[0],
-                                 "img_per_s": clock.rate(step, cfg.batch_size)})
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            val_metrics = logbook.validation(step, validate())
-        if previewer is not None and step % cfg.preview_every == 0:
-            with accelerator.autocast():
-                previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if main:
-                save_checkpoint(checkpoint_path(cfg.run_dir, step), checkpoint_state(trainer, step, cond, model_cfg, manifest))
-                prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
-            accelerator.wait_for_everyone()
-    logbook.close()
+    with Logbook(cfg, accelerator, start_step) as logbook:
+        validate = functools.partial(validator.run, trainer.forward, trainer.conditioner, logbook.sum_over_processes)
+        trainer.model.train()
+        clock = RateClock(start_step)
+        last_good = start_step or None
+        # A fresh run is validated before its first step, so every curve starts from the untrained model.
+        val_metrics = logbook.validation(0, validate()) if start_step == 0 else None
+        step = start_step
+        for step in range(start_step + 1, cfg.steps + 1):
+            trainer.step(step, batches)
+            logbook.bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                stop_if_diverged(trainer, step, last_good, cfg.run_dir)
+                logbook.train(step, {**trainer.window.record(logbook.sum_over_processes),
+                                     "lr": trainer.scheduler.get_last_lr()[0], "img_per_s": clock.rate(step, cfg.batch_size)})
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                val_metrics = logbook.validation(step, validate())
+            if previewer is not None and step % cfg.preview_every == 0:
+                with accelerator.autocast():
+                    previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                stop_if_diverged(trainer, step, last_good, cfg.run_dir)  # a checkpoint is only ever a good one
+                if main:
+                    save_checkpoint(checkpoint_path(cfg.run_dir, step),
+                                    checkpoint_state(trainer, step, cond, model_cfg, manifest, parts))
+                    prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
+                last_good = step
+                accelerator.wait_for_everyone()
     accelerator.end_training()
     if main:
         (Path(cfg.run_dir) / FINAL_FILE).write_text(json.dumps({"step": step, "val": val_metrics}, indent=1))

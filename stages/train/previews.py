@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_schema import CacheReader
 from stages.core.codec import features_to_device
 from stages.core.run_files import PREVIEW_DIR
 from stages.core.samplers import euler_ode
@@ -26,15 +25,13 @@ PREVIEW_SEED = 1234
 
 
 class Previewer:
-    def __init__(self, cache: Path, dataset: CacheBatchDataset, val_ids: np.ndarray, latent: dict, count: int = 8,
-                 steps: int = 25):
+    def __init__(self, dataset: CacheBatchDataset, val_ids: np.ndarray, latent: dict, count: int = 8, steps: int = 25):
         self.ids = np.asarray(val_ids)[:count]
         self.dataset, self.latent, self.steps = dataset, latent, steps
-        reader = CacheReader(cache)
-        meta = [reader.sample(int(i)) for i in self.ids]
-        self.keys = [m["key"] for m in meta]
-        self.captions = [m["caption"] for m in meta]
-        self.labels = [int(m["label"]) for m in meta]
+        meta = dataset.reader.read_many(self.ids, {"key": None, "caption": None, "label": None})
+        self.keys = [str(k) for k in meta["key"]]
+        self.captions = [str(c) for c in meta["caption"]]
+        self.labels = [int(x) for x in meta["label"]]
         c, s = latent["channels"], latent["size"]
         self.noise = torch.randn(len(self.ids), c, s, s, generator=generator(PREVIEW_SEED))
 

@@ -6,15 +6,18 @@ and token grid, caption dim) and the config; nothing about the cache is passed a
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from cache_schema import Manifest
-from stages.core.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from stages.core.checkpoint import latest_checkpoint, list_checkpoints
 from stages.core.errors import UsageError
 from stages.core.model_presets import MODEL_PRESETS
 from stages.core.sit import ModelConfig
@@ -81,11 +84,40 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
     return mc
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path | None:
-    """Create or check the run directory; return the checkpoint to resume from, if any."""
+RUN_LOCK = ".lock"
+
+
+def lock_run_dir(run: Path):
+    """Create the run directory and hold its lock (an flock, released by the OS however the process
+    ends, so a killed run never blocks a resume); a second training on the same directory is refused."""
+    run = Path(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        handle = open(run / RUN_LOCK, "a+")
+    except OSError as e:
+        raise UsageError(f"--run-dir {run}: not writable ({e.strerror}); choose another directory") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"--run-dir {run} is in use by {holder}; wait for that training to end or choose another "
+                         "--run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def prepare_run_dir(cfg: TrainConfig, main: bool = True) -> Path | None:
+    """Check the run directory (``main``: empty it for --overwrite); return the checkpoint to resume from."""
     run = Path(cfg.run_dir)
-    if cfg.overwrite and run.exists() and not (cfg.resume or cfg.resume_from):
-        shutil.rmtree(run)
+    if main and cfg.overwrite and not (cfg.resume or cfg.resume_from):
+        for entry in run.iterdir():  # everything but the lock this process holds
+            if entry.name != RUN_LOCK:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     try:
         run.mkdir(parents=True, exist_ok=True)
         probe = run / f".probe-{os.getpid()}"
@@ -105,9 +137,28 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def check_resume(path: Path, cfg: TrainConfig, manifest: Manifest, model_cfg: ModelConfig) -> dict:
+def training_parts(cfg: TrainConfig, manifest: Manifest, ckpt: dict | None) -> dict[str, int]:
+    """The parts a run reads, with their sample counts. Resuming: those it started with, so a cache that
+    grew since does not change its data (a part re-encoded to another sample count is refused). Else
+    every part of a complete cache; with --allow-partial, the complete parts of any cache (a part cut
+    short will be redone, so it is left out)."""
+    have = {p["name"]: p for p in manifest.parts}
+    if ckpt is not None and "parts" in ckpt:
+        parts = dict(ckpt["parts"])
+        for name, count in parts.items():
+            if name in have and have[name]["num_samples"] != count:
+                raise UsageError(f"part {name} of cache {cfg.cache} was re-encoded since this run started ({count} -> "
+                                 f"{have[name]['num_samples']} samples); resuming would change the data: start a new "
+                                 "--run-dir")
+        return parts
+    if not manifest.complete and not cfg.allow_partial:
+        raise UsageError(f"cache {cfg.cache} is {manifest.completeness()}; finish the encode (rerun the same "
+                         "command) or pass --allow-partial to train on what is committed")
+    return {p["name"]: p["num_samples"] for p in manifest.parts if p.get("complete", True)}
+
+
+def check_resume(ckpt: dict, path: Path, cfg: TrainConfig, manifest: Manifest, model_cfg: ModelConfig) -> dict:
     """The checkpoint, after checking it was made by the same config on the same cache."""
-    ckpt = load_checkpoint(path)
     diff = resume_differences(ckpt["config"], cfg.to_json())
     if ckpt["model_config"] != asdict(model_cfg):
         diff.append("model shape (from the cache manifest)")
