@@ -171,12 +171,27 @@ def cache_info(cache: Annotated[Path, typer.Argument(help="Cache directory.", me
 
 @cache_app.command("verify")
 @user_errors
-def cache_verify(cache: Annotated[Path, typer.Argument(help="Cache directory.", metavar="CACHE")]):
-    """Re-read every committed part: counts, finite values, unique keys. Exits non-zero at the first bad part."""
-    from cache_schema import verify_cache
+def cache_verify(
+    cache: Annotated[Path, typer.Argument(help="Cache directory.", metavar="CACHE")],
+    quick: Annotated[bool, typer.Option("--quick", help="Only compare every part's files and sizes with its "
+                                        "record (no reading).")] = False,
+):
+    """Check every committed part: files and sizes, crc32c of every chunk, counts, finite values, unique keys.
+    Lists every bad part and exits non-zero if there is one."""
+    from cache_schema.verify import find_problems
 
-    n = verify_cache(cache, progress=lambda name: _log(f"ok  {name}"))
-    typer.echo(f"verified {n} samples in {cache}")
+    def progress(name: str, problem: str | None) -> None:
+        _log(f"{'BAD' if problem else 'ok '} {name}")
+
+    problems = find_problems(cache, quick=quick, progress=progress)
+    if problems:
+        for problem in problems.values():
+            _log(f"error: {problem}")
+        typer.echo(f"{len(problems)} bad part(s) in {cache}; repair them with the encode command and --repair")
+        raise typer.Exit(1)
+    from cache_schema import read_manifest
+
+    typer.echo(f"verified {read_manifest(cache).num_samples} samples in {cache}" + (" (quick)" if quick else ""))
 
 
 # -- demo data and tiny encoders --------------------------------------------------------------------

@@ -167,6 +167,8 @@ def test_verify_finds_every_kind_of_damage_and_names_the_part_and_file(cache, da
     assert f"part {name}" in str(e.value) and "dino" in str(e.value) and "--repair" in str(e.value)
     if damage in ("missing", "zero-length", "truncated"):
         assert "dino/c/1/0/0" in str(e.value)
+        quick = cli("cache", "verify", "--quick", cache)  # sizes alone find these
+        assert quick.exit_code == 1 and f"BAD {name}" in quick.stderr and "1 bad part(s)" in quick.stdout
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbage", "bit-rot"])
