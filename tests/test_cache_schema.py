@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -225,3 +226,37 @@ def test_missing_cache_and_unwritable_dir_give_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CacheError, match="no manifest"):
         CacheReader(tmp_path / "empty")
+
+
+def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from cache_schema.claims import Heartbeat
+
+    me = Owner.here()
+    elsewhere = Owner("far-1-abc", "far-away-host", 1)
+    assert claim(tmp_path, ["a", "b"], elsewhere)[0] == ["a", "b"]
+    got, held = claim(tmp_path, ["a", "b"], me, lease_s=300)
+    assert got == [] and held["a"]["host"] == "far-away-host"  # another host's live heartbeat is respected
+    path = tmp_path / "claims" / "a.json"
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({**old, "renewed": time.time() - 400}))  # silent for longer than the lease
+    assert claim(tmp_path, ["a", "b"], me, lease_s=300)[0] == ["a"]
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ghost = Owner(f"{socket.gethostname()}-x", socket.gethostname(), int(dead.stdout))
+    assert claim(tmp_path, ["c"], ghost)[0] == ["c"]
+    assert claim(tmp_path, ["c"], me, lease_s=300)[0] == ["c"]  # a dead process of this host: at once
+
+    beat = Heartbeat(tmp_path, me, interval=0.05)
+    beat.add(["a", "c"])
+    before = json.loads(path.read_text())["renewed"]
+    time.sleep(0.3)
+    assert json.loads(path.read_text())["renewed"] > before
+    claim(tmp_path, ["c"], elsewhere, lease_s=0.0)  # someone takes "c" over after a stall
+    time.sleep(0.3)
+    beat.stop()
+    assert beat.lost == {"c"} and beat.parts == {"a"}
