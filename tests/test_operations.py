@@ -91,25 +91,21 @@ def cli(*args: str):
 
 
 # -- several writers ------------------------------------------------------------------------------
-def test_two_jobs_on_the_same_shards_encode_each_sample_once(tiny_models, shards, tmp_path):
-    cfg = config(tiny_models, pattern(shards), tmp_path / "c")
-    procs = [subprocess.Popen(encode_cmd(cfg), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+def test_jobs_on_the_same_or_disjoint_shards_encode_each_sample_once(tiny_models, shards, tmp_path):
+    same = config(tiny_models, pattern(shards), tmp_path / "same")  # two jobs, one list: the claims share it out
+    halves = [config(tiny_models, pattern(shards[:3]), tmp_path / "halves"),
+              config(tiny_models, pattern(shards[3:]), tmp_path / "halves")]
+    outs = []
+    for pair in ((same, same), halves):  # each pair at once; two pairs at once would only crowd two cores
+        procs = [subprocess.Popen(encode_cmd(c), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for c in pair]
+        outs += [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     encoded = [int(o[0].split("encoded ", 1)[1].split()[0]) for o in outs]
-    assert sum(encoded) == 48  # no sample was encoded by both jobs
-    all_keys_once(tmp_path / "c", shards)
-
-
-def test_two_jobs_given_disjoint_halves_finish_the_corpus(tiny_models, shards, tmp_path):
-    halves = [config(tiny_models, pattern(shards[:3]), tmp_path / "c"), config(tiny_models, pattern(shards[3:]), tmp_path / "c")]
-    procs = [subprocess.Popen(encode_cmd(c), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for c in halves]
-    for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
-    all_keys_once(tmp_path / "c", shards)
-    assert read_manifest(tmp_path / "c").complete
+    assert encoded[0] + encoded[1] == 48  # no sample was encoded by both jobs
+    for cache in ("same", "halves"):
+        all_keys_once(tmp_path / cache, shards)
+        assert read_manifest(tmp_path / cache).complete
 
 
 def test_a_retry_or_an_overwrite_while_a_job_runs_leaves_its_work_alone(tiny_models, shards, tmp_path):
@@ -336,16 +332,19 @@ def assert_all_gone(procs: list[psutil.Process], timeout: float = 20) -> None:
     assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "term"])
-def test_killing_an_encode_leaves_no_process_behind(tiny_models, shards, tmp_path, sig):
-    cfg = config(tiny_models, gated(shards, tmp_path / "never"), tmp_path / "c", num_workers=2)
-    proc = subprocess.Popen(encode_cmd(cfg), env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    wait_for(lambda: len(workers(descendants(proc.pid))) >= 2, proc=proc)  # both decode workers
-    children = descendants(proc.pid)
-    os.kill(proc.pid, sig)
-    proc.wait(timeout=60)
-    assert_all_gone(children)
-    assert proc.stdout.read() == b""  # the pipe closed: nobody holds the caller's stdout open
+def test_killing_an_encode_with_kill_9_or_sigterm_leaves_no_process_behind(tiny_models, shards, tmp_path):
+    procs = {}
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        cfg = config(tiny_models, gated(shards, tmp_path / "never"), tmp_path / f"c{int(sig)}", num_workers=2)
+        procs[sig] = subprocess.Popen(encode_cmd(cfg), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL)
+    for sig, proc in procs.items():
+        wait_for(lambda: len(workers(descendants(proc.pid))) >= 2, proc=proc)  # both decode workers
+        children = descendants(proc.pid)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        assert_all_gone(children)
+        assert proc.stdout.read() == b""  # the pipe closed: nobody holds the caller's stdout open
 
 
 def test_killing_a_training_leaves_no_process_behind(train_cache, tmp_path):

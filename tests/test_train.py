@@ -160,11 +160,10 @@ def test_validation_is_the_same_problem_for_every_run(train_cache, tmp_path):
 # -- exact resume ---------------------------------------------------------------------------------
 def test_kill_9_and_resume_is_bit_identical_to_an_uninterrupted_run(train_cache, tmp_path):
     common = dict(steps=30, ckpt_every=3, val_every=15, log_every=3, num_workers=1, keep_checkpoints=0)
-    # Both runs in subprocesses with the same environment (thread count changes float rounding).
-    straight = subprocess.run([sys.executable, "-m", "pipeline", "train", *train_cli_args(tiny_train(train_cache, tmp_path / "straight", **common))],
-                              env=env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    # Both runs in subprocesses with the same environment (thread count changes float rounding), side by side.
+    straight = subprocess.Popen([sys.executable, "-m", "pipeline", "train",
+                                 *train_cli_args(tiny_train(train_cache, tmp_path / "straight", **common))],
+                                env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     cfg = tiny_train(train_cache, tmp_path / "killed", **common)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", *train_cli_args(cfg)], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -176,6 +175,8 @@ def test_kill_9_and_resume_is_bit_identical_to_an_uninterrupted_run(train_cache,
     proc.wait()
     resumed_from = latest_checkpoint(tmp_path / "killed")
     assert resumed_from is not None and resumed_from.name != "step-0000030.pt"
+    _, err = straight.communicate(timeout=400)
+    assert straight.returncode == 0, err[-3000:]
 
     r = subprocess.run([sys.executable, "-m", "pipeline", "train", *train_cli_args(cfg), "--resume"],
                        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
