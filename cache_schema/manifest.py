@@ -33,6 +33,7 @@ FINGERPRINT_KEYS = (
     "dino_preprocess",
     "text_encoder",
     "max_text_tokens",
+    "text_attention",
     "dtype",
     "feature_codec",
 )

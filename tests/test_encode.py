@@ -72,7 +72,13 @@ def test_demo_encodes_every_sample_with_the_right_contents(demo_cache, demo_shar
     x = torch.from_numpy(prep.image.copy()).permute(2, 0, 1)[None]
     with torch.no_grad():
         dist = AutoencoderKL.from_pretrained(tiny_models["vae"]).encode(x.float() / 127.5 - 1).latent_dist
-        dino = AutoModel.from_pretrained(tiny_models["dino"])(pixel_values=dino_preprocess(x, 64)).last_hidden_state[:, 1:]
+        dino_model = AutoModel.from_pretrained(tiny_models["dino"])
+        table = dino_model.embeddings.position_embeddings.data  # resampled once with antialias, as official REPA
+        side = int((table.shape[1] - 1) ** 0.5)
+        grid = torch.nn.functional.interpolate(table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2), size=(4, 4),
+                                               mode="bicubic", antialias=True, align_corners=False)
+        dino_model.embeddings.position_embeddings.data = torch.cat([table[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+        dino = dino_model(pixel_values=dino_preprocess(x, 64)).last_hidden_state[:, 1:]
         tok = AutoTokenizer.from_pretrained(tiny_models["text"])(got["caption"], max_length=16, truncation=True, return_tensors="pt")
         text = T5EncoderModel.from_pretrained(tiny_models["text"])(**tok).last_hidden_state[0]
     np.testing.assert_allclose(got["moments"], torch.cat([dist.mean, dist.std], 1)[0].numpy(), atol=2e-3, rtol=2e-3)

@@ -137,7 +137,7 @@ def test_make_reference_then_reference_matches_on_the_fly_and_eval_jsonl_grows(t
     record = lines[0]
     assert {k: record[k] for k in ("step", "ema", "n", "sampler", "steps", "cfg", "interval")} == {
         "step": 3, "ema": True, "n": 6, "sampler": "euler", "steps": 2, "cfg": 1.0, "interval": [0.0, 1.0]}
-    assert record["checkpoint"].endswith("step-0000003.pt") and record["is_mean"] >= 1.0 and record["is_std"] >= 0
+    assert record["checkpoint"].endswith("step-0000003.pt") and record["is_mean"] >= 1.0 - 1e-6 and record["is_std"] >= 0  # IS >= 1, up to rounding
     assert "clip_score" not in record
 
 

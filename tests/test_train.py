@@ -15,6 +15,7 @@ import torch
 from stages.core.checkpoint import latest_checkpoint, list_checkpoints
 from stages.core.conditioning import Conditioner
 from stages.core.errors import UsageError
+from stages.core.model_config import ModelConfig
 from stages.core.objective import (
     bin_by_t,
     denoise_loss_per_sample,
@@ -22,7 +23,7 @@ from stages.core.objective import (
     sample_latents,
     sample_t,
 )
-from stages.core.sit import ModelConfig, SiT
+from stages.core.sit import SiT
 from stages.train.config import TrainConfig
 from stages.train.loop import run_train, step_generator
 from stages.train.metrics import read_metrics
@@ -148,7 +149,7 @@ def test_validation_is_the_same_problem_for_every_run(train_cache, tmp_path):
     man = read_manifest(train_cache)
     torch.manual_seed(0)
     model = SiT(ModelConfig(width=32, depth=2, head_dim=16, in_channels=4, input_size=8, cond="text", text_dim=man.text["dim"],
-                            repa_dim=man.dino["dim"], align_layer=1, projector_dim=16))
+                            repa_dims=(man.dino["dim"],), align_layer=1, projector_dim=16))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     cond = Conditioner("text", model, 0.0)

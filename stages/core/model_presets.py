@@ -1,7 +1,8 @@
 """Named model shapes, kept free of torch so the CLI can list and check them without importing it.
 
-Class-conditional ImageNet shapes from the DiT/SiT papers; ``align_layer`` is the REPA paper's choice
-(1-based: the output of that block is aligned).
+SiT: class-conditional ImageNet shapes from the DiT/SiT papers; ``align_layer`` is the REPA paper's choice
+(1-based: the output of that block is aligned). repa-rf: the seed project's CC12M DiT at the widths of its
+sweep (depth 9, 64 channels per head), aligned after block 7 (its hard-coded block index 6).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ _SIT_SIZES: dict[str, dict] = {
 }
 
 MODEL_PRESETS: dict[str, dict] = {
-    f"SiT-{size}/{patch}": {**shape, "patch_size": patch}
-    for size, shape in _SIT_SIZES.items()
-    for patch in (2, 4, 8)
+    **{
+        f"SiT-{size}/{patch}": {"arch": "sit", **shape, "patch_size": patch}
+        for size, shape in _SIT_SIZES.items()
+        for patch in (2, 4, 8)
+    },
+    **{
+        f"repa-rf-w{width}": dict(arch="repa-rf", depth=9, width=width, head_dim=64, patch_size=2, align_layer=7)
+        for width in (512, 1024, 2048)
+    },
 }

@@ -83,15 +83,25 @@ class LossTerms:
         return torch.zeros_like(self.denoise) if self.repa is None else -self.repa.detach()
 
 
-def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, target: Tensor | None) -> LossTerms:
+def alignment_targets(batch: dict) -> list[Tensor]:
+    """The frozen encoders' tokens a batch carries, in the order of the model's projectors."""
+    return [batch["dino"]] if "dino" in batch else []
+
+
+def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets: list[Tensor]) -> LossTerms:
     """Both losses for clean latents ``x``, path noise ``noise`` and times ``t``.
 
-    ``forward(x_t, t, **cond) -> (velocity, projected tokens or None)`` is the model; ``target`` the
-    frozen encoder's tokens for the REPA loss (unused when the model has no projector).
+    ``forward(x_t, t, **cond) -> (velocity, [projected tokens per target])`` is the model; ``targets``
+    the frozen encoders' tokens, one per projector. With several targets the REPA loss is their mean,
+    as official REPA averages over its encoders.
     """
     x_t, v = interpolate(x, noise, t)
     pred, projected = forward(x_t, t, **cond)
-    repa = repa_loss_per_sample(projected, target) if projected is not None else None
+    repa = None
+    if projected:
+        if len(projected) != len(targets):
+            raise ValueError(f"{len(projected)} projectors but {len(targets)} alignment targets")
+        repa = torch.stack([repa_loss_per_sample(p, tgt) for p, tgt in zip(projected, targets)]).mean(dim=0)
     return LossTerms(denoise_loss_per_sample(pred, v), repa)
 
 

@@ -100,10 +100,12 @@ def heun_ode(fn: VelocityFn, noise: Tensor, steps: int = ODE_STEPS) -> Tensor:
 
     The last interval, which ends at t = 0, is a plain Euler step (as in EDM and the official REPA
     sampler): the model is never evaluated at exactly t = 0, and a single first-order step leaves
-    the global error O(h²). Cost: ``2·steps - 1`` velocity calls.
+    the global error O(h²). Cost: ``2·steps - 1`` velocity calls. When ``fn`` is guided (see
+    :func:`guided`), the corrector's guidance is decided by the step's start time, as official REPA does.
     """
     _check_steps(steps)
     x = _initial_state(noise)
+    corrector = getattr(fn, "at", None)
     for t_cur, t_next in _intervals(_ode_times(steps)):
         dt = t_next - t_cur
         v = fn(x, _times(x, t_cur))
@@ -111,7 +113,8 @@ def heun_ode(fn: VelocityFn, noise: Tensor, steps: int = ODE_STEPS) -> Tensor:
         if t_next == 0.0:
             x = x_euler
         else:
-            x = x + dt * 0.5 * (v + fn(x_euler, _times(x, t_next)))
+            v_next = corrector(x_euler, _times(x, t_next), _times(x, t_cur)) if corrector else fn(x_euler, _times(x, t_next))
+            x = x + dt * 0.5 * (v + v_next)
     return x
 
 
@@ -198,6 +201,34 @@ def _batch_size(cond: Conditioning) -> int:
     return sizes.pop()
 
 
+class Guided:
+    """A velocity function applying classifier-free guidance for ``low ≤ t ≤ high`` (see :func:`guided`)."""
+
+    def __init__(self, model: ConditionalModel, cond: Conditioning, null: Conditioning, scale: float,
+                 low: float, high: float):
+        self.model, self.cond, self.scale, self.low, self.high = model, cond, scale, low, high
+        self.both = None
+        if scale != 1.0:
+            batch = _batch_size(cond)
+            null = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in null.items()}
+            self.both = concat_conditioning(cond, null)  # built once, reused at every step
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.at(x, t, t)
+
+    def at(self, x: Tensor, t: Tensor, t_guide: Tensor) -> Tensor:
+        """The velocity at (x, t), guided where ``t_guide`` lies in the interval."""
+        if self.both is None:
+            return self.model(x, t, self.cond)
+        inside = (t_guide >= self.low) & (t_guide <= self.high)
+        if not bool(inside.any()):
+            return self.model(x, t, self.cond)
+        v_cond, v_uncond = self.model(torch.cat([x, x]), torch.cat([t, t]), self.both).chunk(2)
+        v = v_uncond + self.scale * (v_cond - v_uncond)
+        # The samplers here share one t across the batch; a per-sample t may straddle the interval.
+        return torch.where(_per_sample(inside, v), v, v_cond)
+
+
 def guided(
     model: ConditionalModel,
     cond: Conditioning,
@@ -205,38 +236,19 @@ def guided(
     cfg: float,
     low: float = 0.0,
     high: float = 1.0,
-) -> VelocityFn:
-    """A velocity function applying classifier-free guidance for ``low ≤ t ≤ high``.
+) -> Guided:
+    """A velocity function applying classifier-free guidance for ``low ≤ t ≤ high`` (inclusive, as REPA).
 
     Inside the interval (and ``cfg != 1``) it returns v_u + cfg·(v_c - v_u) from one model call on
     the concatenated (cond, null) batch; elsewhere it calls the model on ``cond`` alone and never
     evaluates the unconditional branch. Tensors in ``null`` with batch size 1 are broadcast to the
     batch of ``cond`` (e.g. one empty-caption embedding). Guiding the velocity also guides the SDE
-    drift exactly, since the drift is affine in v for a fixed x.
+    drift exactly, since the drift is affine in v for a fixed x. ``.at(x, t, t_guide)`` decides the
+    guidance by another time (Heun's corrector uses the step's start, as official REPA does).
     """
     if low > high:
         raise ValueError(f"--guidance-low ({low}) must not exceed --guidance-high ({high})")
-
-    def conditional(x: Tensor, t: Tensor) -> Tensor:
-        return model(x, t, cond)
-
-    if cfg == 1.0:
-        return conditional
-
-    batch = _batch_size(cond)
-    null = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in null.items()}
-    both = concat_conditioning(cond, null)  # built once, reused at every step
-
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        inside = (t >= low) & (t <= high)
-        if not bool(inside.any()):
-            return conditional(x, t)
-        v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        v = v_uncond + cfg * (v_cond - v_uncond)
-        # The samplers here share one t across the batch; a per-sample t may straddle the interval.
-        return torch.where(_per_sample(inside, v), v, v_cond)
-
-    return velocity
+    return Guided(model, cond, null, cfg, low, high)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""SiT: the DiT architecture trained as a velocity (rectified-flow) model, with an optional REPA projector.
+"""SiT: the DiT architecture trained as a velocity (rectified-flow) model, with optional REPA projectors.
 
 The network follows facebookresearch/DiT: patch embedding plus fixed 2-D sin-cos positions, a stack of
 adaLN-Zero transformer blocks conditioned on the time (and class or caption) vector, a modulated final
 layer and an unpatchify back to latent shape. Differences from DiT:
 
 - the output has as many channels as the input (a velocity, no learned sigma);
-- time is the rectified-flow time t in [0, 1], embedded as t * 1000 so DiT's sinusoid scale still fits;
+- time is the rectified-flow time t in [0, 1], embedded as is (as SiT and official REPA do);
 - ``cond="text"`` adds cross-attention to caption tokens in every block (9-way adaLN) and a pooled caption
   vector to the time embedding; ``cond="none"`` is unconditional;
-- REPA: a projector MLP maps the hidden state after block ``align_layer`` (1-based) to the dimension of a
-  frozen vision encoder's patch tokens, for the alignment loss (``stages.core.objective``).
+- REPA: one projector MLP per alignment target maps the hidden state after block ``align_layer`` (1-based)
+  to the dimension of that frozen encoder's patch tokens, for the alignment loss (``stages.core.objective``).
+
+Parameter names and shapes are those of official REPA's ``models/sit.py`` (``projectors.k.*`` included), so
+its checkpoints load as they are (``repa import-checkpoint``).
 
 ``forward`` has no data-dependent Python control flow, so the model compiles as one graph.
 """
@@ -17,103 +20,12 @@ layer and an unpatchify back to latent shape. Differences from DiT:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model_presets import MODEL_PRESETS
-
-CondMode = Literal["class", "text", "none"]
-COND_MODES: tuple[str, ...] = get_args(CondMode)
-DEFAULT_HEAD_DIM = 64
-
-
-#################################################################################
-#                                 Configuration                                 #
-#################################################################################
-
-
-@dataclass
-class ModelConfig:
-    """Shape and conditioning of a SiT. Give ``head_dim`` or ``num_heads``; the other is derived."""
-
-    preset: str | None = None  # name in MODEL_PRESETS this config started from, for logs and checkpoints
-    width: int = 768  # hidden size of every token
-    depth: int = 12  # number of transformer blocks
-    head_dim: int | None = None  # channels per attention head (default 64 when num_heads is not given)
-    num_heads: int | None = None  # attention heads; must equal width // head_dim when both are given
-    patch_size: int = 2  # latent pixels per patch side
-    in_channels: int = 4  # latent channels (4 for SD-VAE, 16 for the FLUX VAE); also the output channels
-    input_size: int = 32  # latent height and width
-    cond: CondMode = "class"  # "class" (label embedding), "text" (caption cross-attention) or "none"
-    num_classes: int = 1000  # class labels for cond="class"; one extra row is the null class for CFG
-    text_dim: int | None = None  # caption embedding size for cond="text"
-    repa_dim: int | None = None  # vision-encoder token size the projector maps to; None disables REPA
-    align_layer: int = 8  # 1-based block whose output the projector reads (only used with repa_dim)
-    projector_dim: int = 2048  # hidden size of the REPA projector MLP
-    mlp_ratio: float = 4.0  # MLP hidden size as a multiple of width
-
-    def __post_init__(self) -> None:
-        if self.head_dim is None and self.num_heads is None:
-            self.head_dim = DEFAULT_HEAD_DIM
-        if self.head_dim is not None and self.width % self.head_dim != 0:
-            raise ValueError(f"width={self.width} is not divisible by head_dim={self.head_dim}")
-        if self.num_heads is not None and self.width % self.num_heads != 0:
-            raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
-        if self.num_heads is None:
-            self.num_heads = self.width // self.head_dim
-        if self.head_dim is None:
-            self.head_dim = self.width // self.num_heads
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent option."""
-        if self.width <= 0 or self.width % 4 != 0:
-            # the 2-D sin-cos position embedding splits width into 4 equal sin/cos blocks
-            raise ValueError(f"width={self.width} must be a positive multiple of 4")
-        if self.head_dim * self.num_heads != self.width:
-            raise ValueError(
-                f"head_dim={self.head_dim} x num_heads={self.num_heads} does not equal width={self.width}"
-            )
-        if self.depth < 1:
-            raise ValueError(f"depth={self.depth} must be at least 1")
-        if self.patch_size < 1 or self.input_size % self.patch_size != 0:
-            raise ValueError(f"patch_size={self.patch_size} must divide input_size={self.input_size}")
-        if self.in_channels < 1:
-            raise ValueError(f"in_channels={self.in_channels} must be at least 1")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive")
-        if self.cond not in COND_MODES:
-            raise ValueError(f"cond={self.cond!r} must be one of {COND_MODES}")
-        if self.cond == "class" and self.num_classes < 1:
-            raise ValueError(f"num_classes={self.num_classes} must be at least 1 for cond='class'")
-        if self.cond == "text" and (self.text_dim is None or self.text_dim < 1):
-            raise ValueError(f"text_dim={self.text_dim} must be a positive int for cond='text'")
-        if self.repa_dim is not None:
-            if self.repa_dim < 1 or self.projector_dim < 1:
-                raise ValueError(
-                    f"repa_dim={self.repa_dim} and projector_dim={self.projector_dim} must be positive"
-                )
-            if not 1 <= self.align_layer <= self.depth:
-                raise ValueError(
-                    f"align_layer={self.align_layer} must be between 1 and depth={self.depth} "
-                    "(1-based: align_layer=k aligns the output of the k-th block)"
-                )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        """The preset's shape with any field overridden, e.g. ``from_preset("SiT-XL/2", repa_dim=768)``."""
-        if name not in MODEL_PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
-        fields = dict(MODEL_PRESETS[name])
-        if "head_dim" in overrides and "num_heads" not in overrides:
-            del fields["num_heads"]  # an explicit head size replaces the preset's head count
-        fields.update(overrides)
-        return cls(preset=name, **fields)
-
+from .model_config import ModelConfig
 
 #################################################################################
 #               Embedding layers for timesteps, labels and captions             #
@@ -137,7 +49,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Embeds rectified-flow time t in [0, 1] like DiT's diffusion steps: sinusoid of t * 1000, then MLP."""
+    """Embeds rectified-flow time t in [0, 1] as SiT and official REPA do: a sinusoid of t itself (not of
+    t * 1000 as DiT's integer steps), cosines first, then an MLP."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -162,7 +75,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: Tensor) -> Tensor:
-        t_freq = self.timestep_embedding(t * 1000, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
@@ -340,7 +253,10 @@ def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Se
 
 
 class SiT(nn.Module):
-    """Diffusion transformer predicting the rectified-flow velocity, with an optional REPA projector."""
+    """Diffusion transformer predicting the rectified-flow velocity, with one REPA projector per target."""
+
+    # Where inputs enter (patches, captions, labels): muP-style parameter groups keep their lr unscaled.
+    input_params = ("x_embedder.", "caption_embedder.proj.", "y_embedder.")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -362,9 +278,7 @@ class SiT(nn.Module):
             for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(hidden, config.patch_size, config.in_channels)
-        self.projector = None
-        if config.repa_dim is not None:
-            self.projector = build_projector(hidden, config.projector_dim, config.repa_dim)
+        self.projectors = nn.ModuleList(build_projector(hidden, config.projector_dim, d) for d in config.repa_dims)
         self.initialize_weights()
 
     @property
@@ -420,13 +334,13 @@ class SiT(nn.Module):
         y: Tensor | None = None,
         text: Tensor | None = None,
         text_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, list[Tensor]]:
         """Velocity prediction and REPA-projected tokens.
 
         x: latents (B, C, H, W); t: rectified-flow time (B,) in [0, 1]; y: class ids (B,) for cond="class"
         (``null_class`` for dropped labels); text (B, L, text_dim) and text_mask (B, L), True = real token,
-        for cond="text" (a missing mask means every token is real).
-        Returns (velocity (B, C, H, W), projected tokens (B, num_patches, repa_dim) or None without REPA).
+        for cond="text" (a missing mask, or ``config.text_mask`` False, means every token is attended to).
+        Returns (velocity (B, C, H, W), one (B, num_patches, dim) tensor per alignment target, [] without REPA).
         """
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t)
@@ -438,16 +352,16 @@ class SiT(nn.Module):
         if self.caption_embedder is not None:
             if text is None:
                 raise ValueError("cond='text' needs caption embeddings text (use null_text for none)")
-            if text_mask is None:
+            if text_mask is None or not self.config.text_mask:
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
             context, context_mask, pooled = self.caption_embedder(text, text_mask)
             c = c + pooled
 
-        projected = None
+        projected: list[Tensor] = []
         for index, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c, context, context_mask)
-            if self.projector is not None and index == self.config.align_layer:
-                projected = self.projector(tokens)
+            if index == self.config.align_layer:
+                projected = [projector(tokens) for projector in self.projectors]
         return self.unpatchify(self.final_layer(tokens, c)), projected
 
 
@@ -473,12 +387,3 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
         dim=1,
     )
     return embedding.float()
-
-
-def count_parameters(model: nn.Module, include_projector: bool = False) -> int:
-    """Number of parameters, by default without the REPA projector (the convention of the SiT/REPA papers)."""
-    return sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if include_projector or not name.startswith("projector.")
-    )

@@ -10,6 +10,8 @@ from stages.core.errors import UsageError
 from stages.core.options import option
 
 ENCODER_DTYPES = ("auto", "bf16", "fp16", "fp32")
+DINO_POS_EMBED = ("antialias-once", "bicubic-per-call")
+TEXT_ATTENTION = ("masked", "unmasked")
 
 
 @dataclass
@@ -26,6 +28,13 @@ class EncodeConfig:
         "facebook/dinov2-base",
         "DINOv2 model: Hub id or local folder (-small/-base/-large/-giant, -with-registers).", metavar="ID|DIR",
     )
+    dino_pos_embed: str = option(
+        "antialias-once", "DINOv2 position embedding: antialias-once (official REPA: resampled once to the "
+        "patch grid of --resolution, bicubic with antialias, as timm's resample_abs_pos_embed), or "
+        "bicubic-per-call (the model as loaded: transformers re-interpolates on every call; bicubic without "
+        "antialias for DINOv2, the seed project's behaviour; with antialias for DINOv2 with registers).",
+        choices=DINO_POS_EMBED,
+    )
     text_encoder: str | None = option(
         None, "T5 encoder or CLIP text model (Hub id or folder), or none.", metavar="ID|DIR|none", none_word=True,
     )
@@ -34,6 +43,12 @@ class EncodeConfig:
         "tokenizer folder.",
     )
     max_text_tokens: int = option(128, "Truncate captions to this many tokens.", gt=0)
+    text_attention: str = option(
+        "masked", "Caption encoding: masked (the text encoder sees an attention mask; only real tokens are "
+        "stored), or unmasked (as the seed project: captions padded to --max-text-tokens, encoded without a "
+        "mask, every position stored, pads included: --max-text-tokens tokens per sample).",
+        choices=TEXT_ATTENTION,
+    )
     batch_size: int = option(64, "Images per encoder batch.", gt=0)
     num_workers: int | None = option(
         None, "Decode processes per GPU process.", default_text="CPU cores / processes", ge=0,

@@ -46,7 +46,8 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
         "moments": 2 * vae["channels"] * latent_size**2 * 2,
         "dino": dino["tokens"] * dino["dim"] * feat_bytes + (dino["tokens"] * 2 if feat_bytes == 1 else 0),
     }
-    assumed_tokens = min(cfg.max_text_tokens, 32)
+    # Unmasked captions store every position; masked ones their real tokens (~32 for web alt-text).
+    assumed_tokens = cfg.max_text_tokens if cfg.text_attention == "unmasked" else min(cfg.max_text_tokens, 32)
     if text:
         per_sample["text"] = assumed_tokens * (text["dim"] * feat_bytes + (2 if feat_bytes == 1 else 0)) + 8
     total = sum(per_sample.values())
@@ -59,7 +60,10 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
         "text           " + (f"dim {text['dim']}, up to {cfg.max_text_tokens} tokens" if text else "none"),
     ]
     for name, b in per_sample.items():
-        note = f" (assuming ~{assumed_tokens} tokens per caption)" if name == "text" else ""
+        note = ""
+        if name == "text":
+            note = (f" ({assumed_tokens} tokens per caption, unmasked)" if cfg.text_attention == "unmasked"
+                    else f" (assuming ~{assumed_tokens} tokens per caption)")
         lines.append(f"bytes/sample   {name:<8}{b / 1024:10.1f} KiB{note}")
     lines.append(f"bytes/sample   {'total':<8}{total / 1024:10.1f} KiB")
     if estimate is not None:

@@ -24,7 +24,7 @@ from cache_schema import CacheError, cache_fields, field_from_json, new_manifest
 from cache_schema.claims import Heartbeat, Owner, release
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
-from stages.core.encoders.features import DINO_PREPROCESS_DESCRIPTION, EncoderSpec, FeatureEncoders
+from stages.core.encoders.features import EncoderSpec, FeatureEncoders, dino_preprocess_description
 from stages.core.encoders.images import crop_name
 from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.tars import expand_source
@@ -60,6 +60,8 @@ def encoder_spec(cfg: EncodeConfig) -> EncoderSpec:
         text=text,
         max_text_tokens=cfg.max_text_tokens,
         resolution=cfg.resolution,
+        dino_pos_embed=cfg.dino_pos_embed,
+        text_attention=cfg.text_attention,
     )
 
 
@@ -69,9 +71,10 @@ def _settings(cfg: EncodeConfig, dtype_name: str, identity: dict) -> dict:
         "crop": crop_name(cfg.jpeg_draft),
         "vae": identity["vae"],
         "dino": identity["dino"],
-        "dino_preprocess": DINO_PREPROCESS_DESCRIPTION,
+        "dino_preprocess": dino_preprocess_description(cfg.dino_pos_embed),
         "text_encoder": identity["text_encoder"],
         "max_text_tokens": cfg.max_text_tokens if cfg.text_encoder else None,
+        "text_attention": cfg.text_attention if cfg.text_encoder else None,
         "dtype": dtype_name,
         "feature_codec": cfg.feature_codec,
         "shard_size": cfg.shard_size,
@@ -87,7 +90,8 @@ def build_manifest(cfg: EncodeConfig, enc: FeatureEncoders):
     latent = {**enc.latent, "mean": None, "std": None}
     text = None
     if enc.text_info is not None:
-        text = {"dim": enc.text_info["dim"], "kind": enc.text_info["kind"], "max_tokens": cfg.max_text_tokens}
+        text = {"dim": enc.text_info["dim"], "kind": enc.text_info["kind"], "max_tokens": cfg.max_text_tokens,
+                "attention": cfg.text_attention}
     fields = cache_fields(
         latent["channels"],
         latent["size"],

@@ -1,8 +1,9 @@
 """From latents to pictures: the cache's VAE, PNG and grid writing, and `repa decode-previews`.
 
 Latents are in the model's normalised space; the VAE sees ``latents / scaling_factor + shift_factor``
-(the inverse of what training applied) and returns [-1, 1], mapped to uint8 as ADM and EDM do
-(``x * 127.5 + 128``, clipped). The VAE runs in float32: these pixels feed FID.
+(the inverse of what training applied) and returns [-1, 1], mapped to uint8 exactly as official REPA's
+``generate.py`` does (``255 * (x + 1) / 2``, clipped, then truncated by the cast), so FID is computed on
+the same pixels. The VAE runs in float32.
 """
 
 from __future__ import annotations
@@ -64,7 +65,12 @@ class LatentDecoder:
     @torch.no_grad()
     def __call__(self, latents: Tensor) -> Tensor:
         x = self.vae.decode(latents.to(self.device, torch.float32) / self.scale + self.shift).sample
-        return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        return to_pixels(x)
+
+
+def to_pixels(x: Tensor) -> Tensor:
+    """[-1, 1] -> uint8 as official REPA: scale, clip, truncate (not round)."""
+    return torch.clamp(255.0 * (x + 1) / 2, 0, 255).to(torch.uint8)
 
 
 #################################################################################

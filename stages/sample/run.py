@@ -28,11 +28,12 @@ from cache_schema.fsutil import atomic_write_json
 from stages.core.checkpoint import latest_checkpoint, load_checkpoint
 from stages.core.codec import dequantize_int8, quantize_int8
 from stages.core.errors import UsageError
+from stages.core.model_config import ModelConfig
+from stages.core.network import build_model
 from stages.core.options import check
 from stages.core.run_files import CKPT_DIR
 from stages.core.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
 from stages.core.seeding import generator
-from stages.core.sit import ModelConfig, SiT
 
 from .config import GRID_MAX_IMAGES, SampleConfig, SamplingOptions
 from .decode import (
@@ -56,7 +57,7 @@ GRID = "grid.png"
 class LoadedRun:
     """A run's sampling model and everything it knows about its data."""
 
-    model: SiT
+    model: torch.nn.Module  # SiT or the seed's DiT (stages.core.network)
     cond: str  # "class", "text" or "none"
     checkpoint: Path
     step: int
@@ -90,9 +91,9 @@ def load_run(
             )
     ckpt = load_checkpoint(checkpoint)
     cache_dir, manifest = resolve_cache(ckpt["cache"], cache, ckpt.get("fingerprint"))
-    model = SiT(ModelConfig(**ckpt["model_config"]))
+    model = build_model(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema" if ema else "model"])
-    model.projector = None  # REPA's projector only serves the training loss
+    del model.projectors[:]  # REPA's projectors only serve the training loss
     model.to(device).eval().requires_grad_(False)
     return LoadedRun(model, ckpt["cond"], Path(checkpoint), int(ckpt["step"]), ema, cache_dir, manifest, ckpt["config"])
 
@@ -105,8 +106,9 @@ def load_run(
 class TextEncoder:
     """The cache's text encoder, producing exactly what training read from the cache.
 
-    Tokenised as at encode time (``max_tokens``, truncation, right padding), padded positions
-    zeroed, and rounded through the cache's feature codec (fp16, or int8 with a per-token scale).
+    Tokenised and encoded as at encode time (``max_tokens``, truncation, right padding, with or
+    without the attention mask as the cache's ``text_attention`` says), positions the cache does not
+    store zeroed, and rounded through the cache's feature codec (fp16, or int8 with a per-token scale).
     """
 
     def __init__(self, manifest: Manifest, device: torch.device):
@@ -118,6 +120,7 @@ class TextEncoder:
         dtype = torch.bfloat16 if device.type == "cuda" and manifest.settings.get("dtype") == "bf16" else torch.float32
         self.tokenizer, self.encoder = load_text_encoder(ModelSource(**source), dtype, device)
         self.max_tokens = int(manifest.text["max_tokens"])
+        self.attention = manifest.settings.get("text_attention", "masked")  # caches made before the option
         self.codec = manifest.codec
         self.device = device
 
@@ -125,7 +128,9 @@ class TextEncoder:
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         from stages.core.encoders.captions import encode_captions
 
-        hidden, mask = encode_captions(self.tokenizer, self.encoder, prompts, self.max_tokens, self.device)
+        hidden, mask = encode_captions(
+            self.tokenizer, self.encoder, prompts, self.max_tokens, self.device, attention=self.attention
+        )
         hidden = hidden.float() * mask[..., None]
         if self.codec == "int8":
             hidden = dequantize_int8(*quantize_int8(hidden))
@@ -154,7 +159,7 @@ class Conditions:
 class ClassConditions(Conditions):
     """Class ids; the null condition is the model's extra null class."""
 
-    def __init__(self, labels: list[int], model: SiT, device: torch.device):
+    def __init__(self, labels: list[int], model: torch.nn.Module, device: torch.device):
         super().__init__([int(x) for x in labels])
         self.null_class, self.device = model.null_class, device
 
@@ -171,7 +176,7 @@ class ClassConditions(Conditions):
 class PromptConditions(Conditions):
     """Captions embedded by ``encoder(prompts) -> (text, mask)``; the null is the model's learned null caption."""
 
-    def __init__(self, prompts: list[str], model: SiT, encoder: TextEncoder | None):
+    def __init__(self, prompts: list[str], model: torch.nn.Module, encoder: TextEncoder | None):
         super().__init__(list(prompts))
         self.model, self.encoder = model, encoder
 

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.core.errors import UsageError
+from stages.core.model_config import ARCHS
 from stages.core.model_presets import MODEL_PRESETS
 from stages.core.options import option, to_json
 
 CONDITIONINGS = ("auto", "class", "text", "none")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "seed-cosine")
+PARAM_GROUPS = ("uniform", "seed-mup")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 TRACKERS = ("tensorboard", "wandb", "none")
 
@@ -25,8 +27,12 @@ class TrainConfig:
     )
     # -- model ------------------------------------------------------------------------------------
     model: str | None = option(
-        "SiT-XL/2", "Preset: SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), or none to use --width/--depth.",
-        choices=tuple(MODEL_PRESETS), none_word=True,
+        "SiT-XL/2", "Preset: SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), repa-rf-w512/w1024/w2048 (the seed "
+        "project's DiT), or none to use --width/--depth.", choices=tuple(MODEL_PRESETS), none_word=True,
+    )
+    arch: str | None = option(
+        None, "Network family: sit (official REPA's SiT) or repa-rf (the seed project's CC12M DiT).",
+        default_text="the preset's, else sit", choices=ARCHS,
     )
     width: int | None = option(None, "Hidden size (128-2048); overrides the preset.", gt=0)
     depth: int | None = option(None, "Number of blocks; overrides the preset.", gt=0)
@@ -37,6 +43,10 @@ class TrainConfig:
         "class, text, none.", choices=CONDITIONINGS,
     )
     num_classes: int | None = option(None, "Classes for --cond class.", default_text="max label + 1", gt=0)
+    text_mask: bool = option(
+        True, "Cross-attention ignores padded caption tokens (--no-text-mask: attends to every stored token, as the "
+        "seed project's DiT does).",
+    )
     # -- objective --------------------------------------------------------------------------------
     time_sampling: str = option("uniform", "t distribution: uniform or logit-normal.", choices=TIME_SAMPLINGS)
     repa_lambda: float = option(0.5, "Weight of the REPA loss; 0 disables REPA and the projector.", ge=0)
@@ -49,12 +59,24 @@ class TrainConfig:
     )
     # -- optimisation -----------------------------------------------------------------------------
     batch_size: int = option(256, "Global batch size (all processes and accumulation steps).", gt=0)
+    batch_multiplicity: int = option(
+        1, "Each sample read appears this many times in a batch, each time with its own t and noise "
+        "(the seed project uses 4: 16 distinct images per 64).", gt=0,
+    )
     grad_accum: int = option(1, "Micro-batches per optimizer step.", gt=0)
-    lr: float = option(1e-4, "AdamW learning rate.", gt=0)
-    lr_schedule: str = option("constant", "constant, or cosine decay to 0 after warmup.", choices=LR_SCHEDULES)
+    lr: float = option(1e-4, "AdamW learning rate (the base rate of --param-groups seed-mup).", gt=0)
+    lr_schedule: str = option(
+        "constant", "constant; cosine: decay to 0 after a linear warmup from lr/warmup; seed-cosine: transformers' "
+        "cosine schedule with warmup as the seed uses it (warmup from 0, 10% of --steps unless --warmup-steps).",
+        choices=LR_SCHEDULES,
+    )
     warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
-    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", cli=False)
+    weight_decay: float = option(0.0, "AdamW weight decay (the base decay of --param-groups seed-mup).", ge=0)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", metavar="B1 B2")
+    param_groups: str = option(
+        "uniform", "uniform: one lr and weight decay for every parameter; seed-mup: the seed project's muP-style "
+        "groups (per-parameter lr and decay by fan-in, written to RUN_DIR/param_groups.tsv).", choices=PARAM_GROUPS,
+    )
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0: off).", ge=0)
     ema_decay: float = option(0.9999, "EMA decay, updated every step.", ge=0, le=1)
     mixed_precision: str = option("auto", "auto (bf16 on GPU, off on CPU), bf16, fp16, no.", choices=PRECISIONS)
@@ -63,7 +85,12 @@ class TrainConfig:
     seed: int = option(0, "Seed for weights, data order and noise.", ge=0)
     # -- data -------------------------------------------------------------------------------------
     val_fraction: float = option(
-        0.01, "Share of the cache held out for validation (chosen by key hash).", ge=0, lt=1,
+        0.01, "Share of the cache held out for validation (chosen by key hash); 0 trains on every sample.",
+        ge=0, lt=1,
+    )
+    val_cache: Path | None = option(
+        None, "Validate on this cache instead (e.g. held-out shards encoded with the same settings).",
+        metavar="DIR",
     )
     max_val_samples: int = option(2048, "Held-out samples evaluated per validation.", ge=0)
     allow_partial: bool = option(
@@ -89,6 +116,10 @@ class TrainConfig:
     def check(self) -> None:
         if self.model is None and (self.width is None or self.depth is None):
             raise UsageError("without --model, give both --width and --depth")
+        if self.val_cache is not None and self.val_fraction > 0:
+            raise UsageError("--val-cache holds the validation samples; pass --val-fraction 0 with it")
+        if not 0 < self.adam_betas[0] < 1 or not 0 < self.adam_betas[1] < 1:
+            raise UsageError(f"--adam-betas {self.adam_betas[0]} {self.adam_betas[1]}: both must be in (0, 1)")
 
     def to_json(self) -> dict:
         return to_json(self)

@@ -10,9 +10,7 @@ interrupted one stopped.
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -23,7 +21,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from cache_schema import read_manifest
+from cache_schema import read_manifest, settings_diff
 from cache_schema.fsutil import atomic_write_json
 from stages.core.checkpoint import (
     checkpoint_path,
@@ -36,16 +34,17 @@ from stages.core.checkpoint import (
 from stages.core.codec import features_to_device
 from stages.core.conditioning import Conditioner
 from stages.core.errors import UsageError
-from stages.core.objective import loss_terms, sample_latents, sample_t
+from stages.core.network import build_model, count_parameters
+from stages.core.objective import alignment_targets, loss_terms, sample_latents, sample_t
 from stages.core.options import check
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.seeding import generator
-from stages.core.sit import SiT, count_parameters
 from stages.core.split import split_ids
 
 from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
 from .metrics import TrainWindow, append_metrics, truncate_metrics, write_curves
+from .optim import make_optimizer, write_parameter_table
 from .previews import Previewer
 from .setup import build_model_config, check_resume, lock_run_dir, prepare_run_dir, resolve_cond, training_parts
 from .validation import Validator
@@ -66,18 +65,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     ema_params = list(ema.parameters())
     params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
     get_ema_multi_avg_fn(decay)(ema_params, params, None)
-
-
-def lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return f
 
 
 def resolve_precision(name: str) -> str:
@@ -101,19 +88,13 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
-
 def micro_step(forward, conditioner: Conditioner, batch: dict, gen: torch.Generator, time_sampling: str,
                repa_lambda: float, latent: dict):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached."""
     x = sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"], gen)
     t = sample_t(x.shape[0], time_sampling, gen, x.device)
     noise = torch.randn(x.shape, generator=gen, device=x.device)
-    terms = loss_terms(forward, x, noise, t, conditioner(batch, gen), batch.get("dino"))
+    terms = loss_terms(forward, x, noise, t, conditioner(batch, gen), alignment_targets(batch))
     return terms.total(repa_lambda), terms.denoise.detach(), terms.cosine(), t
 
 
@@ -143,6 +124,7 @@ class Trainer:
     conditioner: Conditioner
     latent: dict
     window: TrainWindow
+    param_table: list[dict]  # lr and weight decay of every parameter
     nonfinite: torch.Tensor | None = None  # on the device: set once a loss or gradient norm was not finite
 
     @property
@@ -159,7 +141,7 @@ class Trainer:
     def step(self, step: int, batches) -> None:
         cfg, device = self.cfg, self.accelerator.device
         for m in range(cfg.grad_accum):
-            batch = features_to_device(next(batches), device)
+            batch = tile(features_to_device(next(batches), device), cfg.batch_multiplicity)
             gen = step_generator(cfg.seed, self.accelerator.process_index, step, m, device)
             with nullcontext() if m == cfg.grad_accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, batch, gen, cfg.time_sampling,
@@ -181,13 +163,14 @@ def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: d
     """A fresh model (seeded), its EMA, optimizer and schedule, prepared by accelerate."""
     device = accelerator.device
     torch.manual_seed(cfg.seed)
-    model = SiT(model_cfg)
+    model = build_model(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False).to(device)
-    optimizer, scheduler = make_optimizer(cfg, model, device)
+    optimizer, scheduler, table = make_optimizer(cfg, model, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     forward = torch.compile(model) if cfg.compile else model
     conditioner = Conditioner(cond, accelerator.unwrap_model(model), cfg.cond_dropout)
-    return Trainer(cfg, accelerator, model, forward, ema, optimizer, scheduler, conditioner, latent, TrainWindow(device))
+    return Trainer(cfg, accelerator, model, forward, ema, optimizer, scheduler, conditioner, latent,
+                   TrainWindow(device), table)
 
 
 def restore(trainer: Trainer, ckpt: dict) -> int:
@@ -198,6 +181,14 @@ def restore(trainer: Trainer, ckpt: dict) -> int:
     trainer.scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
     return int(ckpt["step"])
+
+
+def tile(batch: dict, times: int) -> dict:
+    """Each sample ``times`` times, the whole batch repeated (as the seed's ``.repeat``); each row then
+    draws its own t and noise."""
+    if times == 1:
+        return batch
+    return {k: v.repeat(times, *([1] * (v.dim() - 1))) for k, v in batch.items()}
 
 
 def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int]) -> dict:
@@ -220,6 +211,17 @@ def stop_if_diverged(trainer: Trainer, step: int, last_good: int | None, run_dir
                  if last_good else "no checkpoint was written yet")
         raise Diverged(f"step {step}: the loss or gradient became non-finite (NaN/inf) since the last check; {where}; "
                        "lower --lr, or check the cache with `repa cache verify`")
+
+
+def validation_cache(cfg: TrainConfig, manifest, needs: dict) -> tuple[CacheBatchDataset, np.ndarray]:
+    """The --val-cache dataset and its ids; it must hold features made exactly as the training cache's."""
+    val_manifest = read_manifest(cfg.val_cache)
+    if val_manifest.fingerprint != manifest.fingerprint:
+        diff = "; ".join(settings_diff(manifest.settings, val_manifest.settings)) or "fingerprint"
+        raise UsageError(f"--val-cache {cfg.val_cache}: encoded with other settings than {cfg.cache} ({diff}); "
+                         "encode the validation shards with the same settings")
+    dataset = CacheBatchDataset(cfg.val_cache, **needs)
+    return dataset, np.arange(len(dataset), dtype=np.int64)
 
 
 class RateClock:
@@ -308,16 +310,23 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     labels = reader.read("label", np.arange(len(reader))) if len(reader) else np.zeros(0, np.int64)
     cond = resolve_cond(cfg, manifest, labels)
     model_cfg = build_model_config(cfg, manifest, cond, labels)
-    repa = model_cfg.repa_dim is not None
+    repa = model_cfg.repa
     per_step = world * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {per_step}")
     micro = cfg.batch_size // per_step
+    if micro % cfg.batch_multiplicity:
+        raise UsageError(f"--batch-multiplicity {cfg.batch_multiplicity} must divide the per-process micro-batch "
+                         f"({micro} = --batch-size / processes / --grad-accum)")
     train_ids, val_ids = split_ids(reader.keys, cfg.val_fraction)
-    dataset = CacheBatchDataset(cfg.cache, need_dino=repa, need_text=cond == "text", need_label=cond == "class",
-                                parts=list(parts))
+    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class")
+    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), **needs)
+    val_dataset = dataset
+    if cfg.val_cache is not None:
+        val_dataset, val_ids = validation_cache(cfg, manifest, needs)
     try:
-        first_epoch = EpochBatchSampler(train_ids, micro, cfg.seed, rank, world, name=f"the training split of {cfg.cache}")
+        first_epoch = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
+                                        name=f"the training split of {cfg.cache}")
     except ValueError as e:
         raise UsageError(f"--batch-size {cfg.batch_size}: {e}") from None
 
@@ -333,14 +342,16 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         raise UsageError(f"--steps {cfg.steps}: the run is already at step {start_step}; raise --steps to continue")
     if main:  # a resumed run logs the steps after its checkpoint again; a fresh one starts from nothing
         truncate_metrics(cfg.run_dir, start_step)
-    sampler = EpochBatchSampler(train_ids, micro, cfg.seed, rank, world,
+    sampler = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
                                 start=first_epoch.position_after(start_step * cfg.grad_accum))
     batches = iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda"))
-    validator = Validator(dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world, device,
-                          repa=repa)
+    validator = None
+    if len(val_ids):
+        validator = Validator(val_dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world,
+                              device, repa=repa)
     previewer = None
     if cfg.preview_every and main and len(val_ids):
-        previewer = Previewer(dataset, val_ids, manifest.latent)
+        previewer = Previewer(val_dataset, val_ids, manifest.latent)
 
     # -- bookkeeping: config.json, trackers, progress ---------------------------------------------
     params = count_parameters(trainer.raw_model)
@@ -349,23 +360,33 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
             "config": cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond, "parameters": params,
             "cache_fingerprint": manifest.fingerprint, "train_samples": len(train_ids), "val_samples": len(val_ids),
             "parts": len(parts), "cache_status": manifest.completeness(),
+            "val_cache": str(cfg.val_cache) if cfg.val_cache else None,
         })
+        write_parameter_table(cfg.run_dir, trainer.param_table)
         log(f"train: {model_cfg.preset or 'custom'} width {model_cfg.width} depth {model_cfg.depth} "
             f"({params / 1e6:.2f} M params), cond={cond}, REPA lambda={cfg.repa_lambda} at block {model_cfg.align_layer}, "
-            f"{len(train_ids)} train / {len(val_ids)} val samples, batch {cfg.batch_size} = {world} proc x "
-            f"{cfg.grad_accum} accum x {micro}, device {device}")
+            f"{len(train_ids)} train / {len(val_ids)} val samples"
+            + (f" (from {cfg.val_cache})" if cfg.val_cache else "" if len(val_ids) else " (no validation)")
+            + f", batch {cfg.batch_size} = {world} proc x {cfg.grad_accum} accum x {micro}"
+            + (f" ({micro // cfg.batch_multiplicity} distinct x {cfg.batch_multiplicity})"
+               if cfg.batch_multiplicity > 1 else "") + f", device {device}")
     if cfg.report_to != "none":
         accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in cfg.to_json().items()})
 
     # -- the loop ---------------------------------------------------------------------------------
     with Logbook(cfg, accelerator, start_step) as logbook:
-        validate = functools.partial(validator.run, trainer.forward, trainer.conditioner, logbook.sum_over_processes)
+        def validate(step: int) -> dict | None:
+            if validator is None:
+                return None
+            return logbook.validation(step, validator.run(trainer.forward, trainer.conditioner,
+                                                          logbook.sum_over_processes))
+
         trainer.model.train()
         clock = RateClock(start_step)
         last_good = start_step or None
         # A fresh run is validated before its first step, so every curve starts from the untrained model.
-        val_metrics = logbook.validation(0, validate()) if start_step == 0 else None
+        val_metrics = validate(0) if start_step == 0 else None
         step = start_step
         for step in range(start_step + 1, cfg.steps + 1):
             trainer.step(step, batches)
@@ -375,7 +396,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
                 logbook.train(step, {**trainer.window.record(logbook.sum_over_processes),
                                      "lr": trainer.scheduler.get_last_lr()[0], "img_per_s": clock.rate(step, cfg.batch_size)})
             if step % cfg.val_every == 0 or step == cfg.steps:
-                val_metrics = logbook.validation(step, validate())
+                val_metrics = validate(step)
             if previewer is not None and step % cfg.preview_every == 0:
                 with accelerator.autocast():
                     previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)

@@ -19,8 +19,8 @@ import numpy as np
 from cache_schema import Manifest
 from stages.core.checkpoint import latest_checkpoint, list_checkpoints
 from stages.core.errors import UsageError
+from stages.core.model_config import ModelConfig
 from stages.core.model_presets import MODEL_PRESETS
-from stages.core.sit import ModelConfig
 
 from .config import TrainConfig, resume_differences
 
@@ -49,14 +49,17 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
     num_classes = cfg.num_classes if cfg.num_classes is not None else int(labels.max(initial=-1)) + 1
     if cond == "class" and labels.size and labels.max() >= num_classes:
         raise UsageError(f"--num-classes {num_classes}: the cache holds label {int(labels.max())}; raise it")
-    width = cfg.width or preset.get("width")
-    heads = None if (cfg.head_dim or cfg.width) else preset.get("num_heads")
+    if cfg.head_dim or cfg.width:  # an explicit shape replaces the preset's head count
+        heads, head_dim = None, cfg.head_dim or preset.get("head_dim")
+    else:
+        heads, head_dim = preset.get("num_heads"), preset.get("head_dim")
     align = cfg.align_layer or preset.get("align_layer") or 8
     kw = dict(
         preset=cfg.model,
-        width=width,
+        arch=cfg.arch or preset.get("arch", "sit"),
+        width=cfg.width or preset.get("width"),
         depth=cfg.depth or preset.get("depth"),
-        head_dim=cfg.head_dim if heads is None else None,
+        head_dim=head_dim if heads is None else None,
         num_heads=heads,
         patch_size=cfg.patch_size or preset.get("patch_size") or 2,
         in_channels=manifest.latent["channels"],
@@ -64,16 +67,18 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         cond=cond,
         num_classes=max(num_classes, 1),
         text_dim=manifest.text["dim"] if cond == "text" else None,
-        repa_dim=manifest.dino["dim"] if cfg.repa_lambda > 0 else None,
+        text_mask=cfg.text_mask,
+        repa_dims=(manifest.dino["dim"],) if cfg.repa_lambda > 0 else (),
         align_layer=align,
         projector_dim=cfg.projector_dim,
     )
     try:
         mc = ModelConfig(**kw)
     except ValueError as e:
-        flag = "--align-layer" if "align_layer" in str(e) else "--width/--depth/--head-dim"
+        flag = ("--align-layer" if "align_layer" in str(e) else "--cond" if "cond=" in str(e)
+                else "--width/--depth/--head-dim")
         raise UsageError(f"{flag}: {e}") from None
-    if mc.repa_dim is not None:
+    if mc.repa:
         grid = mc.input_size // mc.patch_size
         dino_grid = manifest.dino["grid"][0]
         if grid != dino_grid:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from stages.core.codec import features_to_device
-from stages.core.objective import NUM_T_BINS, bin_by_t, loss_terms, sample_latents
+from stages.core.objective import NUM_T_BINS, alignment_targets, bin_by_t, loss_terms, sample_latents
 from stages.core.seeding import generator
 
 from .data import CacheBatchDataset
@@ -48,7 +48,7 @@ class Validator:
             t = self.t[sl].to(self.device)
             eps_latent, eps_path = self.noise[sl].to(self.device).unbind(1)
             x = sample_latents(batch["moments"], self.scale, self.shift, noise=eps_latent)
-            terms = loss_terms(model, x, eps_path, t, cond_inputs(batch), batch.get("dino"))
+            terms = loss_terms(model, x, eps_path, t, cond_inputs(batch), alignment_targets(batch))
             denoise_sum, counts = bin_by_t(terms.denoise, t)
             sums[0] += denoise_sum
             sums[2] += counts

@@ -2,7 +2,8 @@
 
 Preprocessing follows official REPA (its ``preprocess_raw_image``): both encoders see the same centre crop;
 the VAE gets it in [-1, 1]; DINOv2 gets it /255, ImageNet-normalised, then bicubic-resized to
-224 px per 256 px, so its 14-px patch grid lines up with the latent token grid.
+224 px per 256 px, so its 14-px patch grid lines up with the latent token grid, and DINOv2's position
+embedding is resampled once to that grid (``EncoderSpec.dino_pos_embed``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from ..codec import quantize_int8
+from ..errors import UsageError
 from .captions import encode_captions
 from .load import (
     ModelSource,
     dino_geometry,
+    hf_config,
     load_dino,
     load_text_encoder,
     load_vae,
@@ -45,6 +48,16 @@ def dino_preprocess(images: torch.Tensor, resolution: int) -> torch.Tensor:
 DINO_PREPROCESS_DESCRIPTION = "uint8/255, imagenet mean/std, bicubic resize to 224*res/256 (align_corners=False)"
 
 
+def dino_preprocess_description(pos_embed: str) -> str:
+    """What the fingerprint records of the DINOv2 preprocessing; per-call interpolation is the model's
+    default and keeps the description caches had before the option existed."""
+    if pos_embed == "bicubic-per-call":
+        return DINO_PREPROCESS_DESCRIPTION
+    if pos_embed == "antialias-once":
+        return DINO_PREPROCESS_DESCRIPTION + "; position embedding resampled once to the patch grid (bicubic, antialias)"
+    raise UsageError(f"unknown --dino-pos-embed {pos_embed!r}; choose antialias-once or bicubic-per-call")
+
+
 @dataclass
 class EncoderSpec:
     vae: ModelSource
@@ -52,6 +65,8 @@ class EncoderSpec:
     text: ModelSource | None
     max_text_tokens: int
     resolution: int
+    dino_pos_embed: str = "antialias-once"  # or "bicubic-per-call"
+    text_attention: str = "masked"  # or "unmasked"
 
 
 class FeatureEncoders:
@@ -61,12 +76,15 @@ class FeatureEncoders:
         self, spec: EncoderSpec, device: torch.device, dtype: torch.dtype, compile: bool = False, batch_size: int = 0
     ):
         self.spec, self.device, self.dtype = spec, device, dtype
+        dino_preprocess_description(spec.dino_pos_embed)  # an unknown method fails before any weights load
         self.compiled = compile
         self.batch_size = batch_size
         self.vae = load_vae(spec.vae, dtype, device).to(memory_format=torch.channels_last)
         self.latent = vae_geometry(self.vae.config)
-        self.dino = load_dino(spec.dino, dtype, device)
-        self.dino_info = dino_geometry(self.dino.config, spec.resolution)
+        self.dino_info = dino_geometry(hf_config("DINOv2", spec.dino), spec.resolution)
+        once = spec.dino_pos_embed == "antialias-once"
+        self.dino = load_dino(spec.dino, dtype, device, pos_embed_grid=self.dino_info["grid"] if once else None)
+        self.dino_info["pos_embed"] = spec.dino_pos_embed
         latent_grid = spec.resolution // self.latent["downsample"]
         self.latent["size"] = latent_grid
         self.tokenizer = self.text_encoder = None
@@ -108,15 +126,19 @@ class FeatureEncoders:
         return hidden[:, 1 + self.dino_info["registers"] :]
 
     def _text_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, mask = encode_captions(self.tokenizer, self.text_encoder, captions, self.spec.max_text_tokens, self.device)
+        hidden, mask = encode_captions(
+            self.tokenizer, self.text_encoder, captions, self.spec.max_text_tokens, self.device,
+            attention=self.spec.text_attention,
+        )
         return hidden, mask.sum(dim=1)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, captions: list[str], codec: str) -> dict:
         """images: uint8 (B, res, res, 3) on any device. Returns device tensors for the writer:
         moments, dino (+ dino_scale), with a text encoder the padded text (+ text_scale) with
-        text_lengths, the number of real tokens per caption, and ``nonfinite``: per sample, a bit set
-        (``NONFINITE_BITS``) for each stored feature holding a non-finite value (fp16 overflow, NaN)."""
+        text_lengths, the number of tokens to store per caption (every position when unmasked), and
+        ``nonfinite``: per sample, a bit set (``NONFINITE_BITS``) for each stored feature holding a
+        non-finite value (fp16 overflow, NaN)."""
         n = images.shape[0]
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         pad = self._pad_for_compile(n)

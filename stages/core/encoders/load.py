@@ -7,6 +7,7 @@ Every failure becomes an ``EncoderLoadError`` with one line naming the model and
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,17 +140,57 @@ def load_vae(src: ModelSource, dtype: torch.dtype, device: torch.device):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device):
+def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device, pos_embed_grid: list[int] | None = None):
+    """DINOv2 (with or without registers); with ``pos_embed_grid`` its position embedding is resampled
+    once to that patch grid (see :func:`resample_position_embedding`)."""
     from transformers import AutoModel
 
     cfg = hf_config("DINOv2", src)
     if cfg.model_type not in DINO_MODEL_TYPES:
         raise EncoderLoadError(f"'{src.describe()}' is a {cfg.model_type} model, not DINOv2; pass e.g. facebook/dinov2-base")
     try:
-        model = AutoModel.from_pretrained(src.id, dtype=dtype, **src.kwargs())
+        # Resample from the checkpoint's float32 table, as official REPA does, before casting to ``dtype``.
+        model = AutoModel.from_pretrained(src.id, dtype=torch.float32 if pos_embed_grid else dtype, **src.kwargs())
     except Exception as e:
         raise _fail("DINOv2", src, e) from e
-    return model.to(device).eval().requires_grad_(False)
+    if pos_embed_grid:
+        resample_position_embedding(model, pos_embed_grid)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def resample_position_embedding(model, grid: list[int] | tuple[int, int]) -> None:
+    """Replace the (1, 1 + n*n, D) position table of a DINOv2 model by one for a ``grid`` patch grid, once.
+
+    Official REPA (timm's ``resample_abs_pos_embed`` with its defaults): the CLS entry kept as is, the
+    patch part bicubic with antialias, align_corners=False, in float32. Registers carry no position
+    embedding. transformers then adds the installed table unchanged, because its per-call
+    ``interpolate_pos_encoding`` returns the table as is when the patch count matches and the input is square.
+    """
+    emb = model.embeddings
+    table = emb.position_embeddings
+    h, w = (int(g) for g in grid)
+    if h != w:
+        raise EncoderLoadError(f"DINOv2 patch grid {h}x{w} is not square; the encode stage crops square images")
+    dim = table.shape[-1]
+    n = math.isqrt(table.shape[1] - 1)
+    if n * n != table.shape[1] - 1:
+        raise EncoderLoadError(f"DINOv2 position table of {table.shape[1] - 1} patches is not a square grid")
+    if n != h:
+        patches = table[:, 1:].detach().float().reshape(1, n, n, dim).permute(0, 3, 1, 2)
+        patches = torch.nn.functional.interpolate(
+            patches, size=(h, w), mode="bicubic", antialias=True, align_corners=False
+        )
+        patches = patches.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(table.dtype)
+        emb.position_embeddings = torch.nn.Parameter(torch.cat([table[:, :1].detach(), patches], dim=1),
+                                                     requires_grad=False)
+    # A transformers version whose early return differs would interpolate the installed table again.
+    patch = emb.patch_embeddings.patch_size
+    probe = table.new_zeros(1, 1 + h * w, dim)
+    if emb.interpolate_pos_encoding(probe, h * patch[0], w * patch[1]) is not emb.position_embeddings:
+        raise EncoderLoadError(
+            "this transformers version re-interpolates DINOv2's position embedding on every call; "
+            "use --dino-pos-embed bicubic-per-call or another transformers version"
+        )
 
 
 def load_text_encoder(src: ModelSource, dtype: torch.dtype, device: torch.device):

@@ -1,0 +1,118 @@
+"""`repa import-checkpoint`: a checkpoint of official REPA (sihyun-yu/REPA) as a run of this project.
+
+REPA's ``train.py`` saves ``{"model", "ema", "opt", "args", "steps"}`` with SiT state dicts whose names and
+shapes are this project's SiT's, and its released weights are a bare state dict. Either becomes a run
+directory (config.json and one checkpoint) that `repa sample` and `repa evaluate` use like any other run.
+The file is read with ``weights_only=True``: only tensors, plain values and REPA's ``argparse.Namespace``
+of arguments are accepted, so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cache_schema import CacheError, read_manifest
+from cache_schema.fsutil import atomic_write_json
+from stages.core.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+from stages.core.errors import UsageError
+from stages.core.model_config import ModelConfig
+from stages.core.model_presets import MODEL_PRESETS
+from stages.core.network import build_model, count_parameters
+from stages.core.run_files import CONFIG_FILE
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def read_repa_checkpoint(path: Path) -> tuple[dict, dict, dict, int]:
+    """(model state dict, EMA state dict, REPA's arguments, step) from a REPA checkpoint or bare state dict."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such checkpoint") from None
+    except Exception as e:
+        raise UsageError(f"{path}: not a loadable REPA checkpoint ({type(e).__name__}); only tensors, plain values "
+                         "and REPA's argument namespace are read") from None
+    if isinstance(obj, dict) and "ema" in obj and "model" in obj:
+        args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else dict(obj.get("args") or {})
+        return obj["model"], obj["ema"], args, int(obj.get("steps", 0))
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, obj, {}, 0  # the released weights: one state dict (the EMA)
+    raise UsageError(f"{path}: neither REPA's {{model, ema, opt, args, steps}} nor a state dict of SiT weights")
+
+
+def model_config_from(state: dict, args: dict, num_heads: int | None) -> ModelConfig:
+    """The SiT shape a REPA state dict implies (heads from REPA's preset name, or ``num_heads``)."""
+    if any("q_norm" in k for k in state):
+        raise UsageError("the checkpoint uses qk-norm (REPA --qk-norm), which this project's SiT does not have")
+    try:
+        width, channels, patch, _ = state["x_embedder.proj.weight"].shape
+        tokens = state["pos_embed"].shape[1]
+        table = state["y_embedder.embedding_table.weight"].shape[0]
+    except KeyError as e:
+        raise UsageError(f"the checkpoint has no {e.args[0]}: not a class-conditional SiT of official REPA") from None
+    preset_name = args.get("model")
+    preset = MODEL_PRESETS.get(preset_name, {}) if preset_name else {}
+    heads = num_heads or preset.get("num_heads") or next(
+        (p["num_heads"] for p in MODEL_PRESETS.values() if p.get("arch") == "sit" and p["width"] == width), None)
+    if heads is None:
+        raise UsageError(f"width {width} matches no SiT preset: pass --num-heads")
+    z_dims = [state[f"projectors.{k}.4.weight"].shape[0] for k in range(64) if f"projectors.{k}.4.weight" in state]
+    try:
+        return ModelConfig(
+            preset=preset_name if preset_name in MODEL_PRESETS else None, arch="sit", width=width,
+            depth=1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k))), num_heads=heads,
+            patch_size=patch, in_channels=channels, input_size=int(round(tokens**0.5)) * patch, cond="class",
+            num_classes=table - 1, repa_dims=tuple(z_dims), align_layer=int(args.get("encoder_depth", 8)),
+            projector_dim=state["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+        )
+    except ValueError as e:
+        raise UsageError(f"the checkpoint's shape is not a SiT this project builds ({e})") from None
+
+
+def import_repa_checkpoint(path: Path, run_dir: Path, cache: Path, num_heads: int | None = None,
+                           val_fraction: float = 0.0, log=print) -> Path:
+    """Write ``run_dir`` (config.json and checkpoints/step-XXXXXXX.pt) from a REPA checkpoint; the cache
+    names the VAE and latent scaling to sample with. Returns the checkpoint written."""
+    model_sd, ema_sd, args, step = read_repa_checkpoint(Path(path))
+    mc = model_config_from(ema_sd, args, num_heads)
+    try:
+        manifest = read_manifest(cache)
+    except CacheError as e:
+        raise UsageError(f"--cache: {e}") from None
+    latent = manifest.latent
+    if (latent["channels"], latent["size"]) != (mc.in_channels, mc.input_size):
+        raise UsageError(f"--cache {cache} holds {latent['channels']}x{latent['size']}x{latent['size']} latents, the "
+                         f"checkpoint's SiT takes {mc.in_channels}x{mc.input_size}x{mc.input_size}; pass a cache "
+                         "encoded with the VAE and resolution the checkpoint was trained with")
+    model = build_model(mc)
+    for name, state in (("model", model_sd), ("ema", ema_sd)):
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UsageError(f"{path}: its {name} weights do not fit the SiT they describe (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+    run_dir = Path(run_dir)
+    if list_checkpoints(run_dir):
+        raise UsageError(f"--run-dir {run_dir} already holds checkpoints; choose a new run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"cache": str(cache), "run_dir": str(run_dir), "model": mc.preset, "cond": "class",
+              "val_fraction": val_fraction, "repa_lambda": 0.5 if mc.repa else 0.0, "imported_from": str(path),
+              "repa_args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))}}
+    ckpt = checkpoint_path(run_dir, step)
+    save_checkpoint(ckpt, {
+        "step": step, "model": model_sd, "ema": ema_sd, "config": config, "model_config": asdict(mc),
+        "cond": "class", "fingerprint": manifest.fingerprint, "latent": latent, "cache": str(cache),
+        "parts": {p["name"]: p["num_samples"] for p in manifest.parts},
+    })
+    atomic_write_json(run_dir / CONFIG_FILE, {
+        "config": config, "model_config": asdict(mc), "cond": "class", "parameters": count_parameters(model),
+        "cache_fingerprint": manifest.fingerprint, "imported_from": str(path),
+    })
+    log(f"imported {path} (step {step}, {mc.preset or 'SiT'} width {mc.width} depth {mc.depth}, "
+        f"{count_parameters(model) / 1e6:.2f} M params) as {ckpt}")
+    return ckpt
