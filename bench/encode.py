@@ -113,6 +113,42 @@ def decode_alone(cfg: EncodeConfig, pattern: str) -> float:
     return n / (time.perf_counter() - start)
 
 
+def writer_cost(out: Path, samples: int = 4096, batch: int = 128, per_part: int = 1024) -> tuple[float, float]:
+    """CPU milliseconds per sample of the write path alone (PartSink: rows into shard buffers, tensorstore
+    shard writes, commits with fsync and records), for SD-VAE + DINOv2-B sized features (16 + 384 KiB), and
+    the wall time of the slowest commit. The encode loop only submits, so process CPU = the writer's."""
+    from cache_schema import cache_fields, new_manifest, start_encode
+    from stages.encode.part_sink import PartSink
+    from stages.encode.plan import Shard
+    from stages.encode.source import Batch, ShardEnd
+
+    cache = out / "writer-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    fields = cache_fields(4, 32, 256, 768, None, "fp16")
+    settings = dict(resolution=256, crop="adm", vae={}, dino={}, dino_preprocess="x", text_encoder=None,
+                    max_text_tokens=None, dtype="bf16", feature_codec="fp16", shard_size=1024)
+    start_encode(cache, new_manifest(settings, dict(channels=4, size=32, downsample=8, scaling_factor=0.18215,
+                                                    shift_factor=0.0), dict(dim=768, tokens=256, grid=[16, 16]),
+                                     None, fields), overwrite=True)
+    rng = np.random.default_rng(0)
+    features = {"moments": rng.random((batch, 8, 32, 32), np.float32).astype(np.float16),
+                "dino": rng.random((batch, 256, 768), np.float32).astype(np.float16),
+                "nonfinite": np.zeros(batch, np.uint8)}
+    urls = [f"part-{i:04d}.tar" for i in range(samples // per_part)]
+    sink = PartSink(cache, fields, 1024, {u: Shard(u, u, u.removesuffix(".tar")) for u in urls})
+    cpu0, done = time.process_time(), 0
+    for i in range(0, samples, batch):
+        url = urls[i // per_part]
+        b = Batch(images=np.empty(0), keys=[f"{i + j:08d}" for j in range(batch)], urls=[url] * batch,
+                  indices=list(range(i % per_part, i % per_part + batch)), captions=[""] * batch, labels=[0] * batch)
+        if (i + batch) % per_part == 0:
+            b.ended.append(ShardEnd(url, per_part))
+        sink.submit(b, features, None)  # the sink only reads them
+        done += batch
+    sink.close()
+    return (time.process_time() - cpu0) / done * 1e3, sink.stats.parts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", action="store_true", help="real SD-VAE + DINOv2-B architectures at 256 px (GPU)")
@@ -140,6 +176,7 @@ def main() -> None:
     cfg = EncodeConfig(source=pattern, cache=OUT / "cache", resolution=res, vae=str(models["vae"]), dino=str(models["dino"]),
                        batch_size=batch, num_workers=workers, compile=compile_, feature_codec=args.codec, overwrite=True)
 
+    writer_ms, writer_parts = writer_cost(OUT)
     alone = encoders_alone(cfg, pattern, batches=8 if args.real else 4, device=device)
     decode = decode_alone(cfg, pattern)
     shutil.rmtree(cfg.cache, ignore_errors=True)
@@ -153,6 +190,8 @@ def main() -> None:
     print(f"{'decode + crop workers alone':<46}{decode:10.1f} img/s")
     print(f"{'end to end (decode + encode + write)':<46}{summary.rate:10.1f} img/s  ({summary.encoded} images)")
     print(f"{'ratio end-to-end / encoders-alone':<46}{ratio:10.2f}")
+    print(f"{'writer CPU, SD-VAE + DINOv2-B sized rows':<46}{writer_ms:10.3f} ms/sample  ({writer_parts} parts, "
+          "target <= 1)")
     if device.type == "cpu":
         # On the CPU, decoding and encoding share the same cores, so the best possible end-to-end rate
         # is the harmonic combination of the two, not the encoder rate.

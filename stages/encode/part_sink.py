@@ -43,7 +43,9 @@ _STOP = object()
 
 
 class PartSink:
-    """Owns every part writer of this process. Only its thread touches them."""
+    """Owns every part writer of this process. Its thread fills the writers; a second thread, the
+    committer, finishes each part whose source has ended (last shard, fsync, rename, record), so a
+    commit never holds up the batches behind it."""
 
     def __init__(self, cache_dir: Path, fields: dict[str, Field], shard_size: int, shards: dict[str, Shard],
                  owner: Owner | None = None, heartbeat: Heartbeat | None = None, max_pending: int = 3):
@@ -52,11 +54,16 @@ class PartSink:
         self.shard_size = shard_size
         self.shards, self.owner, self.heartbeat = shards, owner, heartbeat
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.to_commit: queue.Queue = queue.Queue()
         self.writers: dict[str, PartWriter] = {}
+        self.committing: list[PartWriter] = []
         self.stats = SinkStats()
         self.error: BaseException | None = None
+        self._stats_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="part-sink", daemon=True)
+        self.committer = threading.Thread(target=self._commit_loop, name="part-committer", daemon=True)
         self.thread.start()
+        self.committer.start()
 
     # -- producer side (encode loop) ------------------------------------------------------------
     def submit(self, batch: Batch, features: dict, ready: torch.cuda.Event | None) -> None:
@@ -72,6 +79,9 @@ class PartSink:
         if self.thread.is_alive():
             self.queue.put(_STOP)
             self.thread.join()
+        if self.committer.is_alive():
+            self.to_commit.put(_STOP)
+            self.committer.join()
         self._raise_if_failed()
         return self.stats
 
@@ -85,6 +95,9 @@ class PartSink:
         if self.thread.is_alive():
             self.queue.put(_STOP)
             self.thread.join(timeout=60)
+        if self.committer.is_alive():
+            self.to_commit.put(_STOP)
+            self.committer.join(timeout=600)  # parts already handed over are finished, not lost
         for w in self.writers.values():
             w.abort()
         self.writers.clear()
@@ -113,6 +126,23 @@ class PartSink:
                 self.error = e
                 return
 
+    def _commit_loop(self) -> None:
+        while True:
+            item = self.to_commit.get()
+            if item is _STOP:
+                return
+            writer, end = item
+            try:
+                record = writer.commit(complete=end.broken is None, samples_read=end.samples_read)
+            except BaseException as e:
+                self.error = self.error or e
+                continue  # the writer aborted itself; later parts may still commit
+            if self.heartbeat is not None:
+                self.heartbeat.discard(writer.name)
+            with self._stats_lock:
+                self.stats.parts += 1
+                self.stats.bytes += record.bytes
+
     def _writer(self, url: str) -> PartWriter:
         if url not in self.writers:
             shard = self.shards[url]
@@ -130,10 +160,10 @@ class PartSink:
                              "features: the encoders overflow in this --dtype; encode with --dtype bf16 or fp32")
         urls = np.asarray(batch.urls)
         for url in dict.fromkeys(batch.urls):  # distinct, in order of appearance
-            rows = np.flatnonzero((urls == url) & (bad == 0))
+            rows = _contiguous(np.flatnonzero((urls == url) & (bad == 0)))
             writer = self._writer(url)
             writer.append(self._rows(batch, host, rows))
-            self.stats.encoded += len(rows)
+            self.stats.encoded += len(range(len(batch))[rows]) if isinstance(rows, slice) else len(rows)
             for i in np.flatnonzero((urls == url) & (bad != 0)):
                 writer.skip(batch.keys[i], batch.indices[i], f"non-finite: {_names(int(bad[i]))} features")
                 self.stats.skipped["non-finite"] += 1
@@ -145,18 +175,15 @@ class PartSink:
             if end.broken:
                 w.skip(None, end.samples_read, end.broken)
                 self.stats.skipped[end.broken.split(":")[0]] += 1
-            record = w.commit(complete=end.broken is None, samples_read=end.samples_read)
-            if self.heartbeat is not None:
-                self.heartbeat.discard(w.name)
-            self.stats.parts += 1
-            self.stats.bytes += record.bytes
-            del self.writers[end.url]
+            self.to_commit.put((self.writers.pop(end.url), end))  # the committer owns it from here
 
-    def _rows(self, batch: Batch, host: dict, rows: np.ndarray) -> dict:
+    def _rows(self, batch: Batch, host: dict, rows: slice | np.ndarray) -> dict:
+        """The rows of one part; a slice of the batch (the usual case) is a view, not a copy."""
+        index = range(len(batch))[rows] if isinstance(rows, slice) else rows
         out = {
-            "key": [batch.keys[i] for i in rows],
+            "key": [batch.keys[i] for i in index],
             "source_index": np.asarray(batch.indices, dtype=np.int64)[rows],
-            "caption": [batch.captions[i] for i in rows],
+            "caption": [batch.captions[i] for i in index],
             "label": np.asarray(batch.labels, dtype=np.int64)[rows],
             "moments": host["moments"][rows],
             "dino": host["dino"][rows],
@@ -165,11 +192,18 @@ class PartSink:
             out["dino_scale"] = host["dino_scale"][rows]
         if "text" in self.fields:
             lengths = host["text_lengths"]
-            out["text"] = [host["text"][i, : lengths[i]] for i in rows]
+            out["text"] = [host["text"][i, : lengths[i]] for i in index]
             if "text_scale" in self.fields:
-                out["text_scale"] = [host["text_scale"][i, : lengths[i]] for i in rows]
+                out["text_scale"] = [host["text_scale"][i, : lengths[i]] for i in index]
         return out
 
 
 def _names(bits: int) -> str:
     return "/".join(name for name, bit in NONFINITE_BITS.items() if bits & bit)
+
+
+def _contiguous(rows: np.ndarray) -> slice | np.ndarray:
+    """``rows`` as a slice when they are consecutive, so selecting them copies nothing."""
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
