@@ -1,11 +1,17 @@
 """Random-batch read throughput of the training data path on SiT-XL/2-sized samples.
 
-    python bench/reader.py [--samples 8192 --workers 2 --batch 256 --seconds 20]
+    python bench/reader.py [--samples 8192 --parts 4,1024 --workers 2 --batch 256 --seconds 20 --text]
 
-Writes a synthetic fp16 cache once (moments 8x32x32 = 16 KiB, DINOv2-B 256x768 = 384 KiB per
-sample, random values) under bench/out/, warms the page cache, then reads fully random batches:
-through ``make_loader`` with worker processes, with the dataset in this process, and with the
-zarr-python reference reader on a few batches.
+For each part count, writes a synthetic cache once (moments 8x32x32 = 16 KiB, DINOv2-B 256x768 =
+384 KiB per sample in fp16, random values) under bench/out/, warms the page cache, then reads fully
+random batches: through ``make_loader`` with worker processes, with the dataset in this process,
+and (first layout only) with the zarr-python reference reader on a few batches. CC12M has 2 176
+parts of ~5 500 samples, so a random batch touches a different part for nearly every sample: the
+1 024-part layout reads that way, the 4-part one groups many samples per part.
+
+``--text`` adds T5-XXL-width caption tokens (4 096 wide, 8 to 60 tokens per caption, mean ~34) and
+stores every feature as int8 with per-token scales, as a CC12M cache would be; it also reports the
+read amplification of the caption tokens (bytes of the chunks touched / bytes of the tokens).
 """
 
 from __future__ import annotations
@@ -18,23 +24,27 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from tqdm import tqdm
 
 from cache_schema import (
     CacheError,
     CacheReader,
+    FastReader,
     PartWriter,
     cache_fields,
     new_manifest,
     read_manifest,
     start_encode,
 )
+from cache_schema.layout import TEXT_CHUNK_TOKENS
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 
 OUT = Path(__file__).resolve().parent / "out"
 LATENT = dict(channels=4, size=32)
 DINO = dict(tokens=256, dim=768)
 SHARD = 1024
-PARTS = 4
+TEXT_DIM = 4096  # T5-XXL
+TEXT_TOKENS = (8, 60)
 
 
 def random_fp16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -42,39 +52,64 @@ def random_fp16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return rng.random(shape, np.float32).astype(np.float16)
 
 
-def synthetic_cache(path: Path, samples: int) -> None:
-    """Write (or keep, when it already holds ``samples`` samples) the synthetic cache."""
+def random_int8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(-127, 128, shape, dtype=np.int8)
+
+
+def synthetic_rows(rng: np.random.Generator, start: int, n: int, text: bool) -> dict:
+    """``n`` samples from global number ``start`` on; int8 features (and scales) with ``text``."""
+    feat = random_int8 if text else random_fp16
+    rows = dict(
+        key=[f"{i:08d}" for i in range(start, start + n)],
+        caption=[""] * n,
+        label=rng.integers(0, 1000, n),
+        moments=random_fp16(rng, (n, 2 * LATENT["channels"], LATENT["size"], LATENT["size"])),
+        dino=feat(rng, (n, DINO["tokens"], DINO["dim"])),
+    )
+    if text:
+        rows["dino_scale"] = random_fp16(rng, (n, DINO["tokens"]))
+        lengths = rng.integers(TEXT_TOKENS[0], TEXT_TOKENS[1] + 1, n)
+        rows["text"] = [random_int8(rng, (int(k), TEXT_DIM)) for k in lengths]
+        rows["text_scale"] = [random_fp16(rng, (int(k),)) for k in lengths]
+    return rows
+
+
+def synthetic_cache(path: Path, samples: int, parts: int, text: bool) -> None:
+    """Write (or keep, when it already holds ``samples`` samples in ``parts`` parts) the synthetic cache."""
     try:
-        if read_manifest(path).num_samples == samples:
+        m = read_manifest(path)
+        if m.num_samples == samples and len(m.parts) == parts:
             return
     except CacheError:
         pass
     shutil.rmtree(path, ignore_errors=True)
-    fields = cache_fields(LATENT["channels"], LATENT["size"], DINO["tokens"], DINO["dim"], None, "fp16")
+    codec = "int8" if text else "fp16"
+    fields = cache_fields(LATENT["channels"], LATENT["size"], DINO["tokens"], DINO["dim"], TEXT_DIM if text else None,
+                          codec)
     settings = dict(
         resolution=256, crop="adm", vae={"id": "synthetic"}, dino={"id": "synthetic"}, dino_preprocess="none",
-        text_encoder=None, max_text_tokens=0, dtype="fp16", feature_codec="fp16", shard_size=SHARD,
+        text_encoder={"id": "synthetic"} if text else None, max_text_tokens=TEXT_TOKENS[1] if text else 0,
+        dtype="fp16", feature_codec=codec, shard_size=SHARD,
     )
     latent = dict(**LATENT, scaling_factor=0.18215, shift_factor=0.0, mean=None, std=None)
-    manifest = new_manifest(settings, latent, dict(**DINO, grid=[16, 16]), None, fields)
+    text_meta = dict(dim=TEXT_DIM, kind="t5", max_tokens=TEXT_TOKENS[1]) if text else None
+    manifest = new_manifest(settings, latent, dict(**DINO, grid=[16, 16]), text_meta, fields)
     start_encode(path, manifest, overwrite=False)
     rng = np.random.default_rng(0)
-    bounds = np.linspace(0, samples, PARTS + 1).astype(int)
-    for p, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    bounds = np.linspace(0, samples, parts + 1).astype(int)
+    for p, (lo, hi) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), desc=f"writing {path.name}", unit="part")):
         writer = PartWriter(path, f"part{p}", f"synthetic-{p}.tar", fields, SHARD)
         for start in range(lo, hi, 256):
             n = min(256, hi - start)
-            writer.append(
-                dict(
-                    key=[f"{i:08d}" for i in range(start, start + n)],
-                    source_index=np.arange(start - lo, start - lo + n),
-                    caption=[""] * n,
-                    label=rng.integers(0, 1000, n),
-                    moments=random_fp16(rng, (n, 2 * LATENT["channels"], LATENT["size"], LATENT["size"])),
-                    dino=random_fp16(rng, (n, DINO["tokens"], DINO["dim"])),
-                )
-            )
+            writer.append(dict(source_index=np.arange(start - lo, start - lo + n), **synthetic_rows(rng, start, n, text)))
         writer.commit()
+
+
+def text_amplification(reader: FastReader) -> float:
+    """Bytes of the inner chunks a caption's tokens lie in, over the bytes of the tokens, for all samples."""
+    starts, counts = reader.text_spans()
+    first, last = starts // TEXT_CHUNK_TOKENS, (starts + counts - 1) // TEXT_CHUNK_TOKENS
+    return float(((last - first + 1) * TEXT_CHUNK_TOKENS).sum() / counts.sum())
 
 
 def warm_page_cache(path: Path) -> int:
@@ -115,60 +150,82 @@ def zarr_reference(reader: CacheReader, ids: np.ndarray) -> dict:
     return {"index": ids, **{field: np.concatenate(out) for field, out in rows.items()}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=8192)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--cache", type=Path, default=OUT / "reader-cache")
-    args = ap.parse_args()
-
+def measure(args, parts: int, rows: list, reference: bool) -> None:
+    """Every read path over the cache of ``parts`` parts; appends table rows."""
+    path = args.cache_root / f"reader-{args.samples}s-{parts}p{'-text' if args.text else ''}"
     t0 = time.perf_counter()
-    synthetic_cache(args.cache, args.samples)
-    print(f"cache     {args.cache} ({args.samples} samples, ready in {time.perf_counter() - t0:.1f} s)")
-    warm = warm_page_cache(args.cache)
+    synthetic_cache(path, args.samples, parts, args.text)
+    print(f"cache     {path} ({args.samples} samples in {parts} parts, ready in {time.perf_counter() - t0:.1f} s)")
+    warm = warm_page_cache(path)
     print(f"warmed    {warm / 2**30:.2f} GiB into the page cache; load average {os.getloadavg()[0]:.1f}")
 
-    dataset = CacheBatchDataset(args.cache, need_dino=True, need_label=True)
-    bytes_per_sample = sum(v for k, v in dataset.reader.manifest.bytes_per_sample().items() if k in dataset.per_sample)
-    rows = []
+    t0 = time.perf_counter()
+    dataset = CacheBatchDataset(path, need_dino=True, need_label=True, need_text=args.text)
+    print(f"index     keys, labels and caption spans of {len(dataset)} samples in {time.perf_counter() - t0:.2f} s")
+    per_sample = dataset.reader.manifest.bytes_per_sample()
+    bytes_per_sample = sum(v for k, v in per_sample.items() if k in dataset.per_sample or k.startswith("text"))
+    if args.text:
+        print(f"captions  {per_sample['text'] / 1024:.0f} KiB of tokens per sample; chunks of {TEXT_CHUNK_TOKENS} "
+              f"tokens read {text_amplification(dataset.reader):.2f}x that")
 
-    def record(path: str, samples: int, seconds: float, cpu: float) -> None:
+    def record(what: str, samples: int, seconds: float, cpu: float) -> None:
         rate = samples / seconds
-        rows.append((path, rate, rate * bytes_per_sample / 1e6, samples / cpu, samples))
+        rows.append((f"{parts} parts: {what}", rate, rate * bytes_per_sample / 1e6, samples / cpu, samples))
 
-    rng = np.random.default_rng(1)
-    ref_ids = [rng.choice(len(dataset), args.batch, replace=False) for _ in range(2)]
-    reference = CacheReader(args.cache)
-    ref_batches = (zarr_reference(reference, ids) for ids in ref_ids)
-    record("zarr-python reference (1 process)", *timed(ref_batches, 0, len(ref_ids)))
+    if reference:
+        rng = np.random.default_rng(1)
+        ref_ids = [rng.choice(len(dataset), args.batch, replace=False) for _ in range(2)]
+        ref = CacheReader(path)
+        record("zarr-python reference (1 process)", *timed((zarr_reference(ref, ids) for ids in ref_ids), 0, 2))
 
     sampler = EpochBatchSampler(np.arange(len(dataset)), args.batch, seed=0, name="the synthetic cache")
     batches = (dataset.__getitems__(ids) for ids in sampler)
-    next(batches)  # opens the stores
+    t0 = time.perf_counter()
+    next(batches)
+    print(f"first     batch in this process after {time.perf_counter() - t0:.1f} s (opens the stores it touches)")
     record("FastReader dataset (1 process)", *timed(batches, args.seconds / 2))
 
     if args.workers > 0:
         # Slots released through weak references to the batch storages (the default where torch allows
-        # it), then the fallback that copies each batch out of its slot on arrival.
-        for copy_out, label in ((False, ""), (True, ", copy-out fallback")):
+        # it); --copy-out also measures the fallback that copies each batch out of its slot on arrival.
+        for copy_out in (False, True) if args.copy_out else (False,):
+            label = ", copy-out fallback" if copy_out else ""
             loader = make_loader(dataset, EpochBatchSampler(np.arange(len(dataset)), args.batch, seed=1), args.workers,
                                  copy_out=copy_out)
             t0 = time.perf_counter()
             stream = iter(loader)
             next(stream)
-            print(f"workers   {args.workers} started in {time.perf_counter() - t0:.1f} s{label}")
+            print(f"workers   {args.workers} started, first batch after {time.perf_counter() - t0:.1f} s{label}")
+            # Every worker opens its stores on first touch: time the steady state after a warm-up
+            # of roughly one pass over the parts (bounded, so small layouts do not wait for nothing).
+            timed(stream, 0, min(max(parts // args.batch * 4, 2), 64))
             record(f"make_loader, {args.workers} workers{label}", *timed(stream, args.seconds))
             print(f"recycled  all but {loader.unrecycled_batches} batches read into reused shared memory")
             del stream, loader
 
-    print(f"\n{'read path':50s} {'samples/s':>10s} {'MB/s':>7s} {'samples/CPU-s':>14s} {'samples':>8s}")
-    for path, rate, mbps, per_cpu, samples in rows:
-        print(f"{path:50s} {rate:10.0f} {mbps:7.0f} {per_cpu:14.0f} {samples:8d}")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=8192)
+    ap.add_argument("--parts", default="4,1024", help="comma-separated part counts, one cache each")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--text", action="store_true", help="T5-XXL-width int8 caption tokens, int8 features")
+    ap.add_argument("--copy-out", action="store_true", help="also measure the copy-out fallback of the loader")
+    ap.add_argument("--cache-root", type=Path, default=OUT)
+    args = ap.parse_args()
+
+    rows: list = []
+    for i, parts in enumerate(int(p) for p in args.parts.split(",")):
+        measure(args, parts, rows, reference=i == 0)
+
+    print(f"\n{'read path':60s} {'samples/s':>10s} {'MB/s':>7s} {'samples/CPU-s':>14s} {'samples':>8s}")
+    for what, rate, mbps, per_cpu, samples in rows:
+        print(f"{what:60s} {rate:10.0f} {mbps:7.0f} {per_cpu:14.0f} {samples:8d}")
     print(
-        f"(batch {args.batch}, {bytes_per_sample / 1024:.0f} KiB per sample, fully random ids; "
-        f"samples/CPU-s counts all processes, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+        f"(batch {args.batch}, fully random ids; samples/CPU-s counts all processes, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
     )
 
 

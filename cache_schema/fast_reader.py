@@ -11,13 +11,19 @@ fresh arrays that are then copied into the batch, cost ~1.8x more CPU. A chunk c
 Handles are opened lazily and per process (an instance is created in the training process and
 used inside DataLoader workers; it re-opens everything when it finds itself in a new process).
 Note that tensorstore aborts a *forked* child once the parent has used it, so workers must be
-started with ``forkserver`` or ``spawn``, as ``stages.train.data.make_loader`` does. Small
-per-sample arrays (labels, keys, text offsets) are read once per process into RAM with
-zarr-python and indexed there. Results are bit-identical to ``CacheReader``.
+started with ``forkserver`` or ``spawn``, as ``stages.train.data.make_loader`` does.
+
+Small per-sample arrays are held in RAM. The numeric ones a batch needs (labels, caption token
+spans) form the *index*: read once, in the process that creates the reader, with one concurrent
+tensorstore read per part (zarr-python opens ~300 parts/s; a CC12M cache has 2 176), and carried
+to worker processes with the reader (``index_arrays``/``adopt_index`` let a caller put them in
+shared memory first). Strings (keys, captions) are read on demand with zarr-python, once per
+process. Results are bit-identical to ``CacheReader``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,7 @@ from .errors import CacheError
 from .integrity import check_part_files, damaged
 from .layout import PART_SUFFIX, PARTS_DIR, Field
 from .manifest import Manifest, field_from_json, read_manifest
+from .shard_rows import RowReadError, ShardedRows
 
 
 @dataclass
@@ -40,7 +47,7 @@ class _ProcessState:
     context: ts.Context
     stores: dict[tuple[int, str], ts.TensorStore] = field(default_factory=dict)
     small: dict[str, np.ndarray] = field(default_factory=dict)
-    text_spans: tuple[np.ndarray, np.ndarray] | None = None  # per sample: first token row in its part, count
+    rows: dict[tuple[int, str], ShardedRows | None] = field(default_factory=dict)  # direct-read geometry
     checked: set[int] = field(default_factory=set)  # parts whose files were checked against their records
 
 
@@ -49,8 +56,9 @@ class FastReader:
     manifest order. Not thread-safe; use one instance per thread (DataLoader workers are processes,
     which is fine)."""
 
-    def __init__(self, cache_dir: str | Path, parts: list[str] | None = None):
-        """``parts``: read only these committed parts (e.g. those a run started with), else all."""
+    def __init__(self, cache_dir: str | Path, parts: list[str] | None = None, direct_reads: bool = True):
+        """``parts``: read only these committed parts (e.g. those a run started with), else all.
+        ``direct_reads=False`` reads every field through tensorstore (see ``shard_rows``)."""
         self.cache_dir = Path(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir)
         if parts is not None:
@@ -64,6 +72,8 @@ class FastReader:
         self.offsets = np.cumsum([0] + [p["num_samples"] for p in self.manifest.parts], dtype=np.int64)
         self.fields = {name: field_from_json(name, spec) for name, spec in self.manifest.fields.items()}
         self._state: _ProcessState | None = None
+        self._index: dict[str, np.ndarray] = {}  # by global id; travels with the reader
+        self.direct_reads = direct_reads
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -80,9 +90,11 @@ class FastReader:
     def _process(self) -> _ProcessState:
         pid = os.getpid()
         if self._state is None or self._state.pid != pid:
-            # Default context, so no chunk cache: random reads rarely hit one, and a 32-256 MiB
-            # pool (which would also keep shard indexes) measured no faster.
-            self._state = _ProcessState(pid, ts.Context())
+            # No chunk cache: random reads rarely hit one, and a 32-256 MiB pool (which would also keep
+            # shard indexes) measured no faster. One copy thread: with a part per sample (CC12M's 2 176
+            # parts) the default pool's threads cost more in hand-offs than they save (2 000 -> 2 330
+            # samples per CPU-second, 1 024 parts).
+            self._state = _ProcessState(pid, ts.Context({"data_copy_concurrency": {"limit": 1}}))
         return self._state
 
     def _array_path(self, part: int, name: str) -> Path:
@@ -124,24 +136,73 @@ class FastReader:
         except Exception as e:  # a crc32c mismatch, undecodable bytes
             raise damaged(self.manifest.parts[part], f"{name} cannot be read ({type(e).__name__}: {e})") from None
 
+    def _read_parts(self, name: str) -> list[np.ndarray]:
+        """A small numeric array of every part, read concurrently."""
+        for p in range(len(self.part_names)):
+            self._check(p)
+        # Missing chunks read as fill values, as zarr-python reads them: every file the part's record
+        # lists was just found with its size, and caches written before every chunk was stored
+        # leave all-zero chunks out.
+        spec = {"driver": "zarr3", "recheck_cached_data": False, "recheck_cached_metadata": False}
+        context = self._process().context
+        opening = [ts.open({**spec, "kvstore": {"driver": "file", "path": str(self._array_path(p, name))}},
+                           read=True, context=context) for p in range(len(self.part_names))]
+        reading = []
+        for p, future in enumerate(opening):
+            try:
+                reading.append(future.result().read())
+            except ValueError as e:
+                raise damaged(self.manifest.parts[p], f"{name} cannot be opened ({e})") from None
+        out = []
+        for p, future in enumerate(reading):
+            try:
+                out.append(future.result())
+            except ValueError as e:
+                raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
+        return out
+
     def _read_small(self, name: str) -> np.ndarray:
-        """A whole small array (one entry per sample), all parts concatenated, cached per process."""
+        """A whole small array (one entry per sample), all parts concatenated: from the index, else
+        read once per process."""
+        if name in self._index:
+            return self._index[name]
         state = self._process()
         if name not in state.small:
-            chunks = [self._read_whole(p, name) for p in range(len(self.part_names))]
-            empty = np.array([], dtype=str if self.fields[name].dtype == "str" else self.fields[name].dtype)
+            dtype = self.fields[name].dtype
+            if dtype == "str":  # variable-length strings: zarr-python only
+                chunks = [self._read_whole(p, name) for p in range(len(self.part_names))]
+            else:
+                chunks = self._read_parts(name)
+            empty = np.array([], dtype=str if dtype == "str" else dtype)
             state.small[name] = np.concatenate(chunks) if chunks else empty
         return state.small[name]
 
-    def _text_spans(self) -> tuple[np.ndarray, np.ndarray]:
+    # -- the index -------------------------------------------------------------------------------
+    def load_index(self, label: bool = True, text: bool = True) -> None:
+        """Read labels and caption token spans (those the cache has) into the index, once."""
+        if label and "label" not in self._index:
+            self._index["label"] = self._read_small("label")
+        if text and self.has_text and "text_start" not in self._index:
+            offsets = self._read_parts("text_offsets")
+            self._index["text_start"] = np.concatenate([o[:-1] for o in offsets] + [np.zeros(0, np.int64)])
+            self._index["text_count"] = np.concatenate([np.diff(o) for o in offsets] + [np.zeros(0, np.int64)])
+
+    def index_arrays(self) -> dict[str, np.ndarray]:
+        """The index as loaded so far: name -> int64 array by global id."""
+        return dict(self._index)
+
+    def adopt_index(self, arrays: dict[str, np.ndarray]) -> None:
+        """Use ``arrays`` (same values as ``index_arrays()``, e.g. views of shared memory) as the index."""
+        for name, values in arrays.items():
+            if values.shape != (len(self),):
+                raise ValueError(f"index {name}: shape {values.shape}, want ({len(self)},)")
+        self._index = dict(arrays)
+
+    def text_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """(first token row within its part, token count) of every sample, by global id."""
-        state = self._process()
-        if state.text_spans is None:
-            offsets = [self._read_whole(p, "text_offsets") for p in range(len(self.part_names))]
-            starts = np.concatenate([o[:-1] for o in offsets] + [np.zeros(0, np.int64)])
-            counts = np.concatenate([np.diff(o) for o in offsets] + [np.zeros(0, np.int64)])
-            state.text_spans = starts.astype(np.int64), counts.astype(np.int64)
-        return state.text_spans
+        self._require_text()
+        self.load_index(label=False)
+        return self._index["text_start"], self._index["text_count"]
 
     # -- addressing ------------------------------------------------------------------------------
     @property
@@ -186,7 +247,7 @@ class FastReader:
                 result[name] = values if out is None else out
                 continue
             out = self._check_out(out, (len(row),) + f.inner_shape, f.dtype, name)
-            pending += self._scatter(name, part, row, np.arange(len(row)), out)
+            pending += self._read_rows(name, part, row, out)
             result[name] = out
         self._wait(pending)
         return result
@@ -194,7 +255,7 @@ class FastReader:
     def text_lengths(self, ids: np.ndarray) -> np.ndarray:
         """Number of caption tokens of each sample, (len(ids),) int64."""
         self._require_text()
-        return self._text_spans()[1][self.checked_ids(ids)]
+        return self.text_spans()[1][self.checked_ids(ids)]
 
     def read_text(
         self,
@@ -212,7 +273,7 @@ class FastReader:
         self._require_text()
         ids = self.checked_ids(ids)
         part, _ = self.locate(ids)
-        first, counts = self._text_spans()
+        first, counts = self.text_spans()
         starts, lengths = first[ids], counts[ids]
         width = int(lengths.max(initial=0))
         # Token j of sample i comes from row starts[i] + j of its part and goes to output row dest.
@@ -269,6 +330,37 @@ class FastReader:
                 error = error or damaged(self.manifest.parts[part], f"{name} cannot be read ({e})")
         if error is not None:
             raise error
+
+    def _direct_rows(self, part: int, name: str) -> ShardedRows | None:
+        state = self._process()
+        key = (part, name)
+        if key not in state.rows:
+            self._check(part)
+            root = self._array_path(part, name)
+            try:
+                meta = json.loads((root / "zarr.json").read_bytes())
+            except (OSError, ValueError) as e:
+                raise damaged(self.manifest.parts[part], f"{name}/zarr.json cannot be read ({e})") from None
+            state.rows[key] = ShardedRows.from_metadata(root, meta) if self.direct_reads else None
+        return state.rows[key]
+
+    def _read_rows(self, name: str, part: np.ndarray, row: np.ndarray, out: np.ndarray) -> list:
+        """Rows ``row`` of parts ``part`` into ``out``: directly where the layout allows, the rest
+        started through tensorstore (returned as pending reads)."""
+        others = []
+        for i, (p, r) in enumerate(zip(part.tolist(), row.tolist())):
+            rows = self._direct_rows(p, name)
+            if rows is None:
+                others.append(i)
+                continue
+            try:
+                rows.read(r, out[i])
+            except RowReadError as e:
+                raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
+        if not others:
+            return []
+        sel = np.asarray(others, dtype=np.int64)
+        return self._scatter(name, part[sel], row[sel], sel, out)
 
     def _scatter(
         self, name: str, part: np.ndarray, src: np.ndarray, dest: np.ndarray, out: np.ndarray

@@ -104,8 +104,10 @@ class PartWriter:
     def _create(self, f: Field) -> zarr.Array:
         # Every chunk carries a crc32c: zarr-python and tensorstore check it on every read.
         if not f.sharded:
+            # Chunks of fill values are written too, so that every chunk is a file the record lists.
             return self.group.create_array(f.name, shape=(0,) + f.inner_shape, dtype=_zarr_dtype(f),
-                                           chunks=(_PLAIN_CHUNK,), compressors=[Crc32cCodec()])
+                                           chunks=(_PLAIN_CHUNK,), compressors=[Crc32cCodec()],
+                                           config={"write_empty_chunks": True})
         if f.per_sample:
             chunk, shard = (1,) + f.inner_shape, (self.shard_size,) + f.inner_shape
         else:  # ragged text tokens: a chunk is a run of tokens

@@ -102,8 +102,9 @@ def reference_text(ref: CacheReader, field: str, index: int) -> np.ndarray:
     return ref.read(name, field, a, b)
 
 
-def test_every_per_sample_field_is_bit_identical_to_the_reference(cache):
-    fast, ref = FastReader(cache), CacheReader(cache)
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-reads", "tensorstore"])
+def test_every_per_sample_field_is_bit_identical_to_the_reference(cache, direct):
+    fast, ref = FastReader(cache, direct_reads=direct), CacheReader(cache)
     ids = np.random.default_rng(0).permutation(len(fast))
     ids = np.concatenate([ids, ids[:3]])  # repeated ids come back repeated
     names = [n for n, f in fast.fields.items() if f.per_sample and n != "text_offsets"]
@@ -118,6 +119,28 @@ def test_every_per_sample_field_is_bit_identical_to_the_reference(cache):
     assert np.array_equal(fast.keys, ref.keys)
     both = fast.read_many(ids, {"moments": None, "dino": None})
     assert np.array_equal(both["dino"], fast.read("dino", ids))
+    # the writer's layout is the one direct reads understand: every sharded row field is read that way
+    used = {name for (_, name), rows in fast._process().rows.items() if rows is not None}
+    assert used == ({n for n, f in fast.fields.items() if f.sharded and f.per_sample} if direct else set())
+
+
+def test_direct_reads_refuse_layouts_they_do_not_know(cache):
+    import json
+
+    from cache_schema.shard_rows import ShardedRows
+
+    root = next((cache / "parts").glob("a.zarr")) / "dino"
+    meta = json.loads((root / "zarr.json").read_text())
+    assert ShardedRows.from_metadata(root, meta) is not None
+    for change in (
+        lambda m: m["codecs"][0]["configuration"].update(index_location="start"),
+        lambda m: m["codecs"][0]["configuration"]["codecs"].append({"name": "zstd", "configuration": {"level": 1}}),
+        lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[2] + m["shape"][1:]),
+        lambda m: m.update(codecs=m["codecs"][0]["configuration"]["codecs"]),  # not sharded
+    ):
+        other = json.loads(json.dumps(meta))
+        change(other)
+        assert ShardedRows.from_metadata(root, other) is None
 
 
 def test_ragged_text_flat_and_padded_match_the_reference(cache):

@@ -1,0 +1,115 @@
+"""Reading single rows of a sharded per-sample array straight from its zarr v3 shard files.
+
+A random training batch over a CC12M-sized cache (2 176 parts) touches a different part for nearly
+every sample, so tensorstore gets one small read request per sample and field; measured on 2 cores
+it spends ~430 us of CPU per SiT-XL/2 sample (400 KiB) that way, while the bytes cost ~90 us to
+copy from the page cache and ~35 us to checksum. For arrays whose metadata is exactly the layout
+this package writes (one sample per inner chunk, inner codecs ``bytes`` + ``crc32c``, shard index
+``bytes`` + ``crc32c`` at the end of the shard, as the zarr v3 sharding codec defines it) a row is
+therefore read with one ``preadv`` into its destination and its crc32c checked; any other layout
+is served by tensorstore. Files are opened per read, as tensorstore does, so a file replaced or
+deleted under a running reader is noticed, never served from a stale handle.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+_MISSING = 2**64 - 1  # offset and length of a chunk the shard does not hold
+_CRC = 4
+_LE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_CRC32C = {"name": "crc32c"}
+
+
+class RowReadError(Exception):
+    """A row could not be read as recorded: the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class ShardedRows:
+    """Geometry of one sharded per-sample array (see module doc)."""
+
+    root: Path
+    shape: tuple[int, ...]
+    shard_rows: int
+    dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    @classmethod
+    def from_metadata(cls, root: Path, meta: dict) -> ShardedRows | None:
+        """The geometry when ``meta`` (the array's zarr.json) is exactly the supported layout, else None."""
+        try:
+            shape = tuple(meta["shape"])
+            shard = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            (codec,) = meta["codecs"]
+            conf = codec["configuration"]
+            inner = tuple(conf["chunk_shape"])
+            dtype = np.dtype(meta["data_type"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        supported = (
+            meta.get("zarr_format") == 3
+            and meta["chunk_grid"].get("name") == "regular"
+            and meta.get("chunk_key_encoding", {}).get("name") == "default"
+            and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") == "/"
+            and codec.get("name") == "sharding_indexed"
+            and conf.get("index_location", "end") == "end"
+            and [_normal(c, dtype) for c in conf.get("codecs", [])] == [_LE_BYTES, _CRC32C]
+            and [_normal(c, np.dtype("<u8")) for c in conf.get("index_codecs", [])] == [_LE_BYTES, _CRC32C]
+            and len(shape) >= 1 and len(shard) == len(inner) == len(shape)
+            and inner[0] == 1 and inner[1:] == shard[1:] == shape[1:]
+            and dtype.kind in "fiu" and (dtype.itemsize == 1 or sys.byteorder == "little")
+        )
+        return cls(root, shape, shard[0], dtype.newbyteorder("=")) if supported else None
+
+    def read(self, row: int, dest: np.ndarray) -> None:
+        """Row ``row`` into ``dest`` (C-contiguous, this array's row shape and dtype), crc32c checked."""
+        shard, slot = divmod(row, self.shard_rows)
+        path = self.root / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
+        index_bytes = self.shard_rows * 16 + _CRC
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise RowReadError(f"{path.relative_to(self.root.parent)} is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < index_bytes:
+                raise RowReadError(f"{self._name(path)} has {size} bytes, less than its shard index")
+            index = os.pread(fd, index_bytes, size - index_bytes)
+            _check_crc(index[:-_CRC], index[-_CRC:], f"{self._name(path)}: shard index")
+            offset, nbytes = np.frombuffer(index, "<u8", 2, 16 * slot)
+            if offset == _MISSING or nbytes != self.row_bytes + _CRC or offset + nbytes > size - index_bytes:
+                raise RowReadError(f"{self._name(path)}: row {row} is missing or has the wrong size in its shard")
+            data = dest.reshape(-1).view(np.uint8)  # google_crc32c takes arrays, not writable memoryviews
+            crc = bytearray(_CRC)
+            if os.preadv(fd, [data, crc], int(offset)) != nbytes:
+                raise RowReadError(f"{self._name(path)}: row {row} ends early")
+            _check_crc(data, crc, f"{self._name(path)}: row {row}")
+        finally:
+            os.close(fd)
+
+    def _name(self, path: Path) -> str:
+        return str(path.relative_to(self.root.parent))
+
+
+def _normal(codec: dict, dtype: np.dtype) -> dict:
+    """A codec entry without the optional empty configuration zarr may write; ``bytes`` without an
+    endianness (single-byte types) counts as little-endian."""
+    codec = {k: v for k, v in codec.items() if not (k == "configuration" and not v)}
+    if codec == {"name": "bytes"} and dtype.itemsize == 1:
+        return _LE_BYTES
+    return codec
+
+
+def _check_crc(data, stored, what: str) -> None:
+    if google_crc32c.value(data) != int.from_bytes(stored, "little"):
+        raise RowReadError(f"{what} fails its crc32c (damaged bytes)")
