@@ -53,6 +53,10 @@ class EncodeConfig:
     num_workers: int | None = option(
         None, "Decode processes per GPU process.", default_text="CPU cores / processes", ge=0,
     )
+    threads: int | None = option(
+        None, "torch intra-op threads per process.", default_text="cores per process minus decode workers, or OMP_NUM_THREADS",
+        gt=0,
+    )
     dtype: str = option(
         "auto", "Encoder precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.", choices=ENCODER_DTYPES,
     )

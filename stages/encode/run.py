@@ -30,6 +30,7 @@ from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.tars import expand_source
 from stages.core.options import check
 from stages.core.processes import exit_with_parent
+from stages.core.threads import available_cores, set_threads
 
 from .config import EncodeConfig
 from .dry_run import dry_run, samples_per_shard
@@ -119,7 +120,7 @@ def _check_cache_dir(cache: Path) -> None:
 
 
 def _default_workers(num_processes: int) -> int:
-    return max(1, min(16, (os.cpu_count() or 1) // max(num_processes, 1)))
+    return max(1, min(16, available_cores() // max(num_processes, 1)))
 
 
 # -- the real thing ----------------------------------------------------------------------------
@@ -178,10 +179,11 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
         limit = cfg.max_samples // state.num_processes + (state.process_index < cfg.max_samples % state.num_processes)
     workers = cfg.num_workers if cfg.num_workers is not None else _default_workers(state.num_processes)
     workers = min(workers, len(mine))
+    threads = set_threads(cfg.threads, workers)
     if main:
         log(f"encode: {len(plan.shards)} input shards, {len(plan.done)} already committed, {len(plan.todo)} to do, "
             f"{len(plan.redo)} to redo, on {state.num_processes} process(es) x {workers} decode worker(s), "
-            f"device {device}, {_dtype_name(dtype)}")
+            f"device {device}, {_dtype_name(dtype)}, {threads} torch thread(s)")
 
     # -- the loop: decode workers -> encoders -> background part sink -------------------------
     stream = ShardStream([s.url for s in mine], cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit)

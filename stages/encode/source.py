@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from stages.core.encoders.images import Prepared, Skipped, prepare_sample
@@ -30,7 +29,7 @@ class ShardEnd:
 class Batch:
     """What a worker yields. Rows are in source order within each input shard."""
 
-    images: np.ndarray | torch.Tensor  # (B, res, res, 3) uint8; a pinned tensor after pin_memory()
+    images: torch.Tensor  # (B, res, res, 3) uint8, in shared memory; pinned after pin_memory()
     keys: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
@@ -45,7 +44,7 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pinning thread (pin_memory=True): page-locked images copy to the
         GPU asynchronously, so the next batch's upload overlaps the current batch's encoding."""
-        self.images = torch.from_numpy(self.images).pin_memory()
+        self.images = self.images.pin_memory()
         return self
 
 
@@ -77,7 +76,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self.urls[wid::nw], limit
 
     def _new_batch(self) -> Batch:
-        return Batch(images=np.empty((self.batch_size, self.resolution, self.resolution, 3), np.uint8))
+        # Made in shared memory, so a worker hands it over as a handle: pickled as numpy, a batch of 128
+        # images at 256 px cost the main process ~35 ms of CPU to receive, ~2 ms this way.
+        images = torch.empty((self.batch_size, self.resolution, self.resolution, 3), dtype=torch.uint8)
+        return Batch(images=images.share_memory_())
 
     def __iter__(self):
         urls, limit = self._my_share()
@@ -112,7 +114,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     @staticmethod
     def _add(batch: Batch, url: str, index: int, s: Prepared) -> None:
-        batch.images[len(batch)] = s.image
+        batch.images[len(batch)].numpy()[...] = s.image
         batch.keys.append(s.key)
         batch.urls.append(url)
         batch.indices.append(index)

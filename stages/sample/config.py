@@ -41,6 +41,9 @@ class SamplingOptions:
     guidance_high: float = option(1.0, "Guidance only for t <= this (REPA: scale 1.8 with 0.7).")
     batch_size: int = option(64, "Images per sampling batch on each process.", gt=0)
     num_samples: int = option(16, "Images to generate (prompts or classes are cycled).", gt=0)
+    threads: int | None = option(
+        None, "torch intra-op threads per process.", default_text="cores per process, or OMP_NUM_THREADS", gt=0,
+    )
 
     @property
     def interval(self) -> list[float]:

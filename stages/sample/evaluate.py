@@ -41,6 +41,7 @@ from stages.core.conditioning import Conditioner
 from stages.core.errors import UsageError
 from stages.core.options import check
 from stages.core.run_files import EVAL_FILE, append_jsonl, read_run_config
+from stages.core.threads import set_threads
 
 from .config import EvaluateConfig
 from .decode import check_outputs, resolve_cache
@@ -246,6 +247,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
 
     check(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
+    set_threads(cfg.threads, 0)
     if cfg.make_reference is not None:
         return make_reference(cfg, state, log)
     device, main, rank, world = state.device, state.is_main_process, state.process_index, state.num_processes

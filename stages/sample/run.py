@@ -34,6 +34,7 @@ from stages.core.options import check
 from stages.core.run_files import CKPT_DIR
 from stages.core.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
 from stages.core.seeding import generator
+from stages.core.threads import set_threads
 
 from .config import GRID_MAX_IMAGES, SampleConfig, SamplingOptions
 from .decode import (
@@ -327,6 +328,7 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
 
     check(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
+    set_threads(cfg.threads, 0)
     device, main = state.device, state.is_main_process
     run = load_run(cfg.run_dir, cfg.checkpoint, cfg.cache, cfg.ema, device)
     out = Path(cfg.out) if cfg.out is not None else Path(cfg.run_dir) / "samples" / f"step-{run.step:07d}"

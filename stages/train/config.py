@@ -98,6 +98,10 @@ class TrainConfig:
         flags=("--allow-partial",),
     )
     num_workers: int = option(4, "DataLoader workers per process.", ge=0)
+    threads: int | None = option(
+        None, "torch intra-op threads per process.", default_text="cores per process minus loader workers, or OMP_NUM_THREADS",
+        gt=0,
+    )
     # -- bookkeeping ------------------------------------------------------------------------------
     log_every: int = option(50, "Steps between logged training metrics.", gt=0)
     val_every: int = option(2000, "Steps between validations (and curves.png).", gt=0)
