@@ -31,7 +31,6 @@ from stages.core.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from stages.core.codec import features_to_device
 from stages.core.conditioning import Conditioner
 from stages.core.errors import UsageError
 from stages.core.network import build_model, count_parameters
@@ -40,11 +39,13 @@ from stages.core.options import check
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.seeding import generator
 from stages.core.split import split_ids
+from stages.core.threads import set_threads
 
 from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
 from .metrics import TrainWindow, append_metrics, truncate_metrics, write_curves
 from .optim import make_optimizer, write_parameter_table
+from .prefetch import DevicePrefetcher
 from .previews import Previewer
 from .setup import build_model_config, check_resume, lock_run_dir, prepare_run_dir, resolve_cond, training_parts
 from .validation import Validator
@@ -141,7 +142,7 @@ class Trainer:
     def step(self, step: int, batches) -> None:
         cfg, device = self.cfg, self.accelerator.device
         for m in range(cfg.grad_accum):
-            batch = tile(features_to_device(next(batches), device), cfg.batch_multiplicity)
+            batch = tile(next(batches), cfg.batch_multiplicity)
             gen = step_generator(cfg.seed, self.accelerator.process_index, step, m, device)
             with nullcontext() if m == cfg.grad_accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, batch, gen, cfg.time_sampling,
@@ -300,6 +301,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
 def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
+    set_threads(cfg.threads, cfg.num_workers)
     resume_path = prepare_run_dir(cfg, main)
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
     parts = training_parts(cfg, manifest, ckpt)
@@ -344,7 +346,10 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         truncate_metrics(cfg.run_dir, start_step)
     sampler = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
                                 start=first_epoch.position_after(start_step * cfg.grad_accum))
-    batches = iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda"))
+    # Under torch.compile captions are padded to the cache's maximum, so every step has the same shapes.
+    text_length = manifest.settings.get("max_text_tokens") if cfg.compile and cond == "text" else None
+    batches = DevicePrefetcher(iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda")),
+                               device, text_length)
     validator = None
     if len(val_ids):
         validator = Validator(val_dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world,
@@ -379,7 +384,9 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         def validate(step: int) -> dict | None:
             if validator is None:
                 return None
-            return logbook.validation(step, validator.run(trainer.forward, trainer.conditioner,
+            # Eager, never through the compiled training graph: its other batch sizes (a short last batch)
+            # and t values would make torch.compile retrace training with dynamic shapes.
+            return logbook.validation(step, validator.run(trainer.raw_model, trainer.conditioner,
                                                           logbook.sum_over_processes))
 
         trainer.model.train()
