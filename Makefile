@@ -6,7 +6,7 @@
 #   make encode SOURCE=... VAE=... DINO=... TEXT=...      any corpus and encoders
 #   make train  PRESET=imagenet256 | make train CACHE=... MODEL=SiT-XL/2 ...
 #   make sweep | make report   a 6-run REPA ablation over the demo cache, and its comparison table
-#   make test | make bench-encode | make bench-reader | make bench-train
+#   make test | make bench-encode | make bench-reader | make bench-train | make bench-scale
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch
@@ -35,7 +35,7 @@ TRAIN_ARGS = $(CONFIG_ARG) $(call opt,--cache,$(CACHE)) $(call opt,--run-dir,$(R
 	$(call opt,--steps,$(STEPS)) $(call opt,--batch-size,$(BATCH)) $(ARGS)
 SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
 
-.PHONY: install encode demo-assets train sample test bench-encode bench-reader bench-train clean help
+.PHONY: install encode demo-assets train sample test bench-encode bench-reader bench-train bench-scale clean help
 
 help:
 	@sed -n '/^#/p;/^PYTHON/q' Makefile
@@ -82,6 +82,9 @@ bench-reader: $(STAMP)
 
 bench-train: $(STAMP)
 	$(PY) bench/train.py $(ARGS)
+
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py $(ARGS)
 
 clean:
 	rm -rf cache/demo runs/demo samples/demo $(DEMO_DATA) $(TINY) bench/out

@@ -1,0 +1,106 @@
+"""What grows with the corpus: part commits, manifest load, `cache info`, the training index.
+
+    python bench/scale.py [--parts 2176 --report 22,218,2176 --samples-per-part 64 --skip-rate 0.005]
+
+Writes a cache shaped like CC12M's (2 176 parts; tiny features, but each part's record carries the
+skip list of a real ~5 500-sample part at ``--skip-rate``) one part at a time, timing every commit,
+and at each part count in ``--report`` measures the costs that scale with the number of parts:
+mean commit time over the last parts, manifest load, `repa cache info`, and the training index
+(labels and keys of every sample, read once). A commit publishes one part and writes one small
+record, so its cost must stay flat however many parts are already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cache_schema import FastReader, PartWriter, cache_fields, new_manifest, read_manifest, start_encode
+from cache_schema.info import describe
+
+OUT = Path(__file__).resolve().parent / "out"
+REAL_PART_SAMPLES = 5_500  # CC12M: ~12 M samples over 2 176 shards
+
+
+def tiny_cache(path: Path) -> dict:
+    """A fresh cache with CC12M's metadata fields and tiny features; returns its fields."""
+    shutil.rmtree(path, ignore_errors=True)
+    fields = cache_fields(4, 2, 4, 8, None, "fp16")
+    settings = dict(
+        resolution=256, crop="adm", vae={"id": "synthetic"}, dino={"id": "synthetic"}, dino_preprocess="none",
+        text_encoder=None, max_text_tokens=0, dtype="fp16", feature_codec="fp16", shard_size=1024,
+    )
+    latent = dict(channels=4, size=2, scaling_factor=0.18215, shift_factor=0.0, mean=None, std=None)
+    start_encode(path, new_manifest(settings, latent, dict(tokens=4, dim=8, grid=[2, 2]), None, fields), overwrite=False)
+    return fields
+
+
+def write_part(path: Path, fields: dict, p: int, n: int, skips: int, rng: np.random.Generator) -> float:
+    """Write part ``p`` with ``n`` samples and ``skips`` recorded skips; returns the commit's seconds."""
+    url = f"s3://bucket/cc12m/cc12m-train-{p:04d}.tar"
+    writer = PartWriter(path, f"cc12m-train-{p:04d}", url, fields, 1024)
+    keys = [f"{p:04d}{i:05d}" for i in range(n)]
+    writer.append(dict(
+        key=keys, source_index=np.arange(n), label=np.full(n, -1),
+        caption=[f"a photograph of thing {i} in part {p}, with a caption about as long as CC12M's" for i in range(n)],
+        moments=rng.random((n, 8, 2, 2), np.float32).astype(np.float16),
+        dino=rng.random((n, 4, 8), np.float32).astype(np.float16),
+    ))
+    for i in range(skips):
+        writer.skip(f"{p:04d}{n + i:05d}", n + i, "decode-error: cannot identify image file (synthetic)")
+    t0 = time.perf_counter()
+    writer.commit()
+    return time.perf_counter() - t0
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", type=int, default=2176)
+    ap.add_argument("--report", default="22,218,2176", help="part counts at which to measure")
+    ap.add_argument("--samples-per-part", type=int, default=64)
+    ap.add_argument("--skip-rate", type=float, default=0.005, help="skipped share of a real 5 500-sample part")
+    ap.add_argument("--window", type=int, default=20, help="commits averaged at each report point")
+    ap.add_argument("--cache", type=Path, default=OUT / "scale-cache")
+    args = ap.parse_args()
+
+    report = sorted({int(r) for r in args.report.split(",") if int(r) <= args.parts})
+    skips = round(REAL_PART_SAMPLES * args.skip_rate)
+    fields = tiny_cache(args.cache)
+    rng = np.random.default_rng(0)
+    commits: list[float] = []
+    rows = []
+    for p in tqdm(range(args.parts), desc="parts", unit="part"):
+        commits.append(write_part(args.cache, fields, p, args.samples_per_part, skips, rng))
+        if p + 1 in report:
+            manifest, load = timed(lambda: read_manifest(args.cache))
+            _, info = timed(lambda: describe(read_manifest(args.cache)))
+            reader = FastReader(args.cache)
+            _, index = timed(lambda: (reader.load_index(), reader.keys))
+            window = commits[-args.window:]
+            rows.append((p + 1, manifest.num_samples, len(manifest.skipped), 1e3 * float(np.mean(window)),
+                         1e3 * float(np.max(window)), load, info, index))
+
+    print(f"\n{skips} skip records per part ({args.skip_rate:.1%} of {REAL_PART_SAMPLES}), "
+          f"{args.samples_per_part} samples per part")
+    print(f"{'parts':>6} {'samples':>9} {'skips':>7} {'commit ms':>10} {'(max)':>7} {'manifest s':>11} "
+          f"{'info s':>7} {'index s':>8}")
+    for parts, samples, skipped, mean, worst, load, info, index in rows:
+        print(f"{parts:6d} {samples:9d} {skipped:7d} {mean:10.1f} {worst:7.1f} {load:11.2f} {info:7.2f} {index:8.2f}")
+    if len(rows) > 1:
+        print(f"commit cost at {rows[-1][0]} parts / at {rows[0][0]}: {rows[-1][3] / rows[0][3]:.2f}x "
+              f"(flat is ~1; each commit writes one record, whatever the number of parts)")
+
+
+if __name__ == "__main__":
+    main()
