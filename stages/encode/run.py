@@ -24,6 +24,7 @@ from cache_schema import CacheError, cache_fields, field_from_json, new_manifest
 from cache_schema.claims import Heartbeat, Owner, release
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
+from stages.core.cuda_settings import fast_cuda_math
 from stages.core.encoders.features import EncoderSpec, FeatureEncoders, dino_preprocess_description
 from stages.core.encoders.images import crop_name
 from stages.core.encoders.load import ModelSource, torch_dtype
@@ -45,6 +46,7 @@ class EncodeSummary:
     parts: int = 0
     skipped: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    steady_rate: float = 0.0  # img/s of this process from its first batch to its last (no start-up, no final commits)
     cache_samples: int = 0
     lines: list[str] = field(default_factory=list)
 
@@ -149,10 +151,7 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     state = PartialState(cpu=not torch.cuda.is_available())
     device, main = state.device, state.is_main_process
     dtype = torch_dtype(cfg.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    fast_cuda_math(device)
     enc = FeatureEncoders(encoder_spec(cfg), device, dtype, compile=cfg.compile, batch_size=cfg.batch_size)
     template = build_manifest(cfg, enc)
 
@@ -198,9 +197,15 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
     sink = PartSink(cfg.cache, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine}, owner, heartbeat)
     start = time.perf_counter()
+    first = last = None  # arrival of the first batch, submission of the last; images in between
+    steady = 0
     try:
         for batch in loader:
             host, ready = {}, None
+            if first is None and len(batch):
+                first = time.perf_counter()
+            elif first is not None:
+                steady += len(batch)
             if len(batch):
                 feats = enc.encode(torch.as_tensor(batch.images), batch.captions, cfg.feature_codec)
                 host = {k: v.to("cpu", non_blocking=True) for k, v in feats.items()}
@@ -208,6 +213,7 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
                     ready = torch.cuda.Event()
                     ready.record()
             sink.submit(batch, host, ready)
+            last = time.perf_counter()
             # Other processes run at about the same rate; scale so the bar tracks the whole job.
             bar.update(len(batch) * state.num_processes)
             bar.set_postfix(skipped=sum(sink.stats.skipped.values()) * state.num_processes, refresh=False)
@@ -224,6 +230,8 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     all_stats: list[SinkStats] = gather_object([stats]) if state.num_processes > 1 else [stats]
     state.wait_for_everyone()
     summary = EncodeSummary(seconds=elapsed)
+    if first is not None and last > first:
+        summary.steady_rate = steady / (last - first)
     for s in all_stats:
         summary.encoded += s.encoded
         summary.parts += s.parts

@@ -32,6 +32,7 @@ from stages.core.checkpoint import (
     set_rng_state,
 )
 from stages.core.conditioning import Conditioner
+from stages.core.cuda_settings import fast_cuda_math
 from stages.core.errors import UsageError
 from stages.core.network import build_model, count_parameters
 from stages.core.objective import alignment_targets, loss_terms, sample_latents, sample_t
@@ -83,9 +84,7 @@ def make_accelerator(cfg: TrainConfig):
         project_dir=str(cfg.run_dir),
         cpu=not torch.cuda.is_available(),
     )
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    fast_cuda_math(accelerator.device, autotune=False)  # caption lengths vary: autotuning would re-run per shape
     return accelerator
 
 
