@@ -18,91 +18,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
-from tqdm import tqdm
+from synthetic import synthetic_cache
 
-from cache_schema import (
-    CacheError,
-    CacheReader,
-    FastReader,
-    PartWriter,
-    cache_fields,
-    new_manifest,
-    read_manifest,
-    start_encode,
-)
+from cache_schema import CacheReader, FastReader
 from cache_schema.layout import TEXT_CHUNK_TOKENS
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 
 OUT = Path(__file__).resolve().parent / "out"
-LATENT = dict(channels=4, size=32)
-DINO = dict(tokens=256, dim=768)
-SHARD = 1024
 TEXT_DIM = 4096  # T5-XXL
-TEXT_TOKENS = (8, 60)
-
-
-def random_fp16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    # Uniform [0, 1) is as good as real features for timing uncompressed reads, and cheap to make.
-    return rng.random(shape, np.float32).astype(np.float16)
-
-
-def random_int8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    return rng.integers(-127, 128, shape, dtype=np.int8)
-
-
-def synthetic_rows(rng: np.random.Generator, start: int, n: int, text: bool) -> dict:
-    """``n`` samples from global number ``start`` on; int8 features (and scales) with ``text``."""
-    feat = random_int8 if text else random_fp16
-    rows = dict(
-        key=[f"{i:08d}" for i in range(start, start + n)],
-        caption=[""] * n,
-        label=rng.integers(0, 1000, n),
-        moments=random_fp16(rng, (n, 2 * LATENT["channels"], LATENT["size"], LATENT["size"])),
-        dino=feat(rng, (n, DINO["tokens"], DINO["dim"])),
-    )
-    if text:
-        rows["dino_scale"] = random_fp16(rng, (n, DINO["tokens"]))
-        lengths = rng.integers(TEXT_TOKENS[0], TEXT_TOKENS[1] + 1, n)
-        rows["text"] = [random_int8(rng, (int(k), TEXT_DIM)) for k in lengths]
-        rows["text_scale"] = [random_fp16(rng, (int(k),)) for k in lengths]
-    return rows
-
-
-def synthetic_cache(path: Path, samples: int, parts: int, text: bool) -> None:
-    """Write (or keep, when it already holds ``samples`` samples in ``parts`` parts) the synthetic cache."""
-    try:
-        m = read_manifest(path)
-        if m.num_samples == samples and len(m.parts) == parts:
-            return
-    except CacheError:
-        pass
-    shutil.rmtree(path, ignore_errors=True)
-    codec = "int8" if text else "fp16"
-    fields = cache_fields(LATENT["channels"], LATENT["size"], DINO["tokens"], DINO["dim"], TEXT_DIM if text else None,
-                          codec)
-    settings = dict(
-        resolution=256, crop="adm", vae={"id": "synthetic"}, dino={"id": "synthetic"}, dino_preprocess="none",
-        text_encoder={"id": "synthetic"} if text else None, max_text_tokens=TEXT_TOKENS[1] if text else 0,
-        dtype="fp16", feature_codec=codec, shard_size=SHARD,
-    )
-    latent = dict(**LATENT, scaling_factor=0.18215, shift_factor=0.0, mean=None, std=None)
-    text_meta = dict(dim=TEXT_DIM, kind="t5", max_tokens=TEXT_TOKENS[1]) if text else None
-    manifest = new_manifest(settings, latent, dict(**DINO, grid=[16, 16]), text_meta, fields)
-    start_encode(path, manifest, overwrite=False)
-    rng = np.random.default_rng(0)
-    bounds = np.linspace(0, samples, parts + 1).astype(int)
-    for p, (lo, hi) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), desc=f"writing {path.name}", unit="part")):
-        writer = PartWriter(path, f"part{p}", f"synthetic-{p}.tar", fields, SHARD)
-        for start in range(lo, hi, 256):
-            n = min(256, hi - start)
-            writer.append(dict(source_index=np.arange(start - lo, start - lo + n), **synthetic_rows(rng, start, n, text)))
-        writer.commit()
 
 
 def text_amplification(reader: FastReader) -> float:
@@ -154,7 +82,8 @@ def measure(args, parts: int, rows: list, reference: bool) -> None:
     """Every read path over the cache of ``parts`` parts; appends table rows."""
     path = args.cache_root / f"reader-{args.samples}s-{parts}p{'-text' if args.text else ''}"
     t0 = time.perf_counter()
-    synthetic_cache(path, args.samples, parts, args.text)
+    synthetic_cache(path, args.samples, parts, text_dim=TEXT_DIM if args.text else None,
+                    codec="int8" if args.text else "fp16")
     print(f"cache     {path} ({args.samples} samples in {parts} parts, ready in {time.perf_counter() - t0:.1f} s)")
     warm = warm_page_cache(path)
     print(f"warmed    {warm / 2**30:.2f} GiB into the page cache; load average {os.getloadavg()[0]:.1f}")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Stage-two throughput on one GPU: SiT-XL/2 + REPA (bf16) fed from a synthetic SD-VAE/DINOv2-B-sized
-# cache against the same step on a batch already in GPU memory, eager and compiled.
-# Needs the project installed (make install); about 4 minutes on an H100 including compilation.
+# cache against the same step on a batch already in GPU memory: class-conditioned eager and compiled,
+# then text-conditioned (T5-XXL-width int8 captions) compiled; 200 synchronised steps after warm-up each.
+# Needs the project installed (make install); about 5 minutes on an H100 including compilation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PY" bench/train.py --real "$@"
 "$PY" bench/train.py --real --compile "$@"
+"$PY" bench/train.py --real --compile --cond text "$@"
