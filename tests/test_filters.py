@@ -133,3 +133,17 @@ def test_min_similarity_needs_a_similarity_model(tiny_models, tmp_path):
     cfg = tiny_config(tiny_models, "x.tar", tmp_path / "c", min_similarity=0.1)
     with pytest.raises(UsageError, match="--min-similarity 0.1 needs --similarity-model"):
         run_encode(cfg)
+
+
+def test_dry_run_estimates_what_each_filter_removes_from_the_first_shard(tmp_path, tiny_models):
+    shard, expected, passing = write_filter_corpus(tmp_path / "data")
+    cfg = tiny_config(tiny_models, str(shard), tmp_path / "never", keep=["aesthetic_score>3"], min_size=100,
+                      similarity_model=str(tiny_models["siglip"]), min_similarity=0.0, dry_run=True)
+    lines = run_encode(cfg).lines
+    n = len(expected) + len(passing)
+    line = next(x for x in lines if x.startswith("filters") and "--keep" in x)
+    assert f"of the first {n} samples" in line
+    assert "--keep 'aesthetic_score>3' removes 4 (33.3%)" in line and "--min-size 100 removes 2 (16.7%)" in line
+    assert any("--min-similarity 0.0: not estimated" in x for x in lines)
+    assert any(x.startswith(f"samples        ~{len(passing)} (") for x in lines)
+    assert not (tmp_path / "never").exists()
