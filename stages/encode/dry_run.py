@@ -12,8 +12,8 @@ from cache_schema import read_manifest
 from cache_schema.layout import FILTER_SKIP_CODES, MANIFEST_NAME
 from stages.core.encoders.images import IMAGE_EXTENSIONS
 from stages.core.encoders.load import dino_geometry, hf_config, text_geometry, vae_config, vae_geometry
-from stages.core.encoders.sample_filters import SampleFilters
 from stages.core.encoders.tars import is_remote, iter_tar
+from stages.core.sample_filters import SampleFilters
 
 from .config import EncodeConfig
 from .plan import identify

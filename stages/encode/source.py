@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from stages.core.encoders.images import Prepared, Skipped, prepare_sample
-from stages.core.encoders.sample_filters import SampleFilters
 from stages.core.encoders.tars import iter_tar
+from stages.core.sample_filters import SampleFilters
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Which samples are worth encoding: rules on a numeric field of the sample's json, and a minimum image size.
 
-Both run in the decode workers before any encoder sees the sample (the image-text similarity filter runs
-with the encoders, ``similarity``). A sample that fails is skipped with a reason whose code is the
+Both run in the decode workers of `repa encode` before any encoder sees the sample (the image-caption
+similarity filter runs with the encoders, ``stages.core.encoders.similarity``). Plain Python, so the encode
+config can check rules without importing encoder code. A sample that fails is skipped with a reason whose code is the
 filter's (``cache_schema.layout.FILTER_SKIP_CODES``), so the cache records it like any other skip.
 Rules are parsed with a regular expression, never evaluated.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from cache_schema.layout import FILTER_SKIP_CODES
 
-from ..errors import UsageError
+from .errors import UsageError
 
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
 _RULE = re.compile(
