@@ -147,3 +147,14 @@ def test_dry_run_estimates_what_each_filter_removes_from_the_first_shard(tmp_pat
     assert any("--min-similarity 0.0: not estimated" in x for x in lines)
     assert any(x.startswith(f"samples        ~{len(passing)} (") for x in lines)
     assert not (tmp_path / "never").exists()
+
+
+def test_unset_filters_keep_the_fingerprint_of_caches_made_before_them():
+    from cache_schema import fingerprint, settings_diff
+
+    old = {"schema_version": 2, "resolution": 256, "crop": "adm-center", "dtype": "bf16", "feature_codec": "fp16"}
+    unset = {**old, "filters": None, "similarity_model": None}
+    keep = {**old, "filters": {"keep": ["aesthetic_score>3"]}, "similarity_model": None}
+    assert fingerprint(unset) == fingerprint(old)
+    assert fingerprint(keep) != fingerprint(old)
+    assert settings_diff(old, keep) == ['filters: null -> {"keep": ["aesthetic_score>3"]}']
