@@ -20,6 +20,21 @@ def _src(m: Manifest, role: str) -> str:
     return f"{where} [weights {weights[:12]}]" if weights else where
 
 
+def _filters(m: Manifest) -> list[str]:
+    """One line naming each encode-time filter and how many samples it removed, and the similarity model."""
+    filters = m.settings.get("filters") or {}
+    removed = m.filter_counts()
+    shown = {"keep": lambda v: " ".join(f"--keep '{rule}'" for rule in v), "min_size": lambda v: f"--min-size {v}",
+             "min_similarity": lambda v: f"--min-similarity {v}"}
+    lines = []
+    if filters:
+        lines.append("filters      " + "; ".join(f"{shown[k](v)} removed {removed.get(k, 0)}"
+                                               for k, v in filters.items() if k in shown))
+    if m.settings.get("similarity_model"):
+        lines.append(f"similarity   {_src(m, 'similarity_model')}  (stored per sample)")
+    return lines
+
+
 def describe(manifest: Manifest) -> list[str]:
     m = manifest
     per_sample = m.bytes_per_sample()
@@ -29,6 +44,7 @@ def describe(manifest: Manifest) -> list[str]:
         f"samples      {m.num_samples}",
         f"parts        {len(m.parts)}",
         f"skipped      {len(m.skipped)}" + "".join(f"  {r}={c}" for r, c in sorted(m.skip_counts().items())),
+        *_filters(m),
         f"status       {m.completeness()}",
         f"fingerprint  {m.fingerprint}  (schema v{m.schema_version})",
         f"resolution   {s['resolution']}  crop={s['crop']}  dtype={s['dtype']}  codec={s['feature_codec']}",

@@ -41,6 +41,9 @@ DEFAULT_SHARD_SIZE = 1024
 # Tokens per inner chunk of the flat caption-token array: a caption of ~30 T5 tokens then costs ~1.5x its
 # bytes to read (256 read 9x at T5-XXL width).
 TEXT_CHUNK_TOKENS = 16
+# The skip-reason code (the text before the colon) of each encode-time filter, by its key in
+# ``settings["filters"]``: how `repa cache info` counts what each filter removed.
+FILTER_SKIP_CODES = {"keep": "filter-keep", "min_size": "filter-min-size", "min_similarity": "filter-min-similarity"}
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,11 @@ def cache_fields(
     dino_dim: int,
     text_dim: int | None,
     codec: str,
+    similarity: bool = False,
 ) -> dict[str, Field]:
-    """The arrays every part of a cache with these dimensions holds."""
+    """The arrays every part of a cache with these dimensions holds (``similarity``: encoded with an
+    image-text similarity model). Readers ask for the fields they know, so a field added here never
+    breaks a reader that does not know it."""
     if codec not in FEATURE_CODECS:
         raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
     feat = "int8" if codec == "int8" else "float16"
@@ -100,6 +106,9 @@ def cache_fields(
         ]
         if codec == "int8":
             fields.append(Field("text_scale", "float16", (), per_sample=False, doc="per-token absmax/127 of text"))
+    if similarity:
+        fields.append(Field("similarity", "float32", (), sharded=False,
+                            doc="cosine similarity of image and caption embeddings of the similarity model"))
     return {f.name: f for f in fields}
 
 

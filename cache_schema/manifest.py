@@ -21,7 +21,7 @@ from typing import Callable
 
 from .errors import CacheError
 from .fsutil import atomic_write_json, cache_lock
-from .layout import MANIFEST_NAME, RECORD_SUFFIX, RECORDS_DIR, SCHEMA_VERSION, Field
+from .layout import FILTER_SKIP_CODES, MANIFEST_NAME, RECORD_SUFFIX, RECORDS_DIR, SCHEMA_VERSION, Field
 
 # Settings that change the stored features. Two caches agree on these or they are different caches.
 FINGERPRINT_KEYS = (
@@ -37,18 +37,23 @@ FINGERPRINT_KEYS = (
     "dtype",
     "feature_codec",
 )
+# Settings added after caches existed: in the fingerprint only when set, so that a cache made before them
+# (or without them) keeps its fingerprint. filters: what decides which samples are stored; similarity_model:
+# the model whose similarity is stored per sample (and filtered on).
+OPTIONAL_FINGERPRINT_KEYS = ("filters", "similarity_model")
 
 
 def fingerprint(settings: dict) -> str:
     """sha256 over the canonical JSON of the fingerprint settings (first 16 hex digits)."""
     canon = {k: settings.get(k) for k in FINGERPRINT_KEYS}
+    canon.update({k: settings[k] for k in OPTIONAL_FINGERPRINT_KEYS if settings.get(k) is not None})
     return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def settings_diff(old: dict, new: dict) -> list[str]:
     """Names of the fingerprint settings that differ, each as 'name: old -> new'."""
     out = []
-    for k in FINGERPRINT_KEYS:
+    for k in FINGERPRINT_KEYS + OPTIONAL_FINGERPRINT_KEYS:
         if old.get(k) != new.get(k):
             out.append(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}")
     return out
@@ -124,6 +129,12 @@ class Manifest:
 
     def skip_counts(self) -> Counter:
         return Counter(s["reason"].split(":")[0] for s in self.skipped)
+
+    def filter_counts(self) -> dict[str, int]:
+        """Samples each encode-time filter removed, by its key in ``settings["filters"]`` (the filters set)."""
+        counts = self.skip_counts()
+        return {name: counts.get(FILTER_SKIP_CODES[name], 0) for name in (self.settings.get("filters") or {})
+                if name in FILTER_SKIP_CODES}
 
     def part_names(self) -> list[str]:
         return [p["name"] for p in self.parts]

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from stages.encode.config import EncodeConfig
+from stages.fetch.config import FetchConfig
 from stages.sample.config import EvaluateConfig, SampleConfig
 from stages.train.config import TrainConfig
 
@@ -29,7 +30,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
 cache_app = typer.Typer(help="Inspect and check a feature cache.", no_args_is_help=True, rich_markup_mode=None)
-data_app = typer.Typer(help="Example data.", no_args_is_help=True, rich_markup_mode=None)
+data_app = typer.Typer(help="Corpora: fetch one from the Hub, or write the demo's.", no_args_is_help=True, rich_markup_mode=None)
 encoders_app = typer.Typer(help="Example encoders.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
@@ -229,6 +230,16 @@ def data_demo(
 
     paths = write_demo_shards(out, num_shards=shards, samples_per_shard=samples_per_shard, seed=seed, labels=labels)
     typer.echo(f"wrote {len(paths)} shards x {samples_per_shard} samples to {out}")
+
+
+def _fetch(cfg: FetchConfig) -> None:
+    from stages.fetch.run import run_fetch
+
+    typer.echo("\n".join(run_fetch(cfg, log=_log).lines))
+
+
+config_command(data_app, "fetch", FetchConfig, _fetch, "Download a webdataset corpus from the Hugging Face Hub "
+               "(parallel, resumable, sizes and sha256 checked) and print the encode command for it.")
 
 
 @encoders_app.command("tiny")

@@ -35,7 +35,8 @@ def labelled_shards(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def train_cache(tmp_path_factory, tiny_models, labelled_shards) -> Path:
-    """A 96-sample cache with captions, class labels, text features and DINOv2 tokens (64 px)."""
+    """A 96-sample cache with captions, class labels, text features, DINOv2 tokens and the tiny SigLIP's
+    image-caption similarity (64 px)."""
     from stages.encode.config import EncodeConfig
     from stages.encode.run import run_encode
 
@@ -43,6 +44,6 @@ def train_cache(tmp_path_factory, tiny_models, labelled_shards) -> Path:
     run_encode(EncodeConfig(
         source=str(labelled_shards[0].parent / "cc12m-train-{0000..0001}.tar"), cache=cache, resolution=64,
         vae=str(tiny_models["vae"]), dino=str(tiny_models["dino"]), text_encoder=str(tiny_models["text"]),
-        max_text_tokens=16, batch_size=16, num_workers=0, shard_size=32,
+        max_text_tokens=16, batch_size=16, num_workers=0, shard_size=32, similarity_model=str(tiny_models["siglip"]),
     ))
     return cache

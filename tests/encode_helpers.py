@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -130,3 +131,38 @@ def write_bad_corpus(out: Path) -> tuple[list[Path], dict[str, str], list[str]]:
     expected_skips = {k: r for k, _, r in samples if r}
     kept = [k for k, _, r in samples if r is None] + ["b000", "b001", "b002", "b003"]
     return [first, second], expected_skips, kept
+
+
+def write_filter_corpus(out: Path) -> tuple[Path, dict[str, str], list[str]]:
+    """One shard whose samples fail --keep 'aesthetic_score>3' or --min-size 100 in known ways, among ones that
+    pass both. Returns (shard, the filter skip code expected per key, keys passing both filters)."""
+    rng = np.random.default_rng(1)
+
+    def image(w: int, h: int) -> bytes:
+        return jpeg(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    def meta(**kw) -> bytes:
+        return json.dumps({"caption": "ignored, txt wins", **kw}).encode()
+
+    captions = ["a red circle", "a blue square on the left", "a green star", "a large yellow cross at the top",
+                "a small black triangle", "a white star on a beige background"]
+    passing = [(f"p{i:03d}", {"jpg": image(120 + 7 * i, 100 + 5 * i), "txt": c.encode(),
+                              "json": meta(aesthetic_score=3.5 + i, nested={"score": 1})})
+               for i, c in enumerate(captions)]
+    failing = [
+        ("k000", {"jpg": image(150, 150), "txt": b"a red circle", "json": meta(aesthetic_score=3)}, "filter-keep"),
+        ("k001", {"jpg": image(150, 150), "txt": b"a red circle", "json": meta(other=7)}, "filter-keep"),
+        ("k002", {"jpg": image(150, 150), "txt": b"a red circle", "json": meta(aesthetic_score="high")},
+         "filter-keep"),
+        ("k003", {"jpg": image(150, 150), "txt": b"a red circle"}, "filter-keep"),  # no json at all
+        ("s000", {"jpg": image(99, 300), "txt": b"a tall image", "json": meta(aesthetic_score=9)}, "filter-min-size"),
+        ("s001", {"png": png(Image.new("RGB", (300, 60))), "txt": b"wide", "json": meta(aesthetic_score=9)},
+         "filter-min-size"),
+    ]
+    order = [passing[0], *(f[:2] for f in failing[:3]), *passing[1:4], *(f[:2] for f in failing[3:]), *passing[4:]]
+    out.mkdir(parents=True, exist_ok=True)
+    shard = out / "filter-0000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for key, content in order:
+            w.write({"__key__": key, **content})
+    return shard, {k: code for k, _, code in failing}, [k for k, _ in passing]

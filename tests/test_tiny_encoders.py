@@ -38,7 +38,7 @@ def offline(monkeypatch):
 
 
 def test_writes_every_folder(folders):
-    assert set(folders) == {"vae", "vae-flux", "dino", "dino-reg", "text", "clip-text"}
+    assert set(folders) == {"vae", "vae-flux", "dino", "dino-reg", "text", "clip-text", "siglip"}
     assert all((path / "config.json").is_file() for path in folders.values())
 
 
@@ -107,6 +107,24 @@ def test_clip_tokenizer_wraps_in_start_end_and_pads_to_77(folders, offline):
     with torch.inference_mode():
         out = model(**batch)
     assert out.last_hidden_state.shape == (2, 77, 32) and out.pooler_output.shape == (2, 32)
+    assert offline == []
+
+
+def test_siglip_scores_image_caption_pairs_offline(folders, offline):
+    from transformers import AutoImageProcessor, SiglipModel
+
+    tok = AutoTokenizer.from_pretrained(folders["siglip"])
+    processor = AutoImageProcessor.from_pretrained(folders["siglip"])
+    model = SiglipModel.from_pretrained(folders["siglip"]).eval()
+    batch = tok(CAPTIONS[:2], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    assert set(batch) == {"input_ids"} and batch["input_ids"].shape == (2, 64)
+    assert tok.unk_token_id not in batch["input_ids"] and (batch["input_ids"][:, -1] == tok.pad_token_id).all()
+    pixels = processor(images=[make_sample(0, 0, i)[0] for i in range(2)], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (2, 3, 32, 32)
+    with torch.inference_mode():
+        out = model(pixel_values=pixels, **batch)
+    assert out.image_embeds.shape == out.text_embeds.shape == (2, 32)
+    assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert offline == []
 
 

@@ -10,6 +10,8 @@ runs (and is tested) without downloading weights:
 - ``dino-reg/``  Dinov2WithRegistersModel, the same plus 4 register tokens
 - ``text/``      T5EncoderModel + word-level tokenizer (``</s>`` appended, ``<pad>`` = 0)
 - ``clip-text/`` CLIPTextModel + word-level tokenizer (start/end tokens, 77 positions)
+- ``siglip/``    SiglipModel (image-caption similarity) + word-level tokenizer (``</s>`` appended and used
+                 as padding, 64 positions, ids only) + SiglipImageProcessor (32 px)
 
 The tokenizers are built with the ``tokenizers`` library over the demo caption vocabulary
 (imported from ``stages.demo.data``, so the two cannot drift) plus common English words,
@@ -40,6 +42,9 @@ from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
     PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
     T5Config,
     T5EncoderModel,
 )
@@ -62,6 +67,8 @@ T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's sentencepiece
 T5_MAX_LENGTH = 512
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<unk>")  # end-of-text doubles as padding, as in OpenAI CLIP
 CLIP_MAX_LENGTH = 77
+SIGLIP_MAX_LENGTH = 64  # SigLIP's text length; its processor pads every caption to it
+SIGLIP_IMAGE_SIZE = 32
 
 # Frequent words of web alt-text captions, so real-looking captions are mostly in-vocabulary too.
 COMMON_WORDS = """
@@ -136,6 +143,18 @@ def clip_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def siglip_tokenizer() -> PreTrainedTokenizerFast:
+    """SigLIP-style: ``</s>`` appended and used as padding, no attention mask (SigLIP pools the last position)."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_word_level_tokenizer(T5_SPECIALS, "<unk>", "$A </s>"),
+        pad_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=SIGLIP_MAX_LENGTH,
+        model_input_names=["input_ids"],
+    )
+
+
 def tiny_vae(
     latent_channels: int, scaling_factor: float, shift_factor: float | None = None, quant_convs: bool = True
 ) -> AutoencoderKL:
@@ -184,6 +203,13 @@ def _builders(vocab_size: int) -> dict:
         eos_token_id=1,
         pad_token_id=1,
     )
+    siglip = SiglipConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=SIGLIP_MAX_LENGTH, pad_token_id=1,
+                         bos_token_id=1, eos_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SIGLIP_IMAGE_SIZE, patch_size=8),
+    )
     return {
         "vae": lambda: tiny_vae(4, scaling_factor=0.18215),
         "vae-flux": lambda: tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, quant_convs=False),
@@ -193,6 +219,7 @@ def _builders(vocab_size: int) -> dict:
         ),
         "text": lambda: T5EncoderModel(t5),
         "clip-text": lambda: CLIPTextModel(clip),
+        "siglip": lambda: SiglipModel(siglip),
     }
 
 
@@ -202,7 +229,7 @@ def write_tiny_encoders(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     Each model's weights depend only on ``seed``; the caller's torch RNG state is left untouched.
     """
     out_dir = Path(out_dir)
-    tokenizers = {"text": t5_tokenizer(), "clip-text": clip_tokenizer()}
+    tokenizers = {"text": t5_tokenizer(), "clip-text": clip_tokenizer(), "siglip": siglip_tokenizer()}
     vocab_size = max(len(tok) for tok in tokenizers.values())  # one size fits both models
     paths: dict[str, Path] = {}
     for name, build in _builders(vocab_size).items():
@@ -213,5 +240,7 @@ def write_tiny_encoders(out_dir: Path, seed: int = 0) -> dict[str, Path]:
         model.save_pretrained(path)
         if name in tokenizers:
             tokenizers[name].save_pretrained(path)
+        if name == "siglip":
+            SiglipImageProcessor(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}).save_pretrained(path)
         paths[name] = path
     return paths

@@ -8,6 +8,7 @@ from pathlib import Path
 from cache_schema import DEFAULT_SHARD_SIZE, FEATURE_CODECS
 from stages.core.errors import UsageError
 from stages.core.options import option
+from stages.core.sample_filters import SampleFilters
 
 ENCODER_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DINO_POS_EMBED = ("antialias-once", "bicubic-per-call")
@@ -70,6 +71,20 @@ class EncodeConfig:
     jpeg_draft: bool = option(
         True, "Decode large JPEGs at reduced DCT scale (about 2x faster; part of the fingerprint).",
     )
+    keep: list[str] = option(
+        [], "Encode only samples whose json metadata passes FIELD OP NUMBER, e.g. 'aesthetic_score>3' (OP: > >= < "
+        "<= == !=; a.b for a nested key; repeat for several); a sample without the field is skipped.",
+        metavar="RULE",
+    )
+    min_size: int | None = option(None, "Skip images whose shorter side is below this many pixels.", gt=0)
+    similarity_model: str | None = option(
+        None, "CLIP or SigLIP model (Hub id or folder) scoring how well each image matches its caption; the score "
+        "is stored per sample (e.g. google/siglip-large-patch16-256).", metavar="ID|DIR|none", none_word=True,
+    )
+    min_similarity: float | None = option(
+        None, "Skip samples whose image-caption similarity (cosine, --similarity-model) is below this "
+        "(the seed project: 0.05 with google/siglip-large-patch16-256).", ge=-1, le=1,
+    )
     shard_size: int = option(DEFAULT_SHARD_SIZE, "Samples per zarr shard file.", gt=0)
     redo: list[str] = option(
         [], "Encode this part again (part name or input shard; repeat for several), keeping the rest.",
@@ -91,5 +106,23 @@ class EncodeConfig:
     def check(self) -> None:
         if not self.source:
             raise UsageError("--source is required: a webdataset shard path, brace pattern or pipe: URL")
+        if self.min_similarity is not None and self.similarity_model is None:
+            raise UsageError(f"--min-similarity {self.min_similarity} needs --similarity-model (a CLIP or SigLIP "
+                             "model, e.g. google/siglip-large-patch16-256)")
+        self.sample_filters()  # a malformed --keep rule fails here, before any model loads
         if self.overwrite and (self.redo or self.repair):
             raise UsageError("--overwrite starts over; --redo and --repair keep the rest: give one of them")
+
+    def sample_filters(self) -> SampleFilters:
+        return SampleFilters.from_options(self.keep, self.min_size)
+
+    def filter_settings(self) -> dict | None:
+        """The filters as the manifest and the fingerprint record them (rules canonical, sorted), or None."""
+        out = {}
+        if self.keep:
+            out["keep"] = sorted({rule.text for rule in self.sample_filters().keep})
+        if self.min_size is not None:
+            out["min_size"] = self.min_size
+        if self.min_similarity is not None:
+            out["min_similarity"] = self.min_similarity
+        return out or None

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
+from collections import Counter
+
+from PIL import Image
 
 from cache_schema import read_manifest
-from cache_schema.layout import MANIFEST_NAME
+from cache_schema.layout import FILTER_SKIP_CODES, MANIFEST_NAME
 from stages.core.encoders.images import IMAGE_EXTENSIONS
 from stages.core.encoders.load import dino_geometry, hf_config, text_geometry, vae_config, vae_geometry
-from stages.core.encoders.tars import is_remote
+from stages.core.encoders.tars import is_remote, iter_tar
+from stages.core.sample_filters import SampleFilters
 
 from .config import EncodeConfig
 from .plan import identify
@@ -26,6 +31,48 @@ def samples_per_shard(url: str) -> int | None:
         return None
 
 
+FILTER_PROBE_SAMPLES = 2000  # enough for a share to within ~1%; reads json and image headers only
+
+
+def filter_estimate(url: str, filters: SampleFilters, limit: int = FILTER_PROBE_SAMPLES) -> tuple[int, Counter]:
+    """(samples looked at, how many of them each filter removes) over the start of a local shard."""
+    seen, removed = 0, Counter()
+    for sample in iter_tar(url):
+        if seen >= limit:
+            break
+        seen += 1
+        reason = filters.reject_metadata(sample)
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if reason is None and ext is not None:
+            try:
+                reason = filters.reject_size(*Image.open(io.BytesIO(sample[ext])).size)
+            except Exception:  # noqa: BLE001 - an unreadable image is bad input, not a filter's doing
+                reason = None
+        if reason:
+            removed[reason.split(":")[0]] += 1
+    return seen, removed
+
+
+def _filter_lines(cfg: EncodeConfig, url: str) -> tuple[list[str], float]:
+    """What the filters would remove, estimated from the first shard, and the share of samples they keep."""
+    filters = cfg.sample_filters()
+    named = {"keep": " ".join(f"--keep '{r.text}'" for r in filters.keep),
+             "min_size": f"--min-size {cfg.min_size}" if cfg.min_size is not None else ""}
+    active = [k for k, flag in named.items() if flag]
+    lines, kept = [], 1.0
+    if active and not is_remote(url):
+        seen, removed = filter_estimate(url, filters)
+        counts = {k: removed[FILTER_SKIP_CODES[k]] for k in active}
+        lines.append(f"filters        of the first {seen} samples of {url}: "
+                     + ", ".join(f"{named[k]} removes {n} ({n / max(seen, 1):.1%})" for k, n in counts.items()))
+        kept = 1 - sum(counts.values()) / max(seen, 1)
+    elif active:
+        lines.append("filters        not estimated: the first shard is not a local file")
+    if cfg.min_similarity is not None:
+        lines.append(f"filters        --min-similarity {cfg.min_similarity}: not estimated (it needs the similarity "
+                     "model; a dry run loads none)")
+    return lines, kept
+
 
 def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     """What would be encoded and how big the cache would be; reads model configs, never weights."""
@@ -38,6 +85,9 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     todo = [s.url for s in identify(urls) if s.part not in done]
     per_shard = samples_per_shard(urls[0])
     estimate = per_shard * len(todo) if per_shard is not None else None
+    filter_lines, kept = _filter_lines(cfg, urls[0])
+    if estimate is not None:
+        estimate = round(estimate * kept)
     if cfg.max_samples is not None:
         estimate = min(estimate, cfg.max_samples) if estimate is not None else cfg.max_samples
     latent_size = cfg.resolution // vae["downsample"]
@@ -50,11 +100,15 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     assumed_tokens = cfg.max_text_tokens if cfg.text_attention == "unmasked" else min(cfg.max_text_tokens, 32)
     if text:
         per_sample["text"] = assumed_tokens * (text["dim"] * feat_bytes + (2 if feat_bytes == 1 else 0)) + 8
+    if cfg.similarity_model:
+        per_sample["similarity"] = 4
     total = sum(per_sample.values())
     lines = [
         f"input shards   {len(urls)} ({len(urls) - len(todo)} already committed, {len(todo)} to encode)",
         f"samples        ~{estimate if estimate is not None else 'unknown'}"
-        + (f" ({per_shard} in the first shard x {len(todo)} shards)" if per_shard is not None else ""),
+        + (f" ({per_shard} in the first shard x {len(todo)} shards"
+           + (f" x {kept:.1%} kept by the filters)" if kept < 1 else ")") if per_shard is not None else ""),
+        *filter_lines,
         f"latents        {vae['channels']}x{latent_size}x{latent_size} (moments {2 * vae['channels']} channels)",
         f"dino           {dino['tokens']} tokens x {dino['dim']} ({dino['registers']} registers dropped)",
         "text           " + (f"dim {text['dim']}, up to {cfg.max_text_tokens} tokens" if text else "none"),

@@ -6,6 +6,7 @@ shard's ``PartWriter`` and commits the part when the batch says the shard has en
 its source was read to the end without a break or a sample limit). Samples whose features are not
 finite (an encoder overflowing fp16, a NaN) are skipped and recorded like any other bad input; a
 batch in which every sample is non-finite stops the encode, since that is a setting, not the data.
+Samples whose image-caption similarity is below ``min_similarity`` are skipped the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from cache_schema import CacheError, Field, PartWriter
 from cache_schema.claims import Heartbeat, Owner
 from cache_schema.fsutil import write_error
+from cache_schema.layout import FILTER_SKIP_CODES
 from stages.core.encoders.features import NONFINITE_BITS
 from stages.core.errors import UsageError
 
@@ -48,11 +50,13 @@ class PartSink:
     commit never holds up the batches behind it."""
 
     def __init__(self, cache_dir: Path, fields: dict[str, Field], shard_size: int, shards: dict[str, Shard],
-                 owner: Owner | None = None, heartbeat: Heartbeat | None = None, max_pending: int = 3):
+                 owner: Owner | None = None, heartbeat: Heartbeat | None = None, max_pending: int = 3,
+                 min_similarity: float | None = None):
         self.cache_dir = cache_dir
         self.fields = fields
         self.shard_size = shard_size
         self.shards, self.owner, self.heartbeat = shards, owner, heartbeat
+        self.min_similarity = min_similarity
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.to_commit: queue.Queue = queue.Queue()
         self.writers: dict[str, PartWriter] = {}
@@ -159,14 +163,22 @@ class PartSink:
             raise UsageError(f"every sample of a batch of {len(batch)} gave non-finite {_names(int(bad[0]))} "
                              "features: the encoders overflow in this --dtype; encode with --dtype bf16 or fp32")
         urls = np.asarray(batch.urls)
+        low = np.zeros(len(batch), bool)
+        if self.min_similarity is not None and len(batch):
+            low = (bad == 0) & (host["similarity"] < self.min_similarity)
         for url in dict.fromkeys(batch.urls):  # distinct, in order of appearance
-            rows = _contiguous(np.flatnonzero((urls == url) & (bad == 0)))
+            rows = _contiguous(np.flatnonzero((urls == url) & (bad == 0) & ~low))
             writer = self._writer(url)
             writer.append(self._rows(batch, host, rows))
             self.stats.encoded += len(range(len(batch))[rows]) if isinstance(rows, slice) else len(rows)
             for i in np.flatnonzero((urls == url) & (bad != 0)):
                 writer.skip(batch.keys[i], batch.indices[i], f"non-finite: {_names(int(bad[i]))} features")
                 self.stats.skipped["non-finite"] += 1
+            for i in np.flatnonzero((urls == url) & low):
+                code = FILTER_SKIP_CODES["min_similarity"]
+                writer.skip(batch.keys[i], batch.indices[i],
+                            f"{code}: {host['similarity'][i]:.4f} below --min-similarity {self.min_similarity}")
+                self.stats.skipped[code] += 1
         for url, key, index, reason in batch.skips:
             self._writer(url).skip(key, index, reason)
             self.stats.skipped[reason.split(":")[0]] += 1
@@ -190,6 +202,8 @@ class PartSink:
         }
         if "dino_scale" in self.fields:
             out["dino_scale"] = host["dino_scale"][rows]
+        if "similarity" in self.fields:
+            out["similarity"] = host["similarity"][rows]
         if "text" in self.fields:
             lengths = host["text_lengths"]
             out["text"] = [host["text"][i, : lengths[i]] for i in index]

@@ -65,6 +65,7 @@ def encoder_spec(cfg: EncodeConfig) -> EncoderSpec:
         resolution=cfg.resolution,
         dino_pos_embed=cfg.dino_pos_embed,
         text_attention=cfg.text_attention,
+        similarity=ModelSource(cfg.similarity_model) if cfg.similarity_model else None,
     )
 
 
@@ -81,6 +82,8 @@ def _settings(cfg: EncodeConfig, dtype_name: str, identity: dict) -> dict:
         "dtype": dtype_name,
         "feature_codec": cfg.feature_codec,
         "shard_size": cfg.shard_size,
+        "filters": cfg.filter_settings(),
+        "similarity_model": identity["similarity_model"],
     }
 
 
@@ -102,10 +105,13 @@ def build_manifest(cfg: EncodeConfig, enc: FeatureEncoders):
         enc.dino_info["dim"],
         text["dim"] if text else None,
         cfg.feature_codec,
+        similarity=enc.similarity is not None,
     )
     encoders = {"vae": spec.vae.to_json(), "dino": spec.dino.to_json()}
     if spec.text is not None:
         encoders["text_encoder"] = spec.text.to_json()
+    if spec.similarity is not None:
+        encoders["similarity_model"] = spec.similarity.to_json()
     settings = _settings(cfg, _dtype_name(enc.dtype), enc.identity())
     return new_manifest(settings, latent, enc.dino_info, text, fields, encoders)
 
@@ -185,7 +191,8 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
             f"device {device}, {_dtype_name(dtype)}, {threads} torch thread(s)")
 
     # -- the loop: decode workers -> encoders -> background part sink -------------------------
-    stream = ShardStream([s.url for s in mine], cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit)
+    stream = ShardStream([s.url for s in mine], cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit,
+                         cfg.sample_filters())
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
         pin_memory=device.type == "cuda", worker_init_fn=exit_with_parent if workers else None,
@@ -195,7 +202,8 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     if cfg.max_samples is not None:
         total = min(total or cfg.max_samples, cfg.max_samples)
     bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
-    sink = PartSink(cfg.cache, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine}, owner, heartbeat)
+    sink = PartSink(cfg.cache, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine}, owner, heartbeat,
+                    min_similarity=cfg.min_similarity)
     start = time.perf_counter()
     first = last = None  # arrival of the first batch, submission of the last; images in between
     steady = 0

@@ -14,6 +14,7 @@ import torch
 
 from stages.core.encoders.images import Prepared, Skipped, prepare_sample
 from stages.core.encoders.tars import iter_tar
+from stages.core.sample_filters import SampleFilters
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         max_pixels: int,
         draft: bool,
         sample_limit: int | None = None,
+        filters: SampleFilters | None = None,
     ):
         self.urls = urls
         self.batch_size = batch_size
@@ -66,6 +68,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_pixels = max_pixels
         self.draft = draft
         self.sample_limit = sample_limit  # for the whole stream, shared out over workers
+        self.filters = filters
 
     def _my_share(self) -> tuple[list[str], int | None]:
         info = torch.utils.data.get_worker_info()
@@ -94,7 +97,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if limit is not None and produced >= limit:
                         broken = f"sample-limit: stopped after {index} samples (--max-samples)"
                         break
-                    out = prepare_sample(sample, self.resolution, self.max_pixels, self.draft)
+                    out = prepare_sample(sample, self.resolution, self.max_pixels, self.draft, self.filters)
                     if isinstance(out, Skipped):
                         batch.skips.append((url, out.key, index, out.reason))
                     else:

@@ -92,6 +92,10 @@ class TrainConfig:
         None, "Validate on this cache instead (e.g. held-out shards encoded with the same settings).",
         metavar="DIR",
     )
+    min_similarity: float | None = option(
+        None, "Train only on samples whose image-caption similarity, stored by `repa encode --similarity-model`, is "
+        "at least this; the validation split is kept whole, so runs with different thresholds compare.", ge=-1, le=1,
+    )
     max_val_samples: int = option(2048, "Held-out samples evaluated per validation.", ge=0)
     allow_partial: bool = option(
         False, "Train on a cache whose encode has not finished (missing or cut-short input shards).",

@@ -48,7 +48,15 @@ from .metrics import TrainWindow, append_metrics, truncate_metrics, write_curves
 from .optim import make_optimizer, write_parameter_table
 from .prefetch import DevicePrefetcher
 from .previews import Previewer
-from .setup import build_model_config, check_resume, lock_run_dir, prepare_run_dir, resolve_cond, training_parts
+from .setup import (
+    build_model_config,
+    check_resume,
+    lock_run_dir,
+    prepare_run_dir,
+    resolve_cond,
+    select_training,
+    training_parts,
+)
 from .validation import Validator
 
 #################################################################################
@@ -320,6 +328,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         raise UsageError(f"--batch-multiplicity {cfg.batch_multiplicity} must divide the per-process micro-batch "
                          f"({micro} = --batch-size / processes / --grad-accum)")
     train_ids, val_ids = split_ids(reader.keys, cfg.val_fraction)
+    train_ids = select_training(cfg, reader, train_ids)
     needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class")
     dataset = CacheBatchDataset(cfg.cache, parts=list(parts), **needs)
     val_dataset = dataset

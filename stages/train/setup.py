@@ -162,6 +162,25 @@ def training_parts(cfg: TrainConfig, manifest: Manifest, ckpt: dict | None) -> d
     return {p["name"]: p["num_samples"] for p in manifest.parts if p.get("complete", True)}
 
 
+def select_training(cfg: TrainConfig, reader, train_ids: np.ndarray) -> np.ndarray:
+    """The training ids whose stored similarity reaches --min-similarity (all of them without it).
+
+    Applied after the key-hash split, to the training side only: no sample moves between training and
+    validation, and validation is the same whatever the threshold."""
+    if cfg.min_similarity is None:
+        return train_ids
+    if "similarity" not in reader.fields:
+        raise UsageError(f"--min-similarity {cfg.min_similarity}: cache {cfg.cache} stores no image-caption similarity "
+                         "(encoded without --similarity-model); re-encode with --similarity-model, or drop "
+                         "--min-similarity")
+    similarity = reader.read("similarity", train_ids)
+    kept = train_ids[similarity >= cfg.min_similarity]
+    if not len(kept):
+        raise UsageError(f"--min-similarity {cfg.min_similarity}: no training sample of {cfg.cache} reaches it (stored "
+                         f"similarities go up to {similarity.max(initial=float('nan')):.4f}); lower it")
+    return kept
+
+
 def check_resume(ckpt: dict, path: Path, cfg: TrainConfig, manifest: Manifest, model_cfg: ModelConfig) -> dict:
     """The checkpoint, after checking it was made by the same config on the same cache."""
     diff = resume_differences(ckpt["config"], cfg.to_json())

@@ -27,9 +27,10 @@ from .load import (
     vae_geometry,
     weights_hash,
 )
+from .similarity import SimilarityModel
 
 # Which stored feature of a sample is not finite: bits of FeatureEncoders.encode's "nonfinite".
-NONFINITE_BITS = {"moments": 1, "dino": 2, "text": 4}
+NONFINITE_BITS = {"moments": 1, "dino": 2, "text": 4, "similarity": 8}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,6 +68,7 @@ class EncoderSpec:
     resolution: int
     dino_pos_embed: str = "antialias-once"  # or "bicubic-per-call"
     text_attention: str = "masked"  # or "unmasked"
+    similarity: ModelSource | None = None  # CLIP/SigLIP model scoring image-caption similarity
 
 
 class FeatureEncoders:
@@ -92,6 +94,7 @@ class FeatureEncoders:
         if spec.text is not None:
             self.tokenizer, self.text_encoder = load_text_encoder(spec.text, dtype, device)
             self.text_info = text_geometry(self.text_encoder.config)
+        self.similarity = SimilarityModel(spec.similarity, dtype, device) if spec.similarity is not None else None
         self._vae_fn = self._vae_moments
         self._dino_fn = self._dino_tokens
         if compile:
@@ -104,6 +107,7 @@ class FeatureEncoders:
             "vae": {"class": type(self.vae).__name__, "weights": weights_hash(self.vae)},
             "dino": {"class": type(self.dino).__name__, "weights": weights_hash(self.dino)},
             "text_encoder": None,
+            "similarity_model": self.similarity.identity() if self.similarity is not None else None,
         }
         if self.text_encoder is not None:
             out["text_encoder"] = {
@@ -136,7 +140,8 @@ class FeatureEncoders:
     def encode(self, images: torch.Tensor, captions: list[str], codec: str) -> dict:
         """images: uint8 (B, res, res, 3) on any device. Returns device tensors for the writer:
         moments, dino (+ dino_scale), with a text encoder the padded text (+ text_scale) with
-        text_lengths, the number of tokens to store per caption (every position when unmasked), and
+        text_lengths, the number of tokens to store per caption (every position when unmasked), with a
+        similarity model the image-caption ``similarity`` (float32), and
         ``nonfinite``: per sample, a bit set (``NONFINITE_BITS``) for each stored feature holding a
         non-finite value (fp16 overflow, NaN)."""
         n = images.shape[0]
@@ -163,6 +168,9 @@ class FeatureEncoders:
             if stored.dim() == 3:
                 real = real[..., None]
             bad |= _nonfinite(torch.where(real, stored, 0)) * NONFINITE_BITS["text"]
+        if self.similarity is not None:
+            out["similarity"] = self.similarity(x[:n], captions)
+            bad |= _nonfinite(out["similarity"][:, None]) * NONFINITE_BITS["similarity"]
         out["nonfinite"] = bad.to(torch.uint8)
         return out
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..sample_filters import SampleFilters
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (max_pixels), checked before decoding
 
@@ -67,8 +69,9 @@ def center_crop_adm(img: Image.Image, resolution: int) -> np.ndarray:
     return arr[top : top + resolution, left : left + resolution]
 
 
-def decode_image(data: bytes, resolution: int, max_pixels: int, draft: bool) -> np.ndarray | str:
-    """The cropped image, or a skip reason."""
+def decode_image(data: bytes, resolution: int, max_pixels: int, draft: bool,
+                 filters: SampleFilters | None = None) -> np.ndarray | str:
+    """The cropped image, or a skip reason (``filters``: its minimum size, read from the header)."""
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -78,6 +81,8 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, draft: bool) -> 
     w, h = img.size
     if w * h > max_pixels:
         return f"too-large: {w}x{h} exceeds --max-pixels {max_pixels}"
+    if filters is not None and (reason := filters.reject_size(w, h)):
+        return reason
     if min(w, h) < resolution / 8:
         return f"too-small: {w}x{h} below 1/8 of the resolution {resolution}"
     try:
@@ -126,7 +131,10 @@ def _label(sample: dict) -> int | Skipped:
     return value
 
 
-def prepare_sample(sample: dict, resolution: int, max_pixels: int, draft: bool) -> Prepared | Skipped:
+def prepare_sample(sample: dict, resolution: int, max_pixels: int, draft: bool,
+                   filters: SampleFilters | None = None) -> Prepared | Skipped:
+    """The cropped image, caption and label of a sample, or why it is skipped: bad input first, then the
+    --keep rules (metadata only), then the image checks (size from the header, then decoding)."""
     key = sample.get("__key__")
     if "__duplicate__" in sample:
         return Skipped(key, f"duplicate-entry: {key}.{sample['__duplicate__']} appears twice in the shard")
@@ -139,7 +147,9 @@ def prepare_sample(sample: dict, resolution: int, max_pixels: int, draft: bool) 
     label = _label(sample)
     if isinstance(label, Skipped):
         return label
-    image = decode_image(sample[ext], resolution, max_pixels, draft)
+    if filters is not None and (reason := filters.reject_metadata(sample)):
+        return Skipped(key, reason)
+    image = decode_image(sample[ext], resolution, max_pixels, draft, filters)
     if isinstance(image, str):
         return Skipped(key, image)
     return Prepared(key, image, caption, label)
