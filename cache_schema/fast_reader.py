@@ -290,11 +290,25 @@ class FastReader:
             scales = self._check_out(scale_out, lead, self.fields["text_scale"].dtype, "text_scale")
         targets = [("text", tokens)] + ([("text_scale", scales)] if scales is not None else [])
         pending = []
+        firsts = np.arange(len(lengths)) * width if padded else np.cumsum(lengths) - lengths  # each sample's first row
         for name, target in targets:
             if padded:
                 target[...] = 0
             flat = target.reshape((-1,) + target.shape[len(lead) :])
-            pending += self._scatter(name, part[sample], src_rows, dest, flat)
+            others = []  # samples whose part has a layout direct reads do not know
+            for i, (p, start, n, first) in enumerate(zip(part.tolist(), starts.tolist(), lengths.tolist(),
+                                                         firsts.tolist())):
+                rows = self._direct_rows(p, name) if n else None
+                if rows is None:
+                    others.append(i)
+                    continue
+                try:
+                    rows.read_span(start, n, flat[first : first + n])
+                except RowReadError as e:
+                    raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
+            if others:
+                sel = np.isin(sample, others)
+                pending += self._scatter(name, part[sample[sel]], src_rows[sel], dest[sel], flat)
         self._wait(pending)
         return tokens, scales, lengths
 

@@ -33,11 +33,13 @@ class RowReadError(Exception):
 
 @dataclass(frozen=True)
 class ShardedRows:
-    """Geometry of one sharded per-sample array (see module doc)."""
+    """Geometry of one sharded array whose inner chunks are runs of ``chunk_rows`` whole rows: one
+    sample (per-sample features) or a few caption tokens (see module doc)."""
 
     root: Path
     shape: tuple[int, ...]
     shard_rows: int
+    chunk_rows: int
     dtype: np.dtype
 
     @property
@@ -66,39 +68,79 @@ class ShardedRows:
             and [_normal(c, dtype) for c in conf.get("codecs", [])] == [_LE_BYTES, _CRC32C]
             and [_normal(c, np.dtype("<u8")) for c in conf.get("index_codecs", [])] == [_LE_BYTES, _CRC32C]
             and len(shape) >= 1 and len(shard) == len(inner) == len(shape)
-            and inner[0] == 1 and inner[1:] == shard[1:] == shape[1:]
+            and inner[0] >= 1 and shard[0] % inner[0] == 0 and inner[1:] == shard[1:] == shape[1:]
             and dtype.kind in "fiu" and (dtype.itemsize == 1 or sys.byteorder == "little")
         )
-        return cls(root, shape, shard[0], dtype.newbyteorder("=")) if supported else None
+        return cls(root, shape, shard[0], inner[0], dtype.newbyteorder("=")) if supported else None
 
     def read(self, row: int, dest: np.ndarray) -> None:
         """Row ``row`` into ``dest`` (C-contiguous, this array's row shape and dtype), crc32c checked."""
-        shard, slot = divmod(row, self.shard_rows)
-        path = self.root / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
-        index_bytes = self.shard_rows * 16 + _CRC
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise RowReadError(f"{path.relative_to(self.root.parent)} is missing") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size < index_bytes:
-                raise RowReadError(f"{self._name(path)} has {size} bytes, less than its shard index")
-            index = os.pread(fd, index_bytes, size - index_bytes)
-            _check_crc(index[:-_CRC], index[-_CRC:], f"{self._name(path)}: shard index")
-            offset, nbytes = np.frombuffer(index, "<u8", 2, 16 * slot)
-            if offset == _MISSING or nbytes != self.row_bytes + _CRC or offset + nbytes > size - index_bytes:
-                raise RowReadError(f"{self._name(path)}: row {row} is missing or has the wrong size in its shard")
-            data = dest.reshape(-1).view(np.uint8)  # google_crc32c takes arrays, not writable memoryviews
-            crc = bytearray(_CRC)
-            if os.preadv(fd, [data, crc], int(offset)) != nbytes:
-                raise RowReadError(f"{self._name(path)}: row {row} ends early")
-            _check_crc(data, crc, f"{self._name(path)}: row {row}")
-        finally:
-            os.close(fd)
+        self.read_span(row, 1, dest.reshape((1,) + dest.shape))
 
-    def _name(self, path: Path) -> str:
-        return str(path.relative_to(self.root.parent))
+    def read_span(self, start: int, count: int, dest: np.ndarray) -> None:
+        """Rows ``start .. start + count`` into ``dest`` (C-contiguous, ``(count,) + row shape``)."""
+        if start < 0 or start + count > self.shape[0]:
+            raise RowReadError(f"{self.root.name}: rows {start}..{start + count} outside its {self.shape[0]} rows")
+        shard_file, row, end = None, start, start + count
+        try:
+            while row < end:
+                chunk, within = divmod(row, self.chunk_rows)
+                shard, slot = divmod(chunk, self.shard_rows // self.chunk_rows)
+                if shard_file is None or shard_file.number != shard:
+                    if shard_file is not None:
+                        shard_file.close()
+                    shard_file = _ShardFile(self, shard)
+                take = min(self.chunk_rows - within, end - row)
+                out = dest[row - start : row - start + take]
+                if take == self.chunk_rows:  # the whole chunk: straight into place
+                    shard_file.read_chunk(slot, out)
+                else:
+                    whole = np.empty((self.chunk_rows,) + self.shape[1:], self.dtype)
+                    shard_file.read_chunk(slot, whole)
+                    out[...] = whole[within : within + take]
+                row += take
+        finally:
+            if shard_file is not None:
+                shard_file.close()
+
+
+class _ShardFile:
+    """One open shard file and its checked index, for the reads of one request."""
+
+    def __init__(self, rows: ShardedRows, number: int):
+        self.rows, self.number = rows, number
+        self.path = rows.root / "c" / str(number) / "/".join("0" * (len(rows.shape) - 1))
+        self.name = str(self.path.relative_to(rows.root.parent))
+        chunks = rows.shard_rows // rows.chunk_rows
+        index_bytes = chunks * 16 + _CRC
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise RowReadError(f"{self.name} is missing") from None
+        try:
+            self.size = os.fstat(self.fd).st_size - index_bytes
+            if self.size < 0:
+                raise RowReadError(f"{self.name} has {self.size + index_bytes} bytes, less than its shard index")
+            index = os.pread(self.fd, index_bytes, self.size)
+            _check_crc(index[:-_CRC], index[-_CRC:], f"{self.name}: shard index")
+            self.index = np.frombuffer(index, "<u8", 2 * chunks).reshape(chunks, 2)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def read_chunk(self, slot: int, dest: np.ndarray) -> None:
+        offset, nbytes = (int(v) for v in self.index[slot])
+        want = self.rows.chunk_rows * self.rows.row_bytes + _CRC
+        if offset == _MISSING or nbytes != want or offset + nbytes > self.size:
+            raise RowReadError(f"{self.name}: chunk {slot} is missing or has the wrong size in its shard")
+        data = dest.reshape(-1).view(np.uint8)  # google_crc32c takes arrays, not writable memoryviews
+        crc = bytearray(_CRC)
+        if os.preadv(self.fd, [data, crc], offset) != nbytes:
+            raise RowReadError(f"{self.name}: chunk {slot} ends early")
+        _check_crc(data, crc, f"{self.name}: chunk {slot}")
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _normal(codec: dict, dtype: np.dtype) -> dict:

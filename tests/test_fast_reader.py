@@ -135,7 +135,8 @@ def test_direct_reads_refuse_layouts_they_do_not_know(cache):
     for change in (
         lambda m: m["codecs"][0]["configuration"].update(index_location="start"),
         lambda m: m["codecs"][0]["configuration"]["codecs"].append({"name": "zstd", "configuration": {"level": 1}}),
-        lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[2] + m["shape"][1:]),
+        lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[3] + m["shape"][1:]),  # shard of 4 rows
+        lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[1, 1] + m["shape"][2:]),  # split rows
         lambda m: m.update(codecs=m["codecs"][0]["configuration"]["codecs"]),  # not sharded
     ):
         other = json.loads(json.dumps(meta))
@@ -143,8 +144,9 @@ def test_direct_reads_refuse_layouts_they_do_not_know(cache):
         assert ShardedRows.from_metadata(root, other) is None
 
 
-def test_ragged_text_flat_and_padded_match_the_reference(cache):
-    fast, ref = FastReader(cache), CacheReader(cache)
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-reads", "tensorstore"])
+def test_ragged_text_flat_and_padded_match_the_reference(cache, direct):
+    fast, ref = FastReader(cache, direct_reads=direct), CacheReader(cache)
     ids = np.random.default_rng(1).permutation(len(fast))
     tokens, scales, lengths = fast.read_text(ids)
     padded, padded_scales, padded_lengths = fast.read_text(ids, padded=True)
