@@ -3,11 +3,13 @@
     python bench/scale.py [--parts 2176 --report 22,218,2176 --samples-per-part 64 --skip-rate 0.005]
 
 Writes a cache shaped like CC12M's (2 176 parts; tiny features, but each part's record carries the
-skip list of a real ~5 500-sample part at ``--skip-rate``) one part at a time, timing every commit,
+skip list of a real ~5 500-sample part at ``--skip-rate``) one part at a time,
 and at each part count in ``--report`` measures the costs that scale with the number of parts:
-mean commit time over the last parts, manifest load, `repa cache info`, and the training index
-(labels and keys of every sample, read once). A commit publishes one part and writes one small
-record, so its cost must stay flat however many parts are already there.
+the commit time (against commits into a fresh cache at the same moment), manifest load, `repa cache
+info`, the training index (labels and keys of every sample, read once), the validation split and
+the memory they take. With ``--samples-per-part 5500`` the report points are CC12M at 1 %, 10 % and
+100 % (120 k, 1.2 M, 12 M samples). A commit publishes one
+part and writes one small record, so its cost must stay flat however many parts are already there.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from cache_schema import FastReader, PartWriter, cache_fields, new_manifest, read_manifest, start_encode
 from cache_schema.info import describe
+from stages.core.split import split_ids
 
 OUT = Path(__file__).resolve().parent / "out"
 REAL_PART_SAMPLES = 5_500  # CC12M: ~12 M samples over 2 176 shards
@@ -64,42 +68,60 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def commit_times(path: Path, fields: dict, first: int, count: int, skips: int, rng) -> list[float]:
+    return [write_part(path, fields, first + i, 8, skips, rng) for i in range(count)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", type=int, default=2176)
     ap.add_argument("--report", default="22,218,2176", help="part counts at which to measure")
     ap.add_argument("--samples-per-part", type=int, default=64)
     ap.add_argument("--skip-rate", type=float, default=0.005, help="skipped share of a real 5 500-sample part")
-    ap.add_argument("--window", type=int, default=20, help="commits averaged at each report point")
+    ap.add_argument("--window", type=int, default=20, help="commits timed at each report point")
     ap.add_argument("--cache", type=Path, default=OUT / "scale-cache")
     args = ap.parse_args()
 
     report = sorted({int(r) for r in args.report.split(",") if int(r) <= args.parts})
     skips = round(REAL_PART_SAMPLES * args.skip_rate)
     fields = tiny_cache(args.cache)
+    # Commit time is mostly fsync, which follows the machine's I/O load: each measurement interleaves
+    # commits into the growing cache with commits into a small reference cache made at the same moment.
+    reference = args.cache.with_name(args.cache.name + "-reference")
+    tiny_cache(reference)
     rng = np.random.default_rng(0)
-    commits: list[float] = []
-    rows = []
-    for p in tqdm(range(args.parts), desc="parts", unit="part"):
-        commits.append(write_part(args.cache, fields, p, args.samples_per_part, skips, rng))
-        if p + 1 in report:
-            manifest, load = timed(lambda: read_manifest(args.cache))
-            _, info = timed(lambda: describe(read_manifest(args.cache)))
-            reader = FastReader(args.cache)
-            _, index = timed(lambda: (reader.load_index(), reader.keys))
-            window = commits[-args.window:]
-            rows.append((p + 1, manifest.num_samples, len(manifest.skipped), 1e3 * float(np.mean(window)),
-                         1e3 * float(np.max(window)), load, info, index))
+    rows, extra = [], 10**6  # timed parts get numbers beyond the cache's own
+    done = 0
+    for target in report:
+        for p in tqdm(range(done, target), desc=f"parts to {target}", unit="part"):
+            write_part(args.cache, fields, p, args.samples_per_part, skips, rng)
+        done = target
+        big, small = [], []
+        for _ in range(args.window):
+            big += commit_times(args.cache, fields, extra, 1, skips, rng)
+            small += commit_times(reference, fields, extra, 1, skips, rng)
+            extra += 1
+        manifest, load = timed(lambda: read_manifest(args.cache))
+        _, info = timed(lambda: describe(read_manifest(args.cache)))
+        rss0 = psutil.Process().memory_info().rss
+        reader = FastReader(args.cache)
+        _, index = timed(lambda: (reader.load_index(), reader.keys))
+        _, split = timed(lambda: split_ids(reader.keys, 0.01))
+        rss = (psutil.Process().memory_info().rss - rss0) / 2**20
+        rows.append((len(manifest.parts), manifest.num_samples, len(manifest.skipped), 1e3 * float(np.median(big)),
+                     1e3 * float(np.median(small)), load, info, index, split, rss))
+        shutil.rmtree(reference)
+        tiny_cache(reference)
 
     print(f"\n{skips} skip records per part ({args.skip_rate:.1%} of {REAL_PART_SAMPLES}), "
-          f"{args.samples_per_part} samples per part")
-    print(f"{'parts':>6} {'samples':>9} {'skips':>7} {'commit ms':>10} {'(max)':>7} {'manifest s':>11} "
-          f"{'info s':>7} {'index s':>8}")
-    for parts, samples, skipped, mean, worst, load, info, index in rows:
-        print(f"{parts:6d} {samples:9d} {skipped:7d} {mean:10.1f} {worst:7.1f} {load:11.2f} {info:7.2f} {index:8.2f}")
-    if len(rows) > 1:
-        print(f"commit cost at {rows[-1][0]} parts / at {rows[0][0]}: {rows[-1][3] / rows[0][3]:.2f}x "
-              f"(flat is ~1; each commit writes one record, whatever the number of parts)")
+          f"{args.samples_per_part} samples per part; commit: median of {args.window}")
+    print(f"{'parts':>6} {'samples':>9} {'skips':>7} {'commit ms':>10} {'(empty cache)':>14} {'ratio':>6} "
+          f"{'manifest s':>11} {'info s':>7} {'index s':>8} {'split s':>8} {'start-up s':>11} {'index MiB':>10}")
+    for parts, samples, skipped, big, small, load, info, index, split, rss in rows:
+        print(f"{parts:6d} {samples:9d} {skipped:7d} {big:10.1f} {small:14.1f} {big / small:6.2f} {load:11.2f} "
+              f"{info:7.2f} {index:8.2f} {split:8.2f} {load + index + split:11.2f} {rss:10.0f}")
+    print("(ratio: a commit into this cache over one into a fresh cache at the same moment; flat is ~1. "
+          "start-up: what training reads before its first batch: manifest, labels and keys, split)")
 
 
 if __name__ == "__main__":

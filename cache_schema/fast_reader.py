@@ -36,6 +36,7 @@ from .errors import CacheError
 from .integrity import check_part_files, damaged
 from .layout import PART_SUFFIX, PARTS_DIR, Field
 from .manifest import Manifest, field_from_json, read_manifest
+from .plain_arrays import PlainReadError, read_plain
 from .shard_rows import RowReadError, ShardedRows
 
 
@@ -137,24 +138,45 @@ class FastReader:
             raise damaged(self.manifest.parts[part], f"{name} cannot be read ({type(e).__name__}: {e})") from None
 
     def _read_parts(self, name: str) -> list[np.ndarray]:
-        """A small numeric array of every part, read concurrently."""
+        """A small array of every part: decoded here where the layout allows (``plain_arrays``), else
+        numbers through tensorstore (concurrently over parts) and strings through zarr-python."""
+        out, rest = [], []
         for p in range(len(self.part_names)):
             self._check(p)
+            root = self._array_path(p, name)
+            try:
+                values = read_plain(root, json.loads((root / "zarr.json").read_bytes()))
+            except (OSError, ValueError) as e:
+                raise damaged(self.manifest.parts[p], f"{name}/zarr.json cannot be read ({e})") from None
+            except PlainReadError as e:
+                raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
+            out.append(values)
+            if values is None:
+                rest.append(p)
+        if rest and self.fields[name].dtype == "str":
+            for p in rest:
+                out[p] = self._read_whole(p, name)
+        elif rest:
+            for p, values in zip(rest, self._read_parts_tensorstore(name, rest)):
+                out[p] = values
+        return out
+
+    def _read_parts_tensorstore(self, name: str, parts: list[int]) -> list[np.ndarray]:
         # Missing chunks read as fill values, as zarr-python reads them: every file the part's record
         # lists was just found with its size, and caches written before every chunk was stored
         # leave all-zero chunks out.
         spec = {"driver": "zarr3", "recheck_cached_data": False, "recheck_cached_metadata": False}
         context = self._process().context
         opening = [ts.open({**spec, "kvstore": {"driver": "file", "path": str(self._array_path(p, name))}},
-                           read=True, context=context) for p in range(len(self.part_names))]
+                           read=True, context=context) for p in parts]
         reading = []
-        for p, future in enumerate(opening):
+        for p, future in zip(parts, opening):
             try:
                 reading.append(future.result().read())
             except ValueError as e:
                 raise damaged(self.manifest.parts[p], f"{name} cannot be opened ({e})") from None
         out = []
-        for p, future in enumerate(reading):
+        for p, future in zip(parts, reading):
             try:
                 out.append(future.result())
             except ValueError as e:
@@ -169,10 +191,7 @@ class FastReader:
         state = self._process()
         if name not in state.small:
             dtype = self.fields[name].dtype
-            if dtype == "str":  # variable-length strings: zarr-python only
-                chunks = [self._read_whole(p, name) for p in range(len(self.part_names))]
-            else:
-                chunks = self._read_parts(name)
+            chunks = self._read_parts(name)
             empty = np.array([], dtype=str if dtype == "str" else dtype)
             state.small[name] = np.concatenate(chunks) if chunks else empty
         return state.small[name]

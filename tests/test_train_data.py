@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from cache_schema.fast_reader import FastReader
 from stages.core.codec import features_to_device as to_device
-from stages.core.split import split_ids
+from stages.core.split import split_ids, unit_hashes
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 from tests.test_fast_reader import DINO_DIM, DINO_TOKENS, TEXT_DIM, write_cache
 
@@ -37,6 +38,16 @@ def test_split_is_stable_disjoint_covering_and_roughly_the_asked_fraction():
     assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
     assert not np.array_equal(split_ids(keys, 0.1, salt="other")[1], val)
     assert len(split_ids(keys, 0.0)[1]) == 0
+
+
+def test_split_hash_is_the_documented_function_of_each_key():
+    # blake2b-64 of "val\0key" as an exact integer over 2**64: the split every run so far was made with
+    rng = np.random.default_rng(0)
+    keys = [f"k{i}" for i in range(2000)] + ["".join(map(chr, rng.integers(33, 0x2FFF, 12))) for _ in range(2000)]
+    want = [int.from_bytes(hashlib.blake2b(f"val\0{k}".encode(), digest_size=8).digest(), "little") / 2.0**64
+            for k in keys]
+    got = unit_hashes(np.array(keys, dtype=np.dtypes.StringDType()), "val")
+    assert got.tolist() == want
 
 
 def test_split_depends_on_keys_not_on_part_order(tmp_path):

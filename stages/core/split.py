@@ -16,11 +16,11 @@ def split_ids(keys: np.ndarray, val_fraction: float, salt: str = "val") -> tuple
 
     A sample is held out when blake2b(salt + key), read as a number in [0, 1), is below
     ``val_fraction``. With ``val_fraction > 0`` and at least two samples neither side is empty.
-    Hashing costs ~1.4 µs per key (~17 s for 12 M keys).
+    Hashing costs ~0.5 µs per key (~6 s for 12 M keys).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    u = np.array([_unit_hash(salt, str(k)) for k in keys], dtype=np.float64)
+    u = unit_hashes(keys, salt)
     held_out = u < val_fraction
     if val_fraction > 0 and len(u) >= 2:
         # Tiny caches: keep the split usable by moving the extreme key across.
@@ -32,6 +32,8 @@ def split_ids(keys: np.ndarray, val_fraction: float, salt: str = "val") -> tuple
     return ids[~held_out], ids[held_out]
 
 
-def _unit_hash(salt: str, key: str) -> float:
-    digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
+def unit_hashes(keys, salt: str) -> np.ndarray:
+    """blake2b-64(salt NUL key) of every key, little-endian, as a float64 in [0, 1)."""
+    prefix = salt.encode() + b"\0"
+    digests = b"".join(hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest() for k in keys)
+    return np.frombuffer(digests, "<u8").astype(np.float64) / 2.0**64
