@@ -26,6 +26,9 @@ from cache_schema import (
 )
 from cache_schema.claims import Owner, claim
 from cache_schema.layout import PARTS_DIR, RECORDS_DIR, TMP_PREFIX
+from cache_schema.verify import (
+    find_problems,
+)
 from cache_schema.writer import settle_part
 from stages.core.codec import dequantize_int8, quantize_int8
 
@@ -218,6 +221,22 @@ def test_verify_catches_duplicate_keys_across_parts(tmp_path):
     _write_part(tmp_path, m, "two", rng, text=False)  # same keys s00000...
     with pytest.raises(CacheError, match="key 's00000' also stored in part one"):
         verify_cache(tmp_path)
+
+
+def test_parallel_verify_finds_what_the_serial_one_finds(tmp_path):
+    m = _manifest("fp16", text=False)
+    start_encode(tmp_path, m, overwrite=False)
+    rng = np.random.default_rng(6)
+    for name, start in (("a", 0), ("b", 100), ("c", 0), ("d", 200)):  # c repeats a's keys
+        _write_part(tmp_path, m, name, rng, start=start, text=False)
+    g = zarr.open_group(str(tmp_path / PARTS_DIR / "b.zarr"), mode="r+")
+    g["moments"][1] = np.full((2 * C, S, S), np.inf, dtype=np.float16)
+    seen = []
+    serial = find_problems(tmp_path, workers=1)
+    parallel = find_problems(tmp_path, workers=2, progress=lambda name, problem: seen.append(name))
+    assert parallel == serial and list(serial) == ["b", "c"]
+    assert "non-finite" in serial["b"] and "also stored in part a" in serial["c"]
+    assert {"a", "b", "c", "d"} <= set(seen)
 
 
 def test_missing_cache_and_unwritable_dir_give_clear_errors(tmp_path):
