@@ -319,3 +319,20 @@ def test_text_conditioning_needs_text_dim() -> None:
 def test_head_dim_override_replaces_preset_head_count() -> None:
     config = ModelConfig.from_preset("SiT-B/2", width=512, head_dim=32)
     assert (config.num_heads, config.head_dim) == (16, 32)
+
+
+def test_unmasked_captions_attend_without_a_mask_and_match_an_all_true_mask(monkeypatch) -> None:
+    """The seed's unmasked cross-attention passes no mask to SDPA (so its flash kernel is eligible),
+    with the output of an explicit all-true mask."""
+    unmasked = build(cond="text", text_mask=False)
+    masked = build(cond="text")
+    masked.load_state_dict(unmasked.state_dict())
+    kwargs = inputs(unmasked.config)
+    all_true = {**kwargs, "text_mask": torch.ones_like(kwargs["text_mask"])}
+    want, _ = masked(**all_true)
+    sdpa, masks = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **k: masks.append(attn_mask) or sdpa(*a, attn_mask=attn_mask, **k))
+    got, _ = unmasked(**kwargs)
+    torch.testing.assert_close(got, want)
+    assert len(masks) == 2 * unmasked.config.depth and all(m is None for m in masks)

@@ -181,8 +181,8 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: Tensor, context: Tensor, attn_mask: Tensor) -> Tensor:
-        """attn_mask (B, 1, 1, L) boolean, True where a caption token may be attended to."""
+    def forward(self, x: Tensor, context: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """attn_mask (B, 1, 1, L) boolean, True where a caption token may be attended to; None: every one."""
         q = _split_heads(self.q(x), self.num_heads)
         k, v = (_split_heads(part, self.num_heads) for part in self.kv(context).chunk(2, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -352,9 +352,12 @@ class SiT(nn.Module):
         if self.caption_embedder is not None:
             if text is None:
                 raise ValueError("cond='text' needs caption embeddings text (use null_text for none)")
-            if text_mask is None or not self.config.text_mask:
+            attend_all = text_mask is None or not self.config.text_mask
+            if attend_all:
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
             context, context_mask, pooled = self.caption_embedder(text, text_mask)
+            if attend_all:  # no mask at all, so SDPA may pick its flash kernel (which takes none)
+                context_mask = None
             c = c + pooled
 
         projected: list[Tensor] = []
