@@ -193,21 +193,33 @@ def _keys_and_moments(cache: Path) -> dict[str, np.ndarray]:
     return {r.sample(i)["key"]: r.sample(i)["moments"] for i in range(len(r))}
 
 
-def test_two_processes_produce_the_same_samples_as_one(demo_cache, tiny_models, demo_shards, tmp_path):
+def two_nodes(args: list[str], port: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """``python -m pipeline ARGS`` as 2 nodes x 2 processes on this machine: two torchrun launchers with
+    --nnodes 2 and their own --node-rank, meeting at a rendezvous on localhost (gloo), as on a cluster."""
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                          "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env(), cwd=ROOT)
+        for rank in (0, 1)
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]
+
+
+def test_two_nodes_of_two_processes_produce_the_same_samples_as_one(demo_cache, tiny_models, demo_shards, tmp_path):
     cache, _ = demo_cache
-    cfg = tiny_config(tiny_models, _pattern(demo_shards), tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "pipeline", "encode", *cli_args(cfg)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    man = read_manifest(tmp_path / "two")
+    cfg = tiny_config(tiny_models, _pattern(demo_shards), tmp_path / "four")
+    for r in two_nodes(["encode", *cli_args(cfg)], port=29531):
+        assert r.returncode == 0, r.stderr[-3000:]
+    man = read_manifest(tmp_path / "four")
     writers = {p["writer"].split("-")[-2] for p in man.parts}  # the pid in each part's temporary name
-    assert len(writers) == 2, "both processes should have written parts"
-    one, two = _keys_and_moments(cache), _keys_and_moments(tmp_path / "two")
-    assert sorted(one) == sorted(two)
+    # 3 shards over 4 ranks: ranks 0-2 write one each (by global rank), rank 3 has none and ends cleanly
+    assert len(demo_shards) == len(man.parts) == len(writers) == 3
+    one, four = _keys_and_moments(cache), _keys_and_moments(tmp_path / "four")
+    assert sorted(one) == sorted(four)  # no shard twice, none left out
     for k in one:
-        np.testing.assert_allclose(one[k].astype(np.float32), two[k].astype(np.float32), atol=1e-3)
-    assert verify_cache(tmp_path / "two") == 72
+        np.testing.assert_allclose(one[k].astype(np.float32), four[k].astype(np.float32), atol=1e-3)
+    assert verify_cache(tmp_path / "four") == 72
 
 
 def test_kill_9_mid_encode_then_rerun_gives_every_sample_once(tmp_path, tiny_models):
