@@ -74,3 +74,12 @@ def test_unknown_targets_and_mismatched_weights_are_refused(two_target_cache, tm
         run_train(tiny_train(two_target_cache, tmp_path / "a", targets="dino,clip-l"))
     with pytest.raises(UsageError, match="one non-negative weight per target"):
         run_train(tiny_train(two_target_cache, tmp_path / "b", targets="dino,siglip", target_lambdas="0.5"))
+
+
+def test_the_target_sweep_trains_each_target_and_a_pair():
+    from pathlib import Path
+
+    from pipeline.sweep import expand_grid, load_sweep
+
+    runs = expand_grid(load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweep-targets.toml"))
+    assert [r.varied["targets"] for r in runs] == ["dino", "dino-reg", "siglip", "dino,siglip"]
