@@ -99,10 +99,10 @@ class FeatureEncoders:
             self.text_info = text_geometry(self.text_encoder.config)
         self.similarity = SimilarityModel(spec.similarity, dtype, device) if spec.similarity is not None else None
         self._vae_fn = self._vae_moments
-        self._dino_fn = self._dino_tokens
+        self._dino_fn = self._dino_hidden
         if compile:
             self._vae_fn = torch.compile(self._vae_moments)
-            self._dino_fn = torch.compile(self._dino_tokens)
+            self._dino_fn = torch.compile(self._dino_hidden)
 
     def identity(self) -> dict:
         """What identifies each encoder in the fingerprint: class and content hash of the weights."""
@@ -127,10 +127,14 @@ class FeatureEncoders:
         dist = self.vae.encode(x).latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).to(torch.float16)
 
-    def _dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def _dino_hidden(self, images: torch.Tensor) -> torch.Tensor:
         """Every token of the last hidden state: class, registers, then patches."""
         x = dino_preprocess(images, self.spec.resolution).to(self.dtype)
         return self.dino(pixel_values=x).last_hidden_state
+
+    def _dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The patch tokens."""
+        return self._dino_hidden(images)[:, 1 + self.dino_info["registers"] :]
 
     def _text_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = encode_captions(
