@@ -6,6 +6,8 @@
 #   make encode SOURCE=... VAE=... DINO=... TEXT=...      any corpus and encoders
 #   make train  PRESET=imagenet256 | make train CACHE=... MODEL=SiT-XL/2 ...
 #   make sweep | make report   a 6-run REPA ablation over the demo cache, and its comparison table
+#   make add-targets     demo: add DINOv2-with-registers and SigLIP targets to the demo cache
+#   make sweep SWEEP=configs/sweep-targets.toml   the same SiT against each target and a pair
 #   make test | make bench-encode | make bench-reader | make bench-train | make bench-scale
 PYTHON ?= python3
 VENV ?= .venv
@@ -35,7 +37,7 @@ TRAIN_ARGS = $(CONFIG_ARG) $(call opt,--cache,$(CACHE)) $(call opt,--run-dir,$(R
 	$(call opt,--steps,$(STEPS)) $(call opt,--batch-size,$(BATCH)) $(ARGS)
 SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
 
-.PHONY: install encode demo-assets train sample test bench-encode bench-reader bench-train bench-scale clean help
+.PHONY: install encode add-targets demo-assets train sample test bench-encode bench-reader bench-train bench-scale clean help
 
 help:
 	@sed -n '/^#/p;/^PYTHON/q' Makefile
@@ -64,6 +66,12 @@ encode: $(STAMP) $(ENCODE_DEPS)
 
 cache/demo/manifest.json:
 	$(MAKE) encode
+
+# Alignment targets beside the demo cache's DINOv2 (the demo's 128 px crop gives an 8x8 grid: the tiny SigLIP,
+# 32 px with 8 px patches, is fed 64 px with its position embedding interpolated).
+add-targets: $(STAMP) cache/demo/manifest.json
+	$(LAUNCH) encode --cache cache/demo --add-target dino-reg --target-model $(TINY)/dino-reg --class-tokens
+	$(LAUNCH) encode --cache cache/demo --add-target siglip --target-model $(TINY)/siglip --target-input-size 64
 
 train: $(STAMP) $(TRAIN_DEPS)
 	$(LAUNCH) train $(TRAIN_ARGS)
@@ -95,7 +103,8 @@ SWEEP ?= configs/sweep-demo.toml
 SWEEP_OUT ?= runs/sweep-demo
 .PHONY: sweep report
 
-sweep: $(STAMP) $(if $(filter configs/sweep-demo.toml,$(SWEEP)),cache/demo/manifest.json)
+sweep: $(STAMP) $(if $(filter configs/sweep-demo.toml,$(SWEEP)),cache/demo/manifest.json) \
+	$(if $(filter configs/sweep-targets.toml,$(SWEEP)),add-targets)
 	$(VENV)/bin/repa sweep $(SWEEP) $(ARGS)
 
 report: $(STAMP)

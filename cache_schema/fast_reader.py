@@ -33,9 +33,9 @@ import tensorstore as ts
 import zarr
 
 from .errors import CacheError
-from .integrity import check_part_files, damaged
+from .integrity import check_part_files, damaged, target_hint
 from .layout import PART_SUFFIX, PARTS_DIR, Field
-from .manifest import Manifest, field_from_json, read_manifest
+from .manifest import Manifest, field_from_json, read_manifest, read_records, target_dir, target_part_problem
 from .plain_arrays import PlainReadError, read_plain
 from .shard_rows import RowReadError, ShardedRows
 
@@ -49,7 +49,7 @@ class _ProcessState:
     stores: dict[tuple[int, str], ts.TensorStore] = field(default_factory=dict)
     small: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[tuple[int, str], ShardedRows | None] = field(default_factory=dict)  # direct-read geometry
-    checked: set[int] = field(default_factory=set)  # parts whose files were checked against their records
+    checked: set[tuple[int, str | None]] = field(default_factory=set)  # (part, added target or None) checked against its record
 
 
 class FastReader:
@@ -72,6 +72,14 @@ class FastReader:
         self.part_names: list[str] = self.manifest.part_names()
         self.offsets = np.cumsum([0] + [p["num_samples"] for p in self.manifest.parts], dtype=np.int64)
         self.fields = {name: field_from_json(name, spec) for name, spec in self.manifest.fields.items()}
+        # The arrays of added targets (targets/<target>/parts/...), by field name -> target.
+        self._target_of: dict[str, str] = {}
+        for target, entry in self.manifest.targets.items():
+            for name, spec in entry["fields"].items():
+                if name != "key":
+                    self.fields[name] = field_from_json(name, spec)
+                    self._target_of[name] = target
+        self._target_records: dict[str, dict[str, dict]] = {}
         self._state: _ProcessState | None = None
         self._index: dict[str, np.ndarray] = {}  # by global id; travels with the reader
         self.direct_reads = direct_reads
@@ -99,21 +107,45 @@ class FastReader:
         return self._state
 
     def _array_path(self, part: int, name: str) -> Path:
-        return self.cache_dir / PARTS_DIR / f"{self.part_names[part]}{PART_SUFFIX}" / name
+        target = self._target_of.get(name)
+        root = self.cache_dir if target is None else target_dir(self.cache_dir, target)
+        return root / PARTS_DIR / f"{self.part_names[part]}{PART_SUFFIX}" / name
 
-    def _check(self, part: int) -> None:
+    def require_targets(self, names: list[str]) -> None:
+        """CacheError unless every part read holds the tokens of each added target in ``names``, made
+        for the part as it is now (not for an earlier encode of it)."""
+        for target in names:
+            if target not in self.manifest.targets:
+                continue
+            if target not in self._target_records:
+                self._target_records[target] = {r["name"]: r for r in read_records(target_dir(self.cache_dir, target))}
+            records = self._target_records[target]
+            for part in self.manifest.parts:
+                why = target_part_problem(part, records.get(part["name"]))
+                if why is not None:
+                    raise CacheError(f"{self.cache_dir}: target {target} of part {part['name']}: {why}; rerun "
+                                     f"`repa encode --cache {self.cache_dir} --add-target {target} ...` to finish it")
+
+    def _check(self, part: int, name: str | None = None) -> None:
         """Compare a part's files with its record once per process: a missing file must never be
-        read as zeros (zarr-python fills missing chunks), a truncated one never be trusted."""
+        read as zeros (zarr-python fills missing chunks), a truncated one never be trusted. A field of
+        an added target is checked against that target's record of the part."""
         state = self._process()
-        if part not in state.checked:
-            check_part_files(self.cache_dir, self.manifest.parts[part])
-            state.checked.add(part)
+        target = self._target_of.get(name)
+        if (part, target) not in state.checked:
+            if target is None:
+                check_part_files(self.cache_dir, self.manifest.parts[part])
+            else:
+                self.require_targets([target])
+                check_part_files(target_dir(self.cache_dir, target), self._target_records[target][self.part_names[part]],
+                                 hint=target_hint(target))
+            state.checked.add((part, target))
 
     def _store(self, part: int, name: str) -> ts.TensorStore:
         state = self._process()
         handle = state.stores.get((part, name))
         if handle is None:
-            self._check(part)
+            self._check(part, name)
             spec = {
                 "driver": "zarr3",
                 "kvstore": {"driver": "file", "path": str(self._array_path(part, name))},
@@ -131,7 +163,7 @@ class FastReader:
         return handle
 
     def _read_whole(self, part: int, name: str) -> np.ndarray:
-        self._check(part)
+        self._check(part, name)
         try:
             return zarr.open_array(str(self._array_path(part, name)), mode="r")[:]
         except Exception as e:  # a crc32c mismatch, undecodable bytes
@@ -142,7 +174,7 @@ class FastReader:
         numbers through tensorstore (concurrently over parts) and strings through zarr-python."""
         out, rest = [], []
         for p in range(len(self.part_names)):
-            self._check(p)
+            self._check(p, name)
             root = self._array_path(p, name)
             try:
                 values = read_plain(root, json.loads((root / "zarr.json").read_bytes()))
@@ -368,7 +400,7 @@ class FastReader:
         state = self._process()
         key = (part, name)
         if key not in state.rows:
-            self._check(part)
+            self._check(part, name)
             root = self._array_path(part, name)
             try:
                 meta = json.loads((root / "zarr.json").read_bytes())

@@ -53,6 +53,9 @@ def describe(manifest: Manifest) -> list[str]:
         f"dino         {_src(m, 'dino')}  {m.dino['tokens']} tokens x {m.dino['dim']}  grid {m.dino['grid']}",
         f"text         {_src(m, 'text_encoder') if s.get('text_encoder') else 'none'}"
         + (f"  dim {m.text['dim']}  max tokens {m.text['max_tokens']}" if m.text else ""),
+        *(f"target       {name}: {t['encoder']['id']}  {t['kind']}  {t['tokens']} tokens x {t['dim']}  grid {t['grid']}"
+          f"  {_fmt_bytes(sum(field_from_json(n, f).bytes_per_row for n, f in t['fields'].items() if n != 'key'))}"
+          "/sample" for name, t in sorted(m.targets.items())),
         "",
         f"{'field':<14}{'dtype':<9}{'shape per row':<18}{'bytes/sample':>14}",
     ]

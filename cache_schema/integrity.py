@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import CacheError
-from .layout import PART_SUFFIX, PARTS_DIR
+from .layout import PART_SUFFIX, PARTS_DIR, RECORDS_DIR, TARGETS_DIR
 
 REPAIR_HINT = "rerun the encode command with --repair, or with --redo {name}"
 
@@ -21,16 +21,16 @@ def part_where(rec: dict) -> str:
     return f"part {rec['name']} (from {rec['source']})"
 
 
-def damaged(rec: dict, what: str) -> CacheError:
-    return CacheError(f"{part_where(rec)}: {what}; {REPAIR_HINT.format(name=rec['name'])}")
+def damaged(rec: dict, what: str, hint: str = REPAIR_HINT) -> CacheError:
+    return CacheError(f"{part_where(rec)}: {what}; {hint.format(name=rec['name'])}")
 
 
-def check_part_files(cache_dir: Path, rec: dict, arrays: list[str] | None = None) -> None:
+def check_part_files(cache_dir: Path, rec: dict, arrays: list[str] | None = None, hint: str = REPAIR_HINT) -> None:
     """Raise CacheError naming the first listed file (of ``arrays``, default all) that is missing or has
-    another size than recorded."""
+    another size than recorded; ``hint`` says how to fix it ({name}: the part)."""
     root = Path(cache_dir) / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}"
     if not root.is_dir():
-        raise damaged(rec, f"directory {root} is missing")
+        raise damaged(rec, f"directory {root} is missing", hint)
     wanted = set(arrays) if arrays is not None else None
     for rel, size in sorted(rec["files"].items()):
         if wanted is not None and rel.split(os.sep, 1)[0] not in wanted:
@@ -38,6 +38,12 @@ def check_part_files(cache_dir: Path, rec: dict, arrays: list[str] | None = None
         try:
             actual = os.stat(root / rel).st_size
         except FileNotFoundError:
-            raise damaged(rec, f"file {rel} is missing") from None
+            raise damaged(rec, f"file {rel} is missing", hint) from None
         if actual != size:
-            raise damaged(rec, f"file {rel} has {actual} bytes, the record says {size} (truncated or replaced)")
+            raise damaged(rec, f"file {rel} has {actual} bytes, the record says {size} (truncated or replaced)", hint)
+
+
+def target_hint(target: str) -> str:
+    """How to redo a damaged part of added target ``target`` ({name}: the part)."""
+    return (f"delete {TARGETS_DIR}/{target}/{RECORDS_DIR}/{{name}}.json in the cache and rerun "
+            f"`repa encode --add-target {target}` with the same --target-model")

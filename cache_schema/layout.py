@@ -10,6 +10,9 @@ A cache directory looks like::
       parts/
         <part>.zarr/           one zarr v3 group per input shard, written by exactly one process
         .tmp-<part>-....zarr/  a part being written; never read
+      targets/<target>/        an alignment target added later (`repa encode --add-target`): its own
+        parts/, records/, claims/ and lock, written by the same protocol; its part <part> holds
+        the same samples, in the same order, as the cache's part <part>
 
 A part exists for readers exactly when its record exists. Every array in a part has the sample
 (or, for ragged text, the token) as its first axis. Per-sample feature arrays use zarr v3
@@ -31,6 +34,7 @@ LOCK_NAME = ".manifest.lock"
 PARTS_DIR = "parts"
 RECORDS_DIR = "records"
 CLAIMS_DIR = "claims"
+TARGETS_DIR = "targets"
 PART_SUFFIX = ".zarr"
 RECORD_SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
@@ -77,9 +81,10 @@ def cache_fields(
     text_dim: int | None,
     codec: str,
     similarity: bool = False,
+    class_tokens: int = 0,
 ) -> dict[str, Field]:
     """The arrays every part of a cache with these dimensions holds (``similarity``: encoded with an
-    image-text similarity model). Readers ask for the fields they know, so a field added here never
+    image-text similarity model; ``class_tokens``: DINOv2's class and register tokens stored too). Readers ask for the fields they know, so a field added here never
     breaks a reader that does not know it."""
     if codec not in FEATURE_CODECS:
         raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
@@ -99,6 +104,7 @@ def cache_fields(
     ]
     if codec == "int8":
         fields.append(Field("dino_scale", "float16", (dino_tokens,), doc="per-token absmax/127 of dino"))
+    fields += class_token_fields(FIRST_TARGET, dino_dim, class_tokens)
     if text_dim is not None:
         fields += [
             Field("text", feat, (text_dim,), per_sample=False, doc="caption hidden states, real tokens only"),
@@ -110,6 +116,36 @@ def cache_fields(
         fields.append(Field("similarity", "float32", (), sharded=False,
                             doc="cosine similarity of image and caption embeddings of the similarity model"))
     return {f.name: f for f in fields}
+
+
+# A target's name is a field name and a directory name: lower-case, no separators.
+TARGET_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+# The cache's first alignment target, stored with the VAE moments in the cache's own parts.
+FIRST_TARGET = "dino"
+
+
+def target_fields(name: str, tokens: int, dim: int, codec: str, class_tokens: int = 0) -> dict[str, Field]:
+    """The arrays of an added target's parts: the sample key (to check the alignment with the cache's
+    parts), the patch tokens, their int8 scales, and with ``class_tokens`` the class (+ register) tokens."""
+    if codec not in FEATURE_CODECS:
+        raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
+    feat = "int8" if codec == "int8" else "float16"
+    fields = [
+        Field("key", "str", (), sharded=False, doc="webdataset __key__ of the sample (the cache part's key)"),
+        Field(name, feat, (tokens, dim), doc=f"{name} patch tokens after the final LayerNorm"),
+    ]
+    if codec == "int8":
+        fields.append(Field(f"{name}_scale", "float16", (tokens,), doc=f"per-token absmax/127 of {name}"))
+    fields += class_token_fields(name, dim, class_tokens)
+    return {f.name: f for f in fields}
+
+
+def class_token_fields(name: str, dim: int, class_tokens: int) -> list[Field]:
+    """The class token (then the register tokens) of target ``name``, stored in float16 whatever the codec."""
+    if not class_tokens:
+        return []
+    return [Field(f"{name}_cls", "float16", (class_tokens, dim),
+                  doc=f"{name} class token then register tokens, after the final LayerNorm")]
 
 
 def part_name(source_url: str, source_id: str) -> str:

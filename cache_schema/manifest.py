@@ -21,7 +21,16 @@ from typing import Callable
 
 from .errors import CacheError
 from .fsutil import atomic_write_json, cache_lock
-from .layout import FILTER_SKIP_CODES, MANIFEST_NAME, RECORD_SUFFIX, RECORDS_DIR, SCHEMA_VERSION, Field
+from .layout import (
+    FILTER_SKIP_CODES,
+    FIRST_TARGET,
+    MANIFEST_NAME,
+    RECORD_SUFFIX,
+    RECORDS_DIR,
+    SCHEMA_VERSION,
+    TARGETS_DIR,
+    Field,
+)
 
 # Settings that change the stored features. Two caches agree on these or they are different caches.
 FINGERPRINT_KEYS = (
@@ -40,7 +49,8 @@ FINGERPRINT_KEYS = (
 # Settings added after caches existed: in the fingerprint only when set, so that a cache made before them
 # (or without them) keeps its fingerprint. filters: what decides which samples are stored; similarity_model:
 # the model whose similarity is stored per sample (and filtered on).
-OPTIONAL_FINGERPRINT_KEYS = ("filters", "similarity_model")
+# class_tokens: DINOv2's class and register tokens are stored too.
+OPTIONAL_FINGERPRINT_KEYS = ("filters", "similarity_model", "class_tokens")
 
 
 def fingerprint(settings: dict) -> str:
@@ -84,6 +94,9 @@ class PartRecord:
     latent_count: int = 0
     writer: str = ""  # the temporary directory it was written in (host, pid, unique id)
     committed: str = ""
+    # A part of an added target: the cache part it belongs to ({"writer", "num_samples"} of its record),
+    # so a cache part encoded again since is never read with the old target features.
+    base: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: dict, where: str) -> PartRecord:
@@ -106,6 +119,9 @@ class Manifest:
     fingerprint: str = ""
     schema_version: int = SCHEMA_VERSION
     sources: dict = field(default_factory=dict)  # part name -> {url, id}: every input shard an encode asked for
+    # Alignment targets added after the first encode: name -> {settings, fingerprint, dim, tokens, grid, fields,
+    # encoder, ...}; their arrays live in targets/<name>/ (``target_dir``), the cache's parts are never touched.
+    targets: dict = field(default_factory=dict)
     created: str = ""
     updated: str = ""
     parts: list[dict] = field(default_factory=list)  # the part records, in name order (not in manifest.json)
@@ -194,6 +210,19 @@ class Manifest:
         self.latent = {**self.latent, "mean": mean, "std": std}
         return self
 
+    def target_names(self) -> list[str]:
+        """Every alignment target the cache holds: the first one, then the added ones by name."""
+        return [FIRST_TARGET] + sorted(self.targets)
+
+    def target(self, name: str) -> dict:
+        """dim, tokens, grid and fields of target ``name``; KeyError naming the targets there are."""
+        if name == FIRST_TARGET:
+            names = [n for n in self.fields if n == FIRST_TARGET or n.startswith(f"{FIRST_TARGET}_")]
+            return {**self.dino, "fields": {n: self.fields[n] for n in names}, "settings": {"model": self.settings.get("dino")}}
+        if name not in self.targets:
+            raise KeyError(f"cache has no alignment target {name!r}; it has {', '.join(self.target_names())}")
+        return self.targets[name]
+
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_json(self) -> dict:
         out = asdict(self)
@@ -252,6 +281,25 @@ def read_manifest_only(cache_dir: Path) -> Manifest:
             f"{path}: cache schema version {version}, this tool reads version {SCHEMA_VERSION}; re-encode the cache"
         )
     return Manifest.from_json(obj, str(path))
+
+
+def target_dir(cache_dir: Path, name: str) -> Path:
+    """Where the parts, records and claims of added target ``name`` live."""
+    return Path(cache_dir) / TARGETS_DIR / name
+
+
+def target_fingerprint(settings: dict) -> str:
+    """sha256 over the canonical JSON of a target's settings (first 16 hex digits)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def target_part_problem(part: dict, rec: dict | None) -> str | None:
+    """Why the target record ``rec`` does not hold the features of cache part ``part`` (None: it does)."""
+    if rec is None:
+        return "not encoded yet"
+    if rec.get("base", {}).get("writer") != part.get("writer") or rec["num_samples"] != part["num_samples"]:
+        return "the cache part was encoded again since"
+    return None
 
 
 def read_records(cache_dir: Path) -> list[dict]:

@@ -6,7 +6,9 @@ crc32c (garbage, bit rot); each array has the recorded number of rows; every sto
 finite; ragged text offsets are consistent; and keys are unique across the cache. Directories in
 ``parts/`` that no record lists are reported too. ``quick`` stops after the file and size checks.
 Parts are checked in parallel worker processes; key uniqueness is checked on 64-bit hashes of the
-keys (a CC12M cache has 12 M), confirmed on the keys themselves where two hashes meet.
+keys (a CC12M cache has 12 M), confirmed on the keys themselves where two hashes meet. The committed
+parts of added targets get the same checks, and must hold their cache part's keys in its order; they
+are reported as ``targets/<target>/<part>``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Callable
 import numpy as np
 
 from .errors import CacheError
-from .integrity import REPAIR_HINT, check_part_files, part_where
-from .layout import PART_SUFFIX, PARTS_DIR
+from .integrity import REPAIR_HINT, check_part_files, part_where, target_hint
+from .layout import PART_SUFFIX, PARTS_DIR, TARGETS_DIR
+from .manifest import read_records, target_dir, target_part_problem
 from .reader import CacheReader
 
 
@@ -48,6 +51,31 @@ def _check_part(reader: CacheReader, part: dict, rows: int, quick: bool) -> None
         offs = reader.read(name, "text_offsets")
         if offs[0] != 0 or (np.diff(offs) < 0).any() or offs[-1] != part["num_text_tokens"]:
             raise CacheError(f"{part_where(part)}: text_offsets are inconsistent; {REPAIR_HINT.format(name=name)}")
+
+
+def _check_target_part(reader: CacheReader, target: str, rec: dict, rows: int, quick: bool) -> None:
+    import zarr
+
+    root = target_dir(reader.cache_dir, target)
+    where = f"target {target} of part {rec['name']}"
+    fix = "; " + target_hint(target).format(name=rec["name"])
+    check_part_files(root, rec, hint=target_hint(target))
+    if quick:
+        return
+    try:
+        g = zarr.open_group(str(root / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}"), mode="r")
+        for field, spec in reader.manifest.targets[target]["fields"].items():
+            arr = g[field]
+            if arr.shape[0] != rec["num_samples"]:
+                raise CacheError(f"{where}: {field} has {arr.shape[0]} rows, the record says {rec['num_samples']}{fix}")
+            for start in range(0, arr.shape[0], rows):
+                block = arr[start : start + rows]
+                if spec["dtype"] in ("float16", "float32") and not np.isfinite(block).all():
+                    raise CacheError(f"{where}: {field} holds non-finite values{fix}")
+        if g["key"][:].tolist() != reader.read(rec["name"], "key").tolist():
+            raise CacheError(f"{where}: its keys are not the cache part's keys in order{fix}")
+    except (KeyError, ValueError) as e:  # a missing array, a crc32c mismatch
+        raise CacheError(f"{where}: cannot be read ({type(e).__name__}: {e}){fix}") from None
 
 
 _worker_reader: CacheReader | None = None  # one per verify worker process
@@ -140,6 +168,19 @@ def find_problems(cache_dir: str | Path, names: list[str] | None = None, quick: 
         problems.setdefault(name, problem)
         if progress:
             progress(name, problem)
+    for target in sorted(reader.manifest.targets):
+        records = {r["name"]: r for r in read_records(target_dir(cache_dir, target))}
+        for part in reader.parts:
+            rec = records.get(part["name"])
+            if (names is not None and part["name"] not in names) or target_part_problem(part, rec) is not None:
+                continue  # not added yet, or made for an earlier encode of the part: never read
+            where = f"{TARGETS_DIR}/{target}/{part['name']}"
+            try:
+                _check_target_part(reader, target, rec, rows, quick)
+            except CacheError as e:
+                problems[where] = str(e)
+            if progress:
+                progress(where, problems.get(where))
     if names is None:
         on_disk = {p.name[: -len(PART_SUFFIX)] for p in (Path(cache_dir) / PARTS_DIR).glob(f"[!.]*{PART_SUFFIX}")}
         for name in sorted(on_disk - set(reader.manifest.part_names())):

@@ -42,7 +42,16 @@ from .layout import (
     TRASH_PREFIX,
     Field,
 )
-from .manifest import Manifest, PartRecord, read_records, record_path, settings_diff, update_manifest, write_record
+from .manifest import (
+    Manifest,
+    PartRecord,
+    read_records,
+    record_path,
+    settings_diff,
+    target_dir,
+    update_manifest,
+    write_record,
+)
 
 _PLAIN_CHUNK = 65536  # rows per chunk of the small per-sample arrays (keys, labels, offsets)
 
@@ -97,6 +106,7 @@ class PartWriter:
         self._latent_sum = None
         self._latent_sumsq = None
         self._latent_count = 0
+        self.base: dict = {}  # for a part of an added target: see PartRecord.base
         self.has_text = "text" in fields
         if self.has_text:
             self._plain["text_offsets"].append(0)
@@ -158,7 +168,8 @@ class PartWriter:
             for length in lengths:
                 offs.append(offs[-1] + length)
             self._text_tokens += sum(lengths)
-        self._accumulate_latent_stats(np.asarray(rows["moments"]))
+        if "moments" in rows:  # the parts of an added target hold no latents
+            self._accumulate_latent_stats(np.asarray(rows["moments"]))
         self._num_samples += n
 
     def skip(self, key: str | None, index: int, reason: str) -> None:
@@ -209,7 +220,7 @@ class PartWriter:
                 latent_sum=[] if self._latent_sum is None else self._latent_sum.tolist(),
                 latent_sumsq=[] if self._latent_sumsq is None else self._latent_sumsq.tolist(),
                 latent_count=self._latent_count, writer=self.tmp_path.name,
-                committed=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                committed=time.strftime("%Y-%m-%dT%H:%M:%S%z"), base=self.base,
             )
             self.group.attrs.update({"part": asdict(rec)})
             fsync_tree(self.tmp_path)
@@ -281,6 +292,34 @@ def start_encode(cache_dir: Path, template: Manifest, overwrite: bool, sources: 
                 "use another --cache or pass --overwrite to start over"
             )
         m.sources = {**m.sources, **(sources or {})}
+        return m
+
+    return update_manifest(cache_dir, merge).with_parts(read_records(cache_dir))
+
+
+def start_target(cache_dir: Path, name: str, entry: dict) -> Manifest:
+    """Register added target ``name`` (its manifest entry: settings, fingerprint, geometry, fields) in the
+    manifest of an existing cache and create its directories. A target of that name made with other
+    settings is refused; the same settings resume it. Nothing else in the manifest changes."""
+    cache_dir = Path(cache_dir)
+    root = target_dir(cache_dir, name)
+    try:
+        for sub in (PARTS_DIR, RECORDS_DIR, CLAIMS_DIR):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"{root}: not writable ({e.strerror}); fix the permissions of --cache {cache_dir}") from e
+
+    def merge(m: Manifest | None) -> Manifest:
+        if m is None:
+            raise CacheError(f"{cache_dir}: no manifest; encode the cache before adding targets to it")
+        old = m.targets.get(name)
+        if old is not None and old["fingerprint"] != entry["fingerprint"]:
+            diff = "; ".join(f"{k}: {old['settings'].get(k)} -> {v}" for k, v in entry["settings"].items()
+                             if old["settings"].get(k) != v) or "fingerprint"
+            raise CacheError(f"{cache_dir}: target {name} was added with other settings ({diff}); "
+                             "choose another target name")
+        if old is None:
+            m.targets = {**m.targets, name: {**entry, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
         return m
 
     return update_manifest(cache_dir, merge).with_parts(read_records(cache_dir))

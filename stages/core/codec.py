@@ -21,11 +21,10 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 def features_to_device(batch: dict, device: torch.device | str, dtype: torch.dtype = torch.float16) -> dict:
-    """Move a batch of cached features to ``device`` and dequantise int8 entries there (``dino`` and
-    ``text`` become ``dtype``; their ``*_scale`` entries are dropped)."""
+    """Move a batch of cached features to ``device`` and dequantise int8 entries there (every ``X`` with an
+    ``X_scale`` entry, e.g. ``dino``, ``text`` and added targets, becomes ``dtype``; the scales are dropped)."""
     moved = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-    for name in ("dino", "text"):
-        scale = moved.pop(f"{name}_scale", None)
-        if scale is not None:
-            moved[name] = dequantize_int8(moved[name], scale, dtype)
+    for scale_name in [n for n in moved if n.endswith("_scale") and n[: -len("_scale")] in moved]:
+        name = scale_name[: -len("_scale")]
+        moved[name] = dequantize_int8(moved[name], moved.pop(scale_name), dtype)
     return moved

@@ -5,7 +5,9 @@ the denoising loss is the mean over (C, H, W) of (v_hat - v)^2. Latents are draw
 posterior every step, z = mean + std * n, then normalised with the VAE's shift and scaling factors.
 
 REPA: the projector's tokens are compared with the frozen encoder's patch tokens by cosine
-similarity; the loss is the mean over tokens of -cos. Total loss = denoise + lambda * REPA.
+similarity; the loss is the mean over tokens of -cos. Total loss = denoise + lambda * REPA. With several
+targets (one projector each) REPA is the mean of their losses, as official REPA's loss.py averages over its
+encoders; a weight per target then replaces lambda: denoise + mean_k(lambda_k * REPA_k).
 """
 
 from __future__ import annotations
@@ -69,12 +71,17 @@ class LossTerms:
     """Per-sample terms of one forward pass; ``repa`` is None for a model without a projector."""
 
     denoise: Tensor  # (B,)
-    repa: Tensor | None  # (B,) -cos, or None
+    repa: Tensor | None  # (B,) -cos averaged over targets, or None
+    per_target: Tensor | None = None  # (targets, B) -cos of each target
 
-    def total(self, repa_lambda: float) -> Tensor:
-        """The scalar that is minimised: mean denoising loss + lambda * mean REPA loss."""
+    def total(self, repa_lambda: float, lambdas: list[float] | None = None) -> Tensor:
+        """The scalar that is minimised: mean denoising loss + lambda * mean REPA loss, or with a weight
+        per target, + the mean over targets of lambda_k * mean REPA loss of target k."""
         loss = self.denoise.mean()
-        if self.repa is not None:
+        if self.repa is not None and lambdas is not None:
+            weights = torch.tensor(lambdas, device=self.per_target.device, dtype=self.per_target.dtype)
+            loss = loss + (weights * self.per_target.mean(dim=1)).mean()
+        elif self.repa is not None:
             loss = loss + repa_lambda * self.repa.mean()
         return loss
 
@@ -83,9 +90,9 @@ class LossTerms:
         return torch.zeros_like(self.denoise) if self.repa is None else -self.repa.detach()
 
 
-def alignment_targets(batch: dict) -> list[Tensor]:
-    """The frozen encoders' tokens a batch carries, in the order of the model's projectors."""
-    return [batch["dino"]] if "dino" in batch else []
+def alignment_targets(batch: dict, names: list[str] | tuple[str, ...] = ("dino",)) -> list[Tensor]:
+    """The frozen encoders' tokens of targets ``names`` (the order of the model's projectors) that the batch carries."""
+    return [batch[name] for name in names if name in batch]
 
 
 def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets: list[Tensor]) -> LossTerms:
@@ -97,12 +104,13 @@ def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets
     """
     x_t, v = interpolate(x, noise, t)
     pred, projected = forward(x_t, t, **cond)
-    repa = None
+    repa = per_target = None
     if projected:
         if len(projected) != len(targets):
             raise ValueError(f"{len(projected)} projectors but {len(targets)} alignment targets")
-        repa = torch.stack([repa_loss_per_sample(p, tgt) for p, tgt in zip(projected, targets)]).mean(dim=0)
-    return LossTerms(denoise_loss_per_sample(pred, v), repa)
+        per_target = torch.stack([repa_loss_per_sample(p, tgt) for p, tgt in zip(projected, targets)])
+        repa = per_target.mean(dim=0)
+    return LossTerms(denoise_loss_per_sample(pred, v), repa, per_target)
 
 
 def bin_by_t(values: Tensor, t: Tensor, bins: int = NUM_T_BINS) -> tuple[Tensor, Tensor]:

@@ -85,6 +85,26 @@ class EncodeConfig:
         None, "Skip samples whose image-caption similarity (cosine, --similarity-model) is below this "
         "(the seed project: 0.05 with google/siglip-large-patch16-256).", ge=-1, le=1,
     )
+    class_tokens: bool = option(
+        False, "Store the class token (and register tokens, when the model has them) of DINOv2, or with "
+        "--add-target of the added target, beside its patch tokens (for REG-style alignment).",
+        flags=("--class-tokens",),
+    )
+    add_target: str | None = option(
+        None, "Add an alignment target named NAME to the existing --cache: run only --target-model over the "
+        "cache's samples (same crop, same order) and store its tokens beside the others; nothing already "
+        "stored is re-run or rewritten. --source, when given, says where the cache's input shards are now "
+        "(they are matched by content).", metavar="NAME", panel="Adding a target",
+    )
+    target_model: str | None = option(
+        None, "Encoder of --add-target: DINOv2 (any size, with or without registers), or a CLIP or SigLIP model "
+        "(its vision tower), Hub id or local folder.", metavar="ID|DIR", panel="Adding a target",
+    )
+    target_input_size: int | None = option(
+        None, "Resize the crop to this many pixels for a CLIP/SigLIP --target-model instead of its processor's "
+        "size (its position embedding is interpolated), so that its token grid is the cache's.",
+        gt=0, panel="Adding a target",
+    )
     shard_size: int = option(DEFAULT_SHARD_SIZE, "Samples per zarr shard file.", gt=0)
     redo: list[str] = option(
         [], "Encode this part again (part name or input shard; repeat for several), keeping the rest.",
@@ -104,6 +124,10 @@ class EncodeConfig:
     )
 
     def check(self) -> None:
+        if self.add_target is not None:
+            return self._check_add_target()
+        if self.target_model is not None or self.target_input_size is not None:
+            raise UsageError("--target-model and --target-input-size belong to --add-target NAME; add it, or drop them")
         if not self.source:
             raise UsageError("--source is required: a webdataset shard path, brace pattern or pipe: URL")
         if self.min_similarity is not None and self.similarity_model is None:
@@ -112,6 +136,12 @@ class EncodeConfig:
         self.sample_filters()  # a malformed --keep rule fails here, before any model loads
         if self.overwrite and (self.redo or self.repair):
             raise UsageError("--overwrite starts over; --redo and --repair keep the rest: give one of them")
+
+    def _check_add_target(self) -> None:
+        if self.target_model is None:
+            raise UsageError(f"--add-target {self.add_target} needs --target-model (e.g. facebook/dinov2-large)")
+        if self.overwrite or self.redo or self.repair:
+            raise UsageError("--add-target keeps what the cache holds; drop --overwrite, --redo and --repair")
 
     def sample_filters(self) -> SampleFilters:
         return SampleFilters.from_options(self.keep, self.min_size)

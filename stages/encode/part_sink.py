@@ -28,7 +28,7 @@ from stages.core.encoders.features import NONFINITE_BITS
 from stages.core.errors import UsageError
 
 from .plan import Shard
-from .source import Batch
+from .source import Batch, ShardEnd
 
 MIN_BATCH_FOR_ALL_BAD = 8  # a smaller batch that is wholly non-finite may be bad data, not a bad setting
 
@@ -172,38 +172,41 @@ class PartSink:
             writer.append(self._rows(batch, host, rows))
             self.stats.encoded += len(range(len(batch))[rows]) if isinstance(rows, slice) else len(rows)
             for i in np.flatnonzero((urls == url) & (bad != 0)):
-                writer.skip(batch.keys[i], batch.indices[i], f"non-finite: {_names(int(bad[i]))} features")
-                self.stats.skipped["non-finite"] += 1
+                self._skip(writer, batch.keys[i], batch.indices[i], f"non-finite: {_names(int(bad[i]))} features")
             for i in np.flatnonzero((urls == url) & low):
                 code = FILTER_SKIP_CODES["min_similarity"]
-                writer.skip(batch.keys[i], batch.indices[i],
-                            f"{code}: {host['similarity'][i]:.4f} below --min-similarity {self.min_similarity}")
-                self.stats.skipped[code] += 1
+                self._skip(writer, batch.keys[i], batch.indices[i],
+                           f"{code}: {host['similarity'][i]:.4f} below --min-similarity {self.min_similarity}")
         for url, key, index, reason in batch.skips:
-            self._writer(url).skip(key, index, reason)
-            self.stats.skipped[reason.split(":")[0]] += 1
+            self._skip(self._writer(url), key, index, reason)
         for end in batch.ended:
             w = self._writer(end.url)
             if end.broken:
-                w.skip(None, end.samples_read, end.broken)
-                self.stats.skipped[end.broken.split(":")[0]] += 1
+                self._skip(w, None, end.samples_read, end.broken)
+            self._finish(w, end)
             self.to_commit.put((self.writers.pop(end.url), end))  # the committer owns it from here
+
+    def _skip(self, writer: PartWriter, key: str | None, index: int, reason: str) -> None:
+        """Record a sample (key None: the rest of the shard) left out of ``writer``'s part."""
+        writer.skip(key, index, reason)
+        self.stats.skipped[reason.split(":")[0]] += 1
+
+    def _finish(self, writer: PartWriter, end: ShardEnd) -> None:
+        """Called when every row of ``writer``'s part has arrived, before it is committed."""
 
     def _rows(self, batch: Batch, host: dict, rows: slice | np.ndarray) -> dict:
         """The rows of one part; a slice of the batch (the usual case) is a view, not a copy."""
         index = range(len(batch))[rows] if isinstance(rows, slice) else rows
-        out = {
-            "key": [batch.keys[i] for i in index],
-            "source_index": np.asarray(batch.indices, dtype=np.int64)[rows],
-            "caption": [batch.captions[i] for i in index],
-            "label": np.asarray(batch.labels, dtype=np.int64)[rows],
-            "moments": host["moments"][rows],
-            "dino": host["dino"][rows],
-        }
-        if "dino_scale" in self.fields:
-            out["dino_scale"] = host["dino_scale"][rows]
-        if "similarity" in self.fields:
-            out["similarity"] = host["similarity"][rows]
+        out = {"key": [batch.keys[i] for i in index]}
+        for name in self.fields:
+            if name == "source_index":
+                out[name] = np.asarray(batch.indices, dtype=np.int64)[rows]
+            elif name == "caption":
+                out[name] = [batch.captions[i] for i in index]
+            elif name == "label":
+                out[name] = np.asarray(batch.labels, dtype=np.int64)[rows]
+            elif name not in ("key", "text", "text_scale", "text_offsets"):
+                out[name] = host[name][rows]  # the encoders' features, by field name
         if "text" in self.fields:
             lengths = host["text_lengths"]
             out["text"] = [host["text"][i, : lengths[i]] for i in index]

@@ -66,6 +66,7 @@ def encoder_spec(cfg: EncodeConfig) -> EncoderSpec:
         dino_pos_embed=cfg.dino_pos_embed,
         text_attention=cfg.text_attention,
         similarity=ModelSource(cfg.similarity_model) if cfg.similarity_model else None,
+        class_tokens=cfg.class_tokens,
     )
 
 
@@ -84,6 +85,7 @@ def _settings(cfg: EncodeConfig, dtype_name: str, identity: dict) -> dict:
         "shard_size": cfg.shard_size,
         "filters": cfg.filter_settings(),
         "similarity_model": identity["similarity_model"],
+        "class_tokens": True if cfg.class_tokens else None,
     }
 
 
@@ -106,6 +108,7 @@ def build_manifest(cfg: EncodeConfig, enc: FeatureEncoders):
         text["dim"] if text else None,
         cfg.feature_codec,
         similarity=enc.similarity is not None,
+        class_tokens=1 + enc.dino_info["registers"] if cfg.class_tokens else 0,
     )
     encoders = {"vae": spec.vae.to_json(), "dino": spec.dino.to_json()}
     if spec.text is not None:
@@ -149,6 +152,10 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
 
     check(cfg)
     cfg.cache = Path(cfg.cache)
+    if cfg.add_target is not None:
+        from .add_target import run_add_target
+
+        return run_add_target(cfg, log)
     urls = expand_source(cfg.source)
     if cfg.dry_run:
         return EncodeSummary(lines=dry_run(cfg, urls, encoder_spec(cfg)))

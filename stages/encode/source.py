@@ -61,6 +61,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         draft: bool,
         sample_limit: int | None = None,
         filters: SampleFilters | None = None,
+        wanted: dict[str, frozenset[int]] | None = None,
     ):
         self.urls = urls
         self.batch_size = batch_size
@@ -69,6 +70,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.draft = draft
         self.sample_limit = sample_limit  # for the whole stream, shared out over workers
         self.filters = filters
+        self.wanted = wanted  # url -> the only positions in it to decode (the samples of a committed part)
 
     def _my_share(self) -> tuple[list[str], int | None]:
         info = torch.utils.data.get_worker_info()
@@ -93,10 +95,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                 break
             index, broken = 0, None
             try:
+                wanted = self.wanted[url] if self.wanted is not None else None
+                last = max(wanted, default=-1) if wanted is not None else None
                 for sample in iter_tar(url):
                     if limit is not None and produced >= limit:
                         broken = f"sample-limit: stopped after {index} samples (--max-samples)"
                         break
+                    if wanted is not None and index not in wanted:
+                        if index > last:
+                            break
+                        index += 1
+                        continue
                     out = prepare_sample(sample, self.resolution, self.max_pixels, self.draft, self.filters)
                     if isinstance(out, Skipped):
                         batch.skips.append((url, out.key, index, out.reason))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache_schema.layout import FIRST_TARGET
 from stages.core.errors import UsageError
 from stages.core.model_config import ARCHS
 from stages.core.model_presets import MODEL_PRESETS
@@ -50,6 +51,15 @@ class TrainConfig:
     # -- objective --------------------------------------------------------------------------------
     time_sampling: str = option("uniform", "t distribution: uniform or logit-normal.", choices=TIME_SAMPLINGS)
     repa_lambda: float = option(0.5, "Weight of the REPA loss; 0 disables REPA and the projector.", ge=0)
+    targets: str | None = option(
+        None, "Alignment targets of the cache, comma-separated (e.g. dino,clip-l; `repa cache info` lists them): one "
+        "REPA projector each, the REPA loss averaged over them as official REPA does.",
+        default_text="the cache's first target, dino", metavar="NAME,...", none_word=True,
+    )
+    target_lambdas: str | None = option(
+        None, "REPA weight of each of --targets, comma-separated, in their order (replaces --repa-lambda, which "
+        "then only switches REPA on).", metavar="L,...", none_word=True,
+    )
     align_layer: int | None = option(
         None, "1-based block whose output is aligned to DINOv2.", default_text="preset's: 8 for L/XL, 4 for B",
     )
@@ -126,8 +136,32 @@ class TrainConfig:
             raise UsageError("without --model, give both --width and --depth")
         if self.val_cache is not None and self.val_fraction > 0:
             raise UsageError("--val-cache holds the validation samples; pass --val-fraction 0 with it")
+        self.target_names()
+        self.lambdas()
         if not 0 < self.adam_betas[0] < 1 or not 0 < self.adam_betas[1] < 1:
             raise UsageError(f"--adam-betas {self.adam_betas[0]} {self.adam_betas[1]}: both must be in (0, 1)")
+
+    def target_names(self) -> list[str]:
+        """--targets as a list: the projectors' order (default: the cache's first target)."""
+        if not self.targets:
+            return [FIRST_TARGET]
+        names = [n.strip() for n in self.targets.split(",")]
+        if "" in names or len(set(names)) != len(names):
+            raise UsageError(f"--targets {self.targets}: give each target name once, comma-separated (e.g. dino,clip-l)")
+        return names
+
+    def lambdas(self) -> list[float] | None:
+        """The REPA weight of each target (--target-lambdas), or None: --repa-lambda for all."""
+        if self.target_lambdas is None:
+            return None
+        try:
+            values = [float(v) for v in self.target_lambdas.split(",")]
+        except ValueError:
+            raise UsageError(f"--target-lambdas {self.target_lambdas}: comma-separated numbers, e.g. 0.5,1") from None
+        if len(values) != len(self.target_names()) or min(values) < 0:
+            raise UsageError(f"--target-lambdas {self.target_lambdas}: one non-negative weight per target of --targets "
+                             f"({', '.join(self.target_names())})")
+        return values
 
     def to_json(self) -> dict:
         return to_json(self)

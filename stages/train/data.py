@@ -120,7 +120,7 @@ class CacheBatchDataset(Dataset):
     """Batches of cached features, fetched whole through ``__getitems__``.
 
     A batch is a dict of tensors: ``index`` (B,) int64 global ids; ``moments`` (B, 2C, h, w) fp16;
-    ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8; ``label`` (B,) int64 (-1:
+    ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8 (each of ``targets`` likewise, by name); ``label`` (B,) int64 (-1:
     none); with ``need_text``: ``text`` (B, Lmax, Dt) as stored and zero-padded, ``text_mask``
     (B, Lmax) bool, and ``text_scale`` (B, Lmax) for int8. Fields not asked for are not read.
     """
@@ -132,16 +132,20 @@ class CacheBatchDataset(Dataset):
         need_text: bool = False,
         need_label: bool = True,
         parts: list[str] | None = None,
+        targets: list[str] | None = None,
     ):
+        """``targets``: the alignment targets read with ``need_dino`` (default: the first, dino)."""
         self.reader = FastReader(cache_dir, parts)
         if need_text and not self.reader.has_text:
             raise CacheError(
                 f"{cache_dir}: cache has no text features but this run needs them; "
                 "re-encode with a text encoder or train without text conditioning"
             )
-        names = ["moments"] + (["dino"] if need_dino else []) + (["label"] if need_label else [])
-        if need_dino and self.reader.manifest.codec == "int8":
-            names.append("dino_scale")
+        targets = (targets or ["dino"]) if need_dino else []
+        self.reader.require_targets(targets)
+        names = ["moments"] + targets + (["label"] if need_label else [])
+        if self.reader.manifest.codec == "int8":
+            names += [f"{name}_scale" for name in targets]
         self.per_sample = names
         self.need_text = need_text
         # Labels and caption spans are read once, here, into shared memory: workers map the same pages

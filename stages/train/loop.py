@@ -97,13 +97,14 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def micro_step(forward, conditioner: Conditioner, batch: dict, gen: torch.Generator, time_sampling: str,
-               repa_lambda: float, latent: dict):
-    """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached."""
+               repa_lambda: float, latent: dict, targets: list[str] = ("dino",), lambdas: list[float] | None = None):
+    """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached.
+    ``targets``: the alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``)."""
     x = sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"], gen)
     t = sample_t(x.shape[0], time_sampling, gen, x.device)
     noise = torch.randn(x.shape, generator=gen, device=x.device)
-    terms = loss_terms(forward, x, noise, t, conditioner(batch, gen), alignment_targets(batch))
-    return terms.total(repa_lambda), terms.denoise.detach(), terms.cosine(), t
+    terms = loss_terms(forward, x, noise, t, conditioner(batch, gen), alignment_targets(batch, targets))
+    return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), t
 
 
 def optimizer_update(accelerator, model, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
@@ -153,7 +154,7 @@ class Trainer:
             gen = step_generator(cfg.seed, self.accelerator.process_index, step, m, device)
             with nullcontext() if m == cfg.grad_accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, batch, gen, cfg.time_sampling,
-                                                   cfg.repa_lambda, self.latent)
+                                                   cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas())
                 self.accelerator.backward(loss / cfg.grad_accum)
             self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / cfg.grad_accum)
             self._flag(loss)
@@ -228,6 +229,11 @@ def validation_cache(cfg: TrainConfig, manifest, needs: dict) -> tuple[CacheBatc
         diff = "; ".join(settings_diff(manifest.settings, val_manifest.settings)) or "fingerprint"
         raise UsageError(f"--val-cache {cfg.val_cache}: encoded with other settings than {cfg.cache} ({diff}); "
                          "encode the validation shards with the same settings")
+    for name in cfg.target_names():
+        if name in manifest.targets and val_manifest.targets.get(name, {}).get("fingerprint") != \
+                manifest.targets[name]["fingerprint"]:
+            raise UsageError(f"--val-cache {cfg.val_cache}: target {name} is missing or made with other settings than "
+                             f"in {cfg.cache}; add it with the same `repa encode --add-target {name}` command")
     dataset = CacheBatchDataset(cfg.val_cache, **needs)
     return dataset, np.arange(len(dataset), dtype=np.int64)
 
@@ -329,7 +335,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
                          f"({micro} = --batch-size / processes / --grad-accum)")
     train_ids, val_ids = split_ids(reader.keys, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
-    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class")
+    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names())
     dataset = CacheBatchDataset(cfg.cache, parts=list(parts), **needs)
     val_dataset = dataset
     if cfg.val_cache is not None:
@@ -361,7 +367,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     validator = None
     if len(val_ids):
         validator = Validator(val_dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world,
-                              device, repa=repa)
+                              device, repa=repa, targets=cfg.target_names())
     previewer = None
     if cfg.preview_every and main and len(val_ids):
         previewer = Previewer(val_dataset, val_ids, manifest.latent)
@@ -377,7 +383,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         })
         write_parameter_table(cfg.run_dir, trainer.param_table)
         log(f"train: {model_cfg.preset or 'custom'} width {model_cfg.width} depth {model_cfg.depth} "
-            f"({params / 1e6:.2f} M params), cond={cond}, REPA lambda={cfg.repa_lambda} at block {model_cfg.align_layer}, "
+            f"({params / 1e6:.2f} M params), cond={cond}, REPA lambda={cfg.target_lambdas or cfg.repa_lambda} to "
+            f"{cfg.targets or 'dino'} at block {model_cfg.align_layer}, "
             f"{len(train_ids)} train / {len(val_ids)} val samples"
             + (f" (from {cfg.val_cache})" if cfg.val_cache else "" if len(val_ids) else " (no validation)")
             + f", batch {cfg.batch_size} = {world} proc x {cfg.grad_accum} accum x {micro}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache_schema.layout import FIRST_TARGET
 from stages.core.errors import UsageError
 from stages.core.run_files import CONFIG_FILE, EVAL_FILE, FINAL_FILE, METRICS_FILE
 
@@ -43,6 +44,7 @@ class RunReport:
     best_val_step: int | None = None
     final_bins: list[float | None] = field(default_factory=list)
     repa_cos: float | None = None
+    targets: str | None = None  # the alignment targets, comma-separated ("none" without REPA)
     img_per_s: float | None = None
     evaluation: dict | None = None
     val_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -98,6 +100,7 @@ def summarize_run(run_dir: Path) -> RunReport:
         rep.config = meta.get("config", {})
         rep.parameters = meta.get("parameters")
         rep.requested_steps = rep.config.get("steps")
+        rep.targets = (rep.config.get("targets") or FIRST_TARGET) if rep.config.get("repa_lambda", 1) > 0 else "none"
     records = read_metrics(run_dir)
     val = sorted((r for r in records if r["kind"] == "val"), key=lambda r: r["step"])
     train = [r for r in records if r["kind"] == "train"]
@@ -153,7 +156,7 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     """A fixed-width comparison table, one row per run, best final validation loss first."""
     evals = [(key, title, spec) for key, title, spec in EVAL_COLUMNS if any((r.evaluation or {}).get(key) is not None for r in reports)]
     header = ["run", "params", "steps", "val final", "val best", *(f"t {lo:.1f}-{hi:.1f}" for lo, hi in T_RANGES),
-              "REPA cos", "img/s", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
+              "REPA cos", "targets", "img/s", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
     rows = []
     for r in reports:
         ev = r.evaluation or {}
@@ -165,6 +168,7 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
             "-" if r.best_val is None else f"{r.best_val:.4f} @{r.best_val_step}",
             *(_fmt(v, "{:.4f}") for v in bin_ranges(r.final_bins)),
             _fmt(r.repa_cos, "{:.3f}"),
+            r.targets or "-",
             _fmt(r.img_per_s, "{:.0f}"),
             *(_fmt(ev.get(key), spec) for key, _, spec in evals),
             *([_fmt(ev.get("step"), "{}")] if evals else []),

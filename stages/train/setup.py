@@ -45,6 +45,7 @@ def resolve_cond(cfg: TrainConfig, manifest: Manifest, labels: np.ndarray) -> st
 
 
 def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: np.ndarray) -> ModelConfig:
+    check_targets(cfg, manifest)
     preset = dict(MODEL_PRESETS[cfg.model]) if cfg.model else {}
     num_classes = cfg.num_classes if cfg.num_classes is not None else int(labels.max(initial=-1)) + 1
     if cond == "class" and labels.size and labels.max() >= num_classes:
@@ -68,7 +69,7 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         num_classes=max(num_classes, 1),
         text_dim=manifest.text["dim"] if cond == "text" else None,
         text_mask=cfg.text_mask,
-        repa_dims=(manifest.dino["dim"],) if cfg.repa_lambda > 0 else (),
+        repa_dims=tuple(manifest.target(name)["dim"] for name in cfg.target_names()) if repa_on(cfg) else (),
         align_layer=align,
         projector_dim=cfg.projector_dim,
     )
@@ -80,13 +81,30 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         raise UsageError(f"{flag}: {e}") from None
     if mc.repa:
         grid = mc.input_size // mc.patch_size
-        dino_grid = manifest.dino["grid"][0]
-        if grid != dino_grid:
-            raise UsageError(
-                f"the model sees a {grid}x{grid} token grid (latent {mc.input_size} / patch {mc.patch_size}) but the cache "
-                f"holds a {dino_grid}x{dino_grid} DINOv2 grid; use --patch-size {mc.input_size // dino_grid} or --repa-lambda 0"
-            )
+        for name in cfg.target_names():
+            target_grid = manifest.target(name)["grid"][0]
+            if grid != target_grid:
+                raise UsageError(
+                    f"the model sees a {grid}x{grid} token grid (latent {mc.input_size} / patch {mc.patch_size}) but the "
+                    f"cache holds a {target_grid}x{target_grid} grid for target {name}; use --patch-size "
+                    f"{mc.input_size // target_grid} or --repa-lambda 0"
+                )
     return mc
+
+
+def repa_on(cfg: TrainConfig) -> bool:
+    lambdas = cfg.lambdas()
+    return cfg.repa_lambda > 0 and (lambdas is None or max(lambdas) > 0)
+
+
+def check_targets(cfg: TrainConfig, manifest: Manifest) -> list[str]:
+    """--targets, each checked to be an alignment target of the cache."""
+    names = cfg.target_names()
+    for name in names:
+        if name not in manifest.target_names():
+            raise UsageError(f"--targets {cfg.targets}: cache {cfg.cache} has no target {name!r}; it has "
+                             f"{', '.join(manifest.target_names())} (add one with `repa encode --add-target`)")
+    return names
 
 
 RUN_LOCK = ".lock"

@@ -21,12 +21,14 @@ VAL_SEED = 20241009
 
 class Validator:
     def __init__(self, dataset: CacheBatchDataset, val_ids: np.ndarray, max_samples: int, batch_size: int,
-                 latent: dict, rank: int, world_size: int, device: torch.device, repa: bool = True):
+                 latent: dict, rank: int, world_size: int, device: torch.device, repa: bool = True,
+                 targets: list[str] = ("dino",)):
         ids = np.asarray(val_ids)[:max_samples]
         self.n_total = len(ids)
         positions = np.arange(len(ids))[rank::world_size]
         self.ids, self.t = ids[positions], torch.from_numpy((positions + 0.5) / max(len(ids), 1)).float()
         self.dataset, self.batch_size, self.device, self.repa = dataset, batch_size, device, repa
+        self.targets = targets
         self.scale, self.shift = latent["scaling_factor"], latent["shift_factor"]
         c, s = latent["channels"], latent["size"]
         noise = [torch.randn(2, c, s, s, generator=generator(VAL_SEED, int(i))) for i in self.ids]
@@ -48,7 +50,7 @@ class Validator:
             t = self.t[sl].to(self.device)
             eps_latent, eps_path = self.noise[sl].to(self.device).unbind(1)
             x = sample_latents(batch["moments"], self.scale, self.shift, noise=eps_latent)
-            terms = loss_terms(model, x, eps_path, t, cond_inputs(batch), alignment_targets(batch))
+            terms = loss_terms(model, x, eps_path, t, cond_inputs(batch), alignment_targets(batch, self.targets))
             denoise_sum, counts = bin_by_t(terms.denoise, t)
             sums[0] += denoise_sum
             sums[2] += counts

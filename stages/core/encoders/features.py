@@ -69,6 +69,7 @@ class EncoderSpec:
     dino_pos_embed: str = "antialias-once"  # or "bicubic-per-call"
     text_attention: str = "masked"  # or "unmasked"
     similarity: ModelSource | None = None  # CLIP/SigLIP model scoring image-caption similarity
+    class_tokens: bool = False  # also return DINOv2's class and register tokens ("dino_cls")
 
 
 class FeatureEncoders:
@@ -87,6 +88,8 @@ class FeatureEncoders:
         once = spec.dino_pos_embed == "antialias-once"
         self.dino = load_dino(spec.dino, dtype, device, pos_embed_grid=self.dino_info["grid"] if once else None)
         self.dino_info["pos_embed"] = spec.dino_pos_embed
+        if spec.class_tokens:
+            self.dino_info["class_tokens"] = 1 + self.dino_info["registers"]
         latent_grid = spec.resolution // self.latent["downsample"]
         self.latent["size"] = latent_grid
         self.tokenizer = self.text_encoder = None
@@ -96,10 +99,10 @@ class FeatureEncoders:
             self.text_info = text_geometry(self.text_encoder.config)
         self.similarity = SimilarityModel(spec.similarity, dtype, device) if spec.similarity is not None else None
         self._vae_fn = self._vae_moments
-        self._dino_fn = self._dino_tokens
+        self._dino_fn = self._dino_hidden
         if compile:
             self._vae_fn = torch.compile(self._vae_moments)
-            self._dino_fn = torch.compile(self._dino_tokens)
+            self._dino_fn = torch.compile(self._dino_hidden)
 
     def identity(self) -> dict:
         """What identifies each encoder in the fingerprint: class and content hash of the weights."""
@@ -124,10 +127,14 @@ class FeatureEncoders:
         dist = self.vae.encode(x).latent_dist
         return torch.cat([dist.mean, dist.std], dim=1).to(torch.float16)
 
-    def _dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def _dino_hidden(self, images: torch.Tensor) -> torch.Tensor:
+        """Every token of the last hidden state: class, registers, then patches."""
         x = dino_preprocess(images, self.spec.resolution).to(self.dtype)
-        hidden = self.dino(pixel_values=x).last_hidden_state
-        return hidden[:, 1 + self.dino_info["registers"] :]
+        return self.dino(pixel_values=x).last_hidden_state
+
+    def _dino_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The patch tokens."""
+        return self._dino_hidden(images)[:, 1 + self.dino_info["registers"] :]
 
     def _text_tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = encode_captions(
@@ -150,13 +157,19 @@ class FeatureEncoders:
         if pad:
             x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
         out = {"moments": self._vae_fn(x)[:n]}
-        dino = self._dino_fn(x)[:n]
+        hidden = self._dino_fn(x)[:n]
+        extra = 1 + self.dino_info["registers"]
+        dino = hidden[:, extra:]
+        if self.spec.class_tokens:
+            out["dino_cls"] = hidden[:, :extra].to(torch.float16)
         if codec == "int8":
             out["dino"], out["dino_scale"] = quantize_int8(dino)
         else:
             out["dino"] = dino.to(torch.float16)
         bad = _nonfinite(out["moments"]) * NONFINITE_BITS["moments"]
         bad |= _nonfinite(out.get("dino_scale", out["dino"])) * NONFINITE_BITS["dino"]
+        if "dino_cls" in out:
+            bad |= _nonfinite(out["dino_cls"]) * NONFINITE_BITS["dino"]
         if self.text_encoder is not None:
             hidden, out["text_lengths"] = self._text_tokens(captions)
             if codec == "int8":

@@ -10,19 +10,11 @@ embeddings (what the seed project compared with 0.05), not the logit-scaled one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .load import EncoderLoadError, ModelSource, _fail, hf_config, weights_hash
+from .processor_pixels import ProcessorPixels
 
 SIMILARITY_MODEL_TYPES = ("clip", "siglip")
-
-
-def _side(size, *keys: str) -> int | None:
-    for key in keys:
-        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-        if value:
-            return int(value)
-    return None
 
 
 class SimilarityModel:
@@ -44,37 +36,16 @@ class SimilarityModel:
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.device, self.dtype = device, dtype
         self.max_tokens = int(cfg.text_config.max_position_embeddings)
-        side = _side(processor.size, "height", "shortest_edge")
-        if side is None:
-            raise EncoderLoadError(f"--similarity-model '{src.describe()}': its image processor names no size")
-        self.resize = side
-        crop = _side(getattr(processor, "crop_size", None) or {}, "height")
-        self.crop = crop if getattr(processor, "do_center_crop", False) and crop else None
-        self.scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
-        normalize = getattr(processor, "do_normalize", True)
-        self.mean = torch.tensor(processor.image_mean if normalize else [0.0] * 3, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std if normalize else [1.0] * 3, device=device).view(1, 3, 1, 1)
+        self.pixels = ProcessorPixels(processor, device, dtype, f"--similarity-model '{src.describe()}'")
 
     def describe_preprocess(self) -> str:
         """What the fingerprint records of how the crop reaches the model."""
-        crop = f", centre crop {self.crop}" if self.crop else ""
-        return (f"encode crop, bicubic antialias resize to {self.resize}{crop}, x{self.scale:.8g}, "
-                f"mean {[round(float(m), 6) for m in self.mean.flatten()]} std {[round(float(s), 6) for s in self.std.flatten()]}; "
-                f"captions padded to {self.max_tokens} tokens")
+        return f"{self.pixels.describe()}; captions padded to {self.max_tokens} tokens"
 
     def identity(self) -> dict:
         return {"class": type(self.model).__name__, "weights": weights_hash(self.model),
                 "tokenizer": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer),
                 "preprocess": self.describe_preprocess()}
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, res, res) -> the model's normalised pixel values."""
-        x = F.interpolate(images.float(), size=(self.resize, self.resize), mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 255)
-        if self.crop and self.crop < self.resize:
-            top = (self.resize - self.crop) // 2
-            x = x[:, :, top : top + self.crop, top : top + self.crop]
-        return ((x * self.scale - self.mean) / self.std).to(self.dtype)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""Training against several alignment targets: one projector each, REPA's loss averaged over them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from stages.core.checkpoint import latest_checkpoint
+from stages.core.errors import UsageError
+from stages.core.model_config import ModelConfig
+from stages.core.objective import loss_terms
+from stages.core.sit import SiT
+from stages.encode.run import run_encode
+from stages.train.loop import run_train
+from stages.train.report import compare_runs, format_table
+
+from .encode_helpers import tiny_config
+from .test_train import tiny_train
+
+
+def _sit(dims: tuple[int, ...]) -> SiT:
+    torch.manual_seed(0)
+    return SiT(ModelConfig(width=32, depth=3, head_dim=16, patch_size=2, in_channels=4, input_size=8, cond="none",
+                           repa_dims=dims, align_layer=2, projector_dim=16))
+
+
+def test_two_target_loss_is_the_mean_of_the_single_target_losses_on_the_same_tensors():
+    two = _sit((24, 40))
+    singles = []
+    for k, dim in enumerate((24, 40)):
+        one = _sit((dim,))
+        state = {n: p for n, p in two.state_dict().items() if not n.startswith("projectors.")}
+        state.update({n.replace(f"projectors.{k}.", "projectors.0.", 1): p for n, p in two.state_dict().items()
+                      if n.startswith(f"projectors.{k}.")})
+        one.load_state_dict(state)
+        singles.append(one)
+    g = torch.Generator().manual_seed(1)
+    x, noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
+    targets = [torch.randn(3, 16, 24, generator=g), torch.randn(3, 16, 40, generator=g)]
+    both = loss_terms(two, x, noise, t, {}, targets)
+    each = [loss_terms(m, x, noise, t, {}, [tgt]) for m, tgt in zip(singles, targets)]
+    torch.testing.assert_close(both.repa, (each[0].repa + each[1].repa) / 2)
+    torch.testing.assert_close(both.denoise, each[0].denoise)
+    torch.testing.assert_close(both.total(0.5), each[0].denoise.mean() + 0.5 * (each[0].repa + each[1].repa).mean() / 2)
+    weighted = both.total(0.5, [0.2, 1.0])
+    torch.testing.assert_close(weighted, each[0].denoise.mean() + (0.2 * each[0].repa.mean() + each[1].repa.mean()) / 2)
+    assert both.repa.shape == (3,) and not torch.allclose(each[0].repa, each[1].repa)
+
+
+@pytest.fixture(scope="module")
+def two_target_cache(train_cache, tiny_models, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("two-targets") / "cache"
+    shutil.copytree(train_cache, cache)
+    cfg = tiny_config(tiny_models, "", cache, add_target="siglip", target_model=str(tiny_models["siglip"]))
+    run_encode(cfg)
+    return cache
+
+
+def test_two_target_training_runs_with_one_projector_per_target(two_target_cache, tmp_path):
+    cfg = tiny_train(two_target_cache, tmp_path / "run", targets="dino,siglip", steps=3, val_every=3, ckpt_every=3)
+    result = run_train(cfg)
+    assert result.steps == 3 and "repa_cos" in result.final_val
+    ckpt = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert tuple(ckpt["model_config"]["repa_dims"]) == (32, 32)
+    assert {k.split(".")[1] for k in ckpt["model"] if k.startswith("projectors.")} == {"0", "1"}
+    reports, _ = compare_runs([tmp_path / "run"])
+    assert reports[0].targets == "dino,siglip" and "dino,siglip" in format_table(reports, [])
+
+
+def test_unknown_targets_and_mismatched_weights_are_refused(two_target_cache, tmp_path):
+    with pytest.raises(UsageError, match="has no target 'clip-l'; it has dino, siglip"):
+        run_train(tiny_train(two_target_cache, tmp_path / "a", targets="dino,clip-l"))
+    with pytest.raises(UsageError, match="one non-negative weight per target"):
+        run_train(tiny_train(two_target_cache, tmp_path / "b", targets="dino,siglip", target_lambdas="0.5"))
+
+
+def test_the_target_sweep_trains_each_target_and_a_pair():
+    from pathlib import Path
+
+    from pipeline.sweep import expand_grid, load_sweep
+
+    runs = expand_grid(load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweep-targets.toml"))
+    assert [r.varied["targets"] for r in runs] == ["dino", "dino-reg", "siglip", "dino,siglip"]
