@@ -48,6 +48,7 @@ class _ProcessState:
     context: ts.Context
     stores: dict[tuple[int, str], ts.TensorStore] = field(default_factory=dict)
     small: dict[str, np.ndarray] = field(default_factory=dict)
+    small_parts: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (name, part) -> its values
     rows: dict[tuple[int, str], ShardedRows | None] = field(default_factory=dict)  # direct-read geometry
     checked: set[tuple[int, str | None]] = field(default_factory=set)  # (part, added target or None) checked against its record
 
@@ -169,11 +170,13 @@ class FastReader:
         except Exception as e:  # a crc32c mismatch, undecodable bytes
             raise damaged(self.manifest.parts[part], f"{name} cannot be read ({type(e).__name__}: {e})") from None
 
-    def _read_parts(self, name: str) -> list[np.ndarray]:
-        """A small array of every part: decoded here where the layout allows (``plain_arrays``), else
-        numbers through tensorstore (concurrently over parts) and strings through zarr-python."""
+    def _read_parts(self, name: str, parts: list[int] | None = None) -> list[np.ndarray]:
+        """A small array of every part (or of ``parts``): decoded here where the layout allows
+        (``plain_arrays``), else numbers through tensorstore (concurrently over parts) and strings
+        through zarr-python."""
+        parts = range(len(self.part_names)) if parts is None else parts
         out, rest = [], []
-        for p in range(len(self.part_names)):
+        for p in parts:
             self._check(p, name)
             root = self._array_path(p, name)
             try:
@@ -182,15 +185,15 @@ class FastReader:
                 raise damaged(self.manifest.parts[p], f"{name}/zarr.json cannot be read ({e})") from None
             except PlainReadError as e:
                 raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
-            out.append(values)
             if values is None:
-                rest.append(p)
+                rest.append(len(out))
+            out.append(values)
         if rest and self.fields[name].dtype == "str":
-            for p in rest:
-                out[p] = self._read_whole(p, name)
+            for i in rest:
+                out[i] = self._read_whole(parts[i], name)
         elif rest:
-            for p, values in zip(rest, self._read_parts_tensorstore(name, rest)):
-                out[p] = values
+            for i, values in zip(rest, self._read_parts_tensorstore(name, [parts[i] for i in rest])):
+                out[i] = values
         return out
 
     def _read_parts_tensorstore(self, name: str, parts: list[int]) -> list[np.ndarray]:
@@ -228,6 +231,20 @@ class FastReader:
             state.small[name] = np.concatenate(chunks) if chunks else empty
         return state.small[name]
 
+    def _small_rows(self, name: str, part: np.ndarray, row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Values of a small array for ``ids``. Strings come from the parts they are in, each read once
+        per process (12 M keys as strings take ~200 MB and ~10 s to read; a preview needs a few)."""
+        state = self._process()
+        if self.fields[name].dtype != "str" or name in state.small:
+            return self._read_small(name)[ids]
+        out = np.empty(len(ids), dtype=np.dtypes.StringDType())
+        for p in np.unique(part).tolist():
+            if (name, p) not in state.small_parts:
+                state.small_parts[(name, p)] = self._read_parts(name, [p])[0]
+            sel = part == p
+            out[sel] = state.small_parts[(name, p)][row[sel]]
+        return out
+
     # -- the index -------------------------------------------------------------------------------
     def load_index(self, label: bool = True, text: bool = True) -> None:
         """Read labels and caption token spans (those the cache has) into the index, once."""
@@ -254,6 +271,13 @@ class FastReader:
         self._require_text()
         self.load_index(label=False)
         return self._index["text_start"], self._index["text_count"]
+
+    def array_paths(self, name: str) -> list[Path]:
+        """Where each part's (small) array ``name`` lives, in part order, once every part's files were
+        found as its record lists them: for callers that read them in other processes."""
+        for p in range(len(self.part_names)):
+            self._check(p, name)
+        return [self._array_path(p, name) for p in range(len(self.part_names))]
 
     # -- addressing ------------------------------------------------------------------------------
     @property
@@ -292,7 +316,7 @@ class FastReader:
         for name, out in outs.items():
             f = self._per_sample_field(name)
             if not f.sharded:  # held in RAM
-                values = self._read_small(name)[ids]
+                values = self._small_rows(name, part, row, ids)
                 if out is not None:
                     out[...] = values
                 result[name] = values if out is None else out

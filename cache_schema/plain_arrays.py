@@ -16,7 +16,7 @@ from pathlib import Path
 
 import google_crc32c
 import numpy as np
-from numcodecs.vlen import VLenUTF8
+from numcodecs.vlen import VLenBytes, VLenUTF8
 
 _CRC = 4
 
@@ -25,9 +25,10 @@ class PlainReadError(Exception):
     """A chunk could not be decoded as recorded: the message names the file and why."""
 
 
-def read_plain(root: Path, meta: dict) -> np.ndarray | None:
+def read_plain(root: Path, meta: dict, utf8: bool = False) -> np.ndarray | None:
     """All of the array at ``root`` (its parsed ``zarr.json`` is ``meta``), or None for other layouts.
-    Strings come back as numpy's ``StringDType`` (16 bytes per short string, not a Python object each)."""
+    Strings come back as numpy's ``StringDType`` (16 bytes per short string, not a Python object each),
+    or with ``utf8`` as an object array of their UTF-8 bytes (nothing decoded, for hashing)."""
     try:
         (length,) = meta["shape"]
         (chunk,) = meta["chunk_grid"]["configuration"]["chunk_shape"]
@@ -39,7 +40,7 @@ def read_plain(root: Path, meta: dict) -> np.ndarray | None:
             or separator != "/" or crc.get("name") != "crc32c" or crc.get("configuration")):
         return None
     if first.get("name") == "vlen-utf8" and meta.get("data_type") == "string":
-        decode, fill = _strings, meta.get("fill_value", "")
+        decode, fill = (_utf8 if utf8 else _strings), meta.get("fill_value", "")
     elif first.get("name") == "bytes" and meta.get("data_type") in ("int64", "int32", "float32", "float64"):
         endian = (first.get("configuration") or {}).get("endian", "little")
         if endian != "little" or sys.byteorder != "little":
@@ -55,8 +56,7 @@ def read_plain(root: Path, meta: dict) -> np.ndarray | None:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            pieces.append(np.full(n, fill, dtype=np.dtypes.StringDType() if decode is _strings else np.dtype(
-                meta["data_type"])))
+            pieces.append(_filled(n, fill, decode, meta))
             continue
         data, stored = raw[:-_CRC], raw[-_CRC:]
         if len(raw) < _CRC or google_crc32c.value(data) != int.from_bytes(stored, "little"):
@@ -66,8 +66,23 @@ def read_plain(root: Path, meta: dict) -> np.ndarray | None:
         except (ValueError, RuntimeError) as e:
             raise PlainReadError(f"{path.relative_to(root.parent)} cannot be decoded ({e})") from None
     if not pieces:
-        return np.zeros(0, np.dtypes.StringDType() if decode is _strings else np.dtype(meta["data_type"]))
+        return _filled(0, fill, decode, meta)
     return np.concatenate(pieces)
+
+
+def _filled(n: int, fill, decode, meta: dict) -> np.ndarray:
+    if decode is _utf8:
+        out = np.empty(n, dtype=object)
+        out[:] = [str(fill).encode()] * n
+        return out
+    return np.full(n, fill, dtype=np.dtypes.StringDType() if decode is _strings else np.dtype(meta["data_type"]))
+
+
+def _utf8(data: bytes, n: int) -> np.ndarray:
+    values = VLenBytes().decode(data)  # the same encoding as vlen-utf8, left as bytes
+    if len(values) < n:
+        raise ValueError(f"{len(values)} strings for {n} rows")
+    return values[:n]
 
 
 def _strings(data: bytes, n: int) -> np.ndarray:
@@ -75,3 +90,15 @@ def _strings(data: bytes, n: int) -> np.ndarray:
     if len(values) < n:
         raise ValueError(f"{len(values)} strings for {n} rows")
     return np.array(values[:n], dtype=np.dtypes.StringDType())
+
+
+def read_utf8(root: Path) -> np.ndarray:
+    """The string array at ``root`` as an object array of UTF-8 bytes, whatever its layout."""
+    import json
+
+    values = read_plain(root, json.loads((root / "zarr.json").read_bytes()), utf8=True)
+    if values is None:
+        import zarr
+
+        values = np.array([str(v).encode() for v in zarr.open_array(str(root), mode="r")[:]] or [b""][:0], object)
+    return values

@@ -13,7 +13,7 @@ import torch
 
 from cache_schema.fast_reader import FastReader
 from stages.core.codec import features_to_device as to_device
-from stages.core.split import split_ids, unit_hashes
+from stages.core.split import split_cache, split_ids, unit_hashes
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 from tests.test_fast_reader import DINO_DIM, DINO_TOKENS, TEXT_DIM, write_cache
 
@@ -48,6 +48,15 @@ def test_split_hash_is_the_documented_function_of_each_key():
             for k in keys]
     got = unit_hashes(np.array(keys, dtype=np.dtypes.StringDType()), "val")
     assert got.tolist() == want
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cache_split_hashed_in_workers_equals_the_split_of_its_keys(tmp_path, workers):
+    write_cache(tmp_path / "c", "fp16", text=False, parts=(("a", 30), ("empty", 0), ("b", 25), ("c", 40)))
+    reader = FastReader(tmp_path / "c")
+    train, val = split_cache(reader, 0.2, workers=workers)
+    want_train, want_val = split_ids(reader.keys, 0.2)
+    assert np.array_equal(train, want_train) and np.array_equal(val, want_val) and 0 < len(val) < 95
 
 
 def test_split_depends_on_keys_not_on_part_order(tmp_path):

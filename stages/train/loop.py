@@ -39,7 +39,7 @@ from stages.core.objective import alignment_targets, loss_terms, sample_latents,
 from stages.core.options import check
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.seeding import generator
-from stages.core.split import split_ids
+from stages.core.split import split_cache
 from stages.core.threads import set_threads
 
 from .config import TrainConfig
@@ -333,7 +333,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     if micro % cfg.batch_multiplicity:
         raise UsageError(f"--batch-multiplicity {cfg.batch_multiplicity} must divide the per-process micro-batch "
                          f"({micro} = --batch-size / processes / --grad-accum)")
-    train_ids, val_ids = split_ids(reader.keys, cfg.val_fraction)
+    train_ids, val_ids = split_cache(reader, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
     needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names())
     dataset = CacheBatchDataset(cfg.cache, parts=list(parts), **needs)
