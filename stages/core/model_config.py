@@ -33,11 +33,13 @@ class ModelConfig:
     text_mask: bool = True  # cross-attention masks padded caption tokens (the seed project's DiT does not)
     repa_dims: tuple[int, ...] = ()  # token size of each alignment target, one projector each; () disables REPA
     align_layer: int = 8  # 1-based block whose output the projectors read
+    align_layers: tuple[int, ...] = ()  # per projector, when the targets are aligned at different blocks
     projector_dim: int = 2048  # hidden size of SiT's REPA projector MLP (the seed's projector is width wide)
     mlp_ratio: float = 4.0  # MLP hidden size as a multiple of width
 
     def __post_init__(self) -> None:
         self.repa_dims = tuple(int(d) for d in self.repa_dims)
+        self.align_layers = tuple(int(d) for d in self.align_layers)
         if self.head_dim is None and self.num_heads is None:
             self.head_dim = DEFAULT_HEAD_DIM
         if self.head_dim is not None and self.width % self.head_dim != 0:
@@ -53,6 +55,11 @@ class ModelConfig:
     @property
     def repa(self) -> bool:
         return bool(self.repa_dims)
+
+    @property
+    def projector_layers(self) -> tuple[int, ...]:
+        """The 1-based block each projector reads."""
+        return self.align_layers or (self.align_layer,) * len(self.repa_dims)
 
     @property
     def num_patches(self) -> int:
@@ -90,9 +97,12 @@ class ModelConfig:
                 raise ValueError(
                     f"repa_dims={self.repa_dims} and projector_dim={self.projector_dim} must be positive"
                 )
-            if not 1 <= self.align_layer <= self.depth:
+            if self.align_layers and len(self.align_layers) != len(self.repa_dims):
+                raise ValueError(f"align_layers={self.align_layers}: one block per alignment target "
+                                 f"({len(self.repa_dims)})")
+            if not all(1 <= layer <= self.depth for layer in (self.align_layer, *self.align_layers)):
                 raise ValueError(
-                    f"align_layer={self.align_layer} must be between 1 and depth={self.depth} "
+                    f"align_layer={self.align_layers or self.align_layer} must be between 1 and depth={self.depth} "
                     "(1-based: align_layer=k aligns the output of the k-th block)"
                 )
 

@@ -170,11 +170,13 @@ class RepaRFDiT(nn.Module):
         if self.config.text_mask and text_mask is not None:
             # A caption without any token would make every logit -inf: let it attend to its zero padding.
             mask = (text_mask | ~text_mask.any(dim=-1, keepdim=True))[:, None, None, :]
-        projected: list[Tensor] = []
+        projected: list[Tensor | None] = [None] * len(self.repa_transforms)
+        layers = self.config.projector_layers[: len(projected)]  # none when loaded without projectors
         for index, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, text, c, mask)
-            if index == self.config.align_layer:
-                projected = [transform(tokens) for transform in self.repa_transforms]
+            for k, layer in enumerate(layers):
+                if layer == index:
+                    projected[k] = self.repa_transforms[k](tokens)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         tokens = self.final_norm(tokens) * (1 + scale[:, None]) + shift[:, None]
         return self.unpatchify(self.final_proj(tokens)), projected

@@ -360,11 +360,13 @@ class SiT(nn.Module):
                 context_mask = None
             c = c + pooled
 
-        projected: list[Tensor] = []
+        projected: list[Tensor | None] = [None] * len(self.projectors)
+        layers = self.config.projector_layers[: len(projected)]  # none when loaded without projectors
         for index, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c, context, context_mask)
-            if index == self.config.align_layer:
-                projected = [projector(tokens) for projector in self.projectors]
+            for k, layer in enumerate(layers):
+                if layer == index:
+                    projected[k] = self.projectors[k](tokens)
         return self.unpatchify(self.final_layer(tokens, c)), projected
 
 

@@ -63,6 +63,11 @@ class TrainConfig:
     align_layer: int | None = option(
         None, "1-based block whose output is aligned to DINOv2.", default_text="preset's: 8 for L/XL, 4 for B",
     )
+    align_layers: str | None = option(
+        None, "1-based block of each of --targets, comma-separated, in their order (e.g. 8,4), when targets are "
+        "aligned at different blocks.", default_text="--align-layer for every target", metavar="K,...",
+        none_word=True,
+    )
     projector_dim: int = option(2048, "Hidden size of the REPA projector MLP.", gt=0)
     cond_dropout: float = option(
         0.1, "Probability of dropping the label/caption to the null one (for CFG).", ge=0, lt=1,
@@ -138,6 +143,7 @@ class TrainConfig:
             raise UsageError("--val-cache holds the validation samples; pass --val-fraction 0 with it")
         self.target_names()
         self.lambdas()
+        self.layers()
         if not 0 < self.adam_betas[0] < 1 or not 0 < self.adam_betas[1] < 1:
             raise UsageError(f"--adam-betas {self.adam_betas[0]} {self.adam_betas[1]}: both must be in (0, 1)")
 
@@ -160,6 +166,19 @@ class TrainConfig:
             raise UsageError(f"--target-lambdas {self.target_lambdas}: comma-separated numbers, e.g. 0.5,1") from None
         if len(values) != len(self.target_names()) or min(values) < 0:
             raise UsageError(f"--target-lambdas {self.target_lambdas}: one non-negative weight per target of --targets "
+                             f"({', '.join(self.target_names())})")
+        return values
+
+    def layers(self) -> tuple[int, ...]:
+        """--align-layers as a tuple, one block per target (empty: --align-layer for all)."""
+        if self.align_layers is None:
+            return ()
+        try:
+            values = tuple(int(v) for v in self.align_layers.split(","))
+        except ValueError:
+            raise UsageError(f"--align-layers {self.align_layers}: comma-separated block numbers, e.g. 8,4") from None
+        if len(values) != len(self.target_names()):
+            raise UsageError(f"--align-layers {self.align_layers}: one block per target of --targets "
                              f"({', '.join(self.target_names())})")
         return values
 

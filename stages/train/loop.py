@@ -384,7 +384,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         write_parameter_table(cfg.run_dir, trainer.param_table)
         log(f"train: {model_cfg.preset or 'custom'} width {model_cfg.width} depth {model_cfg.depth} "
             f"({params / 1e6:.2f} M params), cond={cond}, REPA lambda={cfg.target_lambdas or cfg.repa_lambda} to "
-            f"{cfg.targets or 'dino'} at block {model_cfg.align_layer}, "
+            f"{cfg.targets or 'dino'} at block {cfg.align_layers or model_cfg.align_layer}, "
             f"{len(train_ids)} train / {len(val_ids)} val samples"
             + (f" (from {cfg.val_cache})" if cfg.val_cache else "" if len(val_ids) else " (no validation)")
             + f", batch {cfg.batch_size} = {world} proc x {cfg.grad_accum} accum x {micro}"

@@ -71,12 +71,13 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         text_mask=cfg.text_mask,
         repa_dims=tuple(manifest.target(name)["dim"] for name in cfg.target_names()) if repa_on(cfg) else (),
         align_layer=align,
+        align_layers=cfg.layers() if repa_on(cfg) else (),
         projector_dim=cfg.projector_dim,
     )
     try:
         mc = ModelConfig(**kw)
     except ValueError as e:
-        flag = ("--align-layer" if "align_layer" in str(e) else "--cond" if "cond=" in str(e)
+        flag = (("--align-layers" if cfg.align_layers else "--align-layer") if "align_layer" in str(e) else "--cond" if "cond=" in str(e)
                 else "--width/--depth/--head-dim")
         raise UsageError(f"{flag}: {e}") from None
     if mc.repa:
@@ -199,10 +200,18 @@ def select_training(cfg: TrainConfig, reader, train_ids: np.ndarray) -> np.ndarr
     return kept
 
 
+def _saved_model_config(saved: dict) -> dict | None:
+    """A checkpoint's model config with fields added since it was written at their defaults."""
+    try:
+        return asdict(ModelConfig(**saved))
+    except (TypeError, ValueError):
+        return None
+
+
 def check_resume(ckpt: dict, path: Path, cfg: TrainConfig, manifest: Manifest, model_cfg: ModelConfig) -> dict:
     """The checkpoint, after checking it was made by the same config on the same cache."""
     diff = resume_differences(ckpt["config"], cfg.to_json())
-    if ckpt["model_config"] != asdict(model_cfg):
+    if _saved_model_config(ckpt["model_config"]) != asdict(model_cfg):
         diff.append("model shape (from the cache manifest)")
     if diff:
         raise UsageError(f"cannot resume from {path}: settings differ ({'; '.join(diff)}); use the original settings or a new --run-dir")
