@@ -283,7 +283,7 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
     if gpus and parallel > len(gpus):
         raise UsageError(f"--parallel {parallel}: only {len(gpus)} GPU(s) ({','.join(gpus)}) and each run gets its own; "
                          "lower --parallel or pass --gpus none")
-    for cache in sorted({str(r.train.get("cache", TrainConfig.cache)) for r in runs if r.state in ("new", "resume")}):
+    for cache in sorted({str(r.train["cache"]) for r in runs if r.state in ("new", "resume") and r.train.get("cache")}):
         if not Path(cache).exists():
             raise UsageError(f"cache {cache} does not exist; encode it first with `repa encode` (`make encode` for the demo)")
     outcome = SweepOutcome()

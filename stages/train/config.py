@@ -21,9 +21,13 @@ TRACKERS = ("tensorboard", "wandb", "none")
 
 @dataclass
 class TrainConfig:
-    cache: Path = option(Path("cache/demo"), "Feature cache written by `repa encode` (read-only).", metavar="DIR")
+    cache: Path = option(
+        None, "Feature cache written by `repa encode` (read-only).", metavar="DIR", required=True,
+        default_text="required",
+    )
     run_dir: Path = option(
-        Path("runs/demo"), "Run directory: checkpoints, metrics.jsonl, curves.png, tensorboard logs.", metavar="DIR",
+        None, "Run directory: checkpoints, metrics.jsonl, curves.png, tracker logs.", metavar="DIR", required=True,
+        default_text="required",
     )
     # -- model ------------------------------------------------------------------------------------
     model: str | None = option(
