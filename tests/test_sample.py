@@ -73,6 +73,12 @@ def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_pa
         "cfg": 2.0, "interval": [0.0, 1.0], "checkpoint": str(text_run / "checkpoints" / "step-0000004.pt"), "step": 4,
         "ema": True,
     }
+    # what a teammate needs to read: the files written through temporary files get the umask's mode, not 0600
+    from cache_schema.fsutil import file_mode
+
+    for path in (result.sidecar, text_run / "config.json", text_run / "checkpoints" / "step-0000004.pt",
+                 result.images[0], *(p for p in Path(load_run(text_run).cache).rglob("*.json") if "claims" not in p.parts)):
+        assert (path.stat().st_mode & 0o777) == file_mode(), path
 
 
 def test_class_run_cycles_the_given_classes(class_run, tmp_path):
