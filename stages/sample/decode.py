@@ -8,7 +8,6 @@ the same pixels. The VAE runs in float32.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from torch import Tensor
 from cache_schema import CacheError, Manifest, read_manifest
 from cache_schema.fsutil import atomic_write_json
 from stages.core.errors import UsageError
+from stages.core.grids import tile
 from stages.core.run_files import PREVIEW_DIR, read_run_config
 
 IMAGE_NAME = "{:06d}.png"
@@ -97,15 +97,9 @@ def save_png(image: Tensor | np.ndarray, path: Path) -> None:
 
 
 def grid_image(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2) -> Image.Image:
-    """HWC uint8 images tiled row by row on a white background (``columns`` default: a near square)."""
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    h, w = images[0].shape[:2]
-    canvas = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for k, img in enumerate(images):
-        r, c = divmod(k, columns)
-        canvas.paste(Image.fromarray(img), (pad + c * (w + pad), pad + r * (h + pad)))
-    return canvas
+    """HWC uint8 images tiled row by row on a white background (``columns`` default: no empty cell where
+    a near-square allows it)."""
+    return Image.fromarray(tile(images, columns, pad))
 
 
 def write_grid(files: Sequence[Path], out: Path) -> None:

@@ -53,12 +53,41 @@ class TrainWindow:
         sums, bins = reduce(self.sums.clone()), reduce(self.bins.clone())
         n = sums[4].clamp_min(1)
         counts = bins[2].clamp_min(1)
+        denoise_bins = bins[0] / counts
         out = {"loss": float(sums[0] / n), "denoise": float(sums[1] / n), "repa_cos": float(sums[2] / n),
-               "grad_norm": float(sums[3] / n), "denoise_bins": (bins[0] / counts).tolist(),
-               "repa_cos_bins": (bins[1] / counts).tolist()}
+               "grad_norm": float(sums[3] / n), "denoise_bins": denoise_bins.tolist(),
+               "repa_cos_bins": (bins[1] / counts).tolist(),
+               # Every t-bin weighted alike: the denoising loss under uniform t, as validation measures it,
+               # whatever t distribution training draws from (None while a bin saw no sample).
+               "denoise_uniform_t": float(denoise_bins.mean()) if bool((bins[2] > 0).all()) else None}
         self.sums.zero_()
         self.bins.zero_()
         return out
+
+
+# Names in the trackers where the metrics.jsonl key says less.
+TRACKER_NAMES = {"img_per_s": "samples_per_s"}
+REPA_KEYS = ("repa_cos", "repa_cos_bins")
+
+
+def tracker_values(prefix: str, record: dict, repa: bool) -> dict[str, float]:
+    """A train or validation record as tracker scalars: ``train/denoise``, ``train/repa_loss`` (the REPA
+    loss, -cosine, unweighted), ``train/repa_cos``, ``train_by_t/denoise_t0.0-0.1`` …; REPA values only
+    when REPA is on, and t-bins that saw no sample left out."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key in REPA_KEYS and not repa:
+            continue
+        if isinstance(value, list):
+            n = len(value)
+            for i, v in enumerate(value):
+                if v != 0.0:  # an empty bin is reported as exactly 0.0, a value no real loss or cosine takes
+                    out[f"{prefix}_by_t/{key.removesuffix('_bins')}_t{i / n:.1f}-{(i + 1) / n:.1f}"] = float(v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{TRACKER_NAMES.get(key, key)}"] = float(value)
+    if repa and "repa_cos" in record:
+        out[f"{prefix}/repa_loss"] = -float(record["repa_cos"])
+    return out
 
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
