@@ -158,11 +158,12 @@ def sweep(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories, or a sweep's output directory (stands for the "
                                                "runs in it).", metavar="RUN_DIR...")],
-    plot: Annotated[Optional[Path], typer.Option(help="PNG of validation curves and per-t losses.", metavar="FILE",
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of validation curves, final losses against the settings "
+                                                 "that differ and per-t losses.", metavar="FILE",
                                                  show_default="report.png in the sweep directory, else here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ):
-    """Compare runs: final and best validation loss, loss by t, REPA cosine, throughput, FID/IS when evaluated."""
+    """Compare runs: final and best validation loss, loss by t, REPA cosine, FID/IS when evaluated."""
     from stages.train.report import compare_runs, expand_runs, format_table, plot_report
 
     run_dirs = expand_runs(runs)
@@ -170,7 +171,7 @@ def report(
     if plot is None:
         sweep_dir = len(runs) == 1 and runs[0] not in run_dirs
         plot = runs[0] / "report.png" if sweep_dir else Path("report.png")
-    plot_report(reports, plot)
+    plot_report(reports, plot, differ)
     if as_json:
         typer.echo(json.dumps([r.to_json(differ) for r in reports], indent=1))
     else:
