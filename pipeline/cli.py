@@ -199,20 +199,26 @@ def cache_verify(
 ):
     """Check every committed part: files and sizes, crc32c of every chunk, counts, finite values, unique keys.
     Lists every bad part and exits non-zero if there is one."""
+    from tqdm import tqdm
+
+    from cache_schema import read_manifest
     from cache_schema.verify import find_problems
 
-    def progress(name: str, problem: str | None) -> None:
-        _log(f"{'BAD' if problem else 'ok '} {name}")
+    manifest = read_manifest(cache)
+    with tqdm(total=len(manifest.parts), unit="part", desc="verify", dynamic_ncols=True) as bar:
+        def progress(name: str, problem: str | None) -> None:
+            if problem:
+                bar.write(f"BAD {name}", file=sys.stderr)
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
 
-    problems = find_problems(cache, quick=quick, progress=progress)
+        problems = find_problems(cache, quick=quick, progress=progress)
     if problems:
         for problem in problems.values():
             _log(f"error: {problem}")
         typer.echo(f"{len(problems)} bad part(s) in {cache}; repair them with the encode command and --repair")
         raise typer.Exit(1)
-    from cache_schema import read_manifest
-
-    typer.echo(f"verified {read_manifest(cache).num_samples} samples in {cache}" + (" (quick)" if quick else ""))
+    typer.echo(f"verified {manifest.num_samples} samples in {cache}" + (" (quick)" if quick else ""))
 
 
 # -- demo data and tiny encoders --------------------------------------------------------------------
