@@ -224,3 +224,18 @@ def test_report_shows_the_newest_evaluation(finished_sweep, tmp_path):
 def test_report_of_a_directory_without_runs_is_a_usage_error(tmp_path):
     r = repa("report", tmp_path)
     assert r.exit_code == 2 and "not a run directory" in r.stderr
+
+
+def test_report_colours_and_dashes_stand_for_the_settings_that_differ():
+    from stages.train.report import RunReport, RunStyles
+
+    reports = [RunReport(run=f"{lam},{w}", path=Path("."), config={"repa_lambda": lam, "width": w, "lr": 1e-3})
+               for lam in (0.0, 0.5, 1.0) for w in (64, 128)]
+    look = RunStyles.of(reports, ["repa_lambda", "width"])
+    assert look.axes == ["repa_lambda", "width"] and look.values["repa_lambda"] == ["0.0", "0.5", "1.0"]
+    for a, sa in zip(reports, look.styles):
+        for b, sb in zip(reports, look.styles):
+            assert (sa["color"] == sb["color"]) == (a.config["repa_lambda"] == b.config["repa_lambda"])
+            assert (sa["ls"] == sb["ls"]) == (a.config["width"] == b.config["width"])
+    assert [label for label, _ in look.legend] == ["repa_lambda = 0.0", "repa_lambda = 0.5", "repa_lambda = 1.0",
+                                                   "width = 64", "width = 128"]
