@@ -63,9 +63,15 @@ def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square on the left\n")
     result = run_sample(sample_cfg(text_run, tmp_path / "out", prompts=prompts, num_samples=5, batch_size=2, guidance_scale=2.0))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "samples.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:06d}.png" for i in range(5)] + [
+        "grid.png", "reference.png", "samples.json"]
     assert all(Image.open(p).size == (RESOLUTION, RESOLUTION) for p in result.images)
-    assert Image.open(result.grid).size[0] > 2 * RESOLUTION  # 3 columns for 5 images
+    # captioned: images enlarged to a readable cell, a band of text below each row
+    grid = np.asarray(Image.open(result.grid).convert("RGB"))
+    assert grid.shape[1] > 3 * 128 and grid.shape[0] > 2 * 128 + 2 * 11
+    # the reference grid: real held-out images of the cache through the same VAE, with their captions
+    reference = np.asarray(Image.open(result.reference).convert("RGB"))
+    assert reference.shape[1] > 128 and reference.std() > 5
     entries = json.loads(result.sidecar.read_text())["images"]
     assert [e["prompt"] for e in entries] == ["a red circle", "a blue square on the left"] * 2 + ["a red circle"]
     assert entries[3] == {

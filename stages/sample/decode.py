@@ -102,9 +102,49 @@ def grid_image(images: Sequence[np.ndarray], columns: int | None = None, pad: in
     return Image.fromarray(tile(images, columns, pad))
 
 
-def write_grid(files: Sequence[Path], out: Path) -> None:
-    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    grid_image(images).save(out)
+CAPTION_CELL = 176  # pixels: small images are enlarged (nearest) to about this width so a caption fits below
+CAPTION_FONT = 11
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], pad: int = 4) -> Image.Image:
+    """HWC uint8 images tiled with each one's caption written below it (wrapped to the cell)."""
+    from PIL import ImageDraw, ImageFont
+
+    h, w = images[0].shape[:2]
+    scale = max(1, CAPTION_CELL // w)
+    w, h = w * scale, h * scale
+    font = ImageFont.load_default(size=CAPTION_FONT)
+    wrapped = [_wrap(c, font, w) for c in captions]
+    line_h = CAPTION_FONT + 3
+    text_h = line_h * max(len(lines) for lines in wrapped) + pad
+    cells = []
+    for image, lines in zip(images, wrapped):
+        cell = Image.new("RGB", (w, h + text_h), (255, 255, 255))
+        cell.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (0, 0))
+        draw = ImageDraw.Draw(cell)
+        for k, line in enumerate(lines):
+            draw.text((0, h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
+        cells.append(np.asarray(cell))
+    return Image.fromarray(tile(cells, pad=pad))
+
+
+def grid_picture(images: Sequence[np.ndarray], captions: Sequence[str] | None = None) -> Image.Image:
+    """The images as one grid; with ``captions`` (one per image, none empty), each written below its image."""
+    return captioned_grid(images, captions) if captions and all(captions) else grid_image(images)
+
+
+def write_grid(files: Sequence[Path], out: Path, captions: Sequence[str] | None = None) -> None:
+    grid_picture([np.asarray(Image.open(f).convert("RGB")) for f in files], captions).save(out)
 
 
 #################################################################################
