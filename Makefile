@@ -53,8 +53,10 @@ $(DEMO_DATA)/.done: | $(STAMP)
 	$(VENV)/bin/repa data demo --out $(DEMO_DATA)
 	touch $@
 
-$(TINY)/.done: | $(STAMP)
+# The demo VAE is fitted to the demo images (about half a minute on 2 cores), so samples show shapes.
+$(TINY)/.done: $(DEMO_DATA)/.done | $(STAMP)
 	$(VENV)/bin/repa encoders tiny --out $(TINY)
+	$(VENV)/bin/repa encoders fit-vae --vae $(TINY)/vae-demo --source '$(DEMO_DATA)/cc12m-train-{0000..0003}.tar'
 	touch $@
 
 demo-assets: $(DEMO_DATA)/.done $(TINY)/.done

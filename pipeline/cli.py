@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from stages.core.errors import UsageError
 from stages.encode.config import EncodeConfig
 from stages.sample.config import EvaluateConfig, SampleConfig
 from stages.train.config import TrainConfig
@@ -249,6 +250,34 @@ def encoders_tiny(
 
     for name, path in write_tiny_encoders(out, seed=seed).items():
         typer.echo(f"{name:<10} {path}")
+
+
+@encoders_app.command("fit-vae")
+@user_errors
+def encoders_fit_vae(
+    source: Annotated[str, typer.Option(help="Demo shards to fit on (brace pattern).", metavar="PATTERN")],
+    vae: Annotated[Path, typer.Option(help="VAE folder written by `repa encoders tiny` (vae-demo); rewritten in "
+                                      "place.", metavar="DIR")] = Path("models/tiny/vae-demo"),
+    resolution: Annotated[int, typer.Option(help="Crop size, as the cache will be encoded.")] = 64,
+    steps: Annotated[int, typer.Option(help="Fitting steps after the block-colour start (0: the start only).")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same weights).")] = 0,
+):
+    """Fit the demo's tiny VAE to the demo images (a block-colour autoencoder, then a short fit), so that the
+    demo's samples decode to coloured shapes."""
+    from tqdm import tqdm
+
+    from stages.demo.fit_vae import fit_demo_vae
+
+    if not (vae / "config.json").is_file():
+        raise UsageError(f"--vae {vae}: no VAE there; write it first with `repa encoders tiny`")
+    with tqdm(total=steps, unit="step", desc="fit VAE", dynamic_ncols=True) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.set_postfix(mse=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+
+        losses = fit_demo_vae(vae, source, resolution, steps, batch_size, seed=seed, progress=progress)
+    typer.echo(f"fitted {vae}" + (f": reconstruction MSE {losses[-1]:.4f}" if losses else ""))
 
 
 def main() -> None:
