@@ -259,7 +259,7 @@ def encoders_fit_vae(
     vae: Annotated[Path, typer.Option(help="VAE folder written by `repa encoders tiny` (vae-demo); rewritten in "
                                       "place.", metavar="DIR")] = Path("models/tiny/vae-demo"),
     resolution: Annotated[int, typer.Option(help="Crop size, as the cache will be encoded.")] = 64,
-    steps: Annotated[int, typer.Option(help="Fitting steps after the block-colour start (0: the start only).")] = 50,
+    steps: Annotated[int, typer.Option(help="Fitting steps after the block-colour start (0: the start only).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same weights).")] = 0,
 ):

@@ -136,7 +136,9 @@ def test_decode_previews_writes_one_grid_per_preview_step(text_run):
     code, _ = cli("decode-previews", str(text_run))
     assert code == 0
     previews = text_run / "previews"
-    assert sorted(p.name for p in previews.glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
+    # one captioned grid per step, and the same held-out samples, real, through the same VAE
+    assert sorted(p.name for p in previews.glob("*.png")) == ["reference.png", "step-0000002.png", "step-0000004.png"]
+    assert Image.open(previews / "reference.png").size == Image.open(previews / "step-0000004.png").size
     side = json.loads((previews / "step-0000004.json").read_text())
     assert side["step"] == 4 and len(side["images"]) == 8 and all(e["caption"] for e in side["images"])
     assert Image.open(previews / "step-0000004.png").size[0] > 2 * RESOLUTION

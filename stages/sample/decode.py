@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cache_schema import CacheError, Manifest, read_manifest
+from cache_schema import CacheError, CacheReader, Manifest, read_manifest
 from cache_schema.fsutil import atomic_write_json
 from stages.core.errors import UsageError
 from stages.core.grids import tile
 from stages.core.run_files import PREVIEW_DIR, read_run_config
 
 IMAGE_NAME = "{:06d}.png"
+PREVIEW_REFERENCE = "reference.png"
 PREVIEW_NAME = re.compile(r"^step-(\d{7,})\.pt$")
 
 #################################################################################
@@ -66,6 +67,20 @@ class LatentDecoder:
     def __call__(self, latents: Tensor) -> Tensor:
         x = self.vae.decode(latents.to(self.device, torch.float32) / self.scale + self.shift).sample
         return to_pixels(x)
+
+
+def real_images(cache: Path, ids, decoder: LatentDecoder) -> tuple[np.ndarray, list[str]]:
+    """Samples ``ids`` of ``cache`` decoded from their stored latents (the posterior mean) by ``decoder``:
+    uint8 (N, H, W, 3) and their captions (or class ids). What generated images can look like at best."""
+    from cache_schema import CacheReader
+
+    reader = CacheReader(cache)
+    samples = [reader.sample(int(i)) for i in ids]
+    channels = int(reader.manifest.latent["channels"])
+    mean = torch.from_numpy(np.stack([s["moments"][:channels] for s in samples]).astype(np.float32))
+    images = decoder((mean - decoder.shift) * decoder.scale).permute(0, 2, 3, 1).cpu().numpy()
+    captions = [s["caption"] or (f"class {int(s['label'])}" if int(s["label"]) >= 0 else "") for s in samples]
+    return images, captions
 
 
 def to_pixels(x: Tensor) -> Tensor:
@@ -185,14 +200,22 @@ def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = 
         log(f"{len(previews) - len(todo)} preview step(s) already decoded; --overwrite decodes them again")
     if not todo:
         return []
-    _, manifest = run_cache(run_dir, cache)
+    cache_dir, manifest = run_cache(run_dir, cache)
     decoder = LatentDecoder(manifest, device)
     written = []
     for path in todo:
         preview = load_preview(path)
         images = decoder(preview["latents"]).permute(0, 2, 3, 1).cpu().numpy()
         png = path.with_suffix(".png")
-        grid_image(list(images)).save(png)
+        grid_picture(list(images), preview["captions"]).save(png)
+        reference = path.parent / PREVIEW_REFERENCE
+        if overwrite or not reference.exists():  # the same held-out samples, real, through the same VAE
+            position = {str(k): i for i, k in enumerate(CacheReader(cache_dir).keys)}
+            ids = [position[k] for k in preview["keys"] if k in position]
+            if ids:
+                real, captions = real_images(cache_dir, ids, decoder)
+                grid_picture(list(real), captions).save(reference)
+                log(f"wrote {reference} (the previews' held-out samples through the same VAE)")
         atomic_write_json(path.with_suffix(".json"), {
             "step": preview["step"], "image": png.name,
             "images": [{"key": k, "caption": c, "label": lab}

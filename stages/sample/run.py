@@ -41,6 +41,7 @@ from .decode import (
     LatentDecoder,
     check_outputs,
     grid_picture,
+    real_images,
     resolve_cache,
     save_png,
     write_grid,
@@ -318,13 +319,7 @@ def reference_images(run: LoadedRun, decoder: LatentDecoder, count: int) -> tupl
     reader = CacheReader(run.cache)
     _, held = split_ids(reader.keys, float(run.train_config.get("val_fraction") or 0.0))
     ids = held[:count] if len(held) else np.arange(min(count, len(reader)))
-    samples = [reader.sample(int(i)) for i in ids]
-    channels = run.latent_shape[0]
-    mean = torch.from_numpy(np.stack([s["moments"][:channels] for s in samples]).astype(np.float32))
-    latents = (mean - decoder.shift) * decoder.scale  # the model's normalised space, as training saw it
-    images = decoder(latents).permute(0, 2, 3, 1).cpu().numpy()
-    captions = [s["caption"] or (f"class {int(s['label'])}" if int(s["label"]) >= 0 else "") for s in samples]
-    return images, captions
+    return real_images(run.cache, ids, decoder)
 
 
 #################################################################################
