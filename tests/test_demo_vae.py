@@ -50,7 +50,14 @@ def test_fitted_demo_vae_keeps_each_shapes_colour_where_a_random_one_does_not(ti
                           batch_size=8)
     fitted = AutoencoderKL.from_pretrained(vae_dir).eval()  # saved in place, loadable as before
     assert len(losses) == 4 and all(np.isfinite(losses))
-    assert 0.5 < fitted.config.scaling_factor < 20  # unit-variance latents for the diffusion model
+    # zero-mean, unit-variance latents for the diffusion model
+    means = []
+    for image, *_ in [make_sample(0, 0, i) for i in range(16)]:
+        x = torch.tensor(center_crop_adm(image.convert("RGB"), RES)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            means.append(fitted.encode(x).latent_dist.mean[:, :3])
+    z = (torch.cat(means) - fitted.config.shift_factor) * fitted.config.scaling_factor
+    assert abs(float(z.mean())) < 0.3 and 0.7 < float(z.std()) < 1.4
 
     samples = [make_sample(7, 0, i) for i in range(48)]  # images it was not fitted on
     truth, crop_said, fitted_said = shape_colours(fitted, samples)

@@ -6,8 +6,9 @@ starts from a block-colour autoencoder built into the same ``AutoencoderKL``: ev
 mean colour of its 8x8 block (channels R, G, B; the fourth is 0) and the decoder paints it back, with a
 near-zero posterior std. Every residual branch and attention output starts at zero, so the network is that
 map exactly (up to GroupNorm's per-image scale, kept below 1% by a constant channel), and a short fit on the
-demo images then trains those branches to sharpen it. Last, ``scaling_factor`` is set to 1 / std of the
-latents over the images, as Stable Diffusion's was, so the diffusion model sees unit-variance latents.
+demo images then trains those branches to sharpen it. Last, ``shift_factor`` and ``scaling_factor`` are set
+to the mean and 1 / std of the latents over the images (as FLUX's and Stable Diffusion's were), so the
+diffusion model sees zero-mean, unit-variance latents.
 
 GroupNorm normalises each group per image; a colour survives it only beside a large constant in the same
 group, and with both signs of every channel (x and -x) the group mean stays 0 and SiLU(n) - SiLU(-n) = n
@@ -126,7 +127,8 @@ FIT_LR = 5e-5
 def fit_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: int = 16, lr: float = FIT_LR,
             seed: int = 0, progress: Callable[[int, float], None] | None = None) -> list[float]:
     """Fit ``vae`` (from ``block_colour_init``) to uint8 (N, H, W, 3) ``images`` for ``steps`` Adam steps on the
-    reconstruction error of posterior samples, then set its ``scaling_factor``; returns the losses."""
+    reconstruction error of posterior samples, then set its ``shift_factor`` and ``scaling_factor``; returns
+    the losses."""
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -145,8 +147,9 @@ def fit_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: int 
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(x_all[i : i + 64]).latent_dist.mean for i in range(0, len(x_all), 64)])
-    channels = means[:, :3]  # the fourth channel is (near) constant: its std says nothing of the scale
-    vae.register_to_config(scaling_factor=float(1.0 / channels.std()))
+    colours = means[:, :3]  # the fourth channel is (near) constant: it says nothing of the scale
+    shift = float(colours.mean())
+    vae.register_to_config(shift_factor=shift, scaling_factor=float(1.0 / (colours - shift).std()))
     return losses
 
 
