@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(VENV)/bin/pip install --quiet -e ".[test,wandb]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -55,8 +55,10 @@ $(DEMO_DATA)/.done: | $(STAMP)
 	$(VENV)/bin/repa data demo --out $(DEMO_DATA)
 	touch $@
 
-$(TINY)/.done: | $(STAMP)
+# The demo VAE is fitted to the demo images (about half a minute on 2 cores), so samples show shapes.
+$(TINY)/.done: $(DEMO_DATA)/.done | $(STAMP)
 	$(VENV)/bin/repa encoders tiny --out $(TINY)
+	$(VENV)/bin/repa encoders fit-vae --vae $(TINY)/vae-demo --source '$(DEMO_DATA)/cc12m-train-{0000..0003}.tar'
 	touch $@
 
 demo-assets: $(DEMO_DATA)/.done $(TINY)/.done

@@ -19,13 +19,24 @@ from .errors import CacheError
 from .layout import LOCK_NAME
 
 
-def _umask() -> int:
-    current = os.umask(0)
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it to read it back
+    races with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
     os.umask(current)
     return current
 
 
-FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+def file_mode() -> int:
+    """What open() would give a new file now: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
 
 
 def fsync_dir(path: Path) -> None:
@@ -53,7 +64,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600 files; the group should read caches and runs
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

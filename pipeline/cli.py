@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from stages.core.errors import UsageError
 from stages.encode.config import EncodeConfig
 from stages.fetch.config import FetchConfig
 from stages.sample.config import EvaluateConfig, SampleConfig
@@ -159,11 +160,12 @@ def sweep(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories, or a sweep's output directory (stands for the "
                                                "runs in it).", metavar="RUN_DIR...")],
-    plot: Annotated[Optional[Path], typer.Option(help="PNG of validation curves and per-t losses.", metavar="FILE",
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of validation curves, final losses against the settings "
+                                                 "that differ and per-t losses.", metavar="FILE",
                                                  show_default="report.png in the sweep directory, else here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ):
-    """Compare runs: final and best validation loss, loss by t, REPA cosine, throughput, FID/IS when evaluated."""
+    """Compare runs: final and best validation loss, loss by t, REPA cosine, FID/IS when evaluated."""
     from stages.train.report import compare_runs, expand_runs, format_table, plot_report
 
     run_dirs = expand_runs(runs)
@@ -171,7 +173,7 @@ def report(
     if plot is None:
         sweep_dir = len(runs) == 1 and runs[0] not in run_dirs
         plot = runs[0] / "report.png" if sweep_dir else Path("report.png")
-    plot_report(reports, plot)
+    plot_report(reports, plot, differ)
     if as_json:
         typer.echo(json.dumps([r.to_json(differ) for r in reports], indent=1))
     else:
@@ -199,20 +201,26 @@ def cache_verify(
 ):
     """Check every committed part: files and sizes, crc32c of every chunk, counts, finite values, unique keys.
     Lists every bad part and exits non-zero if there is one."""
+    from tqdm import tqdm
+
+    from cache_schema import read_manifest
     from cache_schema.verify import find_problems
 
-    def progress(name: str, problem: str | None) -> None:
-        _log(f"{'BAD' if problem else 'ok '} {name}")
+    manifest = read_manifest(cache)
+    with tqdm(total=len(manifest.parts), unit="part", desc="verify", dynamic_ncols=True) as bar:
+        def progress(name: str, problem: str | None) -> None:
+            if problem:
+                bar.write(f"BAD {name}", file=sys.stderr)
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
 
-    problems = find_problems(cache, quick=quick, progress=progress)
+        problems = find_problems(cache, quick=quick, progress=progress)
     if problems:
         for problem in problems.values():
             _log(f"error: {problem}")
         typer.echo(f"{len(problems)} bad part(s) in {cache}; repair them with the encode command and --repair")
         raise typer.Exit(1)
-    from cache_schema import read_manifest
-
-    typer.echo(f"verified {read_manifest(cache).num_samples} samples in {cache}" + (" (quick)" if quick else ""))
+    typer.echo(f"verified {manifest.num_samples} samples in {cache}" + (" (quick)" if quick else ""))
 
 
 # -- demo data and tiny encoders --------------------------------------------------------------------
@@ -253,6 +261,34 @@ def encoders_tiny(
 
     for name, path in write_tiny_encoders(out, seed=seed).items():
         typer.echo(f"{name:<10} {path}")
+
+
+@encoders_app.command("fit-vae")
+@user_errors
+def encoders_fit_vae(
+    source: Annotated[str, typer.Option(help="Demo shards to fit on (brace pattern).", metavar="PATTERN")],
+    vae: Annotated[Path, typer.Option(help="VAE folder written by `repa encoders tiny` (vae-demo); rewritten in "
+                                      "place.", metavar="DIR")] = Path("models/tiny/vae-demo"),
+    resolution: Annotated[int, typer.Option(help="Crop size, as the cache will be encoded.")] = 64,
+    steps: Annotated[int, typer.Option(help="Fitting steps after the block-colour start (0: the start only).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same weights).")] = 0,
+):
+    """Fit the demo's tiny VAE to the demo images (a block-colour autoencoder, then a short fit), so that the
+    demo's samples decode to coloured shapes."""
+    from tqdm import tqdm
+
+    from stages.demo.fit_vae import fit_demo_vae
+
+    if not (vae / "config.json").is_file():
+        raise UsageError(f"--vae {vae}: no VAE there; write it first with `repa encoders tiny`")
+    with tqdm(total=steps, unit="step", desc="fit VAE", dynamic_ncols=True) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.set_postfix(mse=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+
+        losses = fit_demo_vae(vae, source, resolution, steps, batch_size, seed=seed, progress=progress)
+    typer.echo(f"fitted {vae}" + (f": reconstruction MSE {losses[-1]:.4f}" if losses else ""))
 
 
 def main() -> None:

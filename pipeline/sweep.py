@@ -63,6 +63,7 @@ class PlannedRun:
     train: dict[str, Any]  # the full [train] table it is trained with
     state: str = "new"  # new, resume, done or conflict (see assess)
     detail: str = ""
+    start_step: int = 0  # where training starts: the newest checkpoint's step when resuming
 
     @property
     def steps(self) -> int:
@@ -170,7 +171,7 @@ def assess(run: PlannedRun) -> PlannedRun:
     if reached is not None and reached >= run.steps:
         run.state, run.detail = "done", f"at step {reached}"
     elif ckpts:
-        run.state, run.detail = "resume", f"from step {ckpt_step} of {run.steps}"
+        run.state, run.detail, run.start_step = "resume", f"from step {ckpt_step} of {run.steps}", ckpt_step
     else:
         run.state, run.detail = "new", f"{run.steps} steps"
     return run
@@ -237,6 +238,84 @@ def log_tail(path: Path, offset: int = 0, lines: int = 20) -> str:
     return "\n".join(shown[-lines:])
 
 
+class StepWatcher:
+    """The newest training step a run has logged, read from its metrics.jsonl as it grows."""
+
+    def __init__(self, run_dir: Path, start: int):
+        self.path, self.offset, self.step = Path(run_dir) / METRICS_FILE, 0, start
+
+    def poll(self) -> int:
+        try:
+            if self.path.stat().st_size < self.offset:  # rewritten (a resumed run drops records past its checkpoint)
+                self.offset = 0
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self.step
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("kind") == "train":
+                self.step = max(self.step, int(record["step"]))
+        return self.step
+
+
+class SweepProgress:
+    """One bar for the whole sweep (steps of every run to train) and one per running run, each with its
+    rate and ETA; messages are printed above the bars."""
+
+    def __init__(self, queue: list[PlannedRun], log: Callable[[str], None]):
+        from tqdm import tqdm
+
+        self.tqdm, self.log, self.runs = tqdm, log, len(queue)
+        self.done = 0
+        total = sum(max(r.steps - r.start_step, 0) for r in queue)
+        self.overall = tqdm(total=total, unit="step", dynamic_ncols=True, position=0, desc=self._desc())
+        self.bars: dict[str, tuple] = {}  # run name -> (bar, watcher)
+        self.free_rows: list[int] = []
+
+    def _desc(self) -> str:
+        return f"sweep ({self.done}/{self.runs} runs done)"
+
+    def say(self, message: str) -> None:
+        with self.tqdm.external_write_mode():
+            self.log(message)
+
+    def started(self, run: PlannedRun) -> None:
+        row = self.free_rows.pop(0) if self.free_rows else len(self.bars) + 1
+        bar = self.tqdm(total=run.steps, initial=run.start_step, unit="step", dynamic_ncols=True, position=row,
+                        leave=False, desc=run.name if len(run.name) <= 40 else run.name[:37] + "...")
+        bar.row = row
+        self.bars[run.name] = (bar, StepWatcher(run.run_dir, run.start_step))
+
+    def update(self) -> None:
+        for bar, watcher in self.bars.values():
+            step = min(watcher.poll(), bar.total)
+            if step > bar.n:
+                self.overall.update(step - bar.n)
+                bar.update(step - bar.n)
+
+    def finished(self, run: PlannedRun, trained: bool) -> None:
+        self.update()
+        bar, _ = self.bars.pop(run.name)
+        if trained:  # steps after the last log line count too
+            self.overall.update(bar.total - bar.n)
+        self.free_rows.append(bar.row)
+        bar.close()
+        self.done += 1
+        self.overall.set_description(self._desc())
+
+    def close(self) -> None:
+        for bar, _ in self.bars.values():
+            bar.close()
+        self.overall.close()
+
+
 @dataclass
 class _Running:
     run: PlannedRun
@@ -283,7 +362,7 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
     if gpus and parallel > len(gpus):
         raise UsageError(f"--parallel {parallel}: only {len(gpus)} GPU(s) ({','.join(gpus)}) and each run gets its own; "
                          "lower --parallel or pass --gpus none")
-    for cache in sorted({str(r.train.get("cache", TrainConfig.cache)) for r in runs if r.state in ("new", "resume")}):
+    for cache in sorted({str(r.train["cache"]) for r in runs if r.state in ("new", "resume") and r.train.get("cache")}):
         if not Path(cache).exists():
             raise UsageError(f"cache {cache} does not exist; encode it first with `repa encode` (`make encode` for the demo)")
     outcome = SweepOutcome()
@@ -301,6 +380,7 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
     free_gpus: list[str | None] = gpus[:parallel] if gpus else [None] * parallel
     running: list[_Running] = []
     total, started = len(queue), 0
+    progress = SweepProgress(queue, log) if queue else None
     try:
         while queue or running:
             while queue and free_gpus:
@@ -308,14 +388,20 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
                 job = _start(queue.pop(0), gpu, threads)
                 running.append(job)
                 started += 1
-                log(f"[{started}/{total}] {'resume' if job.run.state == 'resume' else 'start'} {job.run.name} "
-                    f"({job.run.detail}{f', GPU {gpu}' if gpu is not None else ''}) -> {job.run.run_dir / RUN_LOG}")
+                progress.say(f"[{started}/{total}] {'resume' if job.run.state == 'resume' else 'start'} {job.run.name} "
+                             f"({job.run.detail}{f', GPU {gpu}' if gpu is not None else ''}) -> "
+                             f"{job.run.run_dir / RUN_LOG}")
+                progress.started(job.run)
             time.sleep(poll_s)
+            progress.update()
             for job in [j for j in running if j.proc.poll() is not None]:
                 running.remove(job)
                 free_gpus.append(job.gpu)
-                _report_finished(job, outcome, log)
+                trained = _report_finished(job, outcome, progress.say)
+                progress.finished(job.run, trained)
     finally:
+        if progress is not None:
+            progress.close()
         for job in running:  # interrupted: stop the children too, they keep their checkpoints
             job.proc.terminate()
         for job in running:
@@ -323,7 +409,8 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
     return outcome
 
 
-def _report_finished(job: _Running, outcome: SweepOutcome, log: Callable[[str], None]) -> None:
+def _report_finished(job: _Running, outcome: SweepOutcome, log: Callable[[str], None]) -> bool:
+    """Log how a run ended and record it in ``outcome``; True if it trained to the end."""
     run, rc = job.run, job.proc.returncode
     secs = time.monotonic() - job.started
     final = _read_final_step(run.run_dir)
@@ -331,9 +418,10 @@ def _report_finished(job: _Running, outcome: SweepOutcome, log: Callable[[str], 
         val = (json.loads((run.run_dir / FINAL_FILE).read_text()).get("val") or {}).get("denoise")
         outcome.finished.append(run.name)
         log(f"done    {run.name} in {secs:.0f} s" + (f": val denoise {val:.4f}" if val is not None else ""))
-        return
+        return True
     outcome.failed.append(run.name)
     why = f"exit status {rc}" if rc else f"exited without writing {FINAL_FILE}"
     tail = log_tail(run.run_dir / RUN_LOG, job.log_offset)
     log(f"FAILED  {run.name} ({why}) after {secs:.0f} s; last lines of {run.run_dir / RUN_LOG}:\n"
         + "\n".join(f"    | {line}" for line in tail.splitlines()))
+    return False

@@ -279,3 +279,17 @@ def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_p
     time.sleep(0.3)
     beat.stop()
     assert beat.lost == {"c"} and beat.parts == {"a"}
+
+
+def test_atomic_writes_give_the_files_the_umask_allows_not_0600(tmp_path):
+    import stat
+
+    from cache_schema.fsutil import atomic_write_json
+
+    for umask, mode in ((0o027, 0o640), (0o002, 0o664), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            atomic_write_json(tmp_path / f"{umask:o}.json", {"a": 1})
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / f"{umask:o}.json").stat().st_mode) == mode, oct(umask)

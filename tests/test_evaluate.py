@@ -177,3 +177,18 @@ def test_evaluate_cli_errors_are_one_line_with_exit_status_2(text_run, inception
         result = CliRunner().invoke(app, ["evaluate", "--run-dir", str(text_run), "--num-samples", "4", *args])
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+
+
+def test_reference_images_are_read_in_parallel_in_shard_order_with_progress(text_run, capsys):
+    from cache_schema import read_manifest
+    from stages.sample.reference import held_out, source_images, source_locations
+
+    cache = Path(tiny_cache(text_run))
+    held = held_out(cache, json.loads((text_run / "config.json").read_text())["config"]["val_fraction"])
+    where, urls = source_locations(held, None), sorted(set(held.sources))
+    assert len(urls) > 1
+    serial = list(source_images(held, urls, read_manifest(cache), where, workers=1))
+    parallel = list(source_images(held, urls, read_manifest(cache), where, workers=len(urls), progress=True))
+    assert len(serial) == len(held) and all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+    err = capsys.readouterr().err
+    assert "reference images: 100%" in err and f"{len(held)}/{len(held)} [" in err and "img/s" in err

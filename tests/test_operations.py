@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def test_verify_finds_every_kind_of_damage_and_names_the_part_and_file(cache, da
         assert "dino/c/1/0/0" in str(e.value)
         quick = cli("cache", "verify", "--quick", cache)  # sizes alone find these
         assert quick.exit_code == 1 and f"BAD {name}" in quick.stderr and "1 bad part(s)" in quick.stdout
+        assert re.search(r"verify: 100%.*\| (\d+)/\1 \[.*part/s", quick.stderr)  # progress with rate and ETA
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbage", "bit-rot"])

@@ -45,7 +45,7 @@ def test_command_line_overrides_the_preset_which_overrides_defaults(tmp_path, mo
 
     monkeypatch.setattr("stages.encode.run.run_encode", fake_run)
     preset = tmp_path / "p.toml"
-    preset.write_text('[encode]\nsource = "a.tar"\nresolution = 512\nbatch_size = 7\ntext_encoder = "none"\n')
+    preset.write_text('[encode]\nsource = "a.tar"\ncache = "c"\nresolution = 512\nbatch_size = 7\ntext_encoder = "none"\n')
     r = CliRunner().invoke(cli.app, ["encode", "--config", str(preset), "--batch-size", "9"])
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
@@ -58,6 +58,7 @@ def test_unknown_preset_key_is_a_one_line_error(tmp_path):
     preset.write_text('[encode]\nsource = "a.tar"\nresolutoin = 512\n')
     r = CliRunner().invoke(cli.app, ["encode", "--config", str(preset)])
     assert r.exit_code == 2 and "unknown key 'resolutoin'" in r.output
+    assert "did you mean 'resolution'?" in r.output and "valid keys" not in r.output  # the closest, not all of them
     with pytest.raises(ConfigError, match="no such file"):
         load_preset(tmp_path / "missing.toml", "encode")
 
@@ -68,3 +69,28 @@ def test_readme_cli_reference_is_current():
     text = (ROOT / "README.md").read_text()
     block = text.split(START, 1)[1].split(END, 1)[0].strip()
     assert block == reference().strip(), "README CLI reference is stale: run `python -m pipeline.docs --write`"
+
+
+def test_stage_paths_have_no_demo_defaults():
+    """Without the demo preset nothing points at demo paths: the cache and run directory must be given."""
+    for args, flag in ((["train"], "--cache"), (["train", "--cache", "c"], "--run-dir"), (["sample"], "--run-dir"),
+                       (["evaluate"], "--run-dir"), (["encode", "--source", "a.tar"], "--cache")):
+        r = CliRunner().invoke(cli.app, args)
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} is required"), (args, lines)
+    for cls in (EncodeConfig, TrainConfig, SampleConfig):
+        assert "demo" not in repr(cls()), cls
+
+
+@pytest.mark.parametrize("command, option, default", [
+    ("train", "--num-classes", "max label + 1"), ("train", "--align-layer", "preset's: 8 for L/XL, 4 for B"),
+    ("train", "--num-workers", "4"), ("encode", "--num-workers", "CPU cores / processes"),
+    ("sample", "--guidance-scale", "1.0"),
+])
+def test_help_keeps_every_default_text(command, option, default):
+    import re
+
+    out = CliRunner().invoke(cli.app, [command, "--help"], terminal_width=400).output
+    # an option's entry: from its line to the next line that starts another option
+    entry = " ".join(re.split(r"\n\s+--", out.split(f"\n  {option}", 1)[1], maxsplit=1)[0].split())
+    assert f"[default: {default}]" in entry or f"[default: ({default})]" in entry, entry

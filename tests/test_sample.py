@@ -63,9 +63,15 @@ def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square on the left\n")
     result = run_sample(sample_cfg(text_run, tmp_path / "out", prompts=prompts, num_samples=5, batch_size=2, guidance_scale=2.0))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "samples.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:06d}.png" for i in range(5)] + [
+        "grid.png", "reference.png", "samples.json"]
     assert all(Image.open(p).size == (RESOLUTION, RESOLUTION) for p in result.images)
-    assert Image.open(result.grid).size[0] > 2 * RESOLUTION  # 3 columns for 5 images
+    # captioned: images enlarged to a readable cell, a band of text below each row
+    grid = np.asarray(Image.open(result.grid).convert("RGB"))
+    assert grid.shape[1] > 3 * 128 and grid.shape[0] > 2 * 128 + 2 * 11
+    # the reference grid: real held-out images of the cache through the same VAE, with their captions
+    reference = np.asarray(Image.open(result.reference).convert("RGB"))
+    assert reference.shape[1] > 128 and reference.std() > 5
     entries = json.loads(result.sidecar.read_text())["images"]
     assert [e["prompt"] for e in entries] == ["a red circle", "a blue square on the left"] * 2 + ["a red circle"]
     assert entries[3] == {
@@ -73,6 +79,12 @@ def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_pa
         "cfg": 2.0, "interval": [0.0, 1.0], "checkpoint": str(text_run / "checkpoints" / "step-0000004.pt"), "step": 4,
         "ema": True,
     }
+    # what a teammate needs to read: the files written through temporary files get the umask's mode, not 0600
+    from cache_schema.fsutil import file_mode
+
+    for path in (result.sidecar, text_run / "config.json", text_run / "checkpoints" / "step-0000004.pt",
+                 result.images[0], *(p for p in Path(load_run(text_run).cache).rglob("*.json") if "claims" not in p.parts)):
+        assert (path.stat().st_mode & 0o777) == file_mode(), path
 
 
 def test_class_run_cycles_the_given_classes(class_run, tmp_path):
@@ -124,7 +136,9 @@ def test_decode_previews_writes_one_grid_per_preview_step(text_run):
     code, _ = cli("decode-previews", str(text_run))
     assert code == 0
     previews = text_run / "previews"
-    assert sorted(p.name for p in previews.glob("*.png")) == ["step-0000002.png", "step-0000004.png"]
+    # one captioned grid per step, and the same held-out samples, real, through the same VAE
+    assert sorted(p.name for p in previews.glob("*.png")) == ["reference.png", "step-0000002.png", "step-0000004.png"]
+    assert Image.open(previews / "reference.png").size == Image.open(previews / "step-0000004.png").size
     side = json.loads((previews / "step-0000004.json").read_text())
     assert side["step"] == 4 and len(side["images"]) == 8 and all(e["caption"] for e in side["images"])
     assert Image.open(previews / "step-0000004.png").size[0] > 2 * RESOLUTION

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def test_sweep_trains_every_run_into_its_own_directory(finished_sweep):
     assert "2 trained, 0 already finished, 0 failed" in result.stdout
     gpus = {(out / n / RUN_LOG).read_text().split("CUDA_VISIBLE_DEVICES=")[1][0] for n in runs}
     assert gpus == {"7", "8"}  # each run on its own GPU
+    # progress: the whole sweep (2 runs x 4 steps) and each run, with rate and ETA
+    assert "sweep (2/2 runs done): 100%" in result.stderr and "8/8 [" in result.stderr
+    assert re.search(r"repa_lambda=0\.5: +\d+%.*\| \d/4 \[\d\d:\d\d<\d\d:\d\d, +[\d.?]+(s/step|step/s)", result.stderr)
 
 
 def test_gpu_choice(monkeypatch, tmp_path):
@@ -155,6 +159,7 @@ def test_raising_steps_resumes_from_the_checkpoints(finished_sweep, tmp_path):
     run = tmp_path / "runs" / "repa_lambda=0.5"
     log = (run / RUN_LOG).read_text()
     assert "--resume" in log.split(LOG_HEADER)[-1] and "resumed from" in log
+    assert "| 4/6 [" in r.stderr and "sweep (1/1 runs done): 100%" in r.stderr  # the bar starts at the checkpoint
     assert json.loads((run / "final.json").read_text())["step"] == 6
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "val"] == [0, 2, 4, 6]
 
@@ -219,3 +224,18 @@ def test_report_shows_the_newest_evaluation(finished_sweep, tmp_path):
 def test_report_of_a_directory_without_runs_is_a_usage_error(tmp_path):
     r = repa("report", tmp_path)
     assert r.exit_code == 2 and "not a run directory" in r.stderr
+
+
+def test_report_colours_and_dashes_stand_for_the_settings_that_differ():
+    from stages.train.report import RunReport, RunStyles
+
+    reports = [RunReport(run=f"{lam},{w}", path=Path("."), config={"repa_lambda": lam, "width": w, "lr": 1e-3})
+               for lam in (0.0, 0.5, 1.0) for w in (64, 128)]
+    look = RunStyles.of(reports, ["repa_lambda", "width"])
+    assert look.axes == ["repa_lambda", "width"] and look.values["repa_lambda"] == ["0.0", "0.5", "1.0"]
+    for a, sa in zip(reports, look.styles):
+        for b, sb in zip(reports, look.styles):
+            assert (sa["color"] == sb["color"]) == (a.config["repa_lambda"] == b.config["repa_lambda"])
+            assert (sa["ls"] == sb["ls"]) == (a.config["width"] == b.config["width"])
+    assert [label for label, _ in look.legend] == ["repa_lambda = 0.0", "repa_lambda = 0.5", "repa_lambda = 1.0",
+                                                   "width = 64", "width = 128"]

@@ -38,7 +38,7 @@ def offline(monkeypatch):
 
 
 def test_writes_every_folder(folders):
-    assert set(folders) == {"vae", "vae-flux", "dino", "dino-reg", "text", "clip-text", "siglip"}
+    assert set(folders) == {"vae", "vae-demo", "vae-flux", "dino", "dino-reg", "text", "clip-text", "siglip"}
     assert all((path / "config.json").is_file() for path in folders.values())
 
 

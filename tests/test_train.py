@@ -276,3 +276,42 @@ def test_resume_with_other_settings_or_cache_is_refused(train_cache, tmp_path, t
         run_train(tiny_train(other, tmp_path / "run", steps=6, resume=True))
     run_train(tiny_train(train_cache, tmp_path / "run", steps=6, resume=True, log_every=3))  # same settings: fine
     assert latest_checkpoint(tmp_path / "run").name == "step-0000006.pt"
+
+
+# -- trackers ---------------------------------------------------------------------------------------
+def test_trackers_log_every_metric_and_the_previews_into_the_run_directory(train_cache, tmp_path, monkeypatch):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    run = tmp_path / "run"
+    kw = dict(log_every=1, val_every=2, ckpt_every=2, preview_every=2, report_to="all", tracker_project="repa-tests",
+              run_name="tiny-run", num_workers=0)
+    run_train(tiny_train(train_cache, run, steps=2, **kw), log=lambda m: None)
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing lands in the working directory
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/denoise", "train/repa_loss", "train/repa_cos", "train/loss", "train/lr", "train/grad_norm",
+                "train/samples_per_s", "val/denoise", "val/repa_cos", "val/repa_loss"):
+        assert tag in tags, tag
+    assert any(t.startswith("train_by_t/denoise_t") for t in tags) and any(t.startswith("val_by_t/repa_cos_t") for t in tags)
+    assert events.Scalars("train/repa_loss")[-1].value == pytest.approx(-events.Scalars("train/repa_cos")[-1].value)
+    assert events.Tags()["images"] == ["previews/latent_channels_rgb"]
+
+    wandb_id = json.loads((run / "trackers.json").read_text())["wandb_id"]
+    (first,) = (run / "wandb").glob(f"offline-run-*-{wandb_id}")
+    record = next(first.glob("*.wandb")).read_bytes()  # an offline run's protobuf records: names stored as text
+    for name in ("repa-tests", "tiny-run", "repa_lambda", "train/denoise", "train/repa_loss", "train/samples_per_s",
+                 "train_by_t/denoise_t", "val/repa_cos", "val_by_t/denoise_t", "previews/latent_channels_rgb"):
+        assert name.encode() in record, name
+    assert list((first / "files" / "media" / "images").glob("previews/latent_channels_rgb_2_*.png"))
+
+    # resumed, it goes on in the same wandb run
+    run_train(tiny_train(train_cache, run, steps=4, resume=True, **kw), log=lambda m: None)
+    assert json.loads((run / "trackers.json").read_text())["wandb_id"] == wandb_id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2

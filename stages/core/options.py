@@ -34,7 +34,7 @@ class Spec:
     help: str
     flags: tuple[str, ...] = ()  # command-line names; default: --field-name (bool: --name/--no-name)
     metavar: str | None = None
-    default_text: str | None = None  # shown as the default in --help when the value is computed
+    default_text: str | None = None  # shown as the default in --help when the value is computed (or "required")
     choices: tuple[Any, ...] = ()
     gt: float | None = None  # value must be > gt
     ge: float | None = None  # value must be >= ge
@@ -42,6 +42,7 @@ class Spec:
     le: float | None = None  # value must be <= le
     multiple_of: int | None = None
     none_word: bool = False  # "none" (or "") on the command line or in a preset means None
+    required: bool = False  # must be given, on the command line or in the preset (the default is None)
     cli: bool = True  # False: a preset key only, not a command-line option
     panel: str | None = None  # --help section
 
@@ -130,6 +131,9 @@ def check(cfg: Any) -> Any:
     run the config's own cross-field ``check()``; returns ``cfg``."""
     for f, spec in declared_fields(type(cfg)):
         value = getattr(cfg, f.name)
+        if spec.required and value in (None, ""):
+            raise UsageError(f"{flag_name(f)} is required: give it on the command line or as {f.name} in the "
+                             "--config preset (configs/demo.toml for the offline demo)")
         reason = _check_field(f, spec, value)
         if reason:
             shown = repr(value) if isinstance(value, str) else value

@@ -5,6 +5,7 @@ through the same ``from_pretrained`` calls the encode stage uses for Hub ids, so
 runs (and is tested) without downloading weights:
 
 - ``vae/``       AutoencoderKL, 4 latent channels, downsampling 8, SD-VAE scaling 0.18215
+- ``vae-demo/``  the same with one norm group, the layout `repa encoders fit-vae` fits to the demo images
 - ``vae-flux/``  AutoencoderKL, 16 latent channels, FLUX scale/shift, no quant convs
 - ``dino/``      Dinov2Model, hidden 32, patch 14
 - ``dino-reg/``  Dinov2WithRegistersModel, the same plus 4 register tokens
@@ -156,7 +157,8 @@ def siglip_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_vae(
-    latent_channels: int, scaling_factor: float, shift_factor: float | None = None, quant_convs: bool = True
+    latent_channels: int, scaling_factor: float, shift_factor: float | None = None, quant_convs: bool = True,
+    norm_groups: int = VAE_NORM_GROUPS,
 ) -> AutoencoderKL:
     """SD-VAE layout (4 blocks, downsampling 8) at tiny widths; FLUX-style VAEs drop the 1x1 quant convs."""
     return AutoencoderKL(
@@ -167,7 +169,7 @@ def tiny_vae(
         block_out_channels=VAE_BLOCK_CHANNELS,
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=VAE_NORM_GROUPS,
+        norm_num_groups=norm_groups,
         sample_size=VAE_SAMPLE_SIZE,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
@@ -212,6 +214,7 @@ def _builders(vocab_size: int) -> dict:
     )
     return {
         "vae": lambda: tiny_vae(4, scaling_factor=0.18215),
+        "vae-demo": lambda: tiny_vae(4, scaling_factor=0.18215, norm_groups=1),  # see stages.demo.fit_vae
         "vae-flux": lambda: tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, quant_convs=False),
         "dino": lambda: Dinov2Model(Dinov2Config(**DINO_SIZES)),
         "dino-reg": lambda: Dinov2WithRegistersModel(

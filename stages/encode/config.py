@@ -21,7 +21,7 @@ class EncodeConfig:
         "", "Webdataset shards: path, brace pattern (data/cc12m-train-{0000..2175}.tar), glob or pipe: URL.",
         metavar="PATTERN",
     )
-    cache: Path = option(Path("cache/demo"), "Output cache directory.", metavar="DIR")
+    cache: Path = option(None, "Output cache directory.", metavar="DIR", required=True, default_text="required")
     resolution: int = option(256, "Centre-crop size in pixels (multiple of 16).", gt=0, multiple_of=16)
     vae: str = option("stabilityai/sd-vae-ft-ema", "AutoencoderKL: Hub id or local folder.", metavar="ID|DIR")
     vae_subfolder: str | None = option(None, "Subfolder of --vae holding the VAE (e.g. vae for FLUX.1).")

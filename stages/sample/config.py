@@ -20,7 +20,9 @@ GRID_MAX_IMAGES = 64  # the grid shows the first images only; a 50k-image grid h
 
 @dataclass
 class SamplingOptions:
-    run_dir: Path = option(Path("runs/demo"), "Run directory written by `repa train`.", metavar="DIR")
+    run_dir: Path = option(
+        None, "Run directory written by `repa train`.", metavar="DIR", required=True, default_text="required",
+    )
     checkpoint: Path | None = option(
         None, "Checkpoint file.", metavar="FILE", default_text="the newest in RUN_DIR/checkpoints",
     )

@@ -8,7 +8,6 @@ the same pixels. The VAE runs in float32.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -19,12 +18,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cache_schema import CacheError, Manifest, read_manifest
+from cache_schema import CacheError, CacheReader, Manifest, read_manifest
 from cache_schema.fsutil import atomic_write_json
 from stages.core.errors import UsageError
+from stages.core.grids import tile
 from stages.core.run_files import PREVIEW_DIR, read_run_config
 
 IMAGE_NAME = "{:06d}.png"
+PREVIEW_REFERENCE = "reference.png"
 PREVIEW_NAME = re.compile(r"^step-(\d{7,})\.pt$")
 
 #################################################################################
@@ -68,6 +69,20 @@ class LatentDecoder:
         return to_pixels(x)
 
 
+def real_images(cache: Path, ids, decoder: LatentDecoder) -> tuple[np.ndarray, list[str]]:
+    """Samples ``ids`` of ``cache`` decoded from their stored latents (the posterior mean) by ``decoder``:
+    uint8 (N, H, W, 3) and their captions (or class ids). What generated images can look like at best."""
+    from cache_schema import CacheReader
+
+    reader = CacheReader(cache)
+    samples = [reader.sample(int(i)) for i in ids]
+    channels = int(reader.manifest.latent["channels"])
+    mean = torch.from_numpy(np.stack([s["moments"][:channels] for s in samples]).astype(np.float32))
+    images = decoder((mean - decoder.shift) * decoder.scale).permute(0, 2, 3, 1).cpu().numpy()
+    captions = [s["caption"] or (f"class {int(s['label'])}" if int(s["label"]) >= 0 else "") for s in samples]
+    return images, captions
+
+
 def to_pixels(x: Tensor) -> Tensor:
     """[-1, 1] -> uint8 as official REPA: scale, clip, truncate (not round)."""
     return torch.clamp(255.0 * (x + 1) / 2, 0, 255).to(torch.uint8)
@@ -97,20 +112,54 @@ def save_png(image: Tensor | np.ndarray, path: Path) -> None:
 
 
 def grid_image(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2) -> Image.Image:
-    """HWC uint8 images tiled row by row on a white background (``columns`` default: a near square)."""
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
+    """HWC uint8 images tiled row by row on a white background (``columns`` default: no empty cell where
+    a near-square allows it)."""
+    return Image.fromarray(tile(images, columns, pad))
+
+
+CAPTION_CELL = 176  # pixels: small images are enlarged (nearest) to about this width so a caption fits below
+CAPTION_FONT = 11
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], pad: int = 4) -> Image.Image:
+    """HWC uint8 images tiled with each one's caption written below it (wrapped to the cell)."""
+    from PIL import ImageDraw, ImageFont
+
     h, w = images[0].shape[:2]
-    canvas = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for k, img in enumerate(images):
-        r, c = divmod(k, columns)
-        canvas.paste(Image.fromarray(img), (pad + c * (w + pad), pad + r * (h + pad)))
-    return canvas
+    scale = max(1, CAPTION_CELL // w)
+    w, h = w * scale, h * scale
+    font = ImageFont.load_default(size=CAPTION_FONT)
+    wrapped = [_wrap(c, font, w) for c in captions]
+    line_h = CAPTION_FONT + 3
+    text_h = line_h * max(len(lines) for lines in wrapped) + pad
+    cells = []
+    for image, lines in zip(images, wrapped):
+        cell = Image.new("RGB", (w, h + text_h), (255, 255, 255))
+        cell.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (0, 0))
+        draw = ImageDraw.Draw(cell)
+        for k, line in enumerate(lines):
+            draw.text((0, h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
+        cells.append(np.asarray(cell))
+    return Image.fromarray(tile(cells, pad=pad))
 
 
-def write_grid(files: Sequence[Path], out: Path) -> None:
-    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-    grid_image(images).save(out)
+def grid_picture(images: Sequence[np.ndarray], captions: Sequence[str] | None = None) -> Image.Image:
+    """The images as one grid; with ``captions`` (one per image, none empty), each written below its image."""
+    return captioned_grid(images, captions) if captions and all(captions) else grid_image(images)
+
+
+def write_grid(files: Sequence[Path], out: Path, captions: Sequence[str] | None = None) -> None:
+    grid_picture([np.asarray(Image.open(f).convert("RGB")) for f in files], captions).save(out)
 
 
 #################################################################################
@@ -151,14 +200,22 @@ def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = 
         log(f"{len(previews) - len(todo)} preview step(s) already decoded; --overwrite decodes them again")
     if not todo:
         return []
-    _, manifest = run_cache(run_dir, cache)
+    cache_dir, manifest = run_cache(run_dir, cache)
     decoder = LatentDecoder(manifest, device)
     written = []
     for path in todo:
         preview = load_preview(path)
         images = decoder(preview["latents"]).permute(0, 2, 3, 1).cpu().numpy()
         png = path.with_suffix(".png")
-        grid_image(list(images)).save(png)
+        grid_picture(list(images), preview["captions"]).save(png)
+        reference = path.parent / PREVIEW_REFERENCE
+        if overwrite or not reference.exists():  # the same held-out samples, real, through the same VAE
+            position = {str(k): i for i, k in enumerate(CacheReader(cache_dir).keys)}
+            ids = [position[k] for k in preview["keys"] if k in position]
+            if ids:
+                real, captions = real_images(cache_dir, ids, decoder)
+                grid_picture(list(real), captions).save(reference)
+                log(f"wrote {reference} (the previews' held-out samples through the same VAE)")
         atomic_write_json(path.with_suffix(".json"), {
             "step": preview["step"], "image": png.name,
             "images": [{"key": k, "caption": c, "label": lab}

@@ -127,10 +127,11 @@ def fid_metric(net: torch.jit.ScriptModule, device: torch.device):
 def reference_stats(held: HeldOut, where: dict[str, str], manifest, net, device: torch.device, batch_size: int,
                     rank: int = 0, world: int = 1) -> FeatureStats:
     """Statistics of the held-out source images (read where ``source_locations`` says); process ``rank``
-    reads every ``world``-th shard."""
+    reads every ``world``-th shard, several at once, with a progress bar on the main process."""
     fid = fid_metric(net, device)
     urls = sorted(set(held.sources))[rank::world]
-    for batch in image_batches(source_images(held, urls, manifest, where), batch_size):
+    images = source_images(held, urls, manifest, where, progress=rank == 0)
+    for batch in image_batches(images, batch_size):
         fid.update(batch.to(device), real=True)
     return FeatureStats.from_fid(fid)
 

@@ -11,15 +11,18 @@ read back with ``--reference``; any .npz with ``mu`` and ``sigma`` arrays of the
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from cache_schema import CacheReader, Manifest
 from cache_schema.sources import source_id
@@ -96,30 +99,45 @@ def source_locations(held: HeldOut, given: str | None) -> dict[str, str]:
     return out
 
 
-def source_images(held: HeldOut, urls: list[str], manifest: Manifest, where: dict[str, str]) -> Iterator[np.ndarray]:
+def _shard_images(url: str, where: str, keys: set[str], resolution: int, draft: bool) -> list[np.ndarray]:
+    """The held-out images of one shard, in shard order."""
+    missing, images = set(keys), []
+    for sample in iter_tar(where):
+        if sample["__key__"] not in missing:
+            continue
+        missing.discard(sample["__key__"])
+        # The sample passed encode's checks once; only its pixels are needed again.
+        out = prepare_sample(sample, resolution, sys.maxsize, draft)
+        if isinstance(out, Skipped):
+            raise UsageError(f"{url}: held-out sample {out.key} no longer decodes ({out.reason})")
+        images.append(out.image)
+        if not missing:
+            break
+    if missing:
+        raise UsageError(f"{url}: {len(missing)} held-out sample(s) not in the shard (first: {sorted(missing)[0]}); "
+                         "the source changed since encoding, so pass --reference FILE.npz")
+    return images
+
+
+def source_images(held: HeldOut, urls: list[str], manifest: Manifest, where: dict[str, str],
+                  workers: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
     """The held-out images of the given (recorded) shards, (res, res, 3) uint8, cropped as the cache was;
-    ``where`` says where each is read now (``source_locations``)."""
+    ``where`` says where each is read now (``source_locations``). Shards are read by ``workers`` threads at
+    once (tar reading and JPEG decoding release the GIL); images come in shard order all the same."""
     resolution = int(manifest.settings["resolution"])
     draft = manifest.settings["crop"] == crop_name(True)
     wanted: dict[str, set[str]] = defaultdict(set)
     for url, key in zip(held.sources, held.keys):
         wanted[url].add(key)
-    for url in urls:
-        missing = set(wanted[url])
-        for sample in iter_tar(where[url]):
-            if sample["__key__"] not in missing:
-                continue
-            missing.discard(sample["__key__"])
-            # The sample passed encode's checks once; only its pixels are needed again.
-            out = prepare_sample(sample, resolution, sys.maxsize, draft)
-            if isinstance(out, Skipped):
-                raise UsageError(f"{url}: held-out sample {out.key} no longer decodes ({out.reason})")
-            yield out.image
-            if not missing:
-                break
-        if missing:
-            raise UsageError(f"{url}: {len(missing)} held-out sample(s) not in the shard (first: {sorted(missing)[0]}); "
-                             "the source changed since encoding, so pass --reference FILE.npz")
+    workers = max(1, min(workers or os.cpu_count() or 1, len(urls)))
+    with ThreadPoolExecutor(workers) as pool, tqdm(
+        total=sum(len(wanted[u]) for u in urls), unit="img", desc="reference images", disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        # map() keeps shard order; each result is one shard's held-out images (a share of the shard).
+        for images in pool.map(lambda u: _shard_images(u, where[u], wanted[u], resolution, draft), urls):
+            bar.update(len(images))
+            yield from images
 
 
 def image_batches(images: Iterator[np.ndarray], batch_size: int) -> Iterator[Tensor]:

@@ -41,13 +41,17 @@ from .decode import (
     IMAGE_NAME,
     LatentDecoder,
     check_outputs,
+    grid_picture,
+    real_images,
     resolve_cache,
     save_png,
     write_grid,
 )
 
+REFERENCE_MAX_IMAGES = 16
 SIDECAR = "samples.json"
 GRID = "grid.png"
+REFERENCE = "reference.png"
 
 #################################################################################
 #                             Loading a trained run                             #
@@ -156,6 +160,10 @@ class Conditions:
     def describe(self, index: int) -> dict:
         return {}
 
+    def caption(self, index: int) -> str | None:
+        """What image ``index`` was asked to show, in words (None: unconditional)."""
+        return None
+
 
 class ClassConditions(Conditions):
     """Class ids; the null condition is the model's extra null class."""
@@ -172,6 +180,9 @@ class ClassConditions(Conditions):
 
     def describe(self, index: int) -> dict:
         return {"class": self.entry(index)}
+
+    def caption(self, index: int) -> str:
+        return f"class {self.entry(index)}"
 
 
 class PromptConditions(Conditions):
@@ -191,6 +202,9 @@ class PromptConditions(Conditions):
 
     def describe(self, index: int) -> dict:
         return {"prompt": self.entry(index)}
+
+    def caption(self, index: int) -> str:
+        return self.entry(index)
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -297,6 +311,18 @@ class ImageSampler:
         return self.decoder(self.latents(indices))
 
 
+def reference_images(run: LoadedRun, decoder: LatentDecoder, count: int) -> tuple[np.ndarray, list[str]]:
+    """Real images of the cache through the same VAE (the run's held-out samples, else its first ones),
+    uint8 (N, H, W, 3), and their captions: the best the samples can look with this VAE."""
+    from cache_schema import CacheReader
+    from stages.core.split import split_ids
+
+    reader = CacheReader(run.cache)
+    _, held = split_ids(reader.keys, float(run.train_config.get("val_fraction") or 0.0))
+    ids = held[:count] if len(held) else np.arange(min(count, len(reader)))
+    return real_images(run.cache, ids, decoder)
+
+
 #################################################################################
 #                                 `repa sample`                                 #
 #################################################################################
@@ -306,14 +332,15 @@ class ImageSampler:
 class SampleResult:
     out: Path
     images: list[Path]
-    grid: Path
+    grid: Path  # captioned with each image's prompt or class
     sidecar: Path
+    reference: Path  # real images of the cache through the same VAE, captioned
 
 
 def _clear_previous(out: Path) -> None:
-    """--overwrite: drop the images, grid and sidecar of an earlier run, so no stale image survives."""
+    """--overwrite: drop the images, grids and sidecar of an earlier run, so no stale image survives."""
     for p in out.iterdir():
-        if re.fullmatch(r"\d{6}\.png", p.name) or p.name in (GRID, SIDECAR):
+        if re.fullmatch(r"\d{6}\.png", p.name) or p.name in (GRID, REFERENCE, SIDECAR):
             p.unlink()
 
 
@@ -333,8 +360,8 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     run = load_run(cfg.run_dir, cfg.checkpoint, cfg.cache, cfg.ema, device)
     out = Path(cfg.out) if cfg.out is not None else Path(cfg.run_dir) / "samples" / f"step-{run.step:07d}"
     files = [out / IMAGE_NAME.format(i) for i in range(cfg.num_samples)]
-    grid, sidecar = out / GRID, out / SIDECAR
-    check_outputs([*files, grid, sidecar], cfg.overwrite)
+    grid, sidecar, reference = out / GRID, out / SIDECAR, out / REFERENCE
+    check_outputs([*files, grid, sidecar, reference], cfg.overwrite)
     if main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +387,12 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
             bar.update(len(batch))
     state.wait_for_everyone()
     if main:
-        write_grid(files[:GRID_MAX_IMAGES], grid)
-        atomic_write_json(sidecar, {"images": sidecar_entries(cfg, run, conditions)})
-        log(f"wrote {len(files)} images, {grid.name} and {sidecar.name} to {out}")
-    return SampleResult(out, files, grid, sidecar)
+        shown = files[:GRID_MAX_IMAGES]
+        write_grid(shown, grid, [conditions.caption(i) for i in range(len(shown))])
+        real, real_captions = reference_images(run, sampler.decoder, min(len(shown), REFERENCE_MAX_IMAGES))
+        grid_picture(list(real), real_captions).save(reference)
+        atomic_write_json(sidecar, {"images": sidecar_entries(cfg, run, conditions), "grid": grid.name,
+                                    "reference": reference.name})
+        log(f"wrote {len(files)} images, {grid.name}, {reference.name} (real images through the same VAE) and "
+            f"{sidecar.name} to {out}")
+    return SampleResult(out, files, grid, sidecar, reference)

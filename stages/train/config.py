@@ -17,14 +17,18 @@ TIME_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine", "seed-cosine")
 PARAM_GROUPS = ("uniform", "seed-mup")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
-TRACKERS = ("tensorboard", "wandb", "none")
+TRACKERS = ("tensorboard", "wandb", "all", "none")
 
 
 @dataclass
 class TrainConfig:
-    cache: Path = option(Path("cache/demo"), "Feature cache written by `repa encode` (read-only).", metavar="DIR")
+    cache: Path = option(
+        None, "Feature cache written by `repa encode` (read-only).", metavar="DIR", required=True,
+        default_text="required",
+    )
     run_dir: Path = option(
-        Path("runs/demo"), "Run directory: checkpoints, metrics.jsonl, curves.png, tensorboard logs.", metavar="DIR",
+        None, "Run directory: checkpoints, metrics.jsonl, curves.png, tracker logs.", metavar="DIR", required=True,
+        default_text="required",
     )
     # -- model ------------------------------------------------------------------------------------
     model: str | None = option(
@@ -130,8 +134,13 @@ class TrainConfig:
         0, "Steps between saved preview latents (decode with `repa decode-previews`; 0: off).", ge=0,
     )
     report_to: str = option(
-        "tensorboard", "tensorboard, wandb or none (metrics.jsonl is always written).", choices=TRACKERS,
+        "tensorboard", "Trackers (accelerate's): tensorboard (RUN_DIR/tb), wandb (RUN_DIR/wandb; pip install "
+        "'.[wandb]'), all (tensorboard, and wandb when installed) or none; metrics.jsonl is always written.",
+        choices=TRACKERS,
     )
+    tracker_project: str = option("repa", "Project the run is logged under (wandb).", metavar="NAME")
+    run_name: str | None = option(None, "Name of the run in the trackers.", metavar="NAME",
+                                  default_text="the run directory's name")
     resume: bool = option(False, "Continue from the newest checkpoint in --run-dir.", flags=("--resume",))
     resume_from: Path | None = option(None, "Continue from this checkpoint file.", metavar="FILE")
     overwrite: bool = option(False, "Delete an existing --run-dir first.", flags=("--overwrite",))
@@ -189,8 +198,8 @@ class TrainConfig:
 # Settings that may change when a run resumes: bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "run_dir", "cache", "num_workers", "log_every", "val_every", "ckpt_every", "keep_checkpoints",
-     "preview_every", "report_to", "resume", "resume_from", "overwrite", "max_val_samples", "compile",
-     "allow_partial"}
+     "preview_every", "report_to", "tracker_project", "run_name", "resume", "resume_from", "overwrite",
+     "max_val_samples", "compile", "allow_partial"}
 )
 
 

@@ -44,10 +44,10 @@ from stages.core.threads import set_threads
 
 from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
-from .metrics import TrainWindow, append_metrics, truncate_metrics, write_curves
+from .metrics import TrainWindow, append_metrics, tracker_values, truncate_metrics, write_curves
 from .optim import make_optimizer, write_parameter_table
 from .prefetch import DevicePrefetcher
-from .previews import Previewer
+from .previews import Previewer, latent_grid
 from .setup import (
     build_model_config,
     check_resume,
@@ -57,6 +57,7 @@ from .setup import (
     select_training,
     training_parts,
 )
+from .trackers import log_image, make_trackers, start_trackers
 from .validation import Validator
 
 #################################################################################
@@ -88,7 +89,7 @@ def make_accelerator(cfg: TrainConfig):
 
     accelerator = Accelerator(
         mixed_precision=resolve_precision(cfg.mixed_precision),
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        log_with=make_trackers(cfg) or None,
         project_dir=str(cfg.run_dir),
         cpu=not torch.cuda.is_available(),
     )
@@ -251,12 +252,22 @@ class RateClock:
         return rate
 
 
+def peak_memory(device: torch.device) -> dict:
+    """The peak GPU memory since the previous log line, in GiB (nothing on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"gpu_mem_gib": peak}
+
+
 class Logbook:
     """Where the main process sends numbers: metrics.jsonl, curves.png, the trackers and the progress bar."""
 
     def __init__(self, cfg: TrainConfig, accelerator, start_step: int):
         self.run_dir, self.accelerator = Path(cfg.run_dir), accelerator
         self.main = accelerator.is_main_process
+        self.repa = cfg.repa_lambda > 0
         self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not self.main, dynamic_ncols=True,
                         desc="train")
 
@@ -266,19 +277,24 @@ class Logbook:
     def train(self, step: int, record: dict) -> None:
         if self.main:
             append_metrics(self.run_dir, {"kind": "train", "step": step, **record})
-            self.accelerator.log({f"train/{k}": v for k, v in record.items() if isinstance(v, float)}, step=step)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}", refresh=False)
+            self.accelerator.log(tracker_values("train", record, self.repa), step=step)
+            # The loss and the REPA term apart: their weighted sum (denoise - lambda * cos) reads as nothing.
+            shown = {"denoise": f"{record['denoise']:.4f}"}
+            if self.repa:
+                shown["repa_cos"] = f"{record['repa_cos']:.3f}"
+            self.bar.set_postfix(**shown, img_s=f"{record['img_per_s']:.0f}", refresh=False)
 
     def validation(self, step: int, metrics: dict) -> dict:
         if self.main:
             append_metrics(self.run_dir, {"kind": "val", "step": step, **metrics})
             write_curves(self.run_dir)
-            self.accelerator.log({f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
-            self.accelerator.log({f"val_bins/denoise_t{i}": v for i, v in enumerate(metrics["denoise_bins"])},
-                                 step=step)
+            self.accelerator.log(tracker_values("val", metrics, self.repa), step=step)
             self.bar.write(f"step {step}: val denoise {metrics['denoise']:.4f}"
                            + (f", REPA cosine {metrics['repa_cos']:.3f}" if "repa_cos" in metrics else ""))
         return metrics
+
+    def previews(self, step: int, latents: torch.Tensor) -> None:
+        log_image(self.accelerator, "previews/latent_channels_rgb", latent_grid(latents), step)
 
     def __enter__(self) -> Logbook:
         return self
@@ -390,9 +406,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
             + f", batch {cfg.batch_size} = {world} proc x {cfg.grad_accum} accum x {micro}"
             + (f" ({micro // cfg.batch_multiplicity} distinct x {cfg.batch_multiplicity})"
                if cfg.batch_multiplicity > 1 else "") + f", device {device}")
-    if cfg.report_to != "none":
-        accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                for k, v in cfg.to_json().items()})
+    start_trackers(accelerator, cfg)
 
     # -- the loop ---------------------------------------------------------------------------------
     with Logbook(cfg, accelerator, start_step) as logbook:
@@ -416,12 +430,14 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 stop_if_diverged(trainer, step, last_good, cfg.run_dir)
                 logbook.train(step, {**trainer.window.record(logbook.sum_over_processes),
-                                     "lr": trainer.scheduler.get_last_lr()[0], "img_per_s": clock.rate(step, cfg.batch_size)})
+                                     "lr": trainer.scheduler.get_last_lr()[0], "img_per_s": clock.rate(step, cfg.batch_size),
+                                     **peak_memory(device)})
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val_metrics = validate(step)
             if previewer is not None and step % cfg.preview_every == 0:
                 with accelerator.autocast():
-                    previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)
+                    latents = previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)
+                logbook.previews(step, latents)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 stop_if_diverged(trainer, step, last_good, cfg.run_dir)  # a checkpoint is only ever a good one
                 if main:

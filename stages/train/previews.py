@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from stages.core.codec import features_to_device
+from stages.core.grids import tile
 from stages.core.run_files import PREVIEW_DIR
 from stages.core.samplers import euler_ode
 from stages.core.seeding import generator
@@ -36,7 +37,8 @@ class Previewer:
         self.noise = torch.randn(len(self.ids), c, s, s, generator=generator(PREVIEW_SEED))
 
     @torch.no_grad()
-    def save(self, model, conditioner, step: int, run_dir: Path, device: torch.device) -> Path:
+    def save(self, model, conditioner, step: int, run_dir: Path, device: torch.device) -> torch.Tensor:
+        """Sample and save the preview latents of ``step``; returns them (on the CPU)."""
         batch = features_to_device(self.dataset.__getitems__(self.ids), device)
         cond = conditioner(batch)
 
@@ -48,4 +50,19 @@ class Previewer:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"step": step, "latents": latents.cpu(), "latent": self.latent, "keys": self.keys,
                     "captions": self.captions, "labels": self.labels}, path)
-        return path
+        return latents.cpu()
+
+
+def latent_grid(latents: torch.Tensor, min_side: int = 64) -> np.ndarray:
+    """The first three latent channels of each preview as RGB, tiled: a look at the previews without a VAE
+    (training loads none). Each channel is stretched over its 1st-99th percentile across the batch and
+    upsampled (nearest) to at least ``min_side`` pixels."""
+    x = latents.float()[:, :3]
+    if x.shape[1] < 3:
+        x = x.repeat(1, 3, 1, 1)[:, :3]
+    flat = x.transpose(0, 1).flatten(1)
+    lo, hi = flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
+    x = ((x - lo[None, :, None, None]) / (hi - lo).clamp_min(1e-6)[None, :, None, None]).clamp(0, 1)
+    scale = max(1, -(-min_side // x.shape[-1]))
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    return tile(list((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()))

@@ -156,7 +156,7 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     """A fixed-width comparison table, one row per run, best final validation loss first."""
     evals = [(key, title, spec) for key, title, spec in EVAL_COLUMNS if any((r.evaluation or {}).get(key) is not None for r in reports)]
     header = ["run", "params", "steps", "val final", "val best", *(f"t {lo:.1f}-{hi:.1f}" for lo, hi in T_RANGES),
-              "REPA cos", "targets", "img/s", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
+              "REPA cos", "targets", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
     rows = []
     for r in reports:
         ev = r.evaluation or {}
@@ -169,7 +169,6 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
             *(_fmt(v, "{:.4f}") for v in bin_ranges(r.final_bins)),
             _fmt(r.repa_cos, "{:.3f}"),
             r.targets or "-",
-            _fmt(r.img_per_s, "{:.0f}"),
             *(_fmt(ev.get(key), spec) for key, _, spec in evals),
             *([_fmt(ev.get("step"), "{}")] if evals else []),
         ])
@@ -186,39 +185,137 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     return "\n".join(out)
 
 
-def plot_report(reports: list[RunReport], path: Path) -> None:
-    """Validation loss over steps for every run, and each run's final validation loss per t-bin."""
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _value_text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _value_order(text: str) -> tuple:
+    """Numbers in numeric order, then anything else alphabetically."""
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+@dataclass
+class RunStyles:
+    """How each run is drawn: colour for the first setting that differs, line style for the second, marker
+    for the third; runs that differ in no setting get a colour each."""
+
+    axes: list[str]
+    values: dict[str, list[str]]  # the values each of ``axes`` takes, in order
+    styles: list[dict]
+    legend: list[tuple[str, dict]]  # (label, line properties) explaining colours, styles and markers
+
+    @classmethod
+    def of(cls, reports: list[RunReport], differ: list[str]) -> RunStyles:
+        import matplotlib.pyplot as plt
+
+        # Settings with more values first, so a 3 x 2 grid colours the 3 and dashes the 2.
+        axes = sorted(differ, key=lambda k: -len({_value_text(r.config.get(k)) for r in reports}))[:3]
+        if not axes:
+            cmap = plt.get_cmap("tab10" if len(reports) <= 10 else "tab20")
+            styles = [dict(color=cmap(i % cmap.N), ls="-", marker="o") for i in range(len(reports))]
+            return cls([], {}, styles, [(r.run, s) for r, s in zip(reports, styles)])
+        values = {k: sorted({_value_text(r.config.get(k)) for r in reports}, key=_value_order) for k in axes}
+        cmap = plt.get_cmap("viridis")
+        n = len(values[axes[0]])
+        colour = {v: cmap(0.85 * i / max(n - 1, 1)) for i, v in enumerate(values[axes[0]])}
+        dash = {v: LINE_STYLES[i % len(LINE_STYLES)] for i, v in enumerate(values[axes[1]])} if len(axes) > 1 else {}
+        mark = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(values[axes[2]])} if len(axes) > 2 else {}
+        styles = []
+        for r in reports:
+            v = [_value_text(r.config.get(k)) for k in axes]
+            styles.append(dict(color=colour[v[0]], ls=dash.get(v[1], "-") if len(v) > 1 else "-",
+                               marker=mark.get(v[2], "o") if len(v) > 2 else "o"))
+        legend = [(f"{axes[0]} = {v}", dict(color=c, ls="-", marker="o")) for v, c in colour.items()]
+        legend += [(f"{axes[1]} = {v}", dict(color="0.3", ls=d, marker="")) for v, d in dash.items()]
+        legend += [(f"{axes[2]} = {v}", dict(color="0.3", ls="", marker=m)) for v, m in mark.items()]
+        return cls(axes, values, styles, legend)
+
+
+def _zoom(ax, values: list[float], pad: float = 0.08) -> None:
+    """A y-range around ``values`` only, so differences between runs fill the panel."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    margin = (hi - lo) * pad or abs(hi) * 0.02 or 0.01
+    ax.set_ylim(lo - margin, hi + margin)
+
+
+def plot_report(reports: list[RunReport], path: Path, differ: list[str] | None = None) -> None:
+    """Three panels: validation loss over steps (the untrained step-0 point left out, so the y-range shows
+    the differences that matter), the final validation loss of each run against the settings that differ,
+    and each run's final loss per t-bin relative to the mean over runs. Colours and line styles stand for
+    the settings that differ (``differ``), explained in one legend below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    legend_rows = (len(reports) + 2) // 3
-    height = 4.5 + 0.22 * legend_rows
-    fig, (curves, bins) = plt.subplots(1, 2, figsize=(13, height))
-    colours = plt.get_cmap("tab10" if len(reports) <= 10 else "tab20")
-    for i, r in enumerate(reports):
-        colour = colours(i % colours.N)
-        if r.val_curve:
-            steps, losses = zip(*r.val_curve)
-            curves.plot(steps, losses, "o-", ms=3, color=colour, label=r.run)
-        points = [((j + 0.5) / len(r.final_bins), b) for j, b in enumerate(r.final_bins) if b is not None]
+    look = RunStyles.of(reports, differ or [])
+    fig, (curves, finals, bins) = plt.subplots(1, 3, figsize=(16, 5.2))
+
+    trained = []
+    step0 = [loss for r in reports for step, loss in r.val_curve if step == 0]
+    for r, style in zip(reports, look.styles):
+        points = [(s, v) for s, v in r.val_curve if s > 0]
         if points:
-            bins.plot(*zip(*points), "o-", ms=3, color=colour, label=r.run)
-    curves.set_xlabel("step")
-    curves.set_ylabel("validation denoising loss")
-    losses = [loss for r in reports for _, loss in r.val_curve]
-    if losses and max(losses) > 3 * min(losses):  # log only where it helps: narrow ranges read better linear
-        curves.set_yscale("log")
-    curves.set_title("validation loss")
-    bins.set_xlabel("t (0 = data, 1 = noise)")
-    bins.set_ylabel("validation denoising loss")
-    bins.set_yscale("log")  # the loss falls by an order of magnitude from t = 0 to t = 1
-    bins.set_title("final validation loss by t")
-    handles, labels = curves.get_legend_handles_labels()
-    if labels:
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.22 * legend_rows / height, 1, 1))
+            curves.plot(*zip(*points), ms=3, lw=1.3, **style)
+            trained += [v for _, v in points]
+    _zoom(curves, trained)
+    curves.set(xlabel="step", ylabel="validation denoising loss", title="validation loss"
+               + (f" (step 0, untrained: {min(step0):.3g}-{max(step0):.3g}, not shown)" if step0 else ""))
+    curves.title.set_fontsize(9)
+
+    # Final validation loss against the first setting that differs, a line per value of the second.
+    first = look.axes[0] if look.axes else None
+    xs = look.values[first] if first else [r.run for r in reports]
+    lines: dict[tuple, list] = {}
+    for r, style in zip(reports, look.styles):
+        if r.final_val is None:
+            continue
+        x = xs.index(_value_text(r.config.get(first))) if first else xs.index(r.run)
+        rest = tuple(_value_text(r.config.get(k)) for k in look.axes[1:])
+        lines.setdefault(rest, []).append((x, r.final_val, style))
+    for points in lines.values():
+        points.sort()
+        finals.plot([p[0] for p in points], [p[1] for p in points], color="0.6", ls=points[0][2]["ls"], lw=1, zorder=1)
+        for x, y, style in points:
+            finals.plot([x], [y], ls="", ms=7, zorder=2, **{k: v for k, v in style.items() if k != "ls"})
+    finals.set_xticks(range(len(xs)), xs, rotation=0 if first else 30, ha="center" if first else "right", fontsize=8)
+    _zoom(finals, [r.final_val for r in reports if r.final_val is not None], pad=0.15)
+    finals.set(xlabel=first or "run", ylabel="final validation denoising loss", title="final validation loss")
+
+    # Per t-bin, relative to the mean over runs: the loss spans an order of magnitude across t, ratios do not.
+    width = max((len(r.final_bins) for r in reports), default=0)
+    means = []
+    for j in range(width):
+        vals = [r.final_bins[j] for r in reports if j < len(r.final_bins) and r.final_bins[j] is not None]
+        means.append(sum(vals) / len(vals) if vals else None)
+    ratios = []
+    for r, style in zip(reports, look.styles):
+        pts = [((j + 0.5) / len(r.final_bins), b / means[j]) for j, b in enumerate(r.final_bins)
+               if b is not None and means[j]]
+        if pts:
+            bins.plot(*zip(*pts), ms=3, lw=1.2, **style)
+            ratios += [y for _, y in pts]
+    bins.axhline(1.0, color="0.5", lw=0.8)
+    _zoom(bins, ratios + [1.0])
+    bins.set(xlabel="t (0 = data, 1 = noise)", ylabel="final validation loss / mean over runs",
+             title="final validation loss by t, relative")
+
+    handles = [Line2D([], [], **props) for _, props in look.legend]
+    if handles:
+        fig.legend(handles, [label for label, _ in look.legend], loc="lower center", fontsize=9, frameon=False,
+                   ncol=min(len(handles), 6))
+    rows = -(-len(handles) // 6)
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
