@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema import FastReader
-from cache_schema.plain_arrays import read_utf8
+from cache_schema.integrity import damaged
+from cache_schema.plain_arrays import PlainReadError, read_utf8
 
 PARTS_PER_WORKER = 64  # a worker costs ~1-2 s to start; below this many parts one process does it
 
@@ -38,7 +39,8 @@ def split_cache(reader: FastReader, val_fraction: float, salt: str = "val",
     """``split_ids`` of every key of the parts ``reader`` reads, hashed in up to ``workers`` processes
     (default: the cores this process may use, one per ``PARTS_PER_WORKER`` parts)."""
     _check_fraction(val_fraction)
-    paths = reader.array_paths("key")
+    paths = list(zip(reader.array_paths("key"), ({"name": p["name"], "source": p["source"]}
+                                                  for p in reader.manifest.parts)))
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), len(paths) // PARTS_PER_WORKER)
     if workers <= 1:
@@ -48,8 +50,8 @@ def split_cache(reader: FastReader, val_fraction: float, salt: str = "val",
         # spawn: the training process has used tensorstore, whose forked children abort
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             hashed = list(pool.map(_hash_parts, groups, [salt] * len(groups)))
-    by_path = {path: u for group, us in zip(groups, hashed) for path, u in zip(group, us)}
-    u = np.concatenate([by_path[path] for path in paths] + [np.zeros(0)])
+    by_path = {path: u for group, us in zip(groups, hashed) for (path, _), u in zip(group, us)}
+    u = np.concatenate([by_path[path] for path, _ in paths] + [np.zeros(0)])
     return _split(u, val_fraction)
 
 
@@ -64,8 +66,16 @@ def _unit_hashes(utf8_keys, salt: str) -> np.ndarray:
     return np.frombuffer(digests, "<u8").astype(np.float64) / 2.0**64
 
 
-def _hash_parts(paths: list[Path], salt: str) -> list[np.ndarray]:
-    return [_unit_hashes(read_utf8(path), salt) for path in paths]
+def _hash_parts(parts: list[tuple[Path, dict]], salt: str) -> list[np.ndarray]:
+    """Unit hashes of the keys of each (key array, part record); a damaged array names its part."""
+    out = []
+    for path, rec in parts:
+        try:
+            keys = read_utf8(path)
+        except PlainReadError as e:
+            raise damaged(rec, f"key cannot be read ({e})") from None
+        out.append(_unit_hashes(keys, salt))
+    return out
 
 
 def _check_fraction(val_fraction: float) -> None:

@@ -46,6 +46,7 @@ from .config import EncodeConfig
 from .part_sink import PartSink
 from .plan import Shard, identify
 from .source import ShardEnd, ShardStream
+from .summary import EncodeSummary
 
 
 def check_target_name(name: str, manifest: Manifest) -> str:
@@ -144,8 +145,6 @@ def _encode_batch(enc: TargetEncoder, name: str, images: torch.Tensor, codec: st
 
 def run_add_target(cfg: EncodeConfig, log=print):
     from accelerate import PartialState
-
-    from .run import EncodeSummary
 
     cache = Path(cfg.cache)
     manifest = read_manifest(cache)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,21 +36,7 @@ from .dry_run import dry_run, samples_per_shard
 from .part_sink import PartSink, SinkStats
 from .plan import claim_shards, identify, make_plan
 from .source import ShardStream
-
-
-@dataclass
-class EncodeSummary:
-    encoded: int = 0
-    parts: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
-    steady_rate: float = 0.0  # img/s of this process from its first batch to its last (no start-up, no final commits)
-    cache_samples: int = 0
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+from .summary import EncodeSummary
 
 
 def encoder_spec(cfg: EncodeConfig) -> EncoderSpec:
