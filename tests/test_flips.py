@@ -184,9 +184,6 @@ def test_training_with_flip_resumes_bit_exactly(flip_cache, tmp_path):
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "step-0000006.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    run_train(tiny_train(flip_cache.cache, tmp_path / "plain", **{**kw, "flip": False}))
-    c = torch.load(tmp_path / "plain" / "checkpoints" / "step-0000006.pt", weights_only=True)
-    assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])  # the flips were trained on
     with pytest.raises(UsageError, match=r"settings differ \(flip: True -> False"):
         run_train(tiny_train(flip_cache.cache, tmp_path / "resumed", **{**kw, "steps": 9, "flip": False}, resume=True))
 
