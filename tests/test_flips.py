@@ -128,6 +128,8 @@ def test_an_added_target_stores_its_flipped_tokens_too(flip_cache, tiny_models):
     for name in ("", "_scale", "_cls"):
         for suffix in ("", "_flip"):
             np.testing.assert_array_equal(reader.read(f"same{name}{suffix}", ids), reader.read(f"dino{name}{suffix}", ids))
+    with pytest.raises(UsageError, match="already has a field"):  # its tokens would be the flipped ones of "same"
+        _add(flip_cache, "same_flip", tiny_models["dino"])
 
 
 # -- train -----------------------------------------------------------------------------------------
