@@ -128,8 +128,14 @@ def test_an_added_target_stores_its_flipped_tokens_too(flip_cache, tiny_models):
     for name in ("", "_scale", "_cls"):
         for suffix in ("", "_flip"):
             np.testing.assert_array_equal(reader.read(f"same{name}{suffix}", ids), reader.read(f"dino{name}{suffix}", ids))
-    with pytest.raises(UsageError, match="already has a field"):  # its tokens would be the flipped ones of "same"
-        _add(flip_cache, "same_flip", tiny_models["dino"])
+    # a target "foo_flip" holds the field foo_flip, which a target "foo" would write its flipped tokens to
+    from stages.encode.add_target import check_target_name
+
+    manifest = read_manifest(flip_cache.cache)
+    manifest.targets = {**manifest.targets, "foo_flip": {"fields": {"foo_flip": {}, "foo_flip_flip": {}}}}
+    with pytest.raises(UsageError, match="already has a field"):
+        check_target_name("foo", manifest)
+    assert check_target_name("foo2", manifest) == "foo2"
 
 
 # -- train -----------------------------------------------------------------------------------------
