@@ -48,6 +48,8 @@ def describe(manifest: Manifest) -> list[str]:
         f"status       {m.completeness()}",
         f"fingerprint  {m.fingerprint}  (schema v{m.schema_version})",
         f"resolution   {s['resolution']}  crop={s['crop']}  dtype={s['dtype']}  codec={s['feature_codec']}",
+        "flips        " + ("on: moments and every target also stored for the horizontally flipped crop (*_flip)"
+                           if m.flips else "off"),
         f"vae          {_src(m, 'vae')}  latent {m.latent['channels']}x{m.latent['size']}x{m.latent['size']}"
         f"  scale={m.latent['scaling_factor']} shift={m.latent['shift_factor']}",
         f"dino         {_src(m, 'dino')}  {m.dino['tokens']} tokens x {m.dino['dim']}  grid {m.dino['grid']}",

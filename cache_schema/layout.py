@@ -82,10 +82,12 @@ def cache_fields(
     codec: str,
     similarity: bool = False,
     class_tokens: int = 0,
+    flips: bool = False,
 ) -> dict[str, Field]:
     """The arrays every part of a cache with these dimensions holds (``similarity``: encoded with an
-    image-text similarity model; ``class_tokens``: DINOv2's class and register tokens stored too). Readers ask for the fields they know, so a field added here never
-    breaks a reader that does not know it."""
+    image-text similarity model; ``class_tokens``: DINOv2's class and register tokens stored too; ``flips``:
+    the image features of the horizontally flipped crop stored too, see ``flip_fields``). Readers ask for the
+    fields they know, so a field added here never breaks a reader that does not know it."""
     if codec not in FEATURE_CODECS:
         raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
     feat = "int8" if codec == "int8" else "float16"
@@ -115,6 +117,9 @@ def cache_fields(
     if similarity:
         fields.append(Field("similarity", "float32", (), sharded=False,
                             doc="cosine similarity of image and caption embeddings of the similarity model"))
+    if flips:
+        image = [f for f in fields if f.name in ("moments", FIRST_TARGET) or f.name.startswith(f"{FIRST_TARGET}_")]
+        fields += flip_fields(image)
     return {f.name: f for f in fields}
 
 
@@ -124,9 +129,11 @@ TARGET_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
 FIRST_TARGET = "dino"
 
 
-def target_fields(name: str, tokens: int, dim: int, codec: str, class_tokens: int = 0) -> dict[str, Field]:
+def target_fields(name: str, tokens: int, dim: int, codec: str, class_tokens: int = 0,
+                  flips: bool = False) -> dict[str, Field]:
     """The arrays of an added target's parts: the sample key (to check the alignment with the cache's
-    parts), the patch tokens, their int8 scales, and with ``class_tokens`` the class (+ register) tokens."""
+    parts), the patch tokens, their int8 scales, with ``class_tokens`` the class (+ register) tokens, and
+    with ``flips`` each of those for the horizontally flipped crop."""
     if codec not in FEATURE_CODECS:
         raise ValueError(f"unknown feature codec {codec!r}; choose one of {', '.join(FEATURE_CODECS)}")
     feat = "int8" if codec == "int8" else "float16"
@@ -137,7 +144,25 @@ def target_fields(name: str, tokens: int, dim: int, codec: str, class_tokens: in
     if codec == "int8":
         fields.append(Field(f"{name}_scale", "float16", (tokens,), doc=f"per-token absmax/127 of {name}"))
     fields += class_token_fields(name, dim, class_tokens)
+    if flips:
+        fields += flip_fields([f for f in fields if f.name != "key"])
     return {f.name: f for f in fields}
+
+
+# The image features of a cache encoded with flips have a twin holding them for the horizontally flipped crop
+# (the same crop, mirrored): ``<field>_flip``, same dtype and shape. Captions, labels and similarity have none.
+FLIP_SUFFIX = "_flip"
+
+
+def flip_name(name: str) -> str:
+    """The field holding ``name``'s features of the flipped crop."""
+    return name + FLIP_SUFFIX
+
+
+def flip_fields(fields: list[Field]) -> list[Field]:
+    """The flipped twin of each of ``fields``."""
+    return [Field(flip_name(f.name), f.dtype, f.inner_shape, f.per_sample, f.sharded,
+                  doc=f"{f.name} of the horizontally flipped crop") for f in fields]
 
 
 def class_token_fields(name: str, dim: int, class_tokens: int) -> list[Field]:

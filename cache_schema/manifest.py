@@ -49,8 +49,9 @@ FINGERPRINT_KEYS = (
 # Settings added after caches existed: in the fingerprint only when set, so that a cache made before them
 # (or without them) keeps its fingerprint. filters: what decides which samples are stored; similarity_model:
 # the model whose similarity is stored per sample (and filtered on).
-# class_tokens: DINOv2's class and register tokens are stored too.
-OPTIONAL_FINGERPRINT_KEYS = ("filters", "similarity_model", "class_tokens")
+# class_tokens: DINOv2's class and register tokens are stored too. flips: the image features of the flipped
+# crop are stored too (a cache with flips holds other fields: another cache).
+OPTIONAL_FINGERPRINT_KEYS = ("filters", "similarity_model", "class_tokens", "flips")
 
 
 def fingerprint(settings: dict) -> str:
@@ -134,6 +135,11 @@ class Manifest:
     @property
     def codec(self) -> str:
         return self.settings["feature_codec"]
+
+    @property
+    def flips(self) -> bool:
+        """Whether the image features of the horizontally flipped crop are stored too (``<field>_flip``)."""
+        return bool(self.settings.get("flips"))
 
     @property
     def shard_size(self) -> int:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cache_schema import CacheError, PartWriter, field_to_json, read_manifest
 from cache_schema.claims import Heartbeat, Owner, claim, describe_holder, release
-from cache_schema.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, target_fields
+from cache_schema.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
 from cache_schema.manifest import (
     Manifest,
     read_records,
@@ -54,7 +54,8 @@ def check_target_name(name: str, manifest: Manifest) -> str:
         raise UsageError(f"--add-target {name!r}: a target name is lower-case letters, digits, '.', '_' or '-' "
                          "(e.g. clip-l)")
     taken = set(manifest.fields) | {f for t, e in manifest.targets.items() if t != name for f in e["fields"]}
-    if name == FIRST_TARGET or taken & {name, f"{name}_scale", f"{name}_cls"}:
+    mine = {name, f"{name}_scale", f"{name}_cls"}
+    if name == FIRST_TARGET or taken & (mine | {flip_name(n) for n in mine}):
         raise UsageError(f"--add-target {name}: the cache already has a field of that name; choose another name")
     return name
 
@@ -65,7 +66,9 @@ def target_entry(name: str, enc: TargetEncoder, cfg: EncodeConfig, manifest: Man
     settings = {"model": enc.identity(), "preprocess": enc.preprocess, "crop": manifest.settings["crop"],
                 "resolution": manifest.settings["resolution"], "class_tokens": enc.class_tokens,
                 "dtype": dtype, "feature_codec": codec, "cache": manifest.fingerprint}
-    fields = target_fields(name, enc.tokens, enc.dim, codec, enc.class_tokens)
+    if manifest.flips:
+        settings["flips"] = True
+    fields = target_fields(name, enc.tokens, enc.dim, codec, enc.class_tokens, manifest.flips)
     return {"settings": settings, "fingerprint": target_fingerprint(settings), **enc.info(),
             "fields": {n: field_to_json(f) for n, f in fields.items()},
             "encoder": ModelSource(cfg.target_model).to_json()}
@@ -126,8 +129,8 @@ def _part_keys(cache: Path, part: dict) -> tuple[np.ndarray, np.ndarray]:
     return group["key"][:], group["source_index"][:]
 
 
-def _encode_batch(enc: TargetEncoder, name: str, images: torch.Tensor, codec: str) -> dict:
-    x = images.to(enc.device, non_blocking=True).permute(0, 3, 1, 2)
+def _target_features(enc: TargetEncoder, name: str, x: torch.Tensor, codec: str) -> dict:
+    """The target's tokens of ``x`` (uint8, B, 3, res, res) as stored."""
     patches, cls = enc.encode(x)
     out = {}
     if codec == "int8":
@@ -136,7 +139,15 @@ def _encode_batch(enc: TargetEncoder, name: str, images: torch.Tensor, codec: st
         out[name] = patches.to(torch.float16)
     if cls is not None:
         out[f"{name}_cls"] = cls.to(torch.float16)
-    bad = torch.zeros(len(patches), dtype=torch.bool, device=patches.device)
+    return out
+
+
+def _encode_batch(enc: TargetEncoder, name: str, images: torch.Tensor, codec: str, flips: bool = False) -> dict:
+    x = images.to(enc.device, non_blocking=True).permute(0, 3, 1, 2)
+    out = _target_features(enc, name, x, codec)
+    if flips:  # the cache's flipped features are of the same crop mirrored left-right: so are the target's
+        out.update({flip_name(k): v for k, v in _target_features(enc, name, x.flip(3), codec).items()})
+    bad = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for t in out.values():
         bad |= ~torch.isfinite(t.float()).flatten(1).all(dim=1)
     out["nonfinite"] = bad.to(torch.uint8) * 2  # NONFINITE_BITS["dino"]: "dino" names the target's tokens
@@ -149,9 +160,14 @@ def run_add_target(cfg: EncodeConfig, log=print):
     cache = Path(cfg.cache)
     manifest = read_manifest(cache)
     name = check_target_name(cfg.add_target, manifest)
+    if cfg.flips and not manifest.flips:
+        raise UsageError(f"--add-target {name} --flips: {cache} was encoded without --flips; an added target stores "
+                         "flipped tokens exactly when the cache does: drop --flips, or re-encode the cache with --flips")
     if cfg.dry_run:
         return EncodeSummary(lines=[f"would add target {name} ({cfg.target_model}) to the {manifest.num_samples} "
-                                    f"samples of {len(manifest.parts)} part(s) of {cache}"])
+                                    f"samples of {len(manifest.parts)} part(s) of {cache}"
+                                    + (", with its tokens of the flipped crops (the cache has flips: twice the "
+                                       "bytes)" if manifest.flips else "")])
     state = PartialState(cpu=not torch.cuda.is_available())
     device, main = state.device, state.is_main_process
     dtype = torch_dtype(cfg.dtype, device)
@@ -205,7 +221,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
                                          worker_init_fn=exit_with_parent if workers else None)
-    fields = {n: f for n, f in target_fields(name, enc.tokens, enc.dim, manifest.codec, enc.class_tokens).items()}
+    fields = target_fields(name, enc.tokens, enc.dim, manifest.codec, enc.class_tokens, manifest.flips)
     by_url = {shards[p["name"]].url: shards[p["name"]] for p in mine}
     sink = TargetSink(root, fields, manifest.shard_size, by_url, owner, heartbeat, expected=expected, target=name)
     total = sum(p["num_samples"] for p in mine)
@@ -213,7 +229,8 @@ def run_add_target(cfg: EncodeConfig, log=print):
     start = time.perf_counter()
     try:
         for batch in loader:
-            feats = _encode_batch(enc, name, torch.as_tensor(batch.images), manifest.codec) if len(batch) else {}
+            feats = (_encode_batch(enc, name, torch.as_tensor(batch.images), manifest.codec, manifest.flips)
+                     if len(batch) else {})
             sink.submit(batch, feats, None)
             bar.update(len(batch))
         stats = sink.close()

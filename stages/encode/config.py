@@ -90,6 +90,11 @@ class EncodeConfig:
         "--add-target of the added target, beside its patch tokens (for REG-style alignment).",
         flags=("--class-tokens",),
     )
+    flips: bool = option(
+        False, "Also store the VAE moments and every alignment target of the horizontally flipped crop (the same "
+        "crop, mirrored), for `repa train --flip`; about doubles the bytes per sample of moments and targets.",
+        flags=("--flips",),
+    )
     add_target: str | None = option(
         None, "Add an alignment target named NAME to the existing --cache: run only --target-model over the "
         "cache's samples (same crop, same order) and store its tokens beside the others; nothing already "

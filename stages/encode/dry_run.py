@@ -102,6 +102,8 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
         per_sample["text"] = assumed_tokens * (text["dim"] * feat_bytes + (2 if feat_bytes == 1 else 0)) + 8
     if cfg.similarity_model:
         per_sample["similarity"] = 4
+    if cfg.flips:  # the image features once more, for the mirrored crop
+        per_sample["flips"] = per_sample["moments"] + per_sample["dino"]
     total = sum(per_sample.values())
     lines = [
         f"input shards   {len(urls)} ({len(urls) - len(todo)} already committed, {len(todo)} to encode)",
@@ -118,6 +120,9 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
         if name == "text":
             note = (f" ({assumed_tokens} tokens per caption, unmasked)" if cfg.text_attention == "unmasked"
                     else f" (assuming ~{assumed_tokens} tokens per caption)")
+        if name == "flips":
+            note = (f" (moments and dino of the flipped crop: --flips takes the cache from "
+                    f"{(total - b) / 1024:.1f} to {total / 1024:.1f} KiB/sample, x{total / (total - b):.2f})")
         lines.append(f"bytes/sample   {name:<8}{b / 1024:10.1f} KiB{note}")
     lines.append(f"bytes/sample   {'total':<8}{total / 1024:10.1f} KiB")
     if estimate is not None:

@@ -51,6 +51,7 @@ def encoder_spec(cfg: EncodeConfig) -> EncoderSpec:
         text_attention=cfg.text_attention,
         similarity=ModelSource(cfg.similarity_model) if cfg.similarity_model else None,
         class_tokens=cfg.class_tokens,
+        flips=cfg.flips,
     )
 
 
@@ -70,6 +71,7 @@ def _settings(cfg: EncodeConfig, dtype_name: str, identity: dict) -> dict:
         "filters": cfg.filter_settings(),
         "similarity_model": identity["similarity_model"],
         "class_tokens": True if cfg.class_tokens else None,
+        "flips": True if cfg.flips else None,
     }
 
 
@@ -93,6 +95,7 @@ def build_manifest(cfg: EncodeConfig, enc: FeatureEncoders):
         cfg.feature_codec,
         similarity=enc.similarity is not None,
         class_tokens=1 + enc.dino_info["registers"] if cfg.class_tokens else 0,
+        flips=cfg.flips,
     )
     encoders = {"vae": spec.vae.to_json(), "dino": spec.dino.to_json()}
     if spec.text is not None:

@@ -115,6 +115,11 @@ class TrainConfig:
         None, "Train only on samples whose image-caption similarity, stored by `repa encode --similarity-model`, is "
         "at least this; the validation split is kept whole, so runs with different thresholds compare.", ge=-1, le=1,
     )
+    flip: bool = option(
+        False, "Horizontal flips: each training sample is read, with probability 1/2, as its flipped crop (moments "
+        "and targets together), stored by `repa encode --flips`; a function of (--seed, epoch), so resume is exact. "
+        "Validation and previews never flip; captions are not flipped.", flags=("--flip",),
+    )
     max_val_samples: int = option(2048, "Held-out samples evaluated per validation.", ge=0)
     allow_partial: bool = option(
         False, "Train on a cache whose encode has not finished (missing or cut-short input shards).",
@@ -203,9 +208,14 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# Settings added after runs existed: a checkpoint without one was made with this value.
+LATER_SETTINGS = {"flip": False}
+
+
 def resume_differences(saved: dict, current: dict) -> list[str]:
     """Config fields that differ in ways that would change the training trajectory."""
     out = []
+    saved = {**LATER_SETTINGS, **saved}
     for k in sorted(set(saved) | set(current)):
         if k in RESUMABLE_CHANGES:
             continue

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cache_schema import CacheError, FastReader
+from cache_schema.layout import flip_name
 from stages.core.processes import exit_with_process
 
 Batch = dict[str, torch.Tensor]
@@ -36,6 +37,11 @@ class EpochBatchSampler:
     epoch, different ones every epoch). Iteration never ends: it runs through epochs from
     ``start = (epoch, batch_in_epoch)``, so a run resumed at ``position_after(batches consumed)``
     continues exactly where the interrupted one stopped.
+
+    With ``flip``, each position of the epoch's permutation also gets a fair coin from the same
+    (seed, epoch) stream, drawn after the permutation (which is the one without ``flip``): a sample
+    whose coin is heads is served as ``~id`` (negative), read from the features of its flipped crop
+    (``CacheBatchDataset``). What a batch holds stays a function of (seed, epoch, position).
     """
 
     def __init__(
@@ -48,6 +54,7 @@ class EpochBatchSampler:
         drop_last: bool = True,
         start: tuple[int, int] = (0, 0),
         name: str = "the id set",
+        flip: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -56,7 +63,7 @@ class EpochBatchSampler:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.drop_last = drop_last
+        self.drop_last, self.flip = drop_last, flip
         self.share = len(self.ids) // world_size
         if batch_size > self.share:
             raise ValueError(
@@ -71,9 +78,15 @@ class EpochBatchSampler:
         self.start = (epoch, batch)
 
     def epoch_ids(self, epoch: int) -> np.ndarray:
-        """This rank's ids for ``epoch``, in the order they will be served."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
-        return self.ids[perm[self.rank * self.share : (self.rank + 1) * self.share]]
+        """This rank's ids for ``epoch``, in the order they will be served (``~id``: flipped)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.ids))
+        mine = slice(self.rank * self.share, (self.rank + 1) * self.share)
+        ids = self.ids[perm[mine]]
+        if self.flip:  # coins for the whole permutation, so every rank draws the same stream
+            heads = rng.random(len(self.ids))[mine] < 0.5
+            ids = np.where(heads, ~ids, ids)
+        return ids
 
     def position_after(self, num_batches: int) -> tuple[int, int]:
         """(epoch, batch in epoch) of the next batch once ``num_batches`` from ``start`` are consumed."""
@@ -123,6 +136,11 @@ class CacheBatchDataset(Dataset):
     ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8 (each of ``targets`` likewise, by name); ``label`` (B,) int64 (-1:
     none); with ``need_text``: ``text`` (B, Lmax, Dt) as stored and zero-padded, ``text_mask``
     (B, Lmax) bool, and ``text_scale`` (B, Lmax) for int8. Fields not asked for are not read.
+
+    With ``flips``, an id given as ``~id`` (negative, see ``EpochBatchSampler``) is served with the moments
+    and targets of its flipped crop (the ``_flip`` fields; label and caption are the sample's). A batch holds
+    the unflipped samples first, then the flipped ones, each group in the order given, so each group is
+    read into one contiguous slice; ``index`` says which sample each row is.
     """
 
     def __init__(
@@ -133,8 +151,10 @@ class CacheBatchDataset(Dataset):
         need_label: bool = True,
         parts: list[str] | None = None,
         targets: list[str] | None = None,
+        flips: bool = False,
     ):
-        """``targets``: the alignment targets read with ``need_dino`` (default: the first, dino)."""
+        """``targets``: the alignment targets read with ``need_dino`` (default: the first, dino); ``flips``:
+        serve ``~id`` flipped (the cache must hold flips)."""
         self.reader = FastReader(cache_dir, parts)
         if need_text and not self.reader.has_text:
             raise CacheError(
@@ -147,6 +167,14 @@ class CacheBatchDataset(Dataset):
         if self.reader.manifest.codec == "int8":
             names += [f"{name}_scale" for name in targets]
         self.per_sample = names
+        # The field each per-sample name is read from for a flipped sample (label has no flipped twin).
+        self.flipped = {}
+        if flips:
+            self.flipped = {name: name if name == "label" else flip_name(name) for name in names}
+            missing = [n for n in self.flipped.values() if n not in self.reader.fields]
+            if missing:
+                raise CacheError(f"{cache_dir}: cache holds no features of flipped crops ({missing[0]}); re-encode "
+                                 "it with `repa encode --flips` to train with --flip")
         self.need_text = need_text
         # Labels and caption spans are read once, here, into shared memory: workers map the same pages
         # instead of each reading its own copy (~290 MB per process at 12 M samples).
@@ -175,13 +203,21 @@ class CacheBatchDataset(Dataset):
 
     def fetch(self, ids, alloc: Allocator) -> Batch:
         """The batch for ``ids``, read straight into tensors obtained from ``alloc(name, shape, dtype)``."""
-        ids = self.reader.checked_ids(ids)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        flipped = ids < 0
+        k = len(ids)
+        if self.flipped and flipped.any():
+            k = int((~flipped).sum())
+            ids = np.concatenate([ids[~flipped], ~ids[flipped]])
+        ids = self.reader.checked_ids(ids)  # a negative id without flips is out of range
         batch: Batch = {"index": alloc("index", ids.shape, torch.int64)}
         batch["index"].numpy()[...] = ids
         for name in self.per_sample:
             f = self.reader.fields[name]
             batch[name] = alloc(name, (len(ids),) + f.inner_shape, getattr(torch, f.dtype))
-        self.reader.read_many(ids, {name: batch[name].numpy() for name in self.per_sample})
+        self.reader.read_many(ids[:k], {name: batch[name].numpy()[:k] for name in self.per_sample})
+        if k < len(ids):
+            self.reader.read_many(ids[k:], {self.flipped[name]: batch[name].numpy()[k:] for name in self.per_sample})
         if self.need_text:
             batch.update(self._text(ids, alloc))
         return batch

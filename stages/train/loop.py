@@ -50,6 +50,7 @@ from .prefetch import DevicePrefetcher
 from .previews import Previewer, latent_grid
 from .setup import (
     build_model_config,
+    check_flip,
     check_resume,
     lock_run_dir,
     prepare_run_dir,
@@ -331,6 +332,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     set_threads(cfg.threads, cfg.num_workers)
+    check_flip(cfg, manifest)
     resume_path = prepare_run_dir(cfg, main)
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
     parts = training_parts(cfg, manifest, ckpt)
@@ -352,13 +354,13 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     train_ids, val_ids = split_cache(reader, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
     needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names())
-    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), **needs)
+    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, **needs)  # validation reads it unflipped
     val_dataset = dataset
     if cfg.val_cache is not None:
         val_dataset, val_ids = validation_cache(cfg, manifest, needs)
     try:
         first_epoch = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
-                                        name=f"the training split of {cfg.cache}")
+                                        name=f"the training split of {cfg.cache}", flip=cfg.flip)
     except ValueError as e:
         raise UsageError(f"--batch-size {cfg.batch_size}: {e}") from None
 
@@ -375,7 +377,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     if main:  # a resumed run logs the steps after its checkpoint again; a fresh one starts from nothing
         truncate_metrics(cfg.run_dir, start_step)
     sampler = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
-                                start=first_epoch.position_after(start_step * cfg.grad_accum))
+                                start=first_epoch.position_after(start_step * cfg.grad_accum), flip=cfg.flip)
     # Under torch.compile captions are padded to the cache's maximum, so every step has the same shapes.
     text_length = manifest.settings.get("max_text_tokens") if cfg.compile and cond == "text" else None
     batches = DevicePrefetcher(iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda")),

@@ -108,6 +108,13 @@ def check_targets(cfg: TrainConfig, manifest: Manifest) -> list[str]:
     return names
 
 
+def check_flip(cfg: TrainConfig, manifest: Manifest) -> None:
+    """--flip needs the features of the flipped crops, stored only by `repa encode --flips`."""
+    if cfg.flip and not manifest.flips:
+        raise UsageError(f"--flip: cache {cfg.cache} holds no features of flipped crops (encoded without --flips); "
+                         "re-encode it with `repa encode --flips`, or drop --flip")
+
+
 RUN_LOCK = ".lock"
 
 

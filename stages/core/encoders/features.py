@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cache_schema.layout import flip_name
+
 from ..codec import quantize_int8
 from ..errors import UsageError
 from .captions import encode_captions
@@ -70,6 +72,7 @@ class EncoderSpec:
     text_attention: str = "masked"  # or "unmasked"
     similarity: ModelSource | None = None  # CLIP/SigLIP model scoring image-caption similarity
     class_tokens: bool = False  # also return DINOv2's class and register tokens ("dino_cls")
+    flips: bool = False  # also return the image features of the horizontally flipped crop ("moments_flip", ...)
 
 
 class FeatureEncoders:
@@ -146,9 +149,9 @@ class FeatureEncoders:
     @torch.inference_mode()
     def encode(self, images: torch.Tensor, captions: list[str], codec: str) -> dict:
         """images: uint8 (B, res, res, 3) on any device. Returns device tensors for the writer:
-        moments, dino (+ dino_scale), with a text encoder the padded text (+ text_scale) with
-        text_lengths, the number of tokens to store per caption (every position when unmasked), with a
-        similarity model the image-caption ``similarity`` (float32), and
+        moments, dino (+ dino_scale, + dino_cls), with flips the same for the mirrored crop (``flip_name``), with a
+        text encoder the padded text (+ text_scale) with text_lengths, the number of tokens to store per caption
+        (every position when unmasked), with a similarity model the image-caption ``similarity`` (float32), and
         ``nonfinite``: per sample, a bit set (``NONFINITE_BITS``) for each stored feature holding a
         non-finite value (fp16 overflow, NaN)."""
         n = images.shape[0]
@@ -156,20 +159,12 @@ class FeatureEncoders:
         pad = self._pad_for_compile(n)
         if pad:
             x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-        out = {"moments": self._vae_fn(x)[:n]}
-        hidden = self._dino_fn(x)[:n]
-        extra = 1 + self.dino_info["registers"]
-        dino = hidden[:, extra:]
-        if self.spec.class_tokens:
-            out["dino_cls"] = hidden[:, :extra].to(torch.float16)
-        if codec == "int8":
-            out["dino"], out["dino_scale"] = quantize_int8(dino)
-        else:
-            out["dino"] = dino.to(torch.float16)
-        bad = _nonfinite(out["moments"]) * NONFINITE_BITS["moments"]
-        bad |= _nonfinite(out.get("dino_scale", out["dino"])) * NONFINITE_BITS["dino"]
-        if "dino_cls" in out:
-            bad |= _nonfinite(out["dino_cls"]) * NONFINITE_BITS["dino"]
+        out, bad = self._image_features(x, n, codec)
+        if self.spec.flips:
+            # The same crop mirrored left-right (x is B, C, H, W), through the same encoders.
+            flipped, bad_flipped = self._image_features(x.flip(3), n, codec)
+            out.update({flip_name(k): v for k, v in flipped.items()})
+            bad |= bad_flipped
         if self.text_encoder is not None:
             hidden, out["text_lengths"] = self._text_tokens(captions)
             if codec == "int8":
@@ -186,6 +181,25 @@ class FeatureEncoders:
             bad |= _nonfinite(out["similarity"][:, None]) * NONFINITE_BITS["similarity"]
         out["nonfinite"] = bad.to(torch.uint8)
         return out
+
+    def _image_features(self, x: torch.Tensor, n: int, codec: str) -> tuple[dict, torch.Tensor]:
+        """The VAE moments and DINOv2 tokens of the first ``n`` images of ``x`` (uint8, B, 3, res, res), as
+        stored, and per sample the ``NONFINITE_BITS`` of those holding a non-finite value."""
+        out = {"moments": self._vae_fn(x)[:n]}
+        hidden = self._dino_fn(x)[:n]
+        extra = 1 + self.dino_info["registers"]
+        dino = hidden[:, extra:]
+        if self.spec.class_tokens:
+            out["dino_cls"] = hidden[:, :extra].to(torch.float16)
+        if codec == "int8":
+            out["dino"], out["dino_scale"] = quantize_int8(dino)
+        else:
+            out["dino"] = dino.to(torch.float16)
+        bad = _nonfinite(out["moments"]) * NONFINITE_BITS["moments"]
+        bad |= _nonfinite(out.get("dino_scale", out["dino"])) * NONFINITE_BITS["dino"]
+        if "dino_cls" in out:
+            bad |= _nonfinite(out["dino_cls"]) * NONFINITE_BITS["dino"]
+        return out, bad
 
     def _pad_for_compile(self, n: int) -> int:
         # A compiled graph is specialised to its batch size; pad short batches instead of recompiling.
