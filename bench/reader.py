@@ -90,7 +90,7 @@ def measure(args, parts: int, rows: list, reference: bool) -> None:
 
     t0 = time.perf_counter()
     dataset = CacheBatchDataset(path, need_dino=True, need_label=True, need_text=args.text)
-    print(f"index     keys, labels and caption spans of {len(dataset)} samples in {time.perf_counter() - t0:.2f} s")
+    print(f"index     labels and caption spans of {len(dataset)} samples in {time.perf_counter() - t0:.2f} s")
     per_sample = dataset.reader.manifest.bytes_per_sample()
     bytes_per_sample = sum(v for k, v in per_sample.items() if k in dataset.per_sample or k.startswith("text"))
     if args.text:
