@@ -166,3 +166,16 @@ def write_filter_corpus(out: Path) -> tuple[Path, dict[str, str], list[str]]:
         for key, content in order:
             w.write({"__key__": key, **content})
     return shard, {k: code for k, _, code in failing}, [k for k, _ in passing]
+
+
+def two_nodes(args: list[str], port: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """``python -m pipeline ARGS`` as 2 nodes x 2 processes on this machine: two torchrun launchers with
+    --nnodes 2 and their own --node-rank, meeting at a rendezvous on localhost (gloo), as on a cluster."""
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                          "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env(), cwd=ROOT)
+        for rank in (0, 1)
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]

@@ -31,6 +31,7 @@ from .encode_helpers import (
     repa,
     tar_keys,
     tiny_config,
+    two_nodes,
     write_bad_corpus,
 )
 
@@ -191,19 +192,6 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, tiny_models, demo_s
 def _keys_and_moments(cache: Path) -> dict[str, np.ndarray]:
     r = CacheReader(cache)
     return {r.sample(i)["key"]: r.sample(i)["moments"] for i in range(len(r))}
-
-
-def two_nodes(args: list[str], port: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
-    """``python -m pipeline ARGS`` as 2 nodes x 2 processes on this machine: two torchrun launchers with
-    --nnodes 2 and their own --node-rank, meeting at a rendezvous on localhost (gloo), as on a cluster."""
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-                          "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                          "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env(), cwd=ROOT)
-        for rank in (0, 1)
-    ]
-    return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]
 
 
 def test_two_nodes_of_two_processes_produce_the_same_samples_as_one(demo_cache, tiny_models, demo_shards, tmp_path):
