@@ -51,6 +51,16 @@ def _average_conv(conv: torch.nn.Conv2d) -> None:
 
 
 @torch.no_grad()
+def _signed_colours(conv: torch.nn.Conv2d) -> None:
+    """Channels [R, G, B, K, -R, -G, -B, -K] from the first three input channels and a constant K."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    for c in range(3):
+        conv.weight[c, c, 1, 1] = 1.0
+        conv.weight[c + SIGNALS, c, 1, 1] = -1.0
+    conv.bias[SIGNALS - 1], conv.bias[2 * SIGNALS - 1] = CONSTANT, -CONSTANT
+
+
 def _identity_blocks(module: torch.nn.Module) -> None:
     """Residual branches and attention outputs to zero, shortcuts to identity: each block passes its input."""
     for name, sub in module.named_modules():
@@ -74,12 +84,7 @@ def block_colour_init(vae: AutoencoderKL) -> AutoencoderKL:
         raise ValueError("the block-colour start needs at least 3 latent channels")
     _identity_blocks(vae)
     # encoder input: [R, G, B, K, -R, -G, -B, -K]
-    enc.conv_in.weight.zero_()
-    enc.conv_in.bias.zero_()
-    for c in range(3):
-        enc.conv_in.weight[c, c, 1, 1] = 1.0
-        enc.conv_in.weight[c + SIGNALS, c, 1, 1] = -1.0
-    enc.conv_in.bias[SIGNALS - 1], enc.conv_in.bias[2 * SIGNALS - 1] = CONSTANT, -CONSTANT
+    _signed_colours(enc.conv_in)
     for block in enc.down_blocks:
         for down in block.downsamplers or []:
             _average_conv(down.conv)
@@ -101,12 +106,7 @@ def block_colour_init(vae: AutoencoderKL) -> AutoencoderKL:
         vae.post_quant_conv.bias.zero_()
         vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(latent)
     # decoder input: the latent colours, signed, beside the constant
-    dec.conv_in.weight.zero_()
-    dec.conv_in.bias.zero_()
-    for c in range(3):
-        dec.conv_in.weight[c, c, 1, 1] = 1.0
-        dec.conv_in.weight[c + SIGNALS, c, 1, 1] = -1.0
-    dec.conv_in.bias[SIGNALS - 1], dec.conv_in.bias[2 * SIGNALS - 1] = CONSTANT, -CONSTANT
+    _signed_colours(dec.conv_in)
     for block in dec.up_blocks:
         for up in block.upsamplers or []:
             _identity_conv(up.conv)  # after nearest-neighbour upsampling: the block colour, painted

@@ -43,7 +43,7 @@ from stages.core.processes import exit_with_parent
 from stages.core.threads import set_threads
 
 from .config import EncodeConfig
-from .part_sink import PartSink
+from .part_sink import PartSink, feeding
 from .plan import Shard, identify
 from .source import ShardEnd, ShardStream
 from .summary import EncodeSummary
@@ -227,21 +227,13 @@ def run_add_target(cfg: EncodeConfig, log=print):
     total = sum(p["num_samples"] for p in mine)
     bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc=f"add {name}")
     start = time.perf_counter()
-    try:
+    with feeding(sink, bar, heartbeat, lambda: [release(root, p["name"], owner) for p in mine]):
         for batch in loader:
             feats = (_encode_batch(enc, name, torch.as_tensor(batch.images), manifest.codec, manifest.flips)
                      if len(batch) else {})
             sink.submit(batch, feats, None)
             bar.update(len(batch))
         stats = sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        bar.close()
-        heartbeat.stop()
-        for p in mine:
-            release(root, p["name"], owner)
     elapsed = time.perf_counter() - start
     state.wait_for_everyone()
     final = read_manifest(cache)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -224,3 +226,19 @@ def _contiguous(rows: np.ndarray) -> slice | np.ndarray:
     if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
         return slice(int(rows[0]), int(rows[-1]) + 1)
     return rows
+
+
+@contextmanager
+def feeding(sink: PartSink, bar, heartbeat: Heartbeat, release: Callable[[], None]) -> Iterator[None]:
+    """Around the loop that feeds ``sink``: on any error its unfinished parts are dropped; however it
+    ends the progress bar closes, the heartbeat stops and the claims left uncommitted are released at
+    once (so other processes may take them without waiting for the lease)."""
+    try:
+        yield
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        bar.close()
+        heartbeat.stop()
+        release()

@@ -33,7 +33,7 @@ from stages.core.threads import available_cores, set_threads
 
 from .config import EncodeConfig
 from .dry_run import dry_run, samples_per_shard
-from .part_sink import PartSink, SinkStats
+from .part_sink import PartSink, SinkStats, feeding
 from .plan import claim_shards, identify, make_plan
 from .source import ShardStream
 from .summary import EncodeSummary
@@ -201,7 +201,7 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     start = time.perf_counter()
     first = last = None  # arrival of the first batch, submission of the last; images in between
     steady = 0
-    try:
+    with feeding(sink, bar, heartbeat, lambda: [release(cfg.cache, s.part, owner) for s in mine]):
         for batch in loader:
             host, ready = {}, None
             if first is None and len(batch):
@@ -220,14 +220,6 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
             bar.update(len(batch) * state.num_processes)
             bar.set_postfix(skipped=sum(sink.stats.skipped.values()) * state.num_processes, refresh=False)
         stats = sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        bar.close()
-        heartbeat.stop()
-        for s in mine:  # parts not committed (an error): let other processes have them at once
-            release(cfg.cache, s.part, owner)
     elapsed = time.perf_counter() - start
     all_stats: list[SinkStats] = gather_object([stats]) if state.num_processes > 1 else [stats]
     state.wait_for_everyone()
