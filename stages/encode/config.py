@@ -125,7 +125,8 @@ class EncodeConfig:
     )
     overwrite: bool = option(False, "Delete what the cache holds and start over.", flags=("--overwrite",))
     dry_run: bool = option(
-        False, "Print what would be encoded and the estimated cache size; load no model.", flags=("--dry-run",)
+        False, "Print what would be encoded and the estimated cache size; load no model (but the similarity model "
+        "with --min-similarity, to estimate what it removes).", flags=("--dry-run",)
     )
 
     def check(self) -> None:

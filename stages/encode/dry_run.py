@@ -1,4 +1,5 @@
-"""`repa encode --dry-run`: what would be encoded and how big the cache would be, from model configs only."""
+"""`repa encode --dry-run`: what would be encoded and how big the cache would be, from model configs (and,
+with --min-similarity, the similarity model scoring the first samples)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,37 @@ def filter_estimate(url: str, filters: SampleFilters, limit: int = FILTER_PROBE_
     return seen, removed
 
 
-def _filter_lines(cfg: EncodeConfig, url: str) -> tuple[list[str], float]:
+SIMILARITY_PROBE_SAMPLES = 256  # scored with the similarity model itself: a share to within ~3%
+
+
+def similarity_estimate(cfg: EncodeConfig, url: str, source, limit: int = SIMILARITY_PROBE_SAMPLES) -> tuple[int, int]:
+    """(samples scored, how many score below --min-similarity) over the first samples of a local shard that the
+    other filters keep, scored as the encode would score them (same crop, same model)."""
+    import torch
+
+    from stages.core.encoders.images import Skipped, prepare_sample
+    from stages.core.encoders.load import torch_dtype
+    from stages.core.encoders.similarity import SimilarityModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = SimilarityModel(source, torch_dtype(cfg.dtype, device), device)
+    filters = cfg.sample_filters()
+    images, captions = [], []
+    for sample in iter_tar(url):
+        if len(images) >= limit:
+            break
+        prepared = prepare_sample(sample, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, filters)
+        if not isinstance(prepared, Skipped):
+            images.append(torch.from_numpy(prepared.image))
+            captions.append(prepared.caption)
+    below = 0
+    for start in range(0, len(images), cfg.batch_size):
+        x = torch.stack(images[start : start + cfg.batch_size]).to(device).permute(0, 3, 1, 2)
+        below += int((model(x, captions[start : start + cfg.batch_size]) < cfg.min_similarity).sum())
+    return len(images), below
+
+
+def _filter_lines(cfg: EncodeConfig, url: str, spec) -> tuple[list[str], float]:
     """What the filters would remove, estimated from the first shard, and the share of samples they keep."""
     filters = cfg.sample_filters()
     named = {"keep": " ".join(f"--keep '{r.text}'" for r in filters.keep),
@@ -68,14 +99,20 @@ def _filter_lines(cfg: EncodeConfig, url: str) -> tuple[list[str], float]:
         kept = 1 - sum(counts.values()) / max(seen, 1)
     elif active:
         lines.append("filters        not estimated: the first shard is not a local file")
-    if cfg.min_similarity is not None:
-        lines.append(f"filters        --min-similarity {cfg.min_similarity}: not estimated (it needs the similarity "
-                     "model; a dry run loads none)")
+    if cfg.min_similarity is not None and not is_remote(url):
+        scored, below = similarity_estimate(cfg, url, spec.similarity)
+        lines.append(f"filters        of the first {scored} samples the other filters keep: --min-similarity "
+                     f"{cfg.min_similarity} removes {below} ({below / max(scored, 1):.1%}) (scored with the "
+                     "similarity model, the one model a dry run loads)")
+        kept *= 1 - below / max(scored, 1)
+    elif cfg.min_similarity is not None:
+        lines.append("filters        --min-similarity not estimated: the first shard is not a local file")
     return lines, kept
 
 
 def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
-    """What would be encoded and how big the cache would be; reads model configs, never weights."""
+    """What would be encoded and how big the cache would be; reads model configs, never weights (but the
+    similarity model's, to estimate what --min-similarity removes)."""
     vae = vae_geometry(vae_config(spec.vae))
     dino = dino_geometry(hf_config("DINOv2", spec.dino), cfg.resolution)
     text = text_geometry(hf_config("text encoder", spec.text)) if spec.text else None
@@ -85,7 +122,7 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     todo = [s.url for s in identify(urls) if s.part not in done]
     per_shard = samples_per_shard(urls[0])
     estimate = per_shard * len(todo) if per_shard is not None else None
-    filter_lines, kept = _filter_lines(cfg, urls[0])
+    filter_lines, kept = _filter_lines(cfg, urls[0], spec)
     if estimate is not None:
         estimate = round(estimate * kept)
     if cfg.max_samples is not None:
@@ -127,5 +164,6 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     lines.append(f"bytes/sample   {'total':<8}{total / 1024:10.1f} KiB")
     if estimate is not None:
         lines.append(f"cache size     ~{total * estimate / 2**30:.2f} GiB for {estimate} samples")
-    lines.append("dry run: no model was loaded and nothing was written")
+    loaded = "only the similarity model was loaded" if cfg.min_similarity is not None else "no model was loaded"
+    lines.append(f"dry run: {loaded} and nothing was written")
     return lines
