@@ -75,7 +75,7 @@ def similarity_estimate(cfg: EncodeConfig, url: str, source, limit: int = SIMILA
             break
         prepared = prepare_sample(sample, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, filters)
         if not isinstance(prepared, Skipped):
-            images.append(torch.from_numpy(prepared.image))
+            images.append(torch.tensor(prepared.image))  # a copy: the decoded array is read-only
             captions.append(prepared.caption)
     below = 0
     for start in range(0, len(images), cfg.batch_size):
