@@ -7,7 +7,7 @@ skip list of a real ~5 500-sample part at ``--skip-rate``) one part at a time,
 and at each part count in ``--report`` measures the costs that scale with the number of parts:
 the commit time (against commits into a fresh cache at the same moment), manifest load, `repa cache
 info`, the training index (labels and keys of every sample, read once), the validation split and
-the memory they take. With ``--samples-per-part 5500`` the report points are CC12M at 1 %, 10 % and
+the memory they take, and `repa cache verify --quick`. With ``--samples-per-part 5500`` the report points are CC12M at 1 %, 10 % and
 100 % (120 k, 1.2 M, 12 M samples). A commit publishes one
 part and writes one small record, so its cost must stay flat however many parts are already there.
 """
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from cache_schema import FastReader, PartWriter, cache_fields, new_manifest, read_manifest, start_encode
 from cache_schema.info import describe
+from cache_schema.verify import find_problems
 from stages.core.split import split_cache
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -78,7 +79,10 @@ def start_up(cache: Path) -> tuple:
     _, index = timed(reader.load_index)
     _, split = timed(lambda: split_cache(reader, 0.01))
     rss = (psutil.Process().memory_info().rss - rss0) / 2**20
-    return len(manifest.parts), manifest.num_samples, len(manifest.skipped), load, info, index, split, rss
+    problems, quick = timed(lambda: find_problems(cache, quick=True))
+    if problems:
+        raise SystemExit(f"verify --quick found damage: {next(iter(problems.values()))}")
+    return len(manifest.parts), manifest.num_samples, len(manifest.skipped), load, info, index, split, rss, quick
 
 
 def commit_times(path: Path, fields: dict, first: int, count: int, skips: int, rng) -> list[float]:
@@ -97,9 +101,10 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.existing:
-        parts, samples, skipped, load, info, index, split, rss = start_up(args.cache)
+        parts, samples, skipped, load, info, index, split, rss, quick = start_up(args.cache)
         print(f"{parts} parts, {samples} samples, {skipped} skips: manifest {load:.2f} s, info {info:.2f} s, "
-              f"labels {index:.2f} s, split {split:.2f} s, start-up {load + index + split:.2f} s, {rss:.0f} MiB")
+              f"labels {index:.2f} s, split {split:.2f} s, start-up {load + index + split:.2f} s, {rss:.0f} MiB; "
+              f"verify --quick {quick:.1f} s")
         return
     report = sorted({int(r) for r in args.report.split(",") if int(r) <= args.parts})
     skips = round(REAL_PART_SAMPLES * args.skip_rate)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from .layout import PART_SUFFIX, PARTS_DIR, Field
 from .manifest import Manifest, field_from_json, read_manifest, read_records, target_dir, target_part_problem
 from .plain_arrays import PlainReadError, read_plain
 from .shard_rows import RowReadError, ShardedRows
+
+READ_THREADS = 16  # small-array reads in flight at once: file round trips overlap, decoding does not
 
 
 @dataclass
@@ -173,21 +176,26 @@ class FastReader:
     def _read_parts(self, name: str, parts: list[int] | None = None) -> list[np.ndarray]:
         """A small array of every part (or of ``parts``): decoded here where the layout allows
         (``plain_arrays``), else numbers through tensorstore (concurrently over parts) and strings
-        through zarr-python."""
-        parts = range(len(self.part_names)) if parts is None else parts
-        out, rest = [], []
-        for p in parts:
+        through zarr-python. Parts are checked and read by a pool of threads: on a cold page cache each
+        costs a few disk round trips, ~25 s for CC12M's 2 176 parts one after the other."""
+        parts = list(range(len(self.part_names)) if parts is None else parts)
+
+        def one(p: int) -> np.ndarray | None:
             self._check(p, name)
             root = self._array_path(p, name)
             try:
-                values = read_plain(root, json.loads((root / "zarr.json").read_bytes()))
+                return read_plain(root, json.loads((root / "zarr.json").read_bytes()))
             except (OSError, ValueError) as e:
                 raise damaged(self.manifest.parts[p], f"{name}/zarr.json cannot be read ({e})") from None
             except PlainReadError as e:
                 raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
-            if values is None:
-                rest.append(len(out))
-            out.append(values)
+
+        if len(parts) > 1:
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                out = list(pool.map(one, parts))
+        else:
+            out = [one(p) for p in parts]
+        rest = [i for i, values in enumerate(out) if values is None]
         if rest and self.fields[name].dtype == "str":
             for i in rest:
                 out[i] = self._read_whole(parts[i], name)

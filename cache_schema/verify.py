@@ -4,7 +4,8 @@ For every committed part: its files are the ones its record lists, with the reco
 (missing, zero-length and truncated files); every chunk of every array decodes and matches its
 crc32c (garbage, bit rot); each array has the recorded number of rows; every stored feature value is
 finite; ragged text offsets are consistent; and keys are unique across the cache. Directories in
-``parts/`` that no record lists are reported too. ``quick`` stops after the file and size checks.
+``parts/`` that no record lists are reported too. ``quick`` checks the files and sizes, and reads only the
+small per-sample arrays (crc32c and row counts), not the feature shards.
 Parts are checked in parallel worker processes; key uniqueness is checked on 64-bit hashes of the
 keys (a CC12M cache has 12 M), confirmed on the keys themselves where two hashes meet. The committed
 parts of added targets get the same checks, and must hold their cache part's keys in its order; they
@@ -14,6 +15,7 @@ are reported as ``targets/<target>/<part>``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -26,6 +28,7 @@ from .errors import CacheError
 from .integrity import REPAIR_HINT, check_part_files, part_where, target_hint
 from .layout import PART_SUFFIX, PARTS_DIR, TARGETS_DIR
 from .manifest import read_records, target_dir, target_part_problem
+from .plain_arrays import PlainReadError, read_plain
 from .reader import CacheReader
 
 
@@ -33,6 +36,7 @@ def _check_part(reader: CacheReader, part: dict, rows: int, quick: bool) -> None
     name, n = part["name"], part["num_samples"]
     check_part_files(reader.cache_dir, part)
     if quick:
+        _check_small_arrays(reader, part)
         return
     g = reader.group(name)
     for field, spec in reader.fields.items():
@@ -51,6 +55,24 @@ def _check_part(reader: CacheReader, part: dict, rows: int, quick: bool) -> None
         offs = reader.read(name, "text_offsets")
         if offs[0] != 0 or (np.diff(offs) < 0).any() or offs[-1] != part["num_text_tokens"]:
             raise CacheError(f"{part_where(part)}: text_offsets are inconsistent; {REPAIR_HINT.format(name=name)}")
+
+
+def _check_small_arrays(reader: CacheReader, part: dict) -> None:
+    """The quick check's reading: every small per-sample array (keys, labels, offsets: a few bytes per
+    sample) against its crc32c and the record's row count; the big feature shards are left to the full check."""
+    root = Path(reader.cache_dir) / PARTS_DIR / f"{part['name']}{PART_SUFFIX}"
+    for field, spec in reader.fields.items():
+        if spec.get("sharded", True):
+            continue
+        want = part["num_samples"] + (1 if field == "text_offsets" else 0)
+        try:
+            values = read_plain(root / field, json.loads((root / field / "zarr.json").read_bytes()))
+        except (OSError, ValueError, PlainReadError) as e:
+            raise CacheError(f"{part_where(part)}: {field} cannot be read ({e}); "
+                             + REPAIR_HINT.format(name=part["name"])) from None
+        if values is not None and len(values) != want:
+            raise CacheError(f"{part_where(part)}: {field} has {len(values)} rows, the record says {want}; "
+                             + REPAIR_HINT.format(name=part["name"]))
 
 
 def _check_target_part(reader: CacheReader, target: str, rec: dict, rows: int, quick: bool) -> None:

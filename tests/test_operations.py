@@ -169,6 +169,16 @@ def test_verify_finds_every_kind_of_damage_and_names_the_part_and_file(cache, da
         assert re.search(r"verify: 100%.*\| (\d+)/\1 \[.*part/s", quick.stderr)  # progress with rate and ETA
 
 
+def test_quick_verify_reads_the_small_arrays_but_not_the_feature_shards(cache):
+    name = read_manifest(cache).part_names()[0]
+    DAMAGES["bit-rot"](shard_file(cache)[1])  # a feature shard: same size, one bit flipped
+    assert cli("cache", "verify", "--quick", cache).exit_code == 0
+    key_chunk = cache / PARTS_DIR / f"{name}.zarr" / "key" / "c" / "0"
+    DAMAGES["bit-rot"](key_chunk)  # keys: a few bytes per sample, read by the quick check too
+    quick = cli("cache", "verify", "--quick", cache)
+    assert quick.exit_code == 1 and f"BAD {name}" in quick.stderr and "key" in quick.stderr
+
+
 @pytest.mark.parametrize("damage", ["missing", "garbage", "bit-rot"])
 def test_the_training_reader_never_serves_damaged_data(cache, damage):
     name, path = shard_file(cache)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from cache_schema import FastReader
+from cache_schema.fast_reader import READ_THREADS
 from cache_schema.integrity import damaged
 from cache_schema.plain_arrays import PlainReadError, read_utf8
 
@@ -68,14 +69,14 @@ def _unit_hashes(utf8_keys, salt: str) -> np.ndarray:
 
 def _hash_parts(parts: list[tuple[Path, dict]], salt: str) -> list[np.ndarray]:
     """Unit hashes of the keys of each (key array, part record); a damaged array names its part."""
-    out = []
-    for path, rec in parts:
+    def read(part: tuple[Path, dict]) -> np.ndarray:
         try:
-            keys = read_utf8(path)
+            return read_utf8(part[0])
         except PlainReadError as e:
-            raise damaged(rec, f"key cannot be read ({e})") from None
-        out.append(_unit_hashes(keys, salt))
-    return out
+            raise damaged(part[1], f"key cannot be read ({e})") from None
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # the next parts' files are read while one is hashed
+        return [_unit_hashes(keys, salt) for keys in pool.map(read, parts)]
 
 
 def _check_fraction(val_fraction: float) -> None:
