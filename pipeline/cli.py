@@ -197,7 +197,8 @@ def cache_info(cache: Annotated[Path, typer.Argument(help="Cache directory.", me
 def cache_verify(
     cache: Annotated[Path, typer.Argument(help="Cache directory.", metavar="CACHE")],
     quick: Annotated[bool, typer.Option("--quick", help="Only compare every part's files and sizes with its "
-                                        "record (no reading).")] = False,
+                                        "record and read its small arrays (keys, labels, offsets: crc32c and row "
+                                        "counts), not the feature shards.")] = False,
 ):
     """Check every committed part: files and sizes, crc32c of every chunk, counts, finite values, unique keys.
     Lists every bad part and exits non-zero if there is one."""
@@ -207,12 +208,16 @@ def cache_verify(
     from cache_schema.verify import find_problems
 
     manifest = read_manifest(cache)
-    with tqdm(total=len(manifest.parts), unit="part", desc="verify", dynamic_ncols=True) as bar:
+    seen: set[str] = set()
+    with tqdm(total=len(manifest.parts) * (1 + len(manifest.targets)), unit="part", desc="verify",
+              dynamic_ncols=True) as bar:
         def progress(name: str, problem: str | None) -> None:
             if problem:
                 bar.write(f"BAD {name}", file=sys.stderr)
-            bar.set_postfix_str(name, refresh=False)
-            bar.update(1)
+            if name not in seen:  # a part is reported again when the key check across parts finds it bad
+                seen.add(name)
+                bar.set_postfix_str(name, refresh=False)
+                bar.update(1)
 
         problems = find_problems(cache, quick=quick, progress=progress)
     if problems:
