@@ -37,6 +37,7 @@ from .errors import CacheError
 from .integrity import check_part_files, damaged, target_hint
 from .layout import PART_SUFFIX, PARTS_DIR, Field
 from .manifest import Manifest, field_from_json, read_manifest, read_records, target_dir, target_part_problem
+from .object_store import S3Path, cache_root, kvstore_spec
 from .plain_arrays import PlainReadError, read_plain
 from .shard_rows import RowReadError, ShardedRows
 
@@ -63,8 +64,9 @@ class FastReader:
 
     def __init__(self, cache_dir: str | Path, parts: list[str] | None = None, direct_reads: bool = True):
         """``parts``: read only these committed parts (e.g. those a run started with), else all.
-        ``direct_reads=False`` reads every field through tensorstore (see ``shard_rows``)."""
-        self.cache_dir = Path(cache_dir)
+        ``direct_reads=False`` reads every field through tensorstore (see ``shard_rows``). ``cache_dir``
+        may be an ``s3://bucket/prefix``: arrays are then read through tensorstore's s3 kvstore."""
+        self.cache_dir = cache_root(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir)
         if parts is not None:
             have = {p["name"]: p for p in self.manifest.parts}
@@ -86,7 +88,8 @@ class FastReader:
         self._target_records: dict[str, dict[str, dict]] = {}
         self._state: _ProcessState | None = None
         self._index: dict[str, np.ndarray] = {}  # by global id; travels with the reader
-        self.direct_reads = direct_reads
+        # Direct reads open shard files by path: local caches only.
+        self.direct_reads = direct_reads and not isinstance(self.cache_dir, S3Path)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -110,7 +113,7 @@ class FastReader:
             self._state = _ProcessState(pid, ts.Context({"data_copy_concurrency": {"limit": 1}}))
         return self._state
 
-    def _array_path(self, part: int, name: str) -> Path:
+    def _array_path(self, part: int, name: str) -> Path | S3Path:
         target = self._target_of.get(name)
         root = self.cache_dir if target is None else target_dir(self.cache_dir, target)
         return root / PARTS_DIR / f"{self.part_names[part]}{PART_SUFFIX}" / name
@@ -152,7 +155,7 @@ class FastReader:
             self._check(part, name)
             spec = {
                 "driver": "zarr3",
-                "kvstore": {"driver": "file", "path": str(self._array_path(part, name))},
+                "kvstore": kvstore_spec(self._array_path(part, name)),
                 # Committed parts never change: never revalidate what tensorstore has read.
                 "recheck_cached_data": False,
                 "recheck_cached_metadata": False,
@@ -168,6 +171,9 @@ class FastReader:
 
     def _read_whole(self, part: int, name: str) -> np.ndarray:
         self._check(part, name)
+        if isinstance(self.cache_dir, S3Path):
+            raise damaged(self.manifest.parts[part], f"{name} has a layout that is read from local disk only; "
+                          "copy the cache to a local disk")
         try:
             return zarr.open_array(str(self._array_path(part, name)), mode="r")[:]
         except Exception as e:  # a crc32c mismatch, undecodable bytes
@@ -176,25 +182,15 @@ class FastReader:
     def _read_parts(self, name: str, parts: list[int] | None = None) -> list[np.ndarray]:
         """A small array of every part (or of ``parts``): decoded here where the layout allows
         (``plain_arrays``), else numbers through tensorstore (concurrently over parts) and strings
-        through zarr-python. Parts are checked and read by a pool of threads: on a cold page cache each
-        costs a few disk round trips, ~25 s for CC12M's 2 176 parts one after the other."""
+        through zarr-python. Parts are checked and read by a pool of threads: each costs a few round trips
+        (a cold page cache: ~25 s for CC12M's 2 176 parts one after the other; object storage: more)."""
         parts = list(range(len(self.part_names)) if parts is None else parts)
-
-        def one(p: int) -> np.ndarray | None:
-            self._check(p, name)
-            root = self._array_path(p, name)
-            try:
-                return read_plain(root, json.loads((root / "zarr.json").read_bytes()))
-            except (OSError, ValueError) as e:
-                raise damaged(self.manifest.parts[p], f"{name}/zarr.json cannot be read ({e})") from None
-            except PlainReadError as e:
-                raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
-
         if len(parts) > 1:
+            # The first alone: it sets up this process's state and an added target's records.
             with ThreadPoolExecutor(READ_THREADS) as pool:
-                out = list(pool.map(one, parts))
+                out = [self._read_plain(parts[0], name)] + list(pool.map(lambda p: self._read_plain(p, name), parts[1:]))
         else:
-            out = [one(p) for p in parts]
+            out = [self._read_plain(p, name) for p in parts]
         rest = [i for i, values in enumerate(out) if values is None]
         if rest and self.fields[name].dtype == "str":
             for i in rest:
@@ -204,13 +200,24 @@ class FastReader:
                 out[i] = values
         return out
 
+    def _read_plain(self, p: int, name: str) -> np.ndarray | None:
+        """Part ``p``'s array ``name`` checked and decoded here, or None for a layout ``read_plain`` does not know."""
+        self._check(p, name)
+        root = self._array_path(p, name)
+        try:
+            return read_plain(root, json.loads((root / "zarr.json").read_bytes()))
+        except (OSError, ValueError) as e:
+            raise damaged(self.manifest.parts[p], f"{name}/zarr.json cannot be read ({e})") from None
+        except PlainReadError as e:
+            raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
+
     def _read_parts_tensorstore(self, name: str, parts: list[int]) -> list[np.ndarray]:
         # Missing chunks read as fill values, as zarr-python reads them: every file the part's record
         # lists was just found with its size, and caches written before every chunk was stored
         # leave all-zero chunks out.
         spec = {"driver": "zarr3", "recheck_cached_data": False, "recheck_cached_metadata": False}
         context = self._process().context
-        opening = [ts.open({**spec, "kvstore": {"driver": "file", "path": str(self._array_path(p, name))}},
+        opening = [ts.open({**spec, "kvstore": kvstore_spec(self._array_path(p, name))},
                            read=True, context=context) for p in parts]
         reading = []
         for p, future in zip(parts, opening):
@@ -280,7 +287,7 @@ class FastReader:
         self.load_index(label=False)
         return self._index["text_start"], self._index["text_count"]
 
-    def array_paths(self, name: str) -> list[Path]:
+    def array_paths(self, name: str) -> list[Path | S3Path]:
         """Where each part's (small) array ``name`` lives, in part order, once every part's files were
         found as its record lists them: for callers that read them in other processes."""
         for p in range(len(self.part_names)):
@@ -431,6 +438,9 @@ class FastReader:
     def _direct_rows(self, part: int, name: str) -> ShardedRows | None:
         state = self._process()
         key = (part, name)
+        if key not in state.rows and not self.direct_reads:
+            self._check(part, name)
+            state.rows[key] = None
         if key not in state.rows:
             self._check(part, name)
             root = self._array_path(part, name)

@@ -16,9 +16,11 @@ import numpy as np
 import zarr
 
 from .codec import dequantize_int8_numpy
+from .errors import CacheError
 from .integrity import check_part_files, damaged
 from .layout import PART_SUFFIX, PARTS_DIR
 from .manifest import Manifest, read_manifest
+from .object_store import cache_root, is_s3
 
 SMALL_FIELDS = ("key", "source_index", "caption", "label")
 
@@ -27,6 +29,9 @@ class CacheReader:
     """A committed cache, seen through its manifest. Global sample ids run over parts in manifest order."""
 
     def __init__(self, cache_dir: str | Path):
+        if is_s3(cache_dir):  # zarr-python opens local groups only
+            raise CacheError(f"{cache_root(cache_dir)}: this command reads the cache's arrays from a local disk; copy the cache "
+                             "there (e.g. `aws s3 sync`) and pass that directory")
         self.cache_dir = Path(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir)
         self.parts: list[dict] = list(self.manifest.parts)

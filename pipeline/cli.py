@@ -184,7 +184,7 @@ def report(
 # -- cache tools ----------------------------------------------------------------------------------
 @cache_app.command("info")
 @user_errors
-def cache_info(cache: Annotated[Path, typer.Argument(help="Cache directory.", metavar="CACHE")]):
+def cache_info(cache: Annotated[str, typer.Argument(help="Cache directory or s3://bucket/prefix.", metavar="CACHE")]):
     """Samples, parts, skips by reason, fields, bytes per sample, encoders and fingerprint."""
     from cache_schema import read_manifest
     from cache_schema.info import describe
@@ -204,8 +204,12 @@ def cache_verify(
     Lists every bad part and exits non-zero if there is one."""
     from tqdm import tqdm
 
-    from cache_schema import read_manifest
+    from cache_schema import CacheError, read_manifest
+    from cache_schema.object_store import cache_root, is_s3
     from cache_schema.verify import find_problems
+
+    if is_s3(cache):
+        raise CacheError(f"{cache_root(cache)}: verify reads local caches; verify the local cache before pushing it, or a copy")
 
     manifest = read_manifest(cache)
     seen: set[str] = set()
@@ -226,6 +230,39 @@ def cache_verify(
         typer.echo(f"{len(problems)} bad part(s) in {cache}; repair them with the encode command and --repair")
         raise typer.Exit(1)
     typer.echo(f"verified {manifest.num_samples} samples in {cache}" + (" (quick)" if quick else ""))
+
+
+@cache_app.command("push")
+@user_errors
+def cache_push(
+    cache: Annotated[Path, typer.Argument(help="Local cache directory.", metavar="CACHE")],
+    dest: Annotated[str, typer.Argument(help="Where to publish it: s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL).",
+                                        metavar="S3_URL")],
+    threads: Annotated[int, typer.Option(min=1, help="Parallel uploads.")] = 8,
+    max_rate: Annotated[Optional[float], typer.Option(min=0.001, help="Upload at most this many MiB/s per thread.",
+                                                      metavar="MIB_S")] = None,
+):
+    """Upload a committed cache to S3-compatible object storage; each part's record goes last, with a conditional
+    write. Resumable: a rerun skips the parts already there and uploads again those a crash cut short."""
+    from tqdm import tqdm
+
+    from cache_schema.push import push_cache
+
+    bars = []  # made once the bytes to upload are known (the manifest and the records were checked)
+
+    def progress(total: int, done: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="push", dynamic_ncols=True))
+        bars[0].update(done)
+
+    try:
+        result = push_cache(cache, dest, threads=threads, progress=progress,
+                            max_rate=max_rate * 2**20 if max_rate else None)
+    finally:
+        for bar in bars:
+            bar.close()
+    typer.echo(f"pushed {len(result.uploaded)} part(s) ({result.bytes / 2**20:.1f} MiB) to {dest}; "
+               f"{len(result.skipped)} already there")
 
 
 # -- demo data and tiny encoders --------------------------------------------------------------------

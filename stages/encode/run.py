@@ -22,6 +22,7 @@ from cache_schema import CacheError, cache_fields, field_from_json, new_manifest
 from cache_schema.claims import Heartbeat, Owner, release
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
+from cache_schema.object_store import cache_root, is_s3
 from stages.core.cuda_settings import fast_cuda_math
 from stages.core.encoders.features import EncoderSpec, FeatureEncoders, dino_preprocess_description
 from stages.core.encoders.images import crop_name
@@ -138,6 +139,9 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     from accelerate.utils import gather_object
 
     check(cfg)
+    if is_s3(cfg.cache):
+        raise CacheError(f"--cache {cache_root(cfg.cache)}: encode writes a local cache; encode into a local directory, then "
+                         "publish it with `repa cache push DIR s3://bucket/prefix`")
     cfg.cache = Path(cfg.cache)
     if cfg.add_target is not None:
         from .add_target import run_add_target

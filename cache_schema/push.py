@@ -1,0 +1,181 @@
+"""Publishing a committed local cache on S3-compatible object storage (`repa cache push`).
+
+The protocol is the local one with objects for files: a part's files are uploaded first, then its
+record, the commit point, with a conditional PUT (``If-None-Match: *``) so that no writer ever
+replaces a record another one wrote. Readers list records, so a part whose upload was cut short
+(files, no record) is invisible to them, and the next push uploads it again over what was left.
+The manifest is created first, also conditionally; a manifest with another fingerprint is never
+replaced (it is another cache).
+
+A rerun skips every part whose record is there with the same content, so pushing again after a
+crash, or while another push of the same cache runs, ends with one complete cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import CacheError
+from .layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, RECORD_SUFFIX, RECORDS_DIR
+from .manifest import manifest_path, read_manifest, read_records, record_path, target_dir
+from .object_store import S3Path, client
+
+
+@dataclass
+class PushResult:
+    uploaded: list[str]  # parts uploaded and committed by this push ("<target>/<part>" for added targets)
+    skipped: list[str]  # parts whose record was already there with the same content
+    bytes: int  # bytes uploaded
+
+
+def _code(error) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _lost_race(error) -> bool:
+    # 412: the object exists (If-None-Match) or changed (If-Match); 409: a concurrent conditional write.
+    return _code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def put_if_absent(dest: S3Path, data: bytes) -> bool:
+    """Create ``dest`` with ``data`` unless an object is there (one conditional PUT): whether it was created."""
+    from botocore.exceptions import ClientError
+
+    try:
+        client().put_object(Bucket=dest.bucket, Key=dest.key, Body=data, IfNoneMatch="*")
+        return True
+    except ClientError as e:
+        if _lost_race(e):
+            return False
+        raise CacheError(f"{dest}: cannot be written ({e}); check the credentials and AWS_ENDPOINT_URL") from None
+
+
+def _read_existing(dest: S3Path) -> bytes | None:
+    try:
+        return dest.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CacheError(f"{dest}: cannot be read ({e}); check the credentials and AWS_ENDPOINT_URL") from None
+
+
+def _push_manifest(src: Path, dest: S3Path) -> None:
+    data = manifest_path(src).read_bytes()
+    ours = json.loads(data)
+    where = dest / MANIFEST_NAME
+    if put_if_absent(where, data):
+        return
+    theirs_raw = _read_existing(where)
+    try:
+        theirs = json.loads(theirs_raw or b"")
+    except ValueError:
+        theirs = {}
+    if theirs.get("fingerprint") != ours.get("fingerprint"):
+        raise CacheError(f"{where}: holds a cache with fingerprint {theirs.get('fingerprint')}, not {src}'s "
+                         f"{ours.get('fingerprint')}; push to another prefix")
+    if theirs_raw != data:
+        # Same cache, grown since (an added target, more input shards): the newer manifest replaces it.
+        from botocore.exceptions import ClientError
+
+        try:
+            client().put_object(Bucket=where.bucket, Key=where.key, Body=data)
+        except ClientError as e:
+            raise CacheError(f"{where}: cannot be written ({e}); check the credentials") from None
+
+
+def _part_units(src: Path, dest: S3Path) -> list[tuple[str, Path, S3Path, dict]]:
+    """(label, local root, remote root, record) of every committed part of the cache and its added targets."""
+    manifest = read_manifest(src)
+    units = [(p["name"], src, dest, p) for p in manifest.parts]
+    for target in sorted(manifest.targets):
+        for rec in sorted(read_records(target_dir(src, target)), key=lambda r: r["name"]):
+            units.append((f"{target}/{rec['name']}", target_dir(src, target), target_dir(dest, target), rec))
+    return units
+
+
+def push_cache(src: str | Path, dest: str | S3Path, threads: int = 8,
+               progress: Callable[[int, int], None] | None = None, max_rate: float | None = None) -> PushResult:
+    """Upload the committed local cache ``src`` to ``dest`` (``s3://bucket/prefix``). ``progress(total,
+    done)`` is called with the bytes to upload (once, done 0), then with each file's bytes as it lands.
+    ``max_rate``: bytes/s per upload thread (None: as fast as the link allows)."""
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(max_bandwidth=int(max_rate) if max_rate else None, use_threads=False)
+    src, dest = Path(src), S3Path.parse(dest)
+    units = _part_units(src, dest)  # reads and checks the local manifest and records first
+    _push_manifest(src, dest)
+    records = {label: record_path(root, rec["name"]).read_bytes() for label, root, _, rec in units}
+    todo, skipped = [], []
+    with ThreadPoolExecutor(threads) as pool:
+        there = list(pool.map(lambda u: _read_existing(_record_key(u[2], u[0])), units))
+    for unit, existing in zip(units, there):
+        label = unit[0]
+        if existing is None:
+            todo.append(unit)
+        elif _same_record(existing, records[label]):
+            skipped.append(label)
+        else:
+            raise CacheError(f"{_record_key(unit[2], label)}: holds another commit of part {label} (another encode "
+                             f"of it); delete that record to replace the part with {src}'s")
+    files = [(label, root / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}", rroot, rec, rel)
+             for label, root, rroot, rec in todo for rel in sorted(rec["files"])]
+    total = sum(rec["files"][rel] for *_, rec, rel in files)
+    if progress:
+        progress(total, 0)
+    pending = {unit[0]: len(unit[3]["files"]) for unit in todo}
+    committed = []
+    with ThreadPoolExecutor(threads) as pool:
+        # Files in part order; a part's record goes up as soon as its last file has landed.
+        for label, size in pool.map(lambda f: _upload_file(*f, config), files):
+            if progress:
+                progress(total, size)
+            pending[label] -= 1
+            if pending[label] == 0:
+                committed.append(_commit(label, dict((u[0], u) for u in todo)[label], records[label]))
+        for unit in todo:  # parts without files (nothing encoded) still get their record
+            if not unit[3]["files"]:
+                committed.append(_commit(unit[0], unit, records[unit[0]]))
+    return PushResult([c for c in committed if c], skipped, total)
+
+
+def _record_key(root: S3Path, label: str) -> S3Path:
+    return root / RECORDS_DIR / f"{label.rsplit('/', 1)[-1]}{RECORD_SUFFIX}"
+
+
+def _same_record(theirs: bytes, ours: bytes) -> bool:
+    try:
+        return json.loads(theirs) == json.loads(ours)
+    except ValueError:
+        return False
+
+
+def _upload_file(label: str, local_part: Path, remote_root: S3Path, rec: dict, rel: str, config) -> tuple[str, int]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    path = local_part / rel
+    key = remote_root / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}" / rel.replace(os.sep, "/")
+    size = path.stat().st_size
+    if size != rec["files"][rel]:
+        raise CacheError(f"part {label}: file {rel} has {size} bytes, its record says {rec['files'][rel]}; "
+                         "run `repa cache verify` on the local cache and repair it before pushing")
+    try:
+        client().upload_file(str(path), key.bucket, key.key, Config=config)
+    except (ClientError, BotoCoreError, OSError) as e:
+        raise CacheError(f"part {label}: {rel} cannot be uploaded to {key} ({e}); rerun the push") from None
+    return label, size
+
+
+def _commit(label: str, unit, data: bytes) -> str | None:
+    """Write the part's record, the commit point: the label, or None when an identical record won the race."""
+    key = _record_key(unit[2], label)
+    if put_if_absent(key, data):
+        return label
+    if _same_record(_read_existing(key) or b"", data):
+        return None
+    raise CacheError(f"{key}: another writer committed part {label} while this push uploaded it; its files may now "
+                     "hold this push's bytes: delete that record and push again from one cache")
