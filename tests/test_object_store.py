@@ -15,8 +15,8 @@ import pytest
 
 from cache_schema import CacheError, FastReader, read_manifest
 from cache_schema.push import push_cache
-from tests.encode_helpers import ROOT, env, repa
-from tests.test_train import tiny_train
+from tests.encode_helpers import ROOT, env, repa, two_nodes
+from tests.test_train import tiny_train, train_cli_args
 
 BUCKET = "repa-test"
 _prefixes = itertools.count()
@@ -72,11 +72,18 @@ def test_cache_info_on_s3_matches_the_local_cache(pushed, train_cache):
     assert remote.stdout == local.stdout and "96" in remote.stdout
 
 
-def test_train_reads_the_cache_from_s3(pushed, tmp_path):
-    from stages.train.loop import run_train
+def test_two_nodes_of_two_processes_train_from_s3_without_a_shared_cache(pushed, tmp_path):
+    """Nodes with no shared disk: 4 ranks of two launchers read the cache from the object store."""
+    import torch
 
-    run_train(tiny_train(pushed, tmp_path / "run", steps=3, val_every=3, ckpt_every=3))
-    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    from stages.core.checkpoint import latest_checkpoint
+
+    cfg = tiny_train(pushed, tmp_path / "run", steps=4, ckpt_every=4, val_every=4)
+    node0, node1 = two_nodes(["train", *train_cli_args(cfg)], port=29583)
+    assert node0.returncode == 0 and node1.returncode == 0, (node0.stderr + node1.stderr)[-3000:]
+    assert "batch 8 = 4 proc x 1 accum x 2" in node0.stdout + node0.stderr
+    ckpt = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["cache"].startswith("s3:")
 
 
 def _push_process(cache, url: str, *extra: str) -> subprocess.Popen:

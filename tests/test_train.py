@@ -28,7 +28,7 @@ from stages.train.config import TrainConfig
 from stages.train.loop import run_train, step_generator
 from stages.train.metrics import read_metrics
 
-from .encode_helpers import ROOT, cli_imports, env, two_nodes
+from .encode_helpers import ROOT, cli_imports, env
 
 
 def tiny_train(cache: Path, run_dir: Path, **kw) -> TrainConfig:
@@ -228,16 +228,6 @@ def test_two_runs_read_one_cache_at_the_same_time(train_cache, tmp_path):
         assert p.returncode == 0, err[-2000:]
     for name in ("a", "b"):
         assert latest_checkpoint(tmp_path / name).name == "step-0000008.pt"
-
-
-def test_training_as_two_nodes_of_two_processes(train_cache, tmp_path):
-    """As on a cluster: two launchers with their node ranks meet at a rendezvous; the 4 ranks share the batch."""
-    cfg = tiny_train(train_cache, tmp_path / "run", steps=4, ckpt_every=4, val_every=4)
-    node0, node1 = two_nodes(["train", *train_cli_args(cfg)], port=29571)
-    assert node0.returncode == 0 and node1.returncode == 0, (node0.stderr + node1.stderr)[-3000:]
-    assert "batch 8 = 4 proc x 1 accum x 2" in node0.stdout + node0.stderr
-    ckpt = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
-    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 # -- errors before the first step -----------------------------------------------------------------
