@@ -9,6 +9,8 @@ and (first layout only) with the zarr-python reference reader on a few batches. 
 parts of ~5 500 samples, so a random batch touches a different part for nearly every sample: the
 1 024-part layout reads that way, the 4-part one groups many samples per part.
 
+``--s3`` also pushes each cache to an S3-compatible server started on 127.0.0.1 (moto) and reads it
+from there through the same loader, for the samples/s of an object-store cache against local disk.
 ``--text`` adds T5-XXL-width caption tokens (4 096 wide, 8 to 60 tokens per caption, mean ~34) and
 stores every feature as int8 with per-token scales, as a CC12M cache would be; it also reports the
 read amplification of the caption tokens (bytes of the chunks touched / bytes of the tokens).
@@ -27,10 +29,12 @@ from synthetic import synthetic_cache
 
 from cache_schema import CacheReader, FastReader
 from cache_schema.layout import TEXT_CHUNK_TOKENS
+from cache_schema.push import push_cache
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 
 OUT = Path(__file__).resolve().parent / "out"
 TEXT_DIM = 4096  # T5-XXL
+S3_BUCKET = "repa-bench"
 
 
 def text_amplification(reader: FastReader) -> float:
@@ -119,18 +123,52 @@ def measure(args, parts: int, rows: list, reference: bool) -> None:
         # it); --copy-out also measures the fallback that copies each batch out of its slot on arrival.
         for copy_out in (False, True) if args.copy_out else (False,):
             label = ", copy-out fallback" if copy_out else ""
-            loader = make_loader(dataset, EpochBatchSampler(np.arange(len(dataset)), args.batch, seed=1), args.workers,
-                                 copy_out=copy_out)
-            t0 = time.perf_counter()
-            stream = iter(loader)
-            next(stream)
-            print(f"workers   {args.workers} started, first batch after {time.perf_counter() - t0:.1f} s{label}")
-            # Every worker opens its stores on first touch: time the steady state after a warm-up
-            # of roughly one pass over the parts (bounded, so small layouts do not wait for nothing).
-            timed(stream, 0, min(max(parts // args.batch * 4, 2), 64))
-            record(f"make_loader, {args.workers} workers{label}", *timed(stream, args.seconds))
-            print(f"recycled  all but {loader.unrecycled_batches} batches read into reused shared memory")
-            del stream, loader
+            record(f"make_loader, {args.workers} workers{label}", *loader_rate(dataset, args, parts, copy_out))
+    if args.s3:
+        url = f"s3://{S3_BUCKET}/{path.name}"
+        t0 = time.perf_counter()
+        pushed = push_cache(path, url, threads=8)
+        print(f"pushed    {pushed.bytes / 2**20:.0f} MiB to {url} in {time.perf_counter() - t0:.1f} s")
+        remote = CacheBatchDataset(url, need_dino=True, need_label=True, need_text=args.text)
+        record(f"make_loader, {args.workers} workers, from S3 (local server)",
+               *loader_rate(remote, args, parts, False, seconds=args.seconds / 2))
+
+
+def loader_rate(dataset, args, parts: int, copy_out: bool, seconds: float | None = None) -> tuple:
+    """(samples, seconds, CPU seconds) of ``make_loader`` over ``dataset`` in steady state."""
+    loader = make_loader(dataset, EpochBatchSampler(np.arange(len(dataset)), args.batch, seed=1), args.workers,
+                         copy_out=copy_out)
+    t0 = time.perf_counter()
+    stream = iter(loader)
+    next(stream)
+    print(f"workers   {args.workers} started, first batch after {time.perf_counter() - t0:.1f} s")
+    # Every worker opens its stores on first touch: time the steady state after a warm-up of roughly one
+    # pass over the parts (bounded, so small layouts do not wait for nothing).
+    timed(stream, 0, min(max(parts // args.batch * 4, 2), 64))
+    result = timed(stream, args.seconds if seconds is None else seconds)
+    print(f"recycled  all but {loader.unrecycled_batches} batches read into reused shared memory")
+    del stream, loader
+    return result
+
+
+def s3_server() -> None:
+    """An S3-compatible server (moto) on 127.0.0.1 for --s3, with the AWS_* variables pointing at it."""
+    import logging
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
+                      AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
 
 
 def main() -> None:
@@ -143,7 +181,11 @@ def main() -> None:
     ap.add_argument("--text", action="store_true", help="T5-XXL-width int8 caption tokens, int8 features")
     ap.add_argument("--copy-out", action="store_true", help="also measure the copy-out fallback of the loader")
     ap.add_argument("--cache-root", type=Path, default=OUT)
+    ap.add_argument("--s3", action="store_true", help="also read each cache from an S3-compatible server on "
+                    "127.0.0.1 (moto, in memory: keep --samples small, e.g. 2048)")
     args = ap.parse_args()
+    if args.s3:
+        s3_server()
 
     rows: list = []
     for i, parts in enumerate(int(p) for p in args.parts.split(",")):
