@@ -34,8 +34,6 @@ def keys_once(url: str, paths) -> None:
 
 def test_an_encode_to_s3_reads_back_identical_to_the_same_encode_to_a_local_dir(s3_endpoint, tiny_models, shards,
                                                                                   tmp_path):
-    import tests.encode_helpers as h
-
     url = fresh_prefix()
     source = pattern(shards[:3])
     full = {"text_encoder": str(tiny_models["text"])}  # every kind of field: latents, tokens, text, captions
@@ -46,7 +44,6 @@ def test_an_encode_to_s3_reads_back_identical_to_the_same_encode_to_a_local_dir(
     keys_once(url, shards[:3])
     assert read_manifest(url).complete and not any(k.startswith("claims/") for k in objects(url))
     assert list((tmp_path / "staging").iterdir()) == []  # the staging copies are gone
-    assert h.ROOT  # the helpers import cleanly in this module
 
 
 def test_an_encode_to_s3_killed_then_rerun_holds_every_sample_once(s3_endpoint, tiny_models, shards, tmp_path):
@@ -107,11 +104,21 @@ def test_a_stale_claim_on_s3_is_taken_over_once_and_a_live_one_is_not(s3_endpoin
     # Once this owner's heartbeat is older than the lease, the rival takes it; this owner's renewal then fails.
     time.sleep(1.1)
     assert rival.claim(["stale"], other, lease_s=1)[0] == ["stale"]
-    assert mine.renew(["stale"], me) == ["stale"] and not mine.owns("stale", me)
+    assert mine.renew(["stale"], me) == ["stale"] and not mine.owns("stale", me) and rival.owns("stale", other)
     mine.release("stale", me)  # not its claim any more: left alone
-    assert rival.owns("stale", other)
-    rival.release("stale", other)
-    assert not any(k.startswith("claims/stale") for k in objects(url))
+    # Two takers that read the same stale claim: If-Match on its etag lets exactly one of them write.
+    from cache_schema.object_store import put_if_match
+
+    _, etag = rival._read("stale")
+    key = root / "claims" / "stale.json"
+    assert [put_if_match(key, b"{}", etag) is not None for _ in range(2)] == [True, False]
+    _plant_claim(url, "stale", time.time())
+    assert rival.claim(["stale"], other, lease_s=30)[0] == []
+    _plant_claim(url, "mine", time.time())
+    assert S3Claims(root).claim(["mine"], me, lease_s=30)[0] == []
+    got, _ = rival.claim(["fresh"], other, lease_s=30)
+    rival.release("fresh", other)
+    assert got == ["fresh"] and not any(k.startswith("claims/fresh") for k in objects(url))
 
 
 def test_flags_that_rewrite_parts_are_refused_on_s3_in_one_line(s3_endpoint, tiny_models, shards):
