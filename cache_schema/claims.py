@@ -19,7 +19,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
+from .errors import CacheError
 from .fsutil import atomic_write_json, cache_lock
 from .layout import CLAIMS_DIR
 
@@ -146,12 +148,45 @@ def describe_holder(claim: dict) -> str:
     return f"process {claim.get('pid')} on {claim.get('host')} (heartbeat {age:.0f} s ago)"
 
 
-class Heartbeat:
-    """Renews an owner's claims every ``interval`` seconds on a daemon thread; ``lost`` collects parts
-    that were taken over (the owner must then not commit them; ``PartWriter.commit`` checks too)."""
+class ClaimStore(Protocol):
+    """Where the claims of one cache live: a local directory (``LocalClaims``) or an object-storage
+    prefix (``cache_schema.s3_claims.S3Claims``). An encode speaks only to this interface."""
 
-    def __init__(self, cache_dir: Path, owner: Owner, interval: float):
-        self.cache_dir, self.owner, self.interval = Path(cache_dir), owner, interval
+    def claim(self, parts: list[str], owner: Owner, lease_s: float) -> tuple[list[str], dict]: ...
+
+    def renew(self, parts: list[str], owner: Owner) -> list[str]: ...
+
+    def owns(self, part: str, owner: Owner) -> bool: ...
+
+    def release(self, part: str, owner: Owner) -> None: ...
+
+
+@dataclass(frozen=True)
+class LocalClaims:
+    """The claims of a cache directory: lease files under its advisory lock (the functions above)."""
+
+    cache_dir: Path
+
+    def claim(self, parts: list[str], owner: Owner, lease_s: float) -> tuple[list[str], dict]:
+        return claim(self.cache_dir, parts, owner, lease_s)
+
+    def renew(self, parts: list[str], owner: Owner) -> list[str]:
+        return renew(self.cache_dir, parts, owner)
+
+    def owns(self, part: str, owner: Owner) -> bool:
+        with cache_lock(self.cache_dir):
+            return owns(self.cache_dir, part, owner)
+
+    def release(self, part: str, owner: Owner) -> None:
+        release(self.cache_dir, part, owner)
+
+
+class Heartbeat:
+    """Renews an owner's claims in ``store`` every ``interval`` seconds on a daemon thread; ``lost``
+    collects parts that were taken over (the owner must then not commit them; commits check too)."""
+
+    def __init__(self, store: ClaimStore, owner: Owner, interval: float):
+        self.store, self.owner, self.interval = store, owner, interval
         self.parts: set[str] = set()
         self.lost: set[str] = set()
         self._lock = threading.Lock()
@@ -172,9 +207,9 @@ class Heartbeat:
             with self._lock:
                 parts = sorted(self.parts)
             try:
-                lost = renew(self.cache_dir, parts, self.owner)
-            except OSError:
-                continue  # a hiccup of the shared filesystem; the lease leaves room for the next beat
+                lost = self.store.renew(parts, self.owner)
+            except (OSError, CacheError):
+                continue  # a hiccup of the shared filesystem or the store; the lease leaves room for the next beat
             with self._lock:
                 self.lost.update(lost)
                 self.parts.difference_update(lost)

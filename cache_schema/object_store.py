@@ -189,3 +189,70 @@ def kvstore_spec(path: Path | S3Path) -> dict:
     if region:
         spec["aws_region"] = region
     return spec
+
+
+# -- conditional writes: what makes several writers on one prefix safe ------------------------------
+def _code(error) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def lost_race(error) -> bool:
+    """412: the object exists (If-None-Match) or changed (If-Match); 409: a concurrent conditional write."""
+    return _code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def _write_error(dest: S3Path, e) -> CacheError:
+    return CacheError(f"{dest}: cannot be written ({e}); check the credentials and AWS_ENDPOINT_URL")
+
+
+def put_if_absent(dest: S3Path, data: bytes) -> bool:
+    """Create ``dest`` with ``data`` unless an object is there (one conditional PUT): whether it was created."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client().put_object(Bucket=dest.bucket, Key=dest.key, Body=data, IfNoneMatch="*")
+        return True
+    except ClientError as e:
+        if lost_race(e):
+            return False
+        raise _write_error(dest, e) from None
+    except BotoCoreError as e:
+        raise _write_error(dest, e) from None
+
+
+def put_if_match(dest: S3Path, data: bytes, etag: str) -> str | None:
+    """Replace ``dest`` with ``data`` only if it still has ``etag``: its new etag, or None when it changed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return client().put_object(Bucket=dest.bucket, Key=dest.key, Body=data, IfMatch=etag)["ETag"]
+    except ClientError as e:
+        if lost_race(e) or _not_found(e):
+            return None
+        raise _write_error(dest, e) from None
+    except BotoCoreError as e:
+        raise _write_error(dest, e) from None
+
+
+def get_with_etag(src: S3Path) -> tuple[bytes, str] | None:
+    """The object's bytes and etag (one GET), or None when there is none."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        out = client().get_object(Bucket=src.bucket, Key=src.key)
+        return out["Body"].read(), out["ETag"]
+    except ClientError as e:
+        if _not_found(e):
+            return None
+        raise CacheError(f"{src}: cannot be read ({e}); check the credentials and AWS_ENDPOINT_URL") from None
+    except BotoCoreError as e:
+        raise CacheError(f"{src}: cannot be reached ({e}); check AWS_ENDPOINT_URL") from None
+
+
+def delete(dest: S3Path) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client().delete_object(Bucket=dest.bucket, Key=dest.key)
+    except (ClientError, BotoCoreError) as e:
+        raise CacheError(f"{dest}: cannot be deleted ({e}); check the credentials and AWS_ENDPOINT_URL") from None

@@ -23,7 +23,7 @@ from typing import Callable
 from .errors import CacheError
 from .layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, RECORD_SUFFIX, RECORDS_DIR
 from .manifest import manifest_path, read_manifest, read_records, record_path, target_dir
-from .object_store import S3Path, client
+from .object_store import S3Path, client, put_if_absent
 
 
 @dataclass
@@ -31,28 +31,6 @@ class PushResult:
     uploaded: list[str]  # parts uploaded and committed by this push ("<target>/<part>" for added targets)
     skipped: list[str]  # parts whose record was already there with the same content
     bytes: int  # bytes uploaded
-
-
-def _code(error) -> str:
-    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
-
-
-def _lost_race(error) -> bool:
-    # 412: the object exists (If-None-Match) or changed (If-Match); 409: a concurrent conditional write.
-    return _code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
-
-
-def put_if_absent(dest: S3Path, data: bytes) -> bool:
-    """Create ``dest`` with ``data`` unless an object is there (one conditional PUT): whether it was created."""
-    from botocore.exceptions import ClientError
-
-    try:
-        client().put_object(Bucket=dest.bucket, Key=dest.key, Body=data, IfNoneMatch="*")
-        return True
-    except ClientError as e:
-        if _lost_race(e):
-            return False
-        raise CacheError(f"{dest}: cannot be written ({e}); check the credentials and AWS_ENDPOINT_URL") from None
 
 
 def _read_existing(dest: S3Path) -> bytes | None:
@@ -122,25 +100,23 @@ def push_cache(src: str | Path, dest: str | S3Path, threads: int = 8,
         else:
             raise CacheError(f"{_record_key(unit[2], label)}: holds another commit of part {label} (another encode "
                              f"of it); delete that record to replace the part with {src}'s")
-    files = [(label, root / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}", rroot, rec, rel)
-             for label, root, rroot, rec in todo for rel in sorted(rec["files"])]
-    total = sum(rec["files"][rel] for *_, rec, rel in files)
+    total = sum(sum(rec["files"].values()) for *_, rec in todo)
     if progress:
         progress(total, 0)
-    pending = {unit[0]: len(unit[3]["files"]) for unit in todo}
     committed = []
     with ThreadPoolExecutor(threads) as pool:
-        # Files in part order; a part's record goes up as soon as its last file has landed.
-        for label, size in pool.map(lambda f: _upload_file(*f, config), files):
-            if progress:
-                progress(total, size)
-            pending[label] -= 1
-            if pending[label] == 0:
-                committed.append(_commit(label, dict((u[0], u) for u in todo)[label], records[label]))
-        for unit in todo:  # parts without files (nothing encoded) still get their record
-            if not unit[3]["files"]:
-                committed.append(_commit(unit[0], unit, records[unit[0]]))
-    return PushResult([c for c in committed if c], skipped, total)
+        # Parts one after another, each part's files by the pool: a part's record goes up as soon as its
+        # last file has landed, so a push cut short leaves as many whole parts as it could.
+        for label, root, rroot, rec in todo:
+            outcome = publish_part(label, root / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}", rroot, rec, records[label],
+                                   config, pool.map, (lambda size: progress(total, size)) if progress else None)
+            if outcome == OTHER:
+                raise CacheError(f"{_record_key(rroot, label)}: another writer committed part {label} while this push "
+                                 "uploaded it; its files may now hold this push's bytes: delete that record and push "
+                                 "again from one cache")
+            if outcome == COMMITTED:
+                committed.append(label)
+    return PushResult(committed, skipped, total)
 
 
 def _record_key(root: S3Path, label: str) -> S3Path:
@@ -154,7 +130,7 @@ def _same_record(theirs: bytes, ours: bytes) -> bool:
         return False
 
 
-def _upload_file(label: str, local_part: Path, remote_root: S3Path, rec: dict, rel: str, config) -> tuple[str, int]:
+def _upload_file(label: str, local_part: Path, remote_root: S3Path, rec: dict, rel: str, config) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     path = local_part / rel
@@ -167,15 +143,23 @@ def _upload_file(label: str, local_part: Path, remote_root: S3Path, rec: dict, r
         client().upload_file(str(path), key.bucket, key.key, Config=config)
     except (ClientError, BotoCoreError, OSError) as e:
         raise CacheError(f"part {label}: {rel} cannot be uploaded to {key} ({e}); rerun the push") from None
-    return label, size
+    return size
 
 
-def _commit(label: str, unit, data: bytes) -> str | None:
-    """Write the part's record, the commit point: the label, or None when an identical record won the race."""
-    key = _record_key(unit[2], label)
-    if put_if_absent(key, data):
-        return label
-    if _same_record(_read_existing(key) or b"", data):
-        return None
-    raise CacheError(f"{key}: another writer committed part {label} while this push uploaded it; its files may now "
-                     "hold this push's bytes: delete that record and push again from one cache")
+COMMITTED, SAME, OTHER = "committed", "same", "other"
+
+
+def publish_part(label: str, local_part: Path, remote_root: S3Path, rec: dict, record: bytes, config,
+                 upload_map=map, on_file: Callable[[int], None] | None = None) -> str:
+    """Upload a committed local part's files, then write its record, the commit point, with a conditional
+    PUT. ``upload_map`` runs the file uploads (a thread pool's ``map``); ``on_file(bytes)`` after each.
+    Returns COMMITTED, SAME (an identical record was already there) or OTHER (another writer committed
+    the part first; the caller decides whether that is an error)."""
+    for size in upload_map(lambda rel: _upload_file(label, local_part, remote_root, rec, rel, config),
+                           sorted(rec["files"])):
+        if on_file:
+            on_file(size)
+    key = _record_key(remote_root, label)
+    if put_if_absent(key, record):
+        return COMMITTED
+    return SAME if _same_record(_read_existing(key) or b"", record) else OTHER

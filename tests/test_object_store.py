@@ -172,7 +172,8 @@ def test_an_s3_url_given_as_a_path_still_names_the_bucket_and_prefix():
 def test_commands_that_need_a_local_cache_refuse_s3_in_one_line(pushed, tiny_models, labelled_shards):
     from tests.encode_helpers import cli_args, tiny_config
 
-    encode = repa("encode", *cli_args(tiny_config(tiny_models, str(labelled_shards[0]), pushed)))
+    # encode writes to object storage, but never rewrites what is there (see tests/test_s3_encode.py)
+    encode = repa("encode", *cli_args(tiny_config(tiny_models, str(labelled_shards[0]), pushed)), "--overwrite")
     verify = repa("cache", "verify", pushed)
     for r in (encode, verify):
         assert r.returncode == 2 and "s3://" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

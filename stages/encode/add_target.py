@@ -21,7 +21,7 @@ import zarr
 from tqdm import tqdm
 
 from cache_schema import CacheError, PartWriter, field_to_json, read_manifest
-from cache_schema.claims import Heartbeat, Owner, claim, describe_holder, release
+from cache_schema.claims import Heartbeat, LocalClaims, Owner, claim, describe_holder, release
 from cache_schema.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
 from cache_schema.manifest import (
     Manifest,
@@ -211,7 +211,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
         keys, index = _part_keys(cache, part)
         expected[part["name"]] = (keys, {"writer": part["writer"], "num_samples": part["num_samples"]})
         wanted[shards[part["name"]].url] = frozenset(index.tolist())
-    heartbeat = Heartbeat(root, owner, interval=cfg.lease_seconds / 4)
+    heartbeat = Heartbeat(LocalClaims(root), owner, interval=cfg.lease_seconds / 4)
     heartbeat.add([p["name"] for p in mine])
     workers = min(cfg.num_workers if cfg.num_workers is not None else 1, len(mine))
     set_threads(cfg.threads, workers)

@@ -21,7 +21,7 @@ class EncodeConfig:
         "", "Webdataset shards: path, brace pattern (data/cc12m-train-{0000..2175}.tar), glob or pipe: URL.",
         metavar="PATTERN",
     )
-    cache: Path = option(None, "Output cache directory.", metavar="DIR", required=True, default_text="required")
+    cache: Path = option(None, "Output cache directory, or s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL).", metavar="DIR", required=True, default_text="required")
     resolution: int = option(256, "Centre-crop size in pixels (multiple of 16).", gt=0, multiple_of=16)
     vae: str = option("stabilityai/sd-vae-ft-ema", "AutoencoderKL: Hub id or local folder.", metavar="ID|DIR")
     vae_subfolder: str | None = option(None, "Subfolder of --vae holding the VAE (e.g. vae for FLUX.1).")
@@ -122,6 +122,10 @@ class EncodeConfig:
     lease_seconds: float = option(
         300.0, "Seconds without a heartbeat after which a shard claimed by a process on another machine is "
         "taken over (a dead process on this machine is taken over at once).", gt=0,
+    )
+    staging_dir: Path | None = option(
+        None, "With --cache s3://bucket/prefix: where each part is built before it is uploaded (a folder per "
+        "process is made in it and removed at the end); default: a new temporary folder.", metavar="DIR",
     )
     overwrite: bool = option(False, "Delete what the cache holds and start over.", flags=("--overwrite",))
     dry_run: bool = option(

@@ -53,8 +53,11 @@ class PartSink:
 
     def __init__(self, cache_dir: Path, fields: dict[str, Field], shard_size: int, shards: dict[str, Shard],
                  owner: Owner | None = None, heartbeat: Heartbeat | None = None, max_pending: int = 3,
-                 min_similarity: float | None = None):
+                 min_similarity: float | None = None, publish: Callable[[str], bool] | None = None):
         self.cache_dir = cache_dir
+        # Called with each part once committed where it was built: whether it is this writer's (an upload
+        # to object storage may find another writer's commit there first; that part then counts nothing).
+        self.publish = publish
         self.fields = fields
         self.shard_size = shard_size
         self.shards, self.owner, self.heartbeat = shards, owner, heartbeat
@@ -140,12 +143,17 @@ class PartSink:
             writer, end = item
             try:
                 record = writer.commit(complete=end.broken is None, samples_read=end.samples_read)
+                ours = self.publish is None or self.publish(writer.name)
             except BaseException as e:
                 self.error = self.error or e
                 continue  # the writer aborted itself; later parts may still commit
             if self.heartbeat is not None:
                 self.heartbeat.discard(writer.name)
             with self._stats_lock:
+                if not ours:  # another writer's commit stands: this copy's samples are not in the cache
+                    self.stats.encoded -= record.num_samples
+                    self.stats.skipped.subtract(Counter(s["reason"].split(":")[0] for s in record.skips))
+                    continue
                 self.stats.parts += 1
                 self.stats.bytes += record.bytes
 

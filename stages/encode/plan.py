@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache_schema import Manifest, part_name
-from cache_schema.claims import Owner, claim, describe_holder, release
+from cache_schema.claims import Owner, describe_holder
 from cache_schema.integrity import check_part_files
-from cache_schema.manifest import record_path
 from cache_schema.sources import source_id
 from cache_schema.verify import find_problems
-from cache_schema.writer import drop_part, settle_part
 from stages.core.encoders.tars import SourceError
 from stages.core.errors import UsageError
 
@@ -101,10 +99,10 @@ def _break_reason(rec: dict) -> str:
     return breaks[-1].split(":")[0] if breaks else "incomplete"
 
 
-def claim_shards(cache: Path, mine: list[Shard], plan: Plan, owner: Owner, lease_s: float, log) -> list[Shard]:
-    """Claim this process's shards and prepare each: drop the old part of a shard to redo, clean what
-    dead writers left of the others. Returns the shards this process encodes."""
-    got, held = claim(cache, [s.part for s in mine], owner, lease_s)
+def claim_shards(dest, mine: list[Shard], plan: Plan, owner: Owner, lease_s: float, log) -> list[Shard]:
+    """Claim this process's shards in ``dest`` (a ``destination.LocalDestination`` or ``S3Destination``)
+    and prepare each (``dest.prepare``). Returns the shards this process encodes."""
+    got, held = dest.claims.claim([s.part for s in mine], owner, lease_s)
     if held:
         part, holder = next(iter(held.items()))
         log(f"{len(held)} input shard(s) are being encoded by other processes (e.g. {part} by "
@@ -114,15 +112,8 @@ def claim_shards(cache: Path, mine: list[Shard], plan: Plan, owner: Owner, lease
     for s in mine:
         if s.part not in claimed:
             continue
-        if s.part in plan.redo:
-            drop_part(cache, s.part)
-        restored = settle_part(cache, s.part, owner)
-        if restored is not None and not restored.complete:
-            drop_part(cache, s.part)  # a part cut short, published by a process that died: redo it
-        elif restored is not None:
-            log(f"{s.part}: restored the record of a part committed by a process that died")
-        if record_path(cache, s.part).exists():  # restored, or committed by another job since the plan
-            release(cache, s.part, owner)
+        if not dest.prepare(s.part, s.part in plan.redo, owner, log):
+            dest.claims.release(s.part, owner)
             continue
         out.append(s)
     return out

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest, start_encode
-from cache_schema.claims import Heartbeat, Owner, release
+from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest
+from cache_schema.claims import Heartbeat, Owner
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
 from cache_schema.object_store import cache_root, is_s3
@@ -33,6 +33,7 @@ from stages.core.processes import exit_with_parent
 from stages.core.threads import available_cores, set_threads
 
 from .config import EncodeConfig
+from .destination import destination
 from .dry_run import dry_run, samples_per_shard
 from .part_sink import PartSink, SinkStats, feeding
 from .plan import claim_shards, identify, make_plan
@@ -135,14 +136,20 @@ def _share(state, obj):
 
 
 def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
+    check(cfg)
+    owner = Owner.here()
+    dest = destination(cfg, owner)
+    try:
+        return _run(cfg, dest, owner, log)
+    finally:
+        dest.close()
+
+
+def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    check(cfg)
-    if is_s3(cfg.cache):
-        raise CacheError(f"--cache {cache_root(cfg.cache)}: encode writes a local cache; encode into a local directory, then "
-                         "publish it with `repa cache push DIR s3://bucket/prefix`")
-    cfg.cache = Path(cfg.cache)
+    cfg.cache = cache_root(cfg.cache)
     if cfg.add_target is not None:
         from .add_target import run_add_target
 
@@ -150,7 +157,8 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     urls = expand_source(cfg.source)
     if cfg.dry_run:
         return EncodeSummary(lines=dry_run(cfg, urls, encoder_spec(cfg)))
-    _check_cache_dir(cfg.cache)
+    if not is_s3(cfg.cache):
+        _check_cache_dir(cfg.cache)
 
     state = PartialState(cpu=not torch.cuda.is_available())
     device, main = state.device, state.is_main_process
@@ -164,7 +172,7 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     if main:
         shards = identify(urls)
         sources = {s.part: {"url": s.url, "id": s.source_id} for s in shards}
-        manifest = start_encode(cfg.cache, template, cfg.overwrite, sources, cfg.lease_seconds)
+        manifest = dest.start(template, cfg, sources)
         plan = make_plan(cfg.cache, manifest, shards, cfg.redo, cfg.repair, log)
     plan = _share(state, plan)
     manifest = read_manifest(cfg.cache)
@@ -172,10 +180,9 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
         raise CacheError(f"{cfg.cache}: process {state.process_index} computed another fingerprint; "
                          "encoders differ between processes")
     work = plan.work
-    owner = Owner.here()
-    mine = claim_shards(cfg.cache, work[state.process_index :: state.num_processes], plan, owner,
+    mine = claim_shards(dest, work[state.process_index :: state.num_processes], plan, owner,
                         cfg.lease_seconds, log)
-    heartbeat = Heartbeat(cfg.cache, owner, interval=cfg.lease_seconds / 4)
+    heartbeat = Heartbeat(dest.claims, owner, interval=cfg.lease_seconds / 4)
     heartbeat.add([s.part for s in mine])
     limit = None
     if cfg.max_samples is not None:
@@ -200,12 +207,12 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     if cfg.max_samples is not None:
         total = min(total or cfg.max_samples, cfg.max_samples)
     bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
-    sink = PartSink(cfg.cache, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine}, owner, heartbeat,
-                    min_similarity=cfg.min_similarity)
+    sink = PartSink(dest.writer_dir, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine},
+                    dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner))
     start = time.perf_counter()
     first = last = None  # arrival of the first batch, submission of the last; images in between
     steady = 0
-    with feeding(sink, bar, heartbeat, lambda: [release(cfg.cache, s.part, owner) for s in mine]):
+    with feeding(sink, bar, heartbeat, lambda: [dest.claims.release(s.part, owner) for s in mine]):
         for batch in loader:
             host, ready = {}, None
             if first is None and len(batch):
