@@ -253,7 +253,7 @@ def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_p
     import sys
     import time
 
-    from cache_schema.claims import Heartbeat
+    from cache_schema.claims import Heartbeat, LocalClaims
 
     me = Owner.here()
     elsewhere = Owner("far-1-abc", "far-away-host", 1)
@@ -270,7 +270,7 @@ def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_p
     assert claim(tmp_path, ["c"], ghost)[0] == ["c"]
     assert claim(tmp_path, ["c"], me, lease_s=300)[0] == ["c"]  # a dead process of this host: at once
 
-    beat = Heartbeat(tmp_path, me, interval=0.05)
+    beat = Heartbeat(LocalClaims(tmp_path), me, interval=0.05)
     beat.add(["a", "c"])
     before = json.loads(path.read_text())["renewed"]
     time.sleep(0.3)
