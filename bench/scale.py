@@ -1,13 +1,14 @@
 """What grows with the corpus: part commits, manifest load, `cache info`, the training index.
 
-    python bench/scale.py [--parts 2176 --report 22,218,2176 --samples-per-part 64 --skip-rate 0.005]
+    python bench/scale.py [--parts 2176 --report 22,218,2176 --samples-per-part 5500 --skip-rate 0.005]
+    python bench/scale.py --existing   # start-up figures of the cache already written
 
 Writes a cache shaped like CC12M's (2 176 parts; tiny features, but each part's record carries the
 skip list of a real ~5 500-sample part at ``--skip-rate``) one part at a time,
 and at each part count in ``--report`` measures the costs that scale with the number of parts:
 the commit time (against commits into a fresh cache at the same moment), manifest load, `repa cache
 info`, the training index (labels and keys of every sample, read once), the validation split and
-the memory they take, and `repa cache verify --quick`. With ``--samples-per-part 5500`` the report points are CC12M at 1 %, 10 % and
+the memory they take, and `repa cache verify --quick`. With the default 5 500 samples per part the report points are CC12M at 1 %, 10 % and
 100 % (120 k, 1.2 M, 12 M samples). A commit publishes one
 part and writes one small record, so its cost must stay flat however many parts are already there.
 """
@@ -93,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", type=int, default=2176)
     ap.add_argument("--report", default="22,218,2176", help="part counts at which to measure")
-    ap.add_argument("--samples-per-part", type=int, default=64)
+    ap.add_argument("--samples-per-part", type=int, default=5500, help="CC12M: ~5 500")
     ap.add_argument("--skip-rate", type=float, default=0.005, help="skipped share of a real 5 500-sample part")
     ap.add_argument("--window", type=int, default=20, help="commits timed at each report point")
     ap.add_argument("--cache", type=Path, default=OUT / "scale-cache")
