@@ -3,14 +3,14 @@
     python bench/scale.py [--parts 2176 --report 22,218,2176 --samples-per-part 5500 --skip-rate 0.005]
     python bench/scale.py --existing   # start-up figures of the cache already written
 
-Writes a cache shaped like CC12M's (2 176 parts; tiny features, but each part's record carries the
-skip list of a real ~5 500-sample part at ``--skip-rate``) one part at a time,
-and at each part count in ``--report`` measures the costs that scale with the number of parts:
-the commit time (against commits into a fresh cache at the same moment), manifest load, `repa cache
-info`, the training index (labels and keys of every sample, read once), the validation split and
-the memory they take, and `repa cache verify --quick`. With the default 5 500 samples per part the report points are CC12M at 1 %, 10 % and
-100 % (120 k, 1.2 M, 12 M samples). A commit publishes one
-part and writes one small record, so its cost must stay flat however many parts are already there.
+Writes a cache shaped like CC12M's (2 176 parts; tiny features, but real keys and captions, and each
+part's record carries the skip list of a real ~5 500-sample part at ``--skip-rate``) one part at a
+time, and at each part count in ``--report`` measures the costs that scale with the corpus: the
+commit time (against commits into a fresh cache at the same moment), manifest load, `repa cache
+info`, the training index (labels of every sample, read once), the validation split, the memory they
+take, and `repa cache verify --quick`. With the default 5 500 samples per part the report points are
+CC12M at 1 %, 10 % and 100 % (120 k, 1.2 M, 12 M samples). A commit publishes one part and writes
+one small record, so its cost must stay flat however many parts are already there.
 """
 
 from __future__ import annotations
