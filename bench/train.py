@@ -17,6 +17,7 @@ and prints both rates and their ratio (target for SiT-XL/2 compiled on an H100: 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from synthetic import synthetic_cache
 
 from cache_schema import read_manifest
+from cache_schema.push import push_cache
 from stages.train.config import TrainConfig
 from stages.train.data import CacheBatchDataset
 from stages.train.loop import build_trainer, make_accelerator, run_train
@@ -62,6 +64,14 @@ def in_memory_rate(cfg: TrainConfig, steps: int, warmup: int) -> float:
     return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
+def fed_from(cfg: TrainConfig, warmup: int) -> tuple[float, int]:
+    """(img/s over the synchronised windows after the warm-up, steps timed) of ``run_train`` with ``cfg``."""
+    run_train(cfg, log=lambda m: None)
+    records = [r for r in read_metrics(cfg.run_dir) if r["kind"] == "train" and r["step"] > warmup]
+    # Images over seconds across the timed windows (equal lengths): the harmonic mean of their rates.
+    return len(records) / sum(1 / r["img_per_s"] for r in records), records[-1]["step"] - warmup
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", action="store_true", help="SiT-XL/2 + REPA on an SD-VAE/DINOv2-B-sized cache (GPU)")
@@ -72,6 +82,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None, help="steps before timing starts (compilation, caches)")
     ap.add_argument("--samples", type=int, default=None, help="samples in the synthetic cache")
+    ap.add_argument("--s3", default=None, metavar="URL", help="also train from the cache pushed to this s3://bucket/prefix "
+                    "(credentials and AWS_ENDPOINT_URL from the environment)")
     args = ap.parse_args()
 
     text = dict(text_dim=4096, codec="int8") if args.cond == "text" else {}
@@ -91,11 +103,11 @@ def main() -> None:
                       val_every=10**9, ckpt_every=10**9, val_fraction=0.0, num_workers=workers, report_to="none",
                       overwrite=True, compile=args.compile, **model)
     memory = in_memory_rate(cfg, steps, warmup)
-    run_train(cfg, log=lambda m: None)
-    records = [r for r in read_metrics(cfg.run_dir) if r["kind"] == "train" and r["step"] > warmup]
-    # Images over seconds across the timed windows (equal lengths): the harmonic mean of their rates.
-    fed_rate = len(records) / sum(1 / r["img_per_s"] for r in records)
-    timed_steps = records[-1]["step"] - warmup
+    fed_rate, timed_steps = fed_from(cfg, warmup)
+    remote_rate = None
+    if args.s3:  # the same cache on object storage (pushed once), the same run otherwise
+        push_cache(cache, args.s3)
+        remote_rate, _ = fed_from(dataclasses.replace(cfg, cache=args.s3), warmup)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print()
     print(f"device {name}, {cfg.model or f'width {cfg.width} depth {cfg.depth}'} + REPA, {args.cond} conditioning, "
@@ -103,6 +115,8 @@ def main() -> None:
     print(f"{'in memory (one resident batch)':<40}{memory:10.1f} img/s")
     print(f"{'fed from the cache (random batches)':<40}{fed_rate:10.1f} img/s")
     print(f"{'ratio cache-fed / in-memory':<40}{fed_rate / memory:10.2f}")
+    if remote_rate is not None:
+        print(f"{'fed from ' + args.s3:<40}{remote_rate:10.1f} img/s  (ratio {remote_rate / memory:.2f})")
 
 
 if __name__ == "__main__":

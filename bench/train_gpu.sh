@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PY" bench/train.py --real "$@"
-"$PY" bench/train.py --real --compile "$@"
+# BENCH_S3=s3://bucket/prefix (with AWS_* credentials and endpoint set): also cache-fed from object storage.
+"$PY" bench/train.py --real --compile ${BENCH_S3:+--s3 "$BENCH_S3"} "$@"
 "$PY" bench/train.py --real --compile --cond text "$@"
