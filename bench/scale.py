@@ -86,6 +86,16 @@ def start_up(cache: Path) -> tuple:
     return len(manifest.parts), manifest.num_samples, len(manifest.skipped), load, info, index, split, rss, quick
 
 
+HEADER = (f"{'parts':>6} {'samples':>9} {'skips':>7} {'commit ms':>10} {'(empty cache)':>14} {'ratio':>6} "
+          f"{'manifest s':>11} {'info s':>7} {'index s':>8} {'split s':>8} {'start-up s':>11} {'index MiB':>10} "
+          f"{'quick s':>8}")
+
+
+def format_row(big, small, parts, samples, skipped, load, info, index, split, rss, quick) -> str:
+    return (f"{parts:6d} {samples:9d} {skipped:7d} {big:10.1f} {small:14.1f} {big / small:6.2f} {load:11.2f} "
+            f"{info:7.2f} {index:8.2f} {split:8.2f} {load + index + split:11.2f} {rss:10.0f} {quick:8.1f}")
+
+
 def commit_times(path: Path, fields: dict, first: int, count: int, skips: int, rng) -> list[float]:
     return [write_part(path, fields, first + i, 8, skips, rng) for i in range(count)]
 
@@ -116,6 +126,7 @@ def main() -> None:
     tiny_cache(reference)
     rng = np.random.default_rng(0)
     rows, extra = [], 10**6  # timed parts get numbers beyond the cache's own
+    tqdm.write(HEADER)
     done = 0
     for target in report:
         for p in tqdm(range(done, target), desc=f"parts to {target}", unit="part"):
@@ -126,19 +137,19 @@ def main() -> None:
             big += commit_times(args.cache, fields, extra, 1, skips, rng)
             small += commit_times(reference, fields, extra, 1, skips, rng)
             extra += 1
-        rows.append((1e3 * float(np.median(big)), 1e3 * float(np.median(small)), *start_up(args.cache)))
+        row = (1e3 * float(np.median(big)), 1e3 * float(np.median(small)), *start_up(args.cache))
+        rows.append(row)
+        tqdm.write(format_row(*row))
         shutil.rmtree(reference)
         tiny_cache(reference)
 
     print(f"\n{skips} skip records per part ({args.skip_rate:.1%} of {REAL_PART_SAMPLES}), "
           f"{args.samples_per_part} samples per part; commit: median of {args.window}")
-    print(f"{'parts':>6} {'samples':>9} {'skips':>7} {'commit ms':>10} {'(empty cache)':>14} {'ratio':>6} "
-          f"{'manifest s':>11} {'info s':>7} {'index s':>8} {'split s':>8} {'start-up s':>11} {'index MiB':>10}")
-    for big, small, parts, samples, skipped, load, info, index, split, rss in rows:
-        print(f"{parts:6d} {samples:9d} {skipped:7d} {big:10.1f} {small:14.1f} {big / small:6.2f} {load:11.2f} "
-              f"{info:7.2f} {index:8.2f} {split:8.2f} {load + index + split:11.2f} {rss:10.0f}")
+    print(HEADER)
+    for row in rows:
+        print(format_row(*row))
     print("(ratio: a commit into this cache over one into a fresh cache at the same moment; flat is ~1. "
-          "start-up: what training reads before its first batch: manifest, labels, split)")
+          "start-up: what training reads before its first batch: manifest, labels, split; quick: verify --quick)")
 
 
 if __name__ == "__main__":
