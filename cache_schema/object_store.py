@@ -57,6 +57,15 @@ def client():
         return _clients[pid]
 
 
+def _read_error(where, error) -> CacheError:
+    """A failed read as one line: a refused request (credentials), or no answer at all (the endpoint)."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(error, ClientError):
+        return CacheError(f"{where}: cannot be read ({error}); check the credentials and AWS_ENDPOINT_URL")
+    return CacheError(f"{where}: cannot be reached ({error}); check AWS_ENDPOINT_URL")
+
+
 def _not_found(error) -> bool:
     code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
     return code in ("404", "NoSuchKey", "NotFound")
@@ -145,12 +154,10 @@ class S3Path:
         try:
             client().head_object(Bucket=self.bucket, Key=self.key)
             return True
-        except ClientError as e:
+        except (ClientError, BotoCoreError) as e:
             if _not_found(e):
                 return False
-            raise CacheError(f"{self}: cannot be read ({e}); check the credentials and AWS_ENDPOINT_URL") from None
-        except BotoCoreError as e:
-            raise CacheError(f"{self}: cannot be reached ({e}); check AWS_ENDPOINT_URL") from None
+            raise _read_error(self, e) from None
 
     def is_dir(self) -> bool:
         """Whether any object lies under this prefix (S3 has no empty directories)."""
@@ -241,12 +248,10 @@ def get_with_etag(src: S3Path) -> tuple[bytes, str] | None:
     try:
         out = client().get_object(Bucket=src.bucket, Key=src.key)
         return out["Body"].read(), out["ETag"]
-    except ClientError as e:
+    except (ClientError, BotoCoreError) as e:
         if _not_found(e):
             return None
-        raise CacheError(f"{src}: cannot be read ({e}); check the credentials and AWS_ENDPOINT_URL") from None
-    except BotoCoreError as e:
-        raise CacheError(f"{src}: cannot be reached ({e}); check AWS_ENDPOINT_URL") from None
+        raise _read_error(src, e) from None
 
 
 def delete(dest: S3Path) -> None:
