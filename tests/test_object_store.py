@@ -32,8 +32,10 @@ def objects(url: str) -> dict[str, int]:
     return {o["Key"][len(prefix):]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
-def assert_reads_identical(local, remote) -> None:
-    """Every field of every sample, in a shuffled order, byte for byte; captions' tokens too."""
+def assert_reads_identical(local, remote, exact: bool = True) -> None:
+    """Every field of every sample, in a shuffled order, byte for byte; captions' tokens too. ``exact=False``
+    for two encodes batched differently (a rerun after a kill): features then agree to fp16 rounding, since
+    CPU kernels may sum in another order for another batch."""
     a, b = FastReader(local), FastReader(remote)
     assert len(a) == len(b) > 0 and a.part_names == b.part_names
     ids = np.random.default_rng(0).permutation(len(a))
@@ -43,11 +45,15 @@ def assert_reads_identical(local, remote) -> None:
         x, y = a.read(name, ids), b.read(name, ids)
         if f.dtype == "str":
             assert x.tolist() == y.tolist(), name
-        else:
+        elif exact or f.dtype not in ("float16", "float32"):
             assert x.tobytes() == y.tobytes(), name
+        else:
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=1e-2, atol=1e-3, err_msg=name)
     if a.has_text:
         (ta, sa, la), (tb, sb, lb) = a.read_text(ids, padded=True), b.read_text(ids, padded=True)
-        assert ta.tobytes() == tb.tobytes() and np.array_equal(la, lb) and la.sum() > 0
+        assert np.array_equal(la, lb) and la.sum() > 0
+        assert ta.tobytes() == tb.tobytes() if exact else np.allclose(ta.astype(np.float32), tb.astype(np.float32),
+                                                                       rtol=1e-2, atol=1e-3)
         assert (sa is None) == (sb is None) and (sa is None or sa.tobytes() == sb.tobytes())
 
 
