@@ -179,3 +179,12 @@ def two_nodes(args: list[str], port: int, timeout: int = 600) -> list[subprocess
         for rank in (0, 1)
     ]
     return [subprocess.CompletedProcess(p.args, p.wait(timeout), *p.communicate()) for p in procs]
+
+
+def assert_same_features(a, b) -> None:
+    """Features of the same images encoded in two passes: the passes may batch them differently, and CPU
+    kernels may then sum in another order, so fp16 values agree to rounding and int8 ones to one step."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    atol = 1 if a.dtype == np.int8 else 1e-3
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=atol)
