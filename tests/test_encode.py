@@ -34,6 +34,7 @@ from .encode_helpers import (
     two_nodes,
     write_bad_corpus,
 )
+from .test_operations import gated
 
 
 def _pattern(shards) -> str:
@@ -214,7 +215,8 @@ def test_kill_9_mid_encode_then_rerun_gives_every_sample_once(tmp_path, tiny_mod
     from stages.demo.data import write_demo_shards
 
     shards = write_demo_shards(tmp_path / "data", num_shards=8, samples_per_shard=12, seed=1)
-    cfg = tiny_config(tiny_models, str(tmp_path / "data" / "cc12m-train-{0000..0007}.tar"), tmp_path / "c", batch_size=4)
+    gate = tmp_path / "go"  # the last shard waits for it: the job cannot finish before it is killed
+    cfg = tiny_config(tiny_models, gated([Path(p) for p in shards], gate), tmp_path / "c", batch_size=4)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "encode", *cli_args(cfg)], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     records = tmp_path / "c" / "records"
@@ -223,12 +225,13 @@ def test_kill_9_mid_encode_then_rerun_gives_every_sample_once(tmp_path, tiny_mod
         if len(list(records.glob("*.json"))) >= 2:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the encode finished before it could be killed; make the job longer"
+    assert proc.poll() is None, "the encode ended before it could be killed"
     time.sleep(0.3)  # land somewhere inside the next part
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     committed = len(read_manifest(tmp_path / "c").parts)
     assert 2 <= committed < 8
+    gate.touch()
     run_encode(cfg)  # the rerun
     reader = CacheReader(tmp_path / "c")
     assert sorted(reader.keys.tolist()) == sorted(tar_keys(shards))
