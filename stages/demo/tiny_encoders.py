@@ -121,15 +121,21 @@ def _word_level_tokenizer(specials: Sequence[str], unk: str, template: str) -> T
     return tok
 
 
-def t5_tokenizer() -> PreTrainedTokenizerFast:
-    """T5-style: ``</s>`` appended, ``<pad>`` id 0, no start token."""
+def _eos_appended(pad_token: str, max_length: int, **extra) -> PreTrainedTokenizerFast:
+    """The T5 vocabulary with ``</s>`` appended to every caption and no start token."""
     return PreTrainedTokenizerFast(
         tokenizer_object=_word_level_tokenizer(T5_SPECIALS, "<unk>", "$A </s>"),
-        pad_token="<pad>",
+        pad_token=pad_token,
         eos_token="</s>",
         unk_token="<unk>",
-        model_max_length=T5_MAX_LENGTH,
+        model_max_length=max_length,
+        **extra,
     )
+
+
+def t5_tokenizer() -> PreTrainedTokenizerFast:
+    """T5-style: ``</s>`` appended, ``<pad>`` id 0, no start token."""
+    return _eos_appended("<pad>", T5_MAX_LENGTH)
 
 
 def clip_tokenizer() -> PreTrainedTokenizerFast:
@@ -146,14 +152,7 @@ def clip_tokenizer() -> PreTrainedTokenizerFast:
 
 def siglip_tokenizer() -> PreTrainedTokenizerFast:
     """SigLIP-style: ``</s>`` appended and used as padding, no attention mask (SigLIP pools the last position)."""
-    return PreTrainedTokenizerFast(
-        tokenizer_object=_word_level_tokenizer(T5_SPECIALS, "<unk>", "$A </s>"),
-        pad_token="</s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=SIGLIP_MAX_LENGTH,
-        model_input_names=["input_ids"],
-    )
+    return _eos_appended("</s>", SIGLIP_MAX_LENGTH, model_input_names=["input_ids"])
 
 
 def tiny_vae(

@@ -152,10 +152,14 @@ class CacheBatchDataset(Dataset):
         parts: list[str] | None = None,
         targets: list[str] | None = None,
         flips: bool = False,
+        index: dict[str, np.ndarray] | None = None,
     ):
         """``targets``: the alignment targets read with ``need_dino`` (default: the first, dino); ``flips``:
-        serve ``~id`` flipped (the cache must hold flips)."""
+        serve ``~id`` flipped (the cache must hold flips); ``index``: labels or caption spans another dataset
+        over the same parts has read already (not read again)."""
         self.reader = FastReader(cache_dir, parts)
+        wanted = ({"label"} if need_label else set()) | ({"text_start", "text_count"} if need_text else set())
+        self.reader.adopt_index({k: v for k, v in (index or {}).items() if k in wanted})
         if need_text and not self.reader.has_text:
             raise CacheError(
                 f"{cache_dir}: cache has no text features but this run needs them; "

@@ -338,9 +338,9 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     parts = training_parts(cfg, manifest, ckpt)
 
     # -- data: conditioning, model shape and split come from the cache ---------------------------
-    probe = CacheBatchDataset(cfg.cache, need_dino=False, need_text=False, need_label=False, parts=list(parts))
+    probe = CacheBatchDataset(cfg.cache, need_dino=False, need_text=False, need_label=True, parts=list(parts))
     reader = probe.reader
-    labels = reader.read("label", np.arange(len(reader))) if len(reader) else np.zeros(0, np.int64)
+    labels = reader.index_arrays()["label"]
     cond = resolve_cond(cfg, manifest, labels)
     model_cfg = build_model_config(cfg, manifest, cond, labels)
     repa = model_cfg.repa
@@ -354,7 +354,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     train_ids, val_ids = split_cache(reader, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
     needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names())
-    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, **needs)  # validation reads it unflipped
+    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)  # validation reads it unflipped
     val_dataset = dataset
     if cfg.val_cache is not None:
         val_dataset, val_ids = validation_cache(cfg, manifest, needs)
