@@ -338,6 +338,11 @@ def main() -> None:
         from stages.core.processes import exit_when_gone
 
         exit_when_gone(os.getppid(), code=1)  # the launcher was killed: do not live on without it
+        # torch.distributed.nn binds `group=group.WORLD` as default arguments when it is imported. Imported
+        # after the process group starts (torch.compile, transformers and diffusers all import it), those
+        # defaults keep the group alive past destroy_process_group, its gloo threads are then torn down
+        # during interpreter shutdown, and a rank that finished its work can die there with SIGABRT.
+        import torch.distributed.nn  # noqa: F401
     app(prog_name="repa")
 
 

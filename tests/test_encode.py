@@ -26,6 +26,7 @@ from stages.encode.run import run_encode
 
 from .encode_helpers import (
     ROOT,
+    assert_ranks_let_go_of_the_process_group,
     cli_args,
     env,
     repa,
@@ -200,6 +201,7 @@ def test_two_nodes_of_two_processes_produce_the_same_samples_as_one(demo_cache, 
     cfg = tiny_config(tiny_models, _pattern(demo_shards), tmp_path / "four")
     for r in two_nodes(["encode", *cli_args(cfg)], port=29531):
         assert r.returncode == 0, r.stderr[-3000:]
+        assert_ranks_let_go_of_the_process_group(r)  # else a rank may still abort at exit, after its work
     man = read_manifest(tmp_path / "four")
     writers = {p["writer"].split("-")[-2] for p in man.parts}  # the pid in each part's temporary name
     # 3 shards over 4 ranks: ranks 0-2 write one each (by global rank), rank 3 has none and ends cleanly

@@ -15,7 +15,7 @@ import pytest
 
 from cache_schema import CacheError, FastReader, read_manifest
 from cache_schema.push import push_cache
-from tests.encode_helpers import ROOT, env, repa, two_nodes
+from tests.encode_helpers import ROOT, assert_ranks_let_go_of_the_process_group, env, repa, two_nodes
 from tests.test_train import tiny_train, train_cli_args
 
 BUCKET = "repa-test"
@@ -90,6 +90,8 @@ def test_two_nodes_of_two_processes_train_from_s3_without_a_shared_cache(pushed,
     assert "batch 8 = 4 proc x 1 accum x 2" in node0.stdout + node0.stderr
     ckpt = torch.load(latest_checkpoint(tmp_path / "run"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["cache"].startswith("s3:")
+    for node in (node0, node1):
+        assert_ranks_let_go_of_the_process_group(node)
 
 
 def _push_process(cache, url: str, *extra: str) -> subprocess.Popen:
