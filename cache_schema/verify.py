@@ -125,7 +125,7 @@ def _verify_part(index: int, rows: int, quick: bool) -> tuple[str, str | None, n
 
 def _duplicate_keys(reader: CacheReader, hashes: dict[str, np.ndarray]) -> dict[str, str]:
     """Parts holding a key another part (or the same part) holds too, found by hash then confirmed on the keys."""
-    names = list(hashes)
+    names = [part["name"] for part in reader.parts if part["name"] in hashes]  # cache order, however they came in
     if not names:
         return {}
     flat = np.concatenate([hashes[n] for n in names])
