@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -256,7 +257,6 @@ def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_p
     import socket
     import subprocess
     import sys
-    import time
 
     from cache_schema.claims import Heartbeat, LocalClaims
 
