@@ -67,7 +67,8 @@ def test_fetch_downloads_every_shard_checked_and_prints_the_encode_command(repo_
 def test_a_rerun_fetches_nothing_and_a_damaged_copy_is_fetched_again(repo_dir, tmp_path, online):
     out = tmp_path / "out"
     with LocalHub({REPO: repo_dir}) as hub:
-        run_fetch(FetchConfig(out=out, endpoint=hub.url, include=["cc12m-train-*"]))
+        first = run_fetch(FetchConfig(out=out, endpoint=hub.url, include=["cc12m-train-*"], workers=3))
+        assert first.fetched == [f"cc12m-train-000{i}.tar" for i in range(3)]  # listing order, however they finish
         hub.requests.clear()
         again = run_fetch(FetchConfig(out=out, endpoint=hub.url, include=["cc12m-train-*"]))
         assert again.fetched == [] and len(again.present) == 3

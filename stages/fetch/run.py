@@ -191,6 +191,9 @@ def run_fetch(cfg: FetchConfig, log=print) -> FetchSummary:
                 raise
     finally:
         progress.close()
+    order = {f.path: i for i, f in enumerate(todo)}  # report in the listing's order, not the finishing order
+    summary.fetched.sort(key=order.__getitem__)
+    summary.failed = dict(sorted(summary.failed.items(), key=lambda item: order[item[0]]))
     summary.lines = _summary_lines(cfg, out, listing.files, summary)
     if summary.failed:
         first = next(iter(summary.failed))
