@@ -338,6 +338,7 @@ def main() -> None:
         from stages.core.processes import exit_when_gone
 
         exit_when_gone(os.getppid(), code=1)  # the launcher was killed: do not live on without it
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # one of several ranks, however launched
         # torch.distributed.nn binds `group=group.WORLD` as default arguments when it is imported. Imported
         # after the process group starts (torch.compile, transformers and diffusers all import it), those
         # defaults keep the group alive past destroy_process_group, its gloo threads are then torn down
