@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from stages.core.errors import UsageError
 from stages.encode.run import run_encode
 
 from .encode_helpers import ROOT, assert_same_features, cli_args, env, tiny_config
+from .test_operations import wait_for
 
 
 def _pattern(shards) -> str:
@@ -125,11 +125,7 @@ def test_kill_9_during_add_target_then_rerun_gives_every_sample_exactly_once(tmp
     proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     records = target_dir(cfg.cache, "big") / RECORDS_DIR
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(records.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.02)
+    wait_for(lambda: len(list(records.glob("*.json"))) >= 2, timeout=240, proc=proc)
     assert proc.poll() is None, "the add-target run finished before it could be killed; make the job longer"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

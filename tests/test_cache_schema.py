@@ -33,6 +33,8 @@ from cache_schema.verify import (
 from cache_schema.writer import settle_part
 from stages.core.codec import dequantize_int8, quantize_int8
 
+from .test_operations import wait_for
+
 C, S, T, D, DT = 4, 8, 16, 12, 10  # latent channels, latent size, dino tokens, dino dim, text dim
 
 
@@ -278,20 +280,11 @@ def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_p
     beat = Heartbeat(LocalClaims(tmp_path), me, interval=0.05)
     beat.add(["a", "c"])
     before = json.loads(path.read_text())["renewed"]
-    assert _within(10, lambda: json.loads(path.read_text())["renewed"] > before)
+    wait_for(lambda: json.loads(path.read_text())["renewed"] > before, timeout=10)
     claim(tmp_path, ["c"], elsewhere, lease_s=0.0)  # someone takes "c" over after a stall
-    assert _within(10, lambda: beat.lost)  # a loaded machine may delay the next beat: wait for it, not a guess
+    wait_for(lambda: beat.lost, timeout=10)  # a loaded machine may delay the next beat: wait for it, not a guess
     beat.stop()
     assert beat.lost == {"c"} and beat.parts == {"a"}
-
-
-def _within(seconds: float, condition) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_atomic_writes_give_the_files_the_umask_allows_not_0600(tmp_path):

@@ -35,7 +35,7 @@ from .encode_helpers import (
     two_nodes,
     write_bad_corpus,
 )
-from .test_operations import gated
+from .test_operations import gated, wait_for
 
 
 def _pattern(shards) -> str:
@@ -222,11 +222,7 @@ def test_kill_9_mid_encode_then_rerun_gives_every_sample_once(tmp_path, tiny_mod
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "encode", *cli_args(cfg)], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     records = tmp_path / "c" / "records"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(records.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: len(list(records.glob("*.json"))) >= 2, timeout=240, proc=proc)
     assert proc.poll() is None, "the encode ended before it could be killed"
     time.sleep(0.3)  # land somewhere inside the next part
     os.killpg(proc.pid, signal.SIGKILL)
