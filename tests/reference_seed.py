@@ -153,3 +153,23 @@ def seed_dit(width: int, depth: int = 9, head_dim: int = 64, text_dim: int = 409
     """As the seed's trainer builds it (block index 6 aligned)."""
     return DiT(in_channels=16, patch_size=2, depth=depth, num_heads=width // head_dim, mlp_ratio=4.0,
                cross_attn_input_size=text_dim, hidden_size=width, repa_target_layers=[6], repa_target_dim=repa_dim)
+
+
+def seed_interpolate_pos_encoding(pos_embed: torch.Tensor, height: int, width: int, patch_size: int = 14,
+                                  offset: float = 0.1) -> torch.Tensor:
+    """The seed's DINOv2 position table for an input of ``height`` x ``width`` pixels (repa-rf@b94fc1a ``dinov2.py``,
+    ``DinoVisionTransformer.interpolate_pos_encoding``, lines ~204-236; its ``w, h`` are the input's dims 2 and 3):
+    the table as is when the patch count and the sides match, else the M x M patch part bicubic (no antialias,
+    align_corners=False) at scale factors ((rows + offset) / M, (cols + offset) / M), in float32."""
+    n = pos_embed.shape[1] - 1
+    rows, cols = height // patch_size, width // patch_size
+    if rows * cols == n and height == width:
+        return pos_embed
+    m = int(math.sqrt(n))
+    assert m * m == n
+    table = pos_embed.float()
+    grid = table[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, mode="bicubic", align_corners=False,
+                         scale_factor=((rows + offset) / m, (cols + offset) / m))
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, table.shape[-1])
+    return torch.cat([table[:, :1], grid], dim=1).to(pos_embed.dtype)

@@ -1,5 +1,5 @@
 """DINOv2 targets as official REPA: the position embedding resampled once to the patch grid (bicubic with
-antialias, as timm's resample_abs_pos_embed), or left to transformers' per-call interpolation."""
+antialias, as timm's resample_abs_pos_embed), or as DINOv2's own per-call interpolation (the seed project's)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from stages.core.encoders.load import ModelSource, load_dino
 from stages.encode.run import run_encode
 
 from .encode_helpers import tiny_config
+from .reference_seed import seed_interpolate_pos_encoding
 
 GRID = [4, 4]  # --resolution 64 -> 56 px DINOv2 input -> 4x4 patches of 14 px; the tiny table is 16x16
 
@@ -85,20 +86,20 @@ def _encoders(tiny_models, pos_embed: str, dino: str = "dino") -> FeatureEncoder
     return FeatureEncoders(spec, torch.device("cpu"), torch.float32)
 
 
-def test_per_call_leaves_the_model_as_transformers_loads_it_and_gives_other_targets(tiny_models):
+def test_per_call_installs_the_seeds_dinov2_table_and_gives_other_targets(tiny_models):
     raw = _checkpoint(tiny_models["dino"])
     per_call = _encoders(tiny_models, "bicubic-per-call")
     once = _encoders(tiny_models, "antialias-once")
-    torch.testing.assert_close(
-        per_call.dino.embeddings.position_embeddings, raw.embeddings.position_embeddings, atol=0, rtol=0
-    )
+    seed_table = seed_interpolate_pos_encoding(raw.embeddings.position_embeddings.detach(), 56, 56)
+    assert seed_table.shape == (1, 17, 32)
+    torch.testing.assert_close(per_call.dino.embeddings.position_embeddings.detach(), seed_table, atol=1e-6, rtol=1e-6)
     assert per_call.dino_info["pos_embed"] == "bicubic-per-call" and once.dino_info["pos_embed"] == "antialias-once"
 
     images = _image(1)
     with torch.no_grad():
-        default = raw(pixel_values=dino_preprocess(images, 64)).last_hidden_state[:, 1:]
+        want = _manual_forward(raw, seed_table, dino_preprocess(images, 64))[:, 1:]
         a, b = per_call._dino_tokens(images), once._dino_tokens(images)
-    torch.testing.assert_close(a, default, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, want, atol=1e-5, rtol=1e-5)
     assert a.shape == b.shape == (2, 16, 32)
     assert (a - b).abs().max() > 1e-2
 
@@ -131,7 +132,7 @@ def test_method_is_in_the_fingerprint_and_the_manifest_and_the_cache_holds_its_t
 
     # the stored tokens of one sample, recomputed by hand from the tar
     raw_sample = next(iter(wds.WebDataset(str(demo_shards[0]), shardshuffle=False)))
-    prep = prepare_sample(raw_sample, 64, 10**9, draft=True)
+    prep = prepare_sample(raw_sample, 64, 10**9, draft=False)
     assert isinstance(prep, Prepared)
     reader = caches["antialias-once"]
     got = reader.sample(reader.keys.tolist().index(raw_sample["__key__"]))["dino"].astype(np.float32)

@@ -67,7 +67,7 @@ def test_demo_encodes_every_sample_with_the_right_contents(demo_cache, demo_shar
     from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
     raw = next(iter(wds.WebDataset(str(demo_shards[1]), shardshuffle=False)))
-    prep = prepare_sample(raw, 64, 10**9, draft=True)
+    prep = prepare_sample(raw, 64, 10**9, draft=False)
     assert isinstance(prep, Prepared)
     idx = reader.keys.tolist().index(raw["__key__"])
     got = reader.sample(idx)

@@ -168,6 +168,42 @@ def test_seed_cosine_is_transformers_cosine_schedule_with_warmup():
         assert ours(step) == pytest.approx(hf(step), abs=1e-12)
 
 
+def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("pixels", [224, 256])
+def test_per_call_dino_table_is_the_seeds_interpolation_on_a_dinov2_g_table(pixels):
+    from types import SimpleNamespace
+
+    from transformers import Dinov2Config
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+
+    from stages.core.encoders.load import resample_position_embedding
+
+    config = Dinov2Config(hidden_size=1536, image_size=518, patch_size=14)  # DINOv2-G: a 37x37 table
+    table = torch.randn(1, 1 + 37 * 37, 1536, generator=torch.Generator().manual_seed(pixels))
+    model = SimpleNamespace(embeddings=Dinov2Embeddings(config), config=config)
+    model.embeddings.position_embeddings = torch.nn.Parameter(table.clone())
+    grid = pixels // 14
+    resample_position_embedding(model, [grid, grid], "bicubic-per-call")
+    ours = model.embeddings.position_embeddings.detach()
+
+    theirs = seed.seed_interpolate_pos_encoding(table, pixels, pixels)
+    assert ours.shape == theirs.shape == (1, 1 + grid * grid, 1536)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    # The comparison has teeth: transformers' own per-call table (this version's) and the offset-free
+    # resize are other tables.
+    fresh = Dinov2Embeddings(config)
+    fresh.position_embeddings = torch.nn.Parameter(table.clone())
+    with torch.no_grad():
+        installed = fresh.interpolate_pos_encoding(torch.zeros(1, 1 + grid * grid, 1536), pixels, pixels)
+    assert _relative_l2(installed, theirs) > 1e-2
+    plain = torch.nn.functional.interpolate(table[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2), size=(grid, grid),
+                                            mode="bicubic", align_corners=False)
+    assert _relative_l2(plain.permute(0, 2, 3, 1).reshape(1, -1, 1536), theirs[:, 1:]) > 1e-3
+
+
 def test_batch_multiplicity_tiles_each_sample_with_its_own_noise(train_cache, tmp_path):
     from stages.train.loop import run_train, tile
 
@@ -200,6 +236,42 @@ def test_validation_from_a_separate_cache_of_the_same_encoding(train_cache, tmp_
     (tmp_path / "val" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="--val-cache .* other settings .*resolution"):
         run_train(tiny_train(train_cache, tmp_path / "run2", val_fraction=0.0, val_cache=tmp_path / "val"))
+
+
+# -- JPEG decoding ----------------------------------------------------------------------------------------------
+def test_encode_decodes_jpegs_at_full_size_unless_draft_is_asked_and_draft_caches_keep_reading(
+    tiny_models, demo_shards, tmp_path
+):
+    from cache_schema import CacheReader
+    from stages.encode.config import EncodeConfig
+    from stages.encode.run import run_encode
+    from stages.train.loop import run_train
+
+    from .encode_helpers import tiny_config
+    from .test_train import tiny_train
+
+    assert EncodeConfig(source="x.tar", cache=tmp_path / "c").jpeg_draft is False  # official REPA: full decode
+    def preset(name: str) -> EncodeConfig:
+        return build(EncodeConfig, {"source": "x.tar", **load_preset(ROOT / "configs" / f"{name}.toml", "encode")})
+
+    assert preset("cc12m").jpeg_draft is True  # speed asked for explicitly
+    assert [preset(name).jpeg_draft for name in ("imagenet256", "repa-rf", "demo")] == [False] * 3
+    quiet = lambda *a: None  # noqa: E731
+    full, draft = tmp_path / "full", tmp_path / "draft"
+    run_encode(tiny_config(tiny_models, str(demo_shards[0]), full, text_encoder=None), log=quiet)
+    run_encode(tiny_config(tiny_models, str(demo_shards[0]), draft, text_encoder=None,
+                           jpeg_draft=True), log=quiet)
+    a, b = CacheReader(full), CacheReader(draft)
+    assert (a.manifest.settings["crop"], b.manifest.settings["crop"]) == ("adm-center", "adm-center+jpeg-draft")
+    assert a.manifest.fingerprint != b.manifest.fingerprint
+    # the demo shards hold large JPEGs, so the two decodes stored other latents for some samples
+    idx = {k: i for i, k in enumerate(b.keys.tolist())}
+    gaps = [abs(a.sample(i)["moments"].astype(float) - b.sample(idx[k])["moments"].astype(float)).max()
+            for i, k in enumerate(a.keys.tolist())]
+    assert max(gaps) > 1e-2
+    # a draft cache (as every cache made before the default changed) trains as before
+    result = run_train(tiny_train(draft, tmp_path / "run", steps=2, val_every=2, ckpt_every=2, val_fraction=0.0))
+    assert result.steps == 2
 
 
 # -- presets -----------------------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ class EncodeConfig:
         "DINOv2 model: Hub id or local folder (-small/-base/-large/-giant, -with-registers).", metavar="ID|DIR",
     )
     dino_pos_embed: str = option(
-        "antialias-once", "DINOv2 position embedding: antialias-once (official REPA: resampled once to the "
-        "patch grid of --resolution, bicubic with antialias, as timm's resample_abs_pos_embed), or "
-        "bicubic-per-call (the model as loaded: transformers re-interpolates on every call; bicubic without "
-        "antialias for DINOv2, the seed project's behaviour; with antialias for DINOv2 with registers).",
+        "antialias-once", "DINOv2 position embedding, resampled to the patch grid of --resolution: antialias-once "
+        "(official REPA: bicubic with antialias, as timm's resample_abs_pos_embed), or bicubic-per-call (what "
+        "DINOv2's own forward does on every call, as the seed project runs it: bicubic without antialias at scale "
+        "(grid+0.1)/n for DINOv2; with antialias for DINOv2 with registers).",
         choices=DINO_POS_EMBED,
     )
     text_encoder: str | None = option(
@@ -69,7 +69,9 @@ class EncodeConfig:
     max_samples: int | None = option(None, "Stop after this many samples (trial runs).", gt=0)
     max_pixels: int = option(64_000_000, "Skip images with more pixels than this.", gt=0)
     jpeg_draft: bool = option(
-        True, "Decode large JPEGs at reduced DCT scale (about 2x faster; part of the fingerprint).",
+        False, "Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT (PIL's draft mode), as long as the image "
+        "stays at least --resolution on its short side: about 2x faster on large images, but not the pixels of "
+        "a full decode (official REPA decodes at full size); part of the fingerprint.",
     )
     keep: list[str] = option(
         [], "Encode only samples whose json metadata passes FIELD OP NUMBER, e.g. 'aesthetic_score>3' (OP: > >= < "

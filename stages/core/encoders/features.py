@@ -3,7 +3,7 @@
 Preprocessing follows official REPA (its ``preprocess_raw_image``): both encoders see the same centre crop;
 the VAE gets it in [-1, 1]; DINOv2 gets it /255, ImageNet-normalised, then bicubic-resized to
 224 px per 256 px, so its 14-px patch grid lines up with the latent token grid, and DINOv2's position
-embedding is resampled once to that grid (``EncoderSpec.dino_pos_embed``).
+embedding is resampled once to that grid, by one of two formulas (``EncoderSpec.dino_pos_embed``).
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ DINO_PREPROCESS_DESCRIPTION = "uint8/255, imagenet mean/std, bicubic resize to 2
 
 
 def dino_preprocess_description(pos_embed: str) -> str:
-    """What the fingerprint records of the DINOv2 preprocessing; per-call interpolation is the model's
-    default and keeps the description caches had before the option existed."""
+    """What the fingerprint records of the DINOv2 preprocessing. Caches from before the per-call table was
+    computed here recorded the bare description: whichever formula their transformers used, so their
+    fingerprint differs from a cache made now."""
     if pos_embed == "bicubic-per-call":
-        return DINO_PREPROCESS_DESCRIPTION
+        return DINO_PREPROCESS_DESCRIPTION + ("; position embedding as DINOv2 interpolates it per call (bicubic, "
+                                              "scale (grid+0.1)/n; with registers: antialias, to the grid)")
     if pos_embed == "antialias-once":
         return DINO_PREPROCESS_DESCRIPTION + "; position embedding resampled once to the patch grid (bicubic, antialias)"
     raise UsageError(f"unknown --dino-pos-embed {pos_embed!r}; choose antialias-once or bicubic-per-call")
@@ -88,8 +90,7 @@ class FeatureEncoders:
         self.vae = load_vae(spec.vae, dtype, device).to(memory_format=torch.channels_last)
         self.latent = vae_geometry(self.vae.config)
         self.dino_info = dino_geometry(hf_config("DINOv2", spec.dino), spec.resolution)
-        once = spec.dino_pos_embed == "antialias-once"
-        self.dino = load_dino(spec.dino, dtype, device, pos_embed_grid=self.dino_info["grid"] if once else None)
+        self.dino = load_dino(spec.dino, dtype, device, pos_embed_grid=self.dino_info["grid"], pos_embed=spec.dino_pos_embed)
         self.dino_info["pos_embed"] = spec.dino_pos_embed
         if spec.class_tokens:
             self.dino_info["class_tokens"] = 1 + self.dino_info["registers"]

@@ -140,9 +140,10 @@ def load_vae(src: ModelSource, dtype: torch.dtype, device: torch.device):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device, pos_embed_grid: list[int] | None = None):
+def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device, pos_embed_grid: list[int] | None = None,
+              pos_embed: str = "antialias-once"):
     """DINOv2 (with or without registers); with ``pos_embed_grid`` its position embedding is resampled
-    once to that patch grid (see :func:`resample_position_embedding`)."""
+    once to that patch grid by ``pos_embed`` (see :func:`resample_position_embedding`)."""
     from transformers import AutoModel
 
     cfg = hf_config("DINOv2", src)
@@ -154,16 +155,26 @@ def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device, pos_em
     except Exception as e:
         raise _fail("DINOv2", src, e) from e
     if pos_embed_grid:
-        resample_position_embedding(model, pos_embed_grid)
+        resample_position_embedding(model, pos_embed_grid, pos_embed)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def resample_position_embedding(model, grid: list[int] | tuple[int, int]) -> None:
+# DINOv2's own interpolation (facebookresearch/dinov2 ``interpolate_pos_encoding``): the output size is
+# floor(M * (g + offset) / M) = g, but the source coordinates follow the given scale factor, so the
+# offset moves every sample point. Its register models were released with offset 0 and antialias.
+DINO_INTERPOLATE_OFFSET = 0.1
+
+
+def resample_position_embedding(model, grid: list[int] | tuple[int, int], method: str = "antialias-once") -> None:
     """Replace the (1, 1 + n*n, D) position table of a DINOv2 model by one for a ``grid`` patch grid, once.
 
-    Official REPA (timm's ``resample_abs_pos_embed`` with its defaults): the CLS entry kept as is, the
-    patch part bicubic with antialias, align_corners=False, in float32. Registers carry no position
-    embedding. transformers then adds the installed table unchanged, because its per-call
+    ``antialias-once`` (official REPA, timm's ``resample_abs_pos_embed`` with its defaults): the patch part
+    bicubic to the grid size with antialias, align_corners=False. ``bicubic-per-call``: what DINOv2's own
+    forward computes on every call for an input of that grid: for DINOv2 bicubic without antialias at
+    ``scale_factor = (g + 0.1) / n`` (the seed project's ``dinov2.py``), for DINOv2 with registers bicubic
+    with antialias to the grid size. Either way in float32 with the CLS entry kept as is (registers carry no
+    position embedding), and written here rather than left to transformers, whose per-call formula changed
+    between versions. transformers then adds the installed table unchanged, because its per-call
     ``interpolate_pos_encoding`` returns the table as is when the patch count matches and the input is square.
     """
     emb = model.embeddings
@@ -177,9 +188,7 @@ def resample_position_embedding(model, grid: list[int] | tuple[int, int]) -> Non
         raise EncoderLoadError(f"DINOv2 position table of {table.shape[1] - 1} patches is not a square grid")
     if n != h:
         patches = table[:, 1:].detach().float().reshape(1, n, n, dim).permute(0, 3, 1, 2)
-        patches = torch.nn.functional.interpolate(
-            patches, size=(h, w), mode="bicubic", antialias=True, align_corners=False
-        )
+        patches = resampled_patch_table(patches, h, method, model.config.model_type)
         patches = patches.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(table.dtype)
         emb.position_embeddings = torch.nn.Parameter(torch.cat([table[:, :1].detach(), patches], dim=1),
                                                      requires_grad=False)
@@ -188,9 +197,20 @@ def resample_position_embedding(model, grid: list[int] | tuple[int, int]) -> Non
     probe = table.new_zeros(1, 1 + h * w, dim)
     if emb.interpolate_pos_encoding(probe, h * patch[0], w * patch[1]) is not emb.position_embeddings:
         raise EncoderLoadError(
-            "this transformers version re-interpolates DINOv2's position embedding on every call; "
-            "use --dino-pos-embed bicubic-per-call or another transformers version"
+            "this transformers version re-interpolates DINOv2's position embedding even when the patch count "
+            "matches, so the resampled table would be resampled again; install another transformers version"
         )
+
+
+def resampled_patch_table(patches: torch.Tensor, grid: int, method: str, model_type: str = "dinov2") -> torch.Tensor:
+    """(1, D, n, n) float32 patch position table -> (1, D, grid, grid) by ``method`` (see above)."""
+    F = torch.nn.functional
+    if method == "bicubic-per-call" and model_type == "dinov2":
+        scale = (grid + DINO_INTERPOLATE_OFFSET) / patches.shape[-1]
+        return F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+    if method in ("antialias-once", "bicubic-per-call"):
+        return F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    raise UsageError(f"unknown --dino-pos-embed {method!r}; choose antialias-once or bicubic-per-call")
 
 
 def load_text_encoder(src: ModelSource, dtype: torch.dtype, device: torch.device):

@@ -60,8 +60,7 @@ class TargetEncoder:
                 raise UsageError("--target-input-size: DINOv2 targets are prepared as official REPA prepares them "
                                  "(224 px per 256 px of crop); drop the option")
             info = dino_geometry(hf_config("DINOv2", src), resolution)
-            once = pos_embed == "antialias-once"
-            self.model = load_dino(src, dtype, device, pos_embed_grid=info["grid"] if once else None)
+            self.model = load_dino(src, dtype, device, pos_embed_grid=info["grid"], pos_embed=pos_embed)
             self.preprocess = dino_preprocess_description(pos_embed)
             self.patch, self.size, self.extra = info["patch_size"], info["input_size"], 1 + info["registers"]
             self.registers = info["registers"]
