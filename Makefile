@@ -69,11 +69,13 @@ encode: $(STAMP) $(ENCODE_DEPS)
 cache/demo/manifest.json:
 	$(MAKE) encode
 
-# Alignment targets beside the demo cache's DINOv2 (the demo's 128 px crop gives an 8x8 grid: the tiny SigLIP,
-# 32 px with 8 px patches, is fed 64 px with its position embedding interpolated).
-add-targets: $(STAMP) cache/demo/manifest.json
-	$(LAUNCH) encode --cache cache/demo --add-target dino-reg --target-model $(TINY)/dino-reg --class-tokens
-	$(LAUNCH) encode --cache cache/demo --add-target siglip --target-model $(TINY)/siglip --target-input-size 64
+# Alignment targets beside the demo cache's DINOv2. Every target must see the cache's token grid (the demo's
+# 64 px crop gives a 4x4 grid; the tiny SigLIP, 32 px with 8 px patches, has it natively): tests/test_demo_presets.py
+# runs these two commands against the demo geometry.
+DEMO_CACHE ?= cache/demo
+add-targets: $(STAMP) $(DEMO_CACHE)/manifest.json
+	$(LAUNCH) encode --cache $(DEMO_CACHE) --add-target dino-reg --target-model $(TINY)/dino-reg --class-tokens
+	$(LAUNCH) encode --cache $(DEMO_CACHE) --add-target siglip --target-model $(TINY)/siglip
 
 train: $(STAMP) $(TRAIN_DEPS)
 	$(LAUNCH) train $(TRAIN_ARGS)

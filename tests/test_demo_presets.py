@@ -36,3 +36,30 @@ def test_demo_preset_encode_train_sample(tmp_path, tiny_models):
     r = runner.invoke(app, ["decode-previews", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "previews" / "step-0000004.png").exists()
+
+
+def test_make_add_targets_commands_fit_the_demo_geometry(tmp_path, tiny_models, demo_shards):
+    """The Makefile's add-targets lines, as make would run them, against a cache of the demo preset's geometry:
+    each target must see the demo cache's token grid, so the Makefile and the demo preset cannot drift apart."""
+    import shlex
+    import subprocess
+
+    from cache_schema import read_manifest
+
+    runner = CliRunner()
+    cache = tmp_path / "cache"
+    r = runner.invoke(app, ["encode", "--config", DEMO, "--source", str(demo_shards[0]), "--cache", str(cache),
+                            "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
+                            "--text-encoder", str(tiny_models["text"]), "--num-workers", "0"])
+    assert r.exit_code == 0, r.output
+    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "-o", f"{cache}/manifest.json", "add-targets",
+                          f"DEMO_CACHE={cache}", f"TINY={tiny_models['dino'].parent}"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    commands = [shlex.split(line) for line in dry.stdout.splitlines() if " encode " in line]
+    assert len(commands) == 2
+    for args in commands:
+        r = runner.invoke(app, args[1:])  # without the launcher: `repa encode ...`
+        assert r.exit_code == 0, f"{shlex.join(args)}: {r.output}"
+    targets = read_manifest(cache).targets
+    assert sorted(targets) == ["dino-reg", "siglip"]
+    assert all(t["grid"] == read_manifest(cache).dino["grid"] for t in targets.values())
