@@ -31,7 +31,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
 cache_app = typer.Typer(help="Inspect and check a feature cache.", no_args_is_help=True, rich_markup_mode=None)
-data_app = typer.Typer(help="Corpora: fetch one from the Hub, or write the demo's.", no_args_is_help=True, rich_markup_mode=None)
+data_app = typer.Typer(help="Corpora: fetch one from the Hub, pack an image folder, or write the demo's.", no_args_is_help=True, rich_markup_mode=None)
 encoders_app = typer.Typer(help="Example encoders.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
@@ -280,6 +280,33 @@ def data_demo(
 
     paths = write_demo_shards(out, num_shards=shards, samples_per_shard=samples_per_shard, seed=seed, labels=labels)
     typer.echo(f"wrote {len(paths)} shards x {samples_per_shard} samples to {out}")
+
+
+@data_app.command("pack")
+@user_errors
+def data_pack(
+    src: Annotated[Path, typer.Argument(help="Image-folder tree (one folder per class, e.g. ILSVRC2012 train/), or "
+                                             "with --labels a flat folder of images (ILSVRC2012 val/).", metavar="SRC")],
+    out: Annotated[Path, typer.Option(help="Output folder for the tar shards.", metavar="DIR")],
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.", min=1)] = 1000,
+    prefix: Annotated[Optional[str], typer.Option(help="Shard name prefix: PREFIX-000000.tar, ...",
+                                                  show_default="SRC's folder name")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        help="For a flat folder: `NAME CLASS` per line (CLASS a number, or a class folder name of --classes).",
+        metavar="FILE")] = None,
+    classes: Annotated[Optional[Path], typer.Option(
+        help="Image-folder tree whose sorted folder names number the class names in --labels (e.g. train/).",
+        metavar="DIR")] = None,
+    workers: Annotated[int, typer.Option(help="Shards written at once.", min=1)] = 4,
+):
+    """Pack an image folder into webdataset shards with `cls` labels (sorted-folder order, as ImageFolder and
+    REPA number them), original image bytes kept; rerun the same command to finish an interrupted pack."""
+    from stages.fetch.pack import pack_folder
+
+    s = pack_folder(src, out, shard_size, prefix, labels, classes, workers, log=_log)
+    typer.echo(f"packed {s.samples} images of {s.classes} classes into {s.shards} shards ({s.written} written now, "
+               f"{s.shards - s.written} already there)" + (f"; skipped {len(s.skipped)} other files" if s.skipped else ""))
+    typer.echo(f"encode them with: repa encode --source '{s.pattern}' ...")
 
 
 def _fetch(cfg: FetchConfig) -> None:
