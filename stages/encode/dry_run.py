@@ -11,9 +11,11 @@ from PIL import Image
 
 from cache_schema import read_manifest
 from cache_schema.layout import FILTER_SKIP_CODES, MANIFEST_NAME
+from cache_schema.sizes import caption_tokens, sample_bytes
 from stages.core.encoders.images import IMAGE_EXTENSIONS
 from stages.core.encoders.load import dino_geometry, hf_config, text_geometry, vae_config, vae_geometry
 from stages.core.encoders.tars import is_remote, iter_tar
+from stages.core.planning import Geometry, encode_lines
 from stages.core.sample_filters import SampleFilters
 
 from .config import EncodeConfig
@@ -128,19 +130,10 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     if cfg.max_samples is not None:
         estimate = min(estimate, cfg.max_samples) if estimate is not None else cfg.max_samples
     latent_size = cfg.resolution // vae["downsample"]
-    feat_bytes = 1 if cfg.feature_codec == "int8" else 2
-    per_sample = {
-        "moments": 2 * vae["channels"] * latent_size**2 * 2,
-        "dino": dino["tokens"] * dino["dim"] * feat_bytes + (dino["tokens"] * 2 if feat_bytes == 1 else 0),
-    }
-    # Unmasked captions store every position; masked ones their real tokens (~32 for web alt-text).
-    assumed_tokens = cfg.max_text_tokens if cfg.text_attention == "unmasked" else min(cfg.max_text_tokens, 32)
-    if text:
-        per_sample["text"] = assumed_tokens * (text["dim"] * feat_bytes + (2 if feat_bytes == 1 else 0)) + 8
-    if cfg.similarity_model:
-        per_sample["similarity"] = 4
-    if cfg.flips:  # the image features once more, for the mirrored crop
-        per_sample["flips"] = per_sample["moments"] + per_sample["dino"]
+    unmasked = cfg.text_attention == "unmasked"
+    assumed_tokens = caption_tokens(cfg.max_text_tokens, unmasked)
+    per_sample = sample_bytes(vae["channels"], latent_size, dino["tokens"], dino["dim"], cfg.feature_codec,
+                              text["dim"] if text else None, assumed_tokens, bool(cfg.similarity_model), cfg.flips)
     total = sum(per_sample.values())
     lines = [
         f"input shards   {len(urls)} ({len(urls) - len(todo)} already committed, {len(todo)} to encode)",
@@ -164,6 +157,12 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     lines.append(f"bytes/sample   {'total':<8}{total / 1024:10.1f} KiB")
     if estimate is not None:
         lines.append(f"cache size     ~{total * estimate / 2**30:.2f} GiB for {estimate} samples")
+    geometry = Geometry(vae["channels"], latent_size, dino["tokens"], dino["dim"], text["dim"] if text else None,
+                        assumed_tokens)
+    for what, value, basis in encode_lines(geometry, estimate, cfg.feature_codec, cfg.flips, cfg.compile):
+        if what == "encode":
+            lines.append(f"encode time    {value} on H100s (estimated from {basis})" if value != "not estimated"
+                         else f"encode time    not estimated: {basis}")
     loaded = "only the similarity model was loaded" if cfg.min_similarity is not None else "no model was loaded"
     lines.append(f"dry run: {loaded} and nothing was written")
     return lines
