@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,13 +45,16 @@ from transformers import (
     Dinov2WithRegistersModel,
     PreTrainedTokenizerFast,
     SiglipConfig,
-    SiglipImageProcessor,
     SiglipModel,
     T5Config,
     T5EncoderModel,
 )
 
+from stages.core.encoders import library_noise
+
 from .data import caption_words
+
+library_noise.install()
 
 # Widths chosen for speed on CPU: batch 32, fp32, 2 cores, the encoder needs about 1/190 core-pair
 # seconds per image at 128 px and 1/30 at 256 px (the mid-block attention then sees 32x32 tokens).
@@ -234,15 +238,36 @@ def write_tiny_encoders(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     tokenizers = {"text": t5_tokenizer(), "clip-text": clip_tokenizer(), "siglip": siglip_tokenizer()}
     vocab_size = max(len(tok) for tok in tokenizers.values())  # one size fits both models
     paths: dict[str, Path] = {}
-    for name, build in _builders(vocab_size).items():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build()
-        path = out_dir / name
-        model.save_pretrained(path)
-        if name in tokenizers:
-            tokenizers[name].save_pretrained(path)
-        if name == "siglip":
-            SiglipImageProcessor(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}).save_pretrained(path)
-        paths[name] = path
+    with _no_save_bars():
+        for name, build in _builders(vocab_size).items():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = build()
+            path = out_dir / name
+            model.save_pretrained(path)
+            if name in tokenizers:
+                tokenizers[name].save_pretrained(path)
+            if name == "siglip":
+                siglip_image_processor()(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}).save_pretrained(path)
+            paths[name] = path
     return paths
+
+
+def siglip_image_processor() -> type:
+    """SigLIP's PIL image processor: transformers 5 names it ``SiglipImageProcessorPil`` (its plain name needs
+    torchvision, which this project does not install, and warns when it falls back); 4.x has only the plain one."""
+    import transformers
+
+    return getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+
+
+@contextmanager
+def _no_save_bars():
+    # A bar per one-file model says nothing: the tiny models are written in well under a second.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()

@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from . import library_noise
+
+library_noise.install()
 
 DINO_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 T5_MODEL_TYPES = ("t5", "mt5", "umt5")

@@ -30,6 +30,7 @@ from .load import (
     load_dino,
     weights_hash,
 )
+from .library_noise import quiet_transformers
 from .processor_pixels import ProcessorPixels
 
 VISION_TOWER_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
@@ -84,10 +85,15 @@ class TargetEncoder:
 
         cls = CLIPVisionModel if self.kind == "clip" else SiglipVisionModel
         try:
-            model = cls.from_pretrained(src.id, dtype=self.dtype, **src.kwargs())
+            with quiet_transformers():  # the text tower's weights go unused; what the vision tower lacks is checked
+                model, info = cls.from_pretrained(src.id, dtype=self.dtype, output_loading_info=True, **src.kwargs())
             processor = AutoImageProcessor.from_pretrained(src.id, **src.kwargs())
         except Exception as e:
             raise _fail("target encoder", src, e) from e
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise EncoderLoadError(f"--target-model '{src.describe()}' lacks {len(missing)} weight(s) of its {self.kind} "
+                                   f"vision tower (first: {missing[0]}); pass a trained CLIP or SigLIP checkpoint")
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.pixels = ProcessorPixels(processor, self.device, self.dtype, f"--target-model '{src.describe()}'", input_size)
         self.size = self.pixels.input_size
