@@ -94,3 +94,12 @@ def test_help_keeps_every_default_text(command, option, default):
     # an option's entry: from its line to the next line that starts another option
     entry = " ".join(re.split(r"\n\s+--", out.split(f"\n  {option}", 1)[1], maxsplit=1)[0].split())
     assert f"[default: {default}]" in entry or f"[default: ({default})]" in entry, entry
+
+
+def test_a_bad_choice_lists_none_where_none_is_accepted(tmp_path):
+    r = CliRunner().invoke(cli.app, ["train", "--cache", str(tmp_path), "--run-dir", str(tmp_path / "r"), "--model", "SiT-Z"])
+    assert r.exit_code == 2 and "--model 'SiT-Z': choose one of SiT-B/2" in r.output
+    assert r.output.rstrip().endswith("repa-rf-w2048, or none")
+    r = CliRunner().invoke(cli.app, ["train", "--cache", str(tmp_path), "--run-dir", str(tmp_path / "r"),
+                                     "--time-sampling", "beta"])
+    assert r.exit_code == 2 and r.output.rstrip().endswith("uniform, logit-normal")  # no "none" where it is not one

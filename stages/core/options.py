@@ -110,7 +110,7 @@ def _check_field(f: dataclasses.Field, spec: Spec, value: Any) -> str | None:
     if value is None:
         return None
     if spec.choices and value not in spec.choices:
-        return f"choose one of {', '.join(map(str, spec.choices))}"
+        return f"choose one of {', '.join(map(str, spec.choices))}" + (", or none" if spec.none_word else "")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if spec.gt is not None and not value > spec.gt:

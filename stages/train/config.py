@@ -39,7 +39,7 @@ class TrainConfig:
         None, "Network family: sit (official REPA's SiT) or repa-rf (the seed project's CC12M DiT).",
         default_text="the preset's, else sit", choices=ARCHS,
     )
-    width: int | None = option(None, "Hidden size (128-2048); overrides the preset.", gt=0)
+    width: int | None = option(None, "Hidden size (a multiple of --head-dim); overrides the preset.", gt=0)
     depth: int | None = option(None, "Number of blocks; overrides the preset.", gt=0)
     head_dim: int | None = option(None, "Channels per attention head; overrides the preset's heads.", gt=0)
     patch_size: int | None = option(None, "Latent pixels per token side; overrides the preset.", gt=0)
