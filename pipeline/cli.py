@@ -162,7 +162,7 @@ def report(
                                                "runs in it).", metavar="RUN_DIR...")],
     plot: Annotated[Optional[Path], typer.Option(help="PNG of validation curves, final losses against the settings "
                                                  "that differ and per-t losses.", metavar="FILE",
-                                                 show_default="report.png in the sweep directory, else here")] = None,
+                                                 show_default="report.png in the sweep or run directory, else in the runs' common parent")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ):
     """Compare runs: final and best validation loss, loss by t, REPA cosine, FID/IS when evaluated."""
@@ -170,9 +170,9 @@ def report(
 
     run_dirs = expand_runs(runs)
     reports, differ = compare_runs(run_dirs)
-    if plot is None:
-        sweep_dir = len(runs) == 1 and runs[0] not in run_dirs
-        plot = runs[0] / "report.png" if sweep_dir else Path("report.png")
+    if plot is None:  # beside the runs: a sweep's directory, the one run's, or the runs' common parent
+        where = runs[0] if len(runs) == 1 else Path(os.path.commonpath([p.resolve() for p in run_dirs]))
+        plot = where / "report.png"
     plot_report(reports, plot, differ)
     if as_json:
         typer.echo(json.dumps([r.to_json(differ) for r in reports], indent=1))

@@ -239,3 +239,16 @@ def test_report_colours_and_dashes_stand_for_the_settings_that_differ():
             assert (sa["ls"] == sb["ls"]) == (a.config["width"] == b.config["width"])
     assert [label for label, _ in look.legend] == ["repa_lambda = 0.0", "repa_lambda = 0.5", "repa_lambda = 1.0",
                                                    "width = 64", "width = 128"]
+
+
+def test_a_report_is_written_beside_its_runs_not_in_the_working_directory(finished_sweep, tmp_path, monkeypatch):
+    _, out, _ = finished_sweep
+    monkeypatch.chdir(tmp_path)
+    one = out / "repa_lambda=0.5"
+    r = repa("report", one)
+    assert r.exit_code == 0, r.output
+    assert (one / "report.png").stat().st_size > 1000 and not (tmp_path / "report.png").exists()
+    (out / "report.png").unlink(missing_ok=True)
+    r = repa("report", one, out / "repa_lambda=0.0")
+    assert r.exit_code == 0 and f"wrote {out.resolve() / 'report.png'}" in r.output
+    assert not (tmp_path / "report.png").exists()

@@ -259,7 +259,11 @@ def plot_report(reports: list[RunReport], path: Path, differ: list[str] | None =
     from matplotlib.lines import Line2D
 
     look = RunStyles.of(reports, differ or [])
-    fig, (curves, finals, bins) = plt.subplots(1, 3, figsize=(16, 5.2))
+    single = len(reports) == 1  # nothing to compare: its curve and its loss by t, absolute
+    if single:
+        fig, (curves, bins) = plt.subplots(1, 2, figsize=(11, 5.2))
+    else:
+        fig, (curves, finals, bins) = plt.subplots(1, 3, figsize=(16, 5.2))
 
     trained = []
     step0 = [loss for r in reports for step, loss in r.val_curve if step == 0]
@@ -273,7 +277,32 @@ def plot_report(reports: list[RunReport], path: Path, differ: list[str] | None =
                + (f" (step 0, untrained: {min(step0):.3g}-{max(step0):.3g}, not shown)" if step0 else ""))
     curves.title.set_fontsize(9)
 
-    # Final validation loss against the first setting that differs, a line per value of the second.
+    if single:
+        _plot_bins_absolute(bins, reports[0], look.styles[0])
+    else:
+        _plot_finals(finals, reports, look)
+        _plot_bins_relative(bins, reports, look)
+
+    handles = [Line2D([], [], **props) for _, props in look.legend]
+    if handles:
+        fig.legend(handles, [label for label, _ in look.legend], loc="lower center", fontsize=9, frameon=False,
+                   ncol=min(len(handles), 6))
+    rows = -(-len(handles) // 6)
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_bins_absolute(ax, report: RunReport, style: dict) -> None:
+    pts = [((j + 0.5) / len(report.final_bins), b) for j, b in enumerate(report.final_bins) if b is not None]
+    if pts:
+        ax.plot(*zip(*pts), ms=3, lw=1.2, **style)
+    ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="final validation denoising loss", title="final validation loss by t")
+
+
+def _plot_finals(finals, reports: list[RunReport], look: RunStyles) -> None:
+    """Final validation loss against the first setting that differs, a line per value of the second."""
     first = look.axes[0] if look.axes else None
     xs = look.values[first] if first else [r.run for r in reports]
     lines: dict[tuple, list] = {}
@@ -292,7 +321,9 @@ def plot_report(reports: list[RunReport], path: Path, differ: list[str] | None =
     _zoom(finals, [r.final_val for r in reports if r.final_val is not None], pad=0.15)
     finals.set(xlabel=first or "run", ylabel="final validation denoising loss", title="final validation loss")
 
-    # Per t-bin, relative to the mean over runs: the loss spans an order of magnitude across t, ratios do not.
+
+def _plot_bins_relative(bins, reports: list[RunReport], look: RunStyles) -> None:
+    """Per t-bin, relative to the mean over runs: the loss spans an order of magnitude across t, ratios do not."""
     width = max((len(r.final_bins) for r in reports), default=0)
     means = []
     for j in range(width):
@@ -309,13 +340,3 @@ def plot_report(reports: list[RunReport], path: Path, differ: list[str] | None =
     _zoom(bins, ratios + [1.0])
     bins.set(xlabel="t (0 = data, 1 = noise)", ylabel="final validation loss / mean over runs",
              title="final validation loss by t, relative")
-
-    handles = [Line2D([], [], **props) for _, props in look.legend]
-    if handles:
-        fig.legend(handles, [label for label, _ in look.legend], loc="lower center", fontsize=9, frameon=False,
-                   ncol=min(len(handles), 6))
-    rows = -(-len(handles) // 6)
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
