@@ -31,13 +31,12 @@ from cache_schema.manifest import (
     target_fingerprint,
     target_part_problem,
 )
-from cache_schema.sources import source_id
 from cache_schema.writer import drop_part, settle_part, start_target
 from stages.core.codec import quantize_int8
 from stages.core.encoders.images import crop_name
 from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.targets import TargetEncoder
-from stages.core.encoders.tars import expand_source
+from stages.core.encoders.tars import expand_source, recorded_source
 from stages.core.errors import UsageError
 from stages.core.processes import exit_with_parent
 from stages.core.threads import set_threads
@@ -75,29 +74,17 @@ def target_entry(name: str, enc: TargetEncoder, cfg: EncodeConfig, manifest: Man
 
 
 def locate_sources(cfg: EncodeConfig, parts: list[dict]) -> dict[str, Shard]:
-    """The input shard of each part, found by content: in --source when given, else where the cache read it."""
-    given = {}
-    if cfg.source:
-        given = {s.source_id: s for s in identify(expand_source(cfg.source))}
+    """The input shard of each part, found by content: in --source when given, else where the cache read it
+    (``recorded_source``: a recorded command or URL is run only when given with --source)."""
+    given = {s.source_id: s.url for s in identify(expand_source(cfg.source))} if cfg.source else {}
     out = {}
     for part in parts:
         want = part.get("source_id", "")
-        if cfg.source:
-            shard = given.get(want)
-            if shard is None:
-                raise UsageError(f"--add-target: no shard of --source {cfg.source} has the content of {part['source']}, "
-                                 f"the input shard of part {part['name']}; give the shards the cache was encoded from")
-        else:
-            try:
-                found = source_id(part["source"])
-            except CacheError:
-                raise UsageError(f"--add-target: {part['source']}, the input shard of part {part['name']}, is gone; "
-                                 "pass --source with where the cache's input shards are now") from None
-            if found != want:
-                raise UsageError(f"--add-target: {part['source']}, the input shard of part {part['name']}, changed since "
-                                 "the cache was encoded (other content); pass --source with the original shards")
-            shard = Shard(part["source"], want, part["name"])
-        out[part["name"]] = Shard(shard.url, want, part["name"])
+        if cfg.source and want not in given:
+            raise UsageError(f"--add-target: no shard of --source {cfg.source} has the content of {part['source']}, "
+                             f"the input shard of part {part['name']}; give the shards the cache was encoded from")
+        url = recorded_source(part["source"], want, given, f"--add-target: the input shard of part {part['name']}")
+        out[part["name"]] = Shard(url, want, part["name"])
     return out
 
 
