@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from cache_schema import CacheError, CacheReader, FastReader, read_manifest, verify_cache
 from cache_schema.layout import PARTS_DIR, RECORDS_DIR
 from pipeline.cli import app
+from stages.core.checkpoint import load_checkpoint
 from stages.core.errors import UsageError
 from stages.encode.run import run_encode
 from stages.train.loop import run_train
@@ -457,6 +458,29 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_committed_work(tiny_models, s
     monkeypatch.setattr("torch.save", _no_space)
     line = one_line_error(cli("train", *train_cli_args(tiny_train(train_cache, tmp_path / "run", steps=3))))
     assert "No space left on device" in line and "free space" in line
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporary_file(train_cache, tmp_path,
+                                                                                      monkeypatch):
+    real_save, calls = torch.save, []
+
+    def full_disk_on_the_second(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"half a checkpoint")  # torch reports a full disk as a RuntimeError, not an OSError
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr("torch.save", full_disk_on_the_second)
+    run = tmp_path / "run"
+    line = one_line_error(cli("train", *train_cli_args(tiny_train(train_cache, run, steps=6, ckpt_every=3))))
+    assert len(calls) == 2
+    assert "step-0000006.pt" in line and "file write failed" in line and "kept" in line, line
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003.pt"]  # no hidden .tmp file left
+    monkeypatch.setattr("torch.save", real_save)
+    assert load_checkpoint(ckpts / "step-0000003.pt")["step"] == 3
 
 
 def test_an_unwritable_sample_folder_is_a_one_line_error(train_cache, tmp_path):
