@@ -30,7 +30,7 @@ from stages.core.errors import UsageError
 from stages.encode.run import run_encode
 from stages.train.loop import run_train
 
-from .encode_helpers import ROOT, cli_args, env, tar_keys, tiny_config
+from .encode_helpers import ROOT, cli_args, env, repa, tar_keys, tiny_config
 from .test_train import tiny_train, train_cli_args
 
 MARKER = "pwned"
@@ -195,6 +195,16 @@ def test_training_on_a_damaged_part_stops_with_one_line(cache, tmp_path):
     DAMAGES["garbage"](path)
     r = cli("train", *train_cli_args(tiny_train(cache, tmp_path / "run", steps=6, val_fraction=0.2)))
     assert "cannot be read" in one_line_error(r)
+
+
+def test_damage_found_in_a_loader_worker_is_the_workers_own_one_line(cache, tmp_path):
+    name, path = shard_file(cache)
+    DAMAGES["bit-rot"](path)
+    cfg = tiny_train(cache, tmp_path / "run", steps=6, val_fraction=0.2, num_workers=1)
+    r = repa("train", *train_cli_args(cfg))
+    line = one_line_error(r)  # exit status 2, no traceback
+    assert line.startswith("error: ") and f"part {name}" in line and "dino" in line, line
+    assert "DataLoader worker" not in r.stderr, r.stderr[-2000:]
 
 
 def test_garbage_keys_and_a_manifest_of_the_wrong_shape_are_one_line_errors(cache, tmp_path):
