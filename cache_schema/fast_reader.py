@@ -125,7 +125,8 @@ class FastReader:
             if target not in self.manifest.targets:
                 continue
             if target not in self._target_records:
-                self._target_records[target] = {r["name"]: r for r in read_records(target_dir(self.cache_dir, target))}
+                self._target_records[target] = {r["name"]: r for r in read_records(target_dir(self.cache_dir, target),
+                                                                                  fix=target_hint(target))}
             records = self._target_records[target]
             for part in self.manifest.parts:
                 why = target_part_problem(part, records.get(part["name"]))

@@ -127,6 +127,20 @@ def test_add_target_never_runs_a_command_the_cache_records(base, tiny_models, tm
     assert "a command or URL the cache records" in line and "pass --source 'pipe:touch" in line, line
 
 
+def test_a_cut_short_target_record_is_named_by_verify_and_redone_by_rerunning_add_target(base, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(base.cache, cache)
+    cfg = tiny_config(tiny_models, base.source, cache)
+    _add(cfg, "cut", tiny_models["dino-reg"])
+    record = next((target_dir(cache, "cut") / RECORDS_DIR).glob("*.json"))
+    record.write_bytes(record.read_bytes()[:30])
+    with pytest.raises(Exception, match="--add-target cut") as e:
+        verify_cache(cache)
+    assert record.name in str(e.value)
+    assert _add(cfg, "cut", tiny_models["dino-reg"]).encoded == 24  # that one part again, nothing else
+    assert verify_cache(cache) == 48
+
+
 def test_kill_9_during_add_target_then_rerun_gives_every_sample_exactly_once(tmp_path, tiny_models):
     from stages.demo.data import write_demo_shards
 

@@ -331,6 +331,23 @@ def test_damaged_named_and_rotten_parts_are_redone_and_nothing_else(tiny_models,
     all_keys_once(tmp_path / "c", shards[:3])
 
 
+def test_a_cut_short_record_is_named_by_readers_and_encoded_again_by_repair_or_a_rerun(tiny_models, shards, tmp_path):
+    cfg = config(tiny_models, pattern(shards[:2]), tmp_path / "c")
+    run_encode(cfg)
+    name = read_manifest(cfg.cache).part_names()[0]
+    record = tmp_path / "c" / RECORDS_DIR / f"{name}.json"
+    for again in (["--repair"], []):
+        record.write_bytes(record.read_bytes()[:40])  # e.g. a copy cut off, or a disk that filled
+        for reader in (cli("cache", "verify", cfg.cache),
+                       cli("train", *train_cli_args(tiny_train(cfg.cache, tmp_path / "run", steps=2)))):
+            line = one_line_error(reader)
+            assert f"{name}.json" in line and "rerun the encode command" in line, line
+        r = cli("encode", *cli_args(cfg), *again)  # the command the message names
+        assert r.exit_code == 0, r.stderr[-2000:]
+        assert "encoded 8 samples into 1 part(s)" in r.stdout and f"redo {name}: its record cannot be read" in r.stderr
+        all_keys_once(cfg.cache, shards[:2])
+
+
 # -- no orphans -----------------------------------------------------------------------------------
 def descendants(pid: int) -> list[psutil.Process]:
     try:

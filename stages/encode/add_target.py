@@ -11,7 +11,6 @@ jobs. A target part records the cache part it was made for, so a part encoded ag
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from cache_schema.claims import Heartbeat, LocalClaims, Owner, claim, describe_h
 from cache_schema.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
 from cache_schema.manifest import (
     Manifest,
+    read_record,
     read_records,
-    record_path,
     target_dir,
     target_fingerprint,
     target_part_problem,
@@ -167,7 +166,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
     if main:
         start_target(cache, name, entry)
     state.wait_for_everyone()
-    done = {r["name"]: r for r in read_records(root)}
+    done = {r["name"]: r for r in read_records(root, unreadable={})}  # an unreadable record: not committed
     todo = [p for p in manifest.parts if target_part_problem(p, done.get(p["name"])) is not None]
     shards = locate_sources(cfg, todo)
     mine_parts = todo[state.process_index :: state.num_processes]
@@ -182,9 +181,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
         if part["name"] not in got:
             continue
         settle_part(root, part["name"], owner)  # restores a record a dead writer did not get to write
-        path = record_path(root, part["name"])
-        rec = json.loads(path.read_text()) if path.exists() else None
-        if target_part_problem(part, rec) is None:  # committed by another job since
+        if target_part_problem(part, read_record(root, part["name"])) is None:  # committed by another job since
             release(root, part["name"], owner)
             continue
         drop_part(root, part["name"])  # stale: made for an earlier encode of the cache part
@@ -224,7 +221,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
     elapsed = time.perf_counter() - start
     state.wait_for_everyone()
     final = read_manifest(cache)
-    records = {r["name"]: r for r in read_records(root)}
+    records = {r["name"]: r for r in read_records(root, unreadable={})}
     missing = sum(target_part_problem(p, records.get(p["name"])) is not None for p in final.parts)
     per_sample = sum(fields[n].bytes_per_row for n in fields if fields[n].dtype != "str")
     summary = EncodeSummary(encoded=stats.encoded, parts=stats.parts, seconds=elapsed)

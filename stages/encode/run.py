@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest
+from cache_schema.manifest import read_manifest_only
 from cache_schema.claims import Heartbeat, Owner
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
@@ -172,10 +173,11 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
     if main:
         shards = identify(urls)
         sources = {s.part: {"url": s.url, "id": s.source_id} for s in shards}
-        manifest = dest.start(template, cfg, sources)
-        plan = make_plan(cfg.cache, manifest, shards, cfg.redo, cfg.repair, log)
+        unreadable: dict[str, str] = {}  # part -> why its record cannot be read: not committed, so encoded again
+        manifest = dest.start(template, cfg, sources, unreadable)
+        plan = make_plan(cfg.cache, manifest, shards, cfg.redo, cfg.repair, log, unreadable)
     plan = _share(state, plan)
-    manifest = read_manifest(cfg.cache)
+    manifest = read_manifest_only(cfg.cache)
     if manifest.fingerprint != template.fingerprint:
         raise CacheError(f"{cfg.cache}: process {state.process_index} computed another fingerprint; "
                          "encoders differ between processes")
@@ -241,9 +243,14 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
         summary.encoded += s.encoded
         summary.parts += s.parts
         summary.skipped.update(s.skipped)
-    final = read_manifest(cfg.cache)
+    unreadable = {}
+    final = read_manifest(cfg.cache, unreadable)
     summary.cache_samples = final.num_samples
     summary.lines = _summary_lines(summary, final)
+    if unreadable:  # parts of input shards this run was not given
+        part, why = next(iter(unreadable.items()))
+        summary.lines.insert(3, f"{len(unreadable)} part(s) with an unreadable record, not committed (e.g. {why}); "
+                                "rerun with --source naming their input shards to encode them again")
     return summary
 
 
