@@ -141,8 +141,10 @@ def _duplicate_keys(reader: CacheReader, hashes: dict[str, np.ndarray]) -> dict[
         for key in reader.read(name, "key"):
             key = str(key)
             if key in seen and name not in problems:
-                problems[name] = (f"{part_where(part)}: key {key!r} also stored in part {seen[key]}; "
-                                  "the cache holds a sample twice")
+                also = "stored twice in the part" if seen[key] == name else f"also stored in part {seen[key]}"
+                problems[name] = (f"{part_where(part)}: key {key!r} {also}; the cache "
+                                  f"holds a sample twice: rerun the encode command with --redo {name}, which "
+                                  "encodes the part again without the keys the other parts hold")
             seen.setdefault(key, name)
     return problems
 

@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest
-from cache_schema.manifest import read_manifest_only
 from cache_schema.claims import Heartbeat, Owner
 from cache_schema.info import describe
 from cache_schema.layout import MANIFEST_NAME
@@ -36,6 +35,7 @@ from stages.core.threads import available_cores, set_threads
 from .config import EncodeConfig
 from .destination import destination
 from .dry_run import dry_run, samples_per_shard
+from .duplicates import SeenKeys
 from .part_sink import PartSink, SinkStats, feeding
 from .plan import claim_shards, identify, make_plan
 from .source import ShardStream
@@ -177,13 +177,15 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
         manifest = dest.start(template, cfg, sources, unreadable)
         plan = make_plan(cfg.cache, manifest, shards, cfg.redo, cfg.repair, log, unreadable)
     plan = _share(state, plan)
-    manifest = read_manifest_only(cfg.cache)
+    manifest = read_manifest(cfg.cache, unreadable={})
     if manifest.fingerprint != template.fingerprint:
         raise CacheError(f"{cfg.cache}: process {state.process_index} computed another fingerprint; "
                          "encoders differ between processes")
     work = plan.work
     mine = claim_shards(dest, work[state.process_index :: state.num_processes], plan, owner,
                         cfg.lease_seconds, log)
+    encoding = {s.part for s in work}
+    seen = SeenKeys.of_cache(cfg.cache, [p["name"] for p in manifest.parts if p["name"] not in encoding])
     heartbeat = Heartbeat(dest.claims, owner, interval=cfg.lease_seconds / 4)
     heartbeat.add([s.part for s in mine])
     limit = None
@@ -210,7 +212,8 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
         total = min(total or cfg.max_samples, cfg.max_samples)
     bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
     sink = PartSink(dest.writer_dir, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine},
-                    dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner))
+                    dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner),
+                    seen=seen)
     start = time.perf_counter()
     first = last = None  # arrival of the first batch, submission of the last; images in between
     steady = 0
