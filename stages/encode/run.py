@@ -182,10 +182,11 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
         raise CacheError(f"{cfg.cache}: process {state.process_index} computed another fingerprint; "
                          "encoders differ between processes")
     work = plan.work
-    mine = claim_shards(dest, work[state.process_index :: state.num_processes], plan, owner,
-                        cfg.lease_seconds, log)
+    # Read before claiming: at scale the keys take seconds, and a claim is kept alive from the heartbeat on.
     encoding = {s.part for s in work}
     seen = SeenKeys.of_cache(cfg.cache, [p["name"] for p in manifest.parts if p["name"] not in encoding])
+    mine = claim_shards(dest, work[state.process_index :: state.num_processes], plan, owner,
+                        cfg.lease_seconds, log)
     heartbeat = Heartbeat(dest.claims, owner, interval=cfg.lease_seconds / 4)
     heartbeat.add([s.part for s in mine])
     limit = None
