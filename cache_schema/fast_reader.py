@@ -62,12 +62,14 @@ class FastReader:
     manifest order. Not thread-safe; use one instance per thread (DataLoader workers are processes,
     which is fine)."""
 
-    def __init__(self, cache_dir: str | Path, parts: list[str] | None = None, direct_reads: bool = True):
+    def __init__(self, cache_dir: str | Path, parts: list[str] | None = None, direct_reads: bool = True,
+                 unreadable: dict[str, str] | None = None):
         """``parts``: read only these committed parts (e.g. those a run started with), else all.
+        ``unreadable``: see ``read_records`` (given, parts whose record cannot be read are left out).
         ``direct_reads=False`` reads every field through tensorstore (see ``shard_rows``). ``cache_dir``
         may be an ``s3://bucket/prefix``: arrays are then read through tensorstore's s3 kvstore."""
         self.cache_dir = cache_root(cache_dir)
-        self.manifest: Manifest = read_manifest(self.cache_dir)
+        self.manifest: Manifest = read_manifest(self.cache_dir, unreadable)
         if parts is not None:
             have = {p["name"]: p for p in self.manifest.parts}
             gone = [name for name in parts if name not in have]
@@ -125,7 +127,8 @@ class FastReader:
             if target not in self.manifest.targets:
                 continue
             if target not in self._target_records:
-                self._target_records[target] = {r["name"]: r for r in read_records(target_dir(self.cache_dir, target))}
+                self._target_records[target] = {r["name"]: r for r in read_records(target_dir(self.cache_dir, target),
+                                                                                  fix=target_hint(target))}
             records = self._target_records[target]
             for part in self.manifest.parts:
                 why = target_part_problem(part, records.get(part["name"]))
@@ -299,6 +302,19 @@ class FastReader:
     def keys(self) -> np.ndarray:
         """Every sample key in global-id order."""
         return self._read_small("key")
+
+    def keys_by_part(self) -> list[np.ndarray | None]:
+        """Each part's keys, in part order; None for a part whose keys cannot be read (verify names it)."""
+        try:
+            return self._read_parts("key")
+        except CacheError:
+            out = []
+            for p in range(len(self.part_names)):
+                try:
+                    out.append(self._read_parts("key", [p])[0])
+                except CacheError:
+                    out.append(None)
+            return out
 
     def checked_ids(self, ids: np.ndarray) -> np.ndarray:
         """``ids`` as an int64 array, or IndexError naming the first one outside the cache."""

@@ -105,8 +105,7 @@ class PartRecord:
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("name", "source", "num_samples") if k not in obj]
         if missing or not isinstance(obj.get("files", {}), dict):
-            raise CacheError(f"{where}: not a part record (missing {', '.join(missing) or 'files'}); "
-                             "rerun the encode command with --repair to redo the part")
+            raise CacheError(f"{where}: not a part record (missing {', '.join(missing) or 'files'})")
         return cls(**{k: v for k, v in obj.items() if k in known})
 
 
@@ -265,12 +264,13 @@ def record_path(cache_dir: Path | S3Path, part: str) -> Path | S3Path:
 
 
 def _read_json(path: Path | S3Path, what: str, fix: str, data: bytes | None = None) -> dict:
+    fix = f"; {fix}" if fix else ""
     try:
         obj = json.loads(path.read_bytes() if data is None else data)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheError(f"{path}: unreadable {what} ({e}); {fix}") from None
+        raise CacheError(f"{path}: unreadable {what} ({e}){fix}") from None
     if not isinstance(obj, dict):
-        raise CacheError(f"{path}: not a {what} (a JSON object is expected); {fix}")
+        raise CacheError(f"{path}: not a {what} (a JSON object is expected){fix}")
     return obj
 
 
@@ -309,44 +309,68 @@ def target_part_problem(part: dict, rec: dict | None) -> str | None:
     return None
 
 
-RECORD_FIX = "rerun the encode command with --repair to redo the part"
+RECORD_FIX = "rerun the encode command (with --source naming the part's input shard) to encode the part again"
 
 
-def read_records(cache_dir: Path | S3Path) -> list[dict]:
-    """Every committed part's record (unsorted)."""
+def read_records(cache_dir: Path | S3Path, unreadable: dict[str, str] | None = None,
+                 fix: str = RECORD_FIX) -> list[dict]:
+    """Every committed part's record (unsorted).
+
+    A record that cannot be read (cut short, garbage, not a record) is an error naming it, saying
+    ``fix`` ({name}: the part); or, given ``unreadable``, it is left out and what is wrong with it is
+    stored there under the part's name. Readers never guess what such a part held; an encode treats
+    it as never committed and encodes it again, which is what ``fix`` says to do.
+    """
     root = cache_root(cache_dir)
     if isinstance(root, S3Path):
-        return _read_records_s3(root / RECORDS_DIR)
-    folder = root / RECORDS_DIR
-    if not folder.is_dir():
-        return []
+        folder = root / RECORDS_DIR
+        names = [n for n in folder.list_sizes() if n.endswith(RECORD_SUFFIX) and "/" not in n
+                 and not n.startswith(".")]
+        paths = [folder / n for n in names]
+    else:
+        folder = root / RECORDS_DIR
+        if not folder.is_dir():
+            return []
+        paths = [Path(e.path) for e in os.scandir(folder) if e.name.endswith(RECORD_SUFFIX)
+                 and not e.name.startswith(".")]
     out = []
-    for entry in os.scandir(folder):
-        if entry.name.endswith(RECORD_SUFFIX) and not entry.name.startswith("."):
-            path = Path(entry.path)
-            obj = _read_json(path, "part record", RECORD_FIX)
-            out.append(asdict(PartRecord.from_json(obj, str(path))))
+    for path, rec, problem in _read_all(paths):
+        name = path.name[: -len(RECORD_SUFFIX)]
+        if problem is None:
+            out.append(rec)
+        elif unreadable is None:
+            raise CacheError(f"{problem}; {fix.format(name=name)}")
+        else:
+            unreadable[name] = problem
     return out
 
 
-def _read_records_s3(folder: S3Path) -> list[dict]:
-    # One listing, then the GETs concurrently: one at a time, a CC12M cache's 2 176 records take
-    # minutes of round trips.
+def read_record(cache_dir: Path, name: str) -> dict | None:
+    """Part ``name``'s record, or None when it has none or one that cannot be read (not committed)."""
+    path = record_path(cache_dir, name)
+    return _read_all([path])[0][1] if path.exists() else None
+
+
+def _read_all(paths: list) -> list[tuple]:
+    """(path, record or None, problem or None) of each record file; those on object storage are read
+    concurrently (one at a time, a CC12M cache's 2 176 records take minutes of round trips)."""
+    def one(path) -> tuple:
+        try:
+            return path, asdict(PartRecord.from_json(_read_json(path, "part record", ""), str(path))), None
+        except CacheError as e:
+            return path, None, str(e)
+
+    if not paths or not isinstance(paths[0], S3Path):
+        return [one(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
 
-    names = [n for n in folder.list_sizes() if n.endswith(RECORD_SUFFIX) and "/" not in n and not n.startswith(".")]
-
-    def one(name: str) -> dict:
-        path = folder / name
-        return asdict(PartRecord.from_json(_read_json(path, "part record", RECORD_FIX), str(path)))
-
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(one, names))
+        return list(pool.map(one, paths))
 
 
-def read_manifest(cache_dir: Path) -> Manifest:
-    """The manifest with every committed part."""
-    return read_manifest_only(cache_dir).with_parts(read_records(cache_dir))
+def read_manifest(cache_dir: Path, unreadable: dict[str, str] | None = None) -> Manifest:
+    """The manifest with every committed part (``unreadable``: see ``read_records``)."""
+    return read_manifest_only(cache_dir).with_parts(read_records(cache_dir, unreadable))
 
 
 def write_record(cache_dir: Path, rec: PartRecord) -> None:

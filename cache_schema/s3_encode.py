@@ -27,7 +27,8 @@ from .writer import part_path
 MANIFEST_RETRIES = 20
 
 
-def start_encode_s3(root: S3Path, template: Manifest, sources: dict) -> Manifest:
+def start_encode_s3(root: S3Path, template: Manifest, sources: dict,
+                    unreadable: dict[str, str] | None = None) -> Manifest:
     """``start_encode`` for an S3 prefix: create the manifest, or merge ``sources`` into one of the same
     fingerprint; another fingerprint is refused (another cache lives there)."""
     where = root / MANIFEST_NAME
@@ -37,18 +38,18 @@ def start_encode_s3(root: S3Path, template: Manifest, sources: dict) -> Manifest
         if got is None:
             new = Manifest.from_json({**template.to_json(), "sources": dict(sources), "created": now, "updated": now})
             if put_if_absent(where, json.dumps(new.to_json(), indent=1).encode()):
-                return new.with_parts(read_records(root))
+                return new.with_parts(read_records(root, unreadable))
             continue  # another writer created it first: merge into theirs
         current = Manifest.from_json(_json(got[0], where), str(where))
         if current.fingerprint != template.fingerprint:
             diff = "; ".join(settings_diff(current.settings, template.settings)) or "fingerprint"
             raise CacheError(f"{where}: holds a cache made with other settings ({diff}); use another --cache prefix")
         if all(current.sources.get(k) == v for k, v in sources.items()):
-            return current.with_parts(read_records(root))
+            return current.with_parts(read_records(root, unreadable))
         current.sources = {**current.sources, **sources}
         current.updated = now
         if put_if_match(where, json.dumps(current.to_json(), indent=1).encode(), got[1]) is not None:
-            return current.with_parts(read_records(root))
+            return current.with_parts(read_records(root, unreadable))
     raise CacheError(f"{where}: changed by other writers {MANIFEST_RETRIES} times in a row; rerun the encode")
 
 

@@ -103,9 +103,9 @@ def _check_target_part(reader: CacheReader, target: str, rec: dict, rows: int, q
 _worker_reader: CacheReader | None = None  # one per verify worker process
 
 
-def _start_worker(cache_dir: str) -> None:
+def _start_worker(cache_dir: str, lenient: bool) -> None:
     global _worker_reader
-    _worker_reader = CacheReader(cache_dir)
+    _worker_reader = CacheReader(cache_dir, {} if lenient else None)
 
 
 def _verify_part(index: int, rows: int, quick: bool) -> tuple[str, str | None, np.ndarray | None]:
@@ -141,19 +141,22 @@ def _duplicate_keys(reader: CacheReader, hashes: dict[str, np.ndarray]) -> dict[
         for key in reader.read(name, "key"):
             key = str(key)
             if key in seen and name not in problems:
-                problems[name] = (f"{part_where(part)}: key {key!r} also stored in part {seen[key]}; "
-                                  "the cache holds a sample twice")
+                also = "stored twice in the part" if seen[key] == name else f"also stored in part {seen[key]}"
+                problems[name] = (f"{part_where(part)}: key {key!r} {also}; the cache "
+                                  f"holds a sample twice: rerun the encode command with --redo {name}, which "
+                                  "encodes the part again without the keys the other parts hold")
             seen.setdefault(key, name)
     return problems
 
 
 def find_problems(cache_dir: str | Path, names: list[str] | None = None, quick: bool = False,
                   progress: Callable[[str, str | None], None] | None = None, rows: int = 1024,
-                  workers: int | None = None) -> dict[str, str]:
+                  workers: int | None = None, unreadable: dict[str, str] | None = None) -> dict[str, str]:
     """Check the committed parts (or those in ``names``) on ``workers`` processes (default: the CPUs
     this process may use); returns part name -> what is wrong with it. ``progress(name, problem or
-    None)`` is called as each part's check ends."""
-    reader = CacheReader(cache_dir)
+    None)`` is called as each part's check ends. Given ``unreadable`` (see ``read_records``), parts
+    whose record cannot be read are left to the caller, which encodes them again."""
+    reader = CacheReader(cache_dir, unreadable)
     todo = [i for i, part in enumerate(reader.parts) if names is None or part["name"] in names]
     if workers is None:  # a worker costs ~1-2 s to start: worth it from a few dozen parts on
         workers = min(len(os.sched_getaffinity(0)), len(todo) // 16)
@@ -178,7 +181,7 @@ def find_problems(cache_dir: str | Path, names: list[str] | None = None, quick: 
     else:
         # spawn: a forked child of a process that used tensorstore aborts, and verify may run in one
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                                 initargs=(str(cache_dir),)) as pool:
+                                 initargs=(str(cache_dir), unreadable is not None)) as pool:
             futures = [pool.submit(_verify_part, i, rows, quick) for i in todo]
             for future in as_completed(futures):
                 name, problem, keys = future.result()
@@ -191,7 +194,7 @@ def find_problems(cache_dir: str | Path, names: list[str] | None = None, quick: 
         if progress:
             progress(name, problem)
     for target in sorted(reader.manifest.targets):
-        records = {r["name"]: r for r in read_records(target_dir(cache_dir, target))}
+        records = {r["name"]: r for r in read_records(target_dir(cache_dir, target), fix=target_hint(target))}
         for part in reader.parts:
             rec = records.get(part["name"])
             if (names is not None and part["name"] not in names) or target_part_problem(part, rec) is not None:

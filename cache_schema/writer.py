@@ -255,7 +255,7 @@ class PartWriter:
 
 # -- the life of a cache and of its parts ---------------------------------------------------------
 def start_encode(cache_dir: Path, template: Manifest, overwrite: bool, sources: dict | None = None,
-                 lease_s: float = claims.DEFAULT_LEASE_S) -> Manifest:
+                 lease_s: float = claims.DEFAULT_LEASE_S, unreadable: dict[str, str] | None = None) -> Manifest:
     """Prepare a cache directory for an encode; call from one process of a job before the others start.
 
     Creates the manifest, or checks that an existing one has the same fingerprint (refusing with the
@@ -294,7 +294,7 @@ def start_encode(cache_dir: Path, template: Manifest, overwrite: bool, sources: 
         m.sources = {**m.sources, **(sources or {})}
         return m
 
-    return update_manifest(cache_dir, merge).with_parts(read_records(cache_dir))
+    return update_manifest(cache_dir, merge).with_parts(read_records(cache_dir, unreadable))
 
 
 def start_target(cache_dir: Path, name: str, entry: dict) -> Manifest:

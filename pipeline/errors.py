@@ -19,9 +19,12 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (UsageError, CacheError) as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {own_message(e)}", err=True)
             raise typer.Exit(2) from None
         except OSError as e:  # the machine, not the code: a full disk, permissions, a vanished mount
+            if own_message(e) != str(e):  # raised in a loader worker: errno and filename are in its text only
+                typer.echo(f"error: {own_message(e)}; fix it and rerun the same command", err=True)
+                raise typer.Exit(2) from None
             what = f"{e.filename}: " if e.filename else ""
             hint = ("free space and rerun the same command (committed parts and checkpoints are kept)"
                     if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it and rerun the same command")
@@ -34,6 +37,24 @@ def user_errors(fn):
             _teardown_distributed()
 
     return wrapper
+
+
+def own_message(e: BaseException) -> str:
+    """The message of ``e`` as the code that raised it wrote it.
+
+    torch's DataLoader raises an error of a worker process again in the main process as the same type,
+    with "Caught X in DataLoader worker process N." and the worker's traceback as its message; the
+    traceback ends with the original "module.X: message", which is what the user is to read.
+    """
+    text, name = str(e), type(e).__name__
+    if not text.startswith(f"Caught {name} in DataLoader worker"):
+        return text
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        head, sep, rest = lines[i].partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == name and not head.startswith(" "):
+            return "\n".join([rest, *lines[i + 1:]])
+    return text
 
 
 def _teardown_distributed() -> None:

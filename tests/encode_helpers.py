@@ -171,33 +171,39 @@ def write_filter_corpus(out: Path) -> tuple[Path, dict[str, str], list[str]]:
 def two_nodes(args: list[str], port: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
     """``python -m pipeline ARGS`` (through tests/rank_probe.py) as 2 nodes x 2 processes on this machine: two
     torchrun launchers with --nnodes 2 and their own --node-rank, meeting at a rendezvous on localhost (gloo),
-    as on a cluster. Output goes to files: a launcher blocked on a full pipe would stall the other node too."""
+    as on a cluster. Output goes to files: a launcher blocked on a full pipe would stall the other node too.
+    Each result's ``rank_exits`` holds the exit reports of that node's ranks (rank_probe.py), one file each."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         outs = [(Path(tmp) / f"node{rank}.out", Path(tmp) / f"node{rank}.err") for rank in (0, 1)]
+        probes = [Path(tmp) / f"node{rank}-ranks" for rank in (0, 1)]
         procs = []
         for rank, (out, err) in enumerate(outs):
+            probes[rank].mkdir()
             with open(out, "w") as o, open(err, "w") as e:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                      "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
                      str(ROOT / "tests" / "rank_probe.py"), *args],
-                    stdout=o, stderr=e, text=True, env=env(), cwd=ROOT))
+                    stdout=o, stderr=e, text=True, env={**env(), "RANK_PROBE_DIR": str(probes[rank])}, cwd=ROOT))
         try:
             codes = [p.wait(timeout) for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
-        return [subprocess.CompletedProcess(p.args, code, out.read_text(), err.read_text())
-                for p, code, (out, err) in zip(procs, codes, outs)]
+        results = []
+        for p, code, (out, err), probe in zip(procs, codes, outs, probes):
+            result = subprocess.CompletedProcess(p.args, code, out.read_text(), err.read_text())
+            result.rank_exits = [f.read_text() for f in sorted(probe.glob("rank-*.txt"))]
+            results.append(result)
+        return results
 
 
 def assert_ranks_let_go_of_the_process_group(node: subprocess.CompletedProcess, ranks: int = 2) -> None:
     """Every rank of a ``two_nodes`` launch ended with its process group's threads gone (see rank_probe.py)."""
-    ends = [line for line in node.stderr.splitlines() if line.startswith("rank exit:")]
-    assert ends == ["rank exit: 0 gloo thread(s) alive"] * ranks, ends
+    assert node.rank_exits == ["rank exit: 0 gloo thread(s) alive\n"] * ranks, node.rank_exits
 
 
 def assert_same_features(a, b) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -19,8 +20,8 @@ from cache_schema.manifest import read_records, target_dir
 from stages.core.errors import UsageError
 from stages.encode.run import run_encode
 
-from .encode_helpers import ROOT, assert_same_features, cli_args, env, tiny_config
-from .test_operations import wait_for
+from .encode_helpers import ROOT, assert_same_features, cli_args, env, repa, tiny_config
+from .test_operations import one_line_error, wait_for
 
 
 def _pattern(shards) -> str:
@@ -108,6 +109,36 @@ def test_add_target_refuses_moved_or_changed_sources_and_finds_them_by_content(t
         _add(cfg, "t", tiny_models["dino-reg"])
     moved_cfg = tiny_config(tiny_models, str(moved), cfg.cache)
     assert _add(moved_cfg, "t", tiny_models["dino-reg"]).encoded == 24
+
+
+def test_add_target_never_runs_a_command_the_cache_records(base, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(base.cache, cache)
+    marker = tmp_path / "ran"
+    for record in (cache / RECORDS_DIR).glob("*.json"):  # what a shared cache's records could hold
+        rec = json.loads(record.read_text())
+        rec["source"] = f"pipe:touch {marker}; cat /dev/null"
+        rec["source_id"] = f"url:{rec['source']}"  # as encode records a command it was given
+        record.write_text(json.dumps(rec))
+    no_source = tiny_config(tiny_models, "", cache)
+    r = repa("encode", *cli_args(no_source)[2:], "--add-target", "t", "--target-model", str(tiny_models["dino-reg"]))
+    assert not marker.exists()
+    line = one_line_error(r)
+    assert "a command or URL the cache records" in line and "pass --source 'pipe:touch" in line, line
+
+
+def test_a_cut_short_target_record_is_named_by_verify_and_redone_by_rerunning_add_target(base, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(base.cache, cache)
+    cfg = tiny_config(tiny_models, base.source, cache)
+    _add(cfg, "cut", tiny_models["dino-reg"])
+    record = next((target_dir(cache, "cut") / RECORDS_DIR).glob("*.json"))
+    record.write_bytes(record.read_bytes()[:30])
+    with pytest.raises(Exception, match="--add-target cut") as e:
+        verify_cache(cache)
+    assert record.name in str(e.value)
+    assert _add(cfg, "cut", tiny_models["dino-reg"]).encoded == 24  # that one part again, nothing else
+    assert verify_cache(cache) == 48
 
 
 def test_kill_9_during_add_target_then_rerun_gives_every_sample_exactly_once(tmp_path, tiny_models):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from .encode_helpers import (
     assert_ranks_let_go_of_the_process_group,
     cli_args,
     env,
+    jpeg,
     repa,
     tar_keys,
     tiny_config,
@@ -140,6 +142,68 @@ def test_bad_input_is_skipped_with_reasons_and_nothing_else_is_lost(tmp_path, ti
     captions = {reader.sample(i)["key"]: reader.sample(i)["caption"] for i in range(len(reader))}
     assert captions["a008"] == "sixteen bit" and captions["a010"] == "unicode caption \u00e9\u4e2d"
     assert verify_cache(tmp_path / "c") == len(kept)
+
+
+def _write_repeating_keys(out: Path) -> list[Path]:
+    """Three shards whose keys repeat: within the first (not next to each other), and across shards."""
+    rng = np.random.default_rng(3)
+    keys = [["a0", "a1", "a2", "a1", "a3"], ["b0", "a2", "b1"], ["c0", "a0"]]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, shard in enumerate(keys):
+        paths.append(out / f"dup-{n:04d}.tar")
+        with wds.TarWriter(str(paths[-1])) as w:
+            for i, key in enumerate(shard):
+                w.write({"__key__": key, "jpg": jpeg(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)),
+                         "txt": f"{key} copy in shard {n} at {i}".encode()})
+    return paths
+
+
+def _skips(cache: Path) -> dict[tuple[str, str], str]:
+    return {(s["key"], Path(s["source"]).name): s["reason"].split(":")[0] for s in read_manifest(cache).skipped}
+
+
+def test_repeated_keys_are_stored_once_and_recorded_as_duplicate_key(tmp_path, tiny_models):
+    shards = _write_repeating_keys(tmp_path / "data")
+    cfg = tiny_config(tiny_models, "::".join(map(str, shards[:2])), tmp_path / "c")
+    summary = run_encode(cfg)
+    reader = CacheReader(cfg.cache)
+    assert sorted(reader.keys.tolist()) == ["a0", "a1", "a2", "a3", "b0", "b1"]
+    captions = {reader.sample(i)["key"]: reader.sample(i)["caption"] for i in range(len(reader))}
+    assert captions["a1"] == "a1 copy in shard 0 at 1" and captions["a2"] == "a2 copy in shard 0 at 2"  # the first
+    assert _skips(cfg.cache) == {("a1", "dup-0000.tar"): "duplicate-key", ("a2", "dup-0001.tar"): "duplicate-key"}
+    assert summary.skipped["duplicate-key"] == 2
+    assert verify_cache(cfg.cache) == 6  # encode and verify agree
+    info = repa("cache", "info", str(cfg.cache))
+    assert info.returncode == 0 and "duplicate-key=2" in info.stdout, info.stdout
+    # a later encode into the same cache knows the keys committed before it
+    run_encode(tiny_config(tiny_models, "::".join(map(str, shards)), cfg.cache))
+    assert sorted(CacheReader(cfg.cache).keys.tolist()) == ["a0", "a1", "a2", "a3", "b0", "b1", "c0"]
+    assert _skips(cfg.cache)[("a0", "dup-0002.tar")] == "duplicate-key"
+    assert verify_cache(cfg.cache) == 7
+
+
+@pytest.mark.parametrize("fix", ["named", "repair"])
+def test_a_duplicate_that_verify_finds_is_removed_by_the_command_it_advises(tmp_path, tiny_models, monkeypatch, fix):
+    from stages.encode.duplicates import SeenKeys
+
+    shards = _write_repeating_keys(tmp_path / "data")
+    cfg = tiny_config(tiny_models, "::".join(map(str, shards[:2])), tmp_path / "c")
+    with monkeypatch.context() as m:  # as when two processes each stored a copy, unaware of the other
+        m.setattr(SeenKeys, "holder", lambda self, key, part: None)
+        run_encode(cfg)
+    r = repa("cache", "verify", str(cfg.cache))
+    assert r.returncode == 1 and "--repair" in r.stdout
+    first, second = read_manifest(cfg.cache).part_names()
+    assert f"key 'a1' stored twice in the part; the cache holds a sample twice: rerun the encode command with " \
+           f"--redo {first}," in r.stderr and f"key 'a2' also stored in part {first}" in r.stderr, r.stderr[-2000:]
+    named = re.findall(r"with --redo (\S+),", r.stderr)
+    assert named == [first, second]  # dup-0001's part holds a2 after dup-0000's
+    rerun = cli_args(cfg) + ([a for n in named for a in ("--redo", n)] if fix == "named" else ["--repair"])
+    done = repa("encode", *rerun)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(CacheReader(cfg.cache).keys.tolist()) == ["a0", "a1", "a2", "a3", "b0", "b1"]
+    assert verify_cache(cfg.cache) == 6
 
 
 def test_fingerprint_mismatch_is_refused_and_the_cache_kept(demo_cache, tiny_models, demo_shards):

@@ -25,11 +25,12 @@ from typer.testing import CliRunner
 from cache_schema import CacheError, CacheReader, FastReader, read_manifest, verify_cache
 from cache_schema.layout import PARTS_DIR, RECORDS_DIR
 from pipeline.cli import app
+from stages.core.checkpoint import load_checkpoint
 from stages.core.errors import UsageError
 from stages.encode.run import run_encode
 from stages.train.loop import run_train
 
-from .encode_helpers import ROOT, cli_args, env, tar_keys, tiny_config
+from .encode_helpers import ROOT, cli_args, env, repa, tar_keys, tiny_config
 from .test_train import tiny_train, train_cli_args
 
 MARKER = "pwned"
@@ -196,6 +197,16 @@ def test_training_on_a_damaged_part_stops_with_one_line(cache, tmp_path):
     assert "cannot be read" in one_line_error(r)
 
 
+def test_damage_found_in_a_loader_worker_is_the_workers_own_one_line(cache, tmp_path):
+    name, path = shard_file(cache)
+    DAMAGES["bit-rot"](path)
+    cfg = tiny_train(cache, tmp_path / "run", steps=6, val_fraction=0.2, num_workers=1)
+    r = repa("train", *train_cli_args(cfg))
+    line = one_line_error(r)  # exit status 2, no traceback
+    assert line.startswith("error: ") and f"part {name}" in line and "dino" in line, line
+    assert "DataLoader worker" not in r.stderr, r.stderr[-2000:]
+
+
 def test_garbage_keys_and_a_manifest_of_the_wrong_shape_are_one_line_errors(cache, tmp_path):
     name = read_manifest(cache).part_names()[0]
     key_chunk = cache / PARTS_DIR / f"{name}.zarr" / "key" / "c" / "0"
@@ -318,6 +329,23 @@ def test_damaged_named_and_rotten_parts_are_redone_and_nothing_else(tiny_models,
     assert run_encode(config(tiny_models, cfg.source, cfg.cache, repair=True)).parts == 1
     assert rewritten() == {parts[2]}
     all_keys_once(tmp_path / "c", shards[:3])
+
+
+def test_a_cut_short_record_is_named_by_readers_and_encoded_again_by_repair_or_a_rerun(tiny_models, shards, tmp_path):
+    cfg = config(tiny_models, pattern(shards[:2]), tmp_path / "c")
+    run_encode(cfg)
+    name = read_manifest(cfg.cache).part_names()[0]
+    record = tmp_path / "c" / RECORDS_DIR / f"{name}.json"
+    for again in (["--repair"], []):
+        record.write_bytes(record.read_bytes()[:40])  # e.g. a copy cut off, or a disk that filled
+        for reader in (cli("cache", "verify", cfg.cache),
+                       cli("train", *train_cli_args(tiny_train(cfg.cache, tmp_path / "run", steps=2)))):
+            line = one_line_error(reader)
+            assert f"{name}.json" in line and "rerun the encode command" in line, line
+        r = cli("encode", *cli_args(cfg), *again)  # the command the message names
+        assert r.exit_code == 0, r.stderr[-2000:]
+        assert "encoded 8 samples into 1 part(s)" in r.stdout and f"redo {name}: its record cannot be read" in r.stderr
+        all_keys_once(cfg.cache, shards[:2])
 
 
 # -- no orphans -----------------------------------------------------------------------------------
@@ -457,6 +485,29 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_committed_work(tiny_models, s
     monkeypatch.setattr("torch.save", _no_space)
     line = one_line_error(cli("train", *train_cli_args(tiny_train(train_cache, tmp_path / "run", steps=3))))
     assert "No space left on device" in line and "free space" in line
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporary_file(train_cache, tmp_path,
+                                                                                      monkeypatch):
+    real_save, calls = torch.save, []
+
+    def full_disk_on_the_second(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"half a checkpoint")  # torch reports a full disk as a RuntimeError, not an OSError
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr("torch.save", full_disk_on_the_second)
+    run = tmp_path / "run"
+    line = one_line_error(cli("train", *train_cli_args(tiny_train(train_cache, run, steps=6, ckpt_every=3))))
+    assert len(calls) == 2
+    assert "step-0000006.pt" in line and "file write failed" in line and "kept" in line, line
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003.pt"]  # no hidden .tmp file left
+    monkeypatch.setattr("torch.save", real_save)
+    assert load_checkpoint(ckpts / "step-0000003.pt")["step"] == 3
 
 
 def test_an_unwritable_sample_folder_is_a_one_line_error(train_cache, tmp_path):

@@ -62,16 +62,28 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, rename, fsync the directory."""
+    """torch.save to a temporary file, fsync, rename, fsync the directory.
+
+    A write that fails for any reason (torch reports a full disk as a RuntimeError, not an OSError)
+    removes the temporary file and leaves the checkpoints already written as they were."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, Exception):  # an interrupt: the caller's to handle
+            raise
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"{path}: checkpoint not written ({type(e).__name__}: {cause[:200]}); the checkpoints "
+                         "before it are kept: free space or fix the cause, then continue from the newest with "
+                         "--resume") from None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

@@ -11,7 +11,6 @@ jobs. A target part records the cache part it was made for, so a part encoded ag
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,19 +24,18 @@ from cache_schema.claims import Heartbeat, LocalClaims, Owner, claim, describe_h
 from cache_schema.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
 from cache_schema.manifest import (
     Manifest,
+    read_record,
     read_records,
-    record_path,
     target_dir,
     target_fingerprint,
     target_part_problem,
 )
-from cache_schema.sources import source_id
 from cache_schema.writer import drop_part, settle_part, start_target
 from stages.core.codec import quantize_int8
 from stages.core.encoders.images import crop_name
 from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.targets import TargetEncoder
-from stages.core.encoders.tars import expand_source
+from stages.core.encoders.tars import expand_source, recorded_source
 from stages.core.errors import UsageError
 from stages.core.processes import exit_with_parent
 from stages.core.threads import set_threads
@@ -75,29 +73,17 @@ def target_entry(name: str, enc: TargetEncoder, cfg: EncodeConfig, manifest: Man
 
 
 def locate_sources(cfg: EncodeConfig, parts: list[dict]) -> dict[str, Shard]:
-    """The input shard of each part, found by content: in --source when given, else where the cache read it."""
-    given = {}
-    if cfg.source:
-        given = {s.source_id: s for s in identify(expand_source(cfg.source))}
+    """The input shard of each part, found by content: in --source when given, else where the cache read it
+    (``recorded_source``: a recorded command or URL is run only when given with --source)."""
+    given = {s.source_id: s.url for s in identify(expand_source(cfg.source))} if cfg.source else {}
     out = {}
     for part in parts:
         want = part.get("source_id", "")
-        if cfg.source:
-            shard = given.get(want)
-            if shard is None:
-                raise UsageError(f"--add-target: no shard of --source {cfg.source} has the content of {part['source']}, "
-                                 f"the input shard of part {part['name']}; give the shards the cache was encoded from")
-        else:
-            try:
-                found = source_id(part["source"])
-            except CacheError:
-                raise UsageError(f"--add-target: {part['source']}, the input shard of part {part['name']}, is gone; "
-                                 "pass --source with where the cache's input shards are now") from None
-            if found != want:
-                raise UsageError(f"--add-target: {part['source']}, the input shard of part {part['name']}, changed since "
-                                 "the cache was encoded (other content); pass --source with the original shards")
-            shard = Shard(part["source"], want, part["name"])
-        out[part["name"]] = Shard(shard.url, want, part["name"])
+        if cfg.source and want not in given:
+            raise UsageError(f"--add-target: no shard of --source {cfg.source} has the content of {part['source']}, "
+                             f"the input shard of part {part['name']}; give the shards the cache was encoded from")
+        url = recorded_source(part["source"], want, given, f"--add-target: the input shard of part {part['name']}")
+        out[part["name"]] = Shard(url, want, part["name"])
     return out
 
 
@@ -180,7 +166,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
     if main:
         start_target(cache, name, entry)
     state.wait_for_everyone()
-    done = {r["name"]: r for r in read_records(root)}
+    done = {r["name"]: r for r in read_records(root, unreadable={})}  # an unreadable record: not committed
     todo = [p for p in manifest.parts if target_part_problem(p, done.get(p["name"])) is not None]
     shards = locate_sources(cfg, todo)
     mine_parts = todo[state.process_index :: state.num_processes]
@@ -195,9 +181,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
         if part["name"] not in got:
             continue
         settle_part(root, part["name"], owner)  # restores a record a dead writer did not get to write
-        path = record_path(root, part["name"])
-        rec = json.loads(path.read_text()) if path.exists() else None
-        if target_part_problem(part, rec) is None:  # committed by another job since
+        if target_part_problem(part, read_record(root, part["name"])) is None:  # committed by another job since
             release(root, part["name"], owner)
             continue
         drop_part(root, part["name"])  # stale: made for an earlier encode of the cache part
@@ -237,7 +221,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
     elapsed = time.perf_counter() - start
     state.wait_for_everyone()
     final = read_manifest(cache)
-    records = {r["name"]: r for r in read_records(root)}
+    records = {r["name"]: r for r in read_records(root, unreadable={})}
     missing = sum(target_part_problem(p, records.get(p["name"])) is not None for p in final.parts)
     per_sample = sum(fields[n].bytes_per_row for n in fields if fields[n].dtype != "str")
     summary = EncodeSummary(encoded=stats.encoded, parts=stats.parts, seconds=elapsed)

@@ -30,8 +30,8 @@ class LocalDestination:
     def writer_owner(self, owner: Owner) -> Owner | None:
         return owner  # PartWriter checks the claim under the cache lock at its rename
 
-    def start(self, template: Manifest, cfg: EncodeConfig, sources: dict) -> Manifest:
-        return start_encode(self.cache, template, cfg.overwrite, sources, cfg.lease_seconds)
+    def start(self, template: Manifest, cfg: EncodeConfig, sources: dict, unreadable: dict[str, str]) -> Manifest:
+        return start_encode(self.cache, template, cfg.overwrite, sources, cfg.lease_seconds, unreadable)
 
     def prepare(self, part: str, redo: bool, owner: Owner, log) -> bool:
         """Call holding the claim: clean up after dead writers; whether the part still needs encoding."""
@@ -70,10 +70,10 @@ class S3Destination:
     def writer_owner(self, owner: Owner) -> Owner | None:
         return None  # the staging directory holds no claims; publish checks the claim on the store
 
-    def start(self, template: Manifest, cfg: EncodeConfig, sources: dict) -> Manifest:
+    def start(self, template: Manifest, cfg: EncodeConfig, sources: dict, unreadable: dict[str, str]) -> Manifest:
         from cache_schema.s3_encode import start_encode_s3
 
-        return start_encode_s3(self.root, template, sources)
+        return start_encode_s3(self.root, template, sources, unreadable)
 
     def prepare(self, part: str, redo: bool, owner: Owner, log) -> bool:
         if redo:

@@ -120,7 +120,7 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     text = text_geometry(hf_config("text encoder", spec.text)) if spec.text else None
     done = set()
     if (cfg.cache / MANIFEST_NAME).exists() and not cfg.overwrite:
-        done = {p["name"] for p in read_manifest(cfg.cache).parts if p.get("complete", True)}
+        done = {p["name"] for p in read_manifest(cfg.cache, {}).parts if p.get("complete", True)}  # unreadable: redone
     todo = [s.url for s in identify(urls) if s.part not in done]
     per_shard = samples_per_shard(urls[0])
     estimate = per_shard * len(todo) if per_shard is not None else None

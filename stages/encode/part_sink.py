@@ -6,7 +6,8 @@ shard's ``PartWriter`` and commits the part when the batch says the shard has en
 its source was read to the end without a break or a sample limit). Samples whose features are not
 finite (an encoder overflowing fp16, a NaN) are skipped and recorded like any other bad input; a
 batch in which every sample is non-finite stops the encode, since that is a setting, not the data.
-Samples whose image-caption similarity is below ``min_similarity`` are skipped the same way.
+Samples whose image-caption similarity is below ``min_similarity`` are skipped the same way, and so
+are samples whose key the cache or this process already holds (``duplicates``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cache_schema.layout import FILTER_SKIP_CODES
 from stages.core.encoders.features import NONFINITE_BITS
 from stages.core.errors import UsageError
 
+from .duplicates import SeenKeys
 from .plan import Shard
 from .source import Batch, ShardEnd
 
@@ -53,7 +55,8 @@ class PartSink:
 
     def __init__(self, cache_dir: Path, fields: dict[str, Field], shard_size: int, shards: dict[str, Shard],
                  owner: Owner | None = None, heartbeat: Heartbeat | None = None, max_pending: int = 3,
-                 min_similarity: float | None = None, publish: Callable[[str], bool] | None = None):
+                 min_similarity: float | None = None, publish: Callable[[str], bool] | None = None,
+                 seen: SeenKeys | None = None):
         self.cache_dir = cache_dir
         # Called with each part once committed where it was built: whether it is this writer's (an upload
         # to object storage may find another writer's commit there first; that part then counts nothing).
@@ -62,6 +65,7 @@ class PartSink:
         self.shard_size = shard_size
         self.shards, self.owner, self.heartbeat = shards, owner, heartbeat
         self.min_similarity = min_similarity
+        self.seen = seen  # None: every key is stored as it comes (a target must match its cache part row for row)
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.to_commit: queue.Queue = queue.Queue()
         self.writers: dict[str, PartWriter] = {}
@@ -176,8 +180,10 @@ class PartSink:
         low = np.zeros(len(batch), bool)
         if self.min_similarity is not None and len(batch):
             low = (bad == 0) & (host["similarity"] < self.min_similarity)
+        held = self._held_keys(batch, (bad == 0) & ~low)
+        dup = np.array([h is not None for h in held], bool)
         for url in dict.fromkeys(batch.urls):  # distinct, in order of appearance
-            rows = _contiguous(np.flatnonzero((urls == url) & (bad == 0) & ~low))
+            rows = _contiguous(np.flatnonzero((urls == url) & (bad == 0) & ~low & ~dup))
             writer = self._writer(url)
             writer.append(self._rows(batch, host, rows))
             self.stats.encoded += len(range(len(batch))[rows]) if isinstance(rows, slice) else len(rows)
@@ -187,6 +193,10 @@ class PartSink:
                 code = FILTER_SKIP_CODES["min_similarity"]
                 self._skip(writer, batch.keys[i], batch.indices[i],
                            f"{code}: {host['similarity'][i]:.4f} below --min-similarity {self.min_similarity}")
+            for i in np.flatnonzero((urls == url) & dup):
+                where = ("an earlier sample of this input shard" if held[i] == self.shards[url].part
+                         else f"part {held[i]}")
+                self._skip(writer, batch.keys[i], batch.indices[i], f"duplicate-key: {where} holds the key")
         for url, key, index, reason in batch.skips:
             self._skip(self._writer(url), key, index, reason)
         for end in batch.ended:
@@ -195,6 +205,15 @@ class PartSink:
                 self._skip(w, None, end.samples_read, end.broken)
             self._finish(w, end)
             self.to_commit.put((self.writers.pop(end.url), end))  # the committer owns it from here
+
+    def _held_keys(self, batch: Batch, storing: np.ndarray) -> list[str | None]:
+        """For each row of ``batch``, the part already holding its key (None: the row keeps it), in row
+        order, so the first of two copies in one shard is the one stored."""
+        held: list[str | None] = [None] * len(batch)
+        if self.seen is not None:
+            for i in np.flatnonzero(storing):
+                held[i] = self.seen.holder(batch.keys[i], self.shards[batch.urls[i]].part)
+        return held
 
     def _skip(self, writer: PartWriter, key: str | None, index: int, reason: str) -> None:
         """Record a sample (key None: the rest of the shard) left out of ``writer``'s part."""

@@ -60,7 +60,8 @@ def _matches(shard: Shard, name: str) -> bool:
 
 
 def make_plan(cache: Path, manifest: Manifest | None, shards: list[Shard], redo: list[str], repair: bool,
-              log) -> Plan:
+              log, unreadable: dict[str, str] | None = None) -> Plan:
+    """``unreadable``: part -> why its record cannot be read; such a part is not committed and is encoded again."""
     records = {p["name"]: p for p in manifest.parts} if manifest is not None else {}
     unknown = [name for name in redo if not any(_matches(s, name) for s in shards)]
     if unknown:
@@ -69,7 +70,9 @@ def make_plan(cache: Path, manifest: Manifest | None, shards: list[Shard], redo:
     plan = Plan(shards=shards)
     for s in shards:
         rec = records.get(s.part)
-        if rec is None:
+        if rec is None and s.part in (unreadable or {}):
+            plan.redo[s.part] = f"its record cannot be read, so it is not committed ({unreadable[s.part]})"
+        elif rec is None:
             plan.todo.append(s)
         elif any(_matches(s, name) for name in redo):
             plan.redo[s.part] = "asked with --redo"
@@ -84,7 +87,7 @@ def make_plan(cache: Path, manifest: Manifest | None, shards: list[Shard], redo:
                 plan.done.append(s)
     if repair and plan.done:
         log(f"repair: checking {len(plan.done)} committed part(s) in full")
-        problems = find_problems(cache, names=[s.part for s in plan.done])
+        problems = find_problems(cache, names=[s.part for s in plan.done], unreadable={})
         for s in list(plan.done):
             if s.part in problems:
                 plan.redo[s.part] = problems[s.part]

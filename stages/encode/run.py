@@ -35,6 +35,7 @@ from stages.core.threads import available_cores, set_threads
 from .config import EncodeConfig
 from .destination import destination
 from .dry_run import dry_run, samples_per_shard
+from .duplicates import SeenKeys
 from .part_sink import PartSink, SinkStats, feeding
 from .plan import claim_shards, identify, make_plan
 from .source import ShardStream
@@ -172,14 +173,18 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
     if main:
         shards = identify(urls)
         sources = {s.part: {"url": s.url, "id": s.source_id} for s in shards}
-        manifest = dest.start(template, cfg, sources)
-        plan = make_plan(cfg.cache, manifest, shards, cfg.redo, cfg.repair, log)
+        unreadable: dict[str, str] = {}  # part -> why its record cannot be read: not committed, so encoded again
+        manifest = dest.start(template, cfg, sources, unreadable)
+        plan = make_plan(cfg.cache, manifest, shards, cfg.redo, cfg.repair, log, unreadable)
     plan = _share(state, plan)
-    manifest = read_manifest(cfg.cache)
+    manifest = read_manifest(cfg.cache, unreadable={})
     if manifest.fingerprint != template.fingerprint:
         raise CacheError(f"{cfg.cache}: process {state.process_index} computed another fingerprint; "
                          "encoders differ between processes")
     work = plan.work
+    # Read before claiming: at scale the keys take seconds, and a claim is kept alive from the heartbeat on.
+    encoding = {s.part for s in work}
+    seen = SeenKeys.of_cache(cfg.cache, [p["name"] for p in manifest.parts if p["name"] not in encoding])
     mine = claim_shards(dest, work[state.process_index :: state.num_processes], plan, owner,
                         cfg.lease_seconds, log)
     heartbeat = Heartbeat(dest.claims, owner, interval=cfg.lease_seconds / 4)
@@ -208,7 +213,8 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
         total = min(total or cfg.max_samples, cfg.max_samples)
     bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
     sink = PartSink(dest.writer_dir, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine},
-                    dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner))
+                    dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner),
+                    seen=seen)
     start = time.perf_counter()
     first = last = None  # arrival of the first batch, submission of the last; images in between
     steady = 0
@@ -241,9 +247,14 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
         summary.encoded += s.encoded
         summary.parts += s.parts
         summary.skipped.update(s.skipped)
-    final = read_manifest(cfg.cache)
+    unreadable = {}
+    final = read_manifest(cfg.cache, unreadable)
     summary.cache_samples = final.num_samples
     summary.lines = _summary_lines(summary, final)
+    if unreadable:  # parts of input shards this run was not given
+        part, why = next(iter(unreadable.items()))
+        summary.lines.insert(3, f"{len(unreadable)} part(s) with an unreadable record, not committed (e.g. {why}); "
+                                "rerun with --source naming their input shards to encode them again")
     return summary
 
 

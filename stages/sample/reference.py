@@ -27,7 +27,7 @@ from tqdm import tqdm
 from cache_schema import CacheReader, Manifest
 from cache_schema.sources import source_id
 from stages.core.encoders.images import Skipped, crop_name, prepare_sample
-from stages.core.encoders.tars import expand_source, is_remote, iter_tar
+from stages.core.encoders.tars import expand_source, iter_tar, recorded_source
 from stages.core.errors import UsageError
 from stages.core.split import split_ids
 
@@ -78,25 +78,12 @@ def held_out(cache: Path, val_fraction: float) -> HeldOut:
 
 
 def source_locations(held: HeldOut, given: str | None) -> dict[str, str]:
-    """Where to read each recorded source now. A recorded local tar is read where it was if its
-    content is unchanged; otherwise, and for every recorded ``pipe:`` command or URL, the source must
-    be among the shards given with ``--source`` on this command line (matched by content for local
-    files, by text for commands and URLs): a cache's recorded commands are never run on its word."""
-    given_urls = expand_source(given) if given else []
-    by_id = {source_id(u): u for u in given_urls}
-    out = {}
-    for url, sid in held.source_ids.items():
-        if sid in by_id:
-            out[url] = by_id[sid]
-        elif is_remote(url):
-            raise UsageError(f"the cache records the source {url!r}, a command or URL; it is run only when given "
-                             f"here: pass --source '{url}' (or the local shards), or --reference FILE.npz")
-        elif Path(url).is_file() and source_id(url) == sid:
-            out[url] = url
-        else:
-            raise UsageError(f"{url}: source shard of the cache not found, or changed since encoding; pass --source "
-                             "with the shards (matched by content), or --reference FILE.npz")
-    return out
+    """Where to read each recorded source now (``recorded_source``): a recorded command or URL only
+    when given with ``--source`` on this command line."""
+    by_id = {source_id(u): u for u in expand_source(given)} if given else {}
+    return {url: recorded_source(url, sid, by_id, f"the held-out images' source shard {url}",
+                                 also=", or --reference FILE.npz")
+            for url, sid in held.source_ids.items()}
 
 
 def _shard_images(url: str, where: str, keys: set[str], resolution: int, draft: bool) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """Webdataset tar shards: expanding a --source pattern into shard URLs and reading samples from a shard.
 
 Used by encode (every sample) and by evaluate (the held-out images again, for FID references).
+A source a cache records is found again through ``recorded_source`` only, by every command.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from braceexpand import braceexpand
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from cache_schema import CacheError
+from cache_schema.sources import is_remote, source_id
+
 from ..errors import UsageError
 
 _META = r"__[^/]*__($|/)"  # webdataset's pattern for meta entries, which carry no sample
@@ -24,8 +28,30 @@ class SourceError(UsageError):
     """The --source pattern cannot be used; the message says why and how to fix it."""
 
 
-def is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
+def recorded_source(url: str, sid: str, given: dict[str, str], what: str, also: str = "") -> str:
+    """Where to read now the input shard a cache records as ``url`` with content identity ``sid``.
+
+    ``given`` maps the content identity of each shard given with --source on this command line to
+    where it is given. A shard given there is read there; a recorded local tar is read where it was if
+    its content is unchanged; a recorded ``pipe:`` command or URL is never run on the cache's word,
+    since whoever can write a cache's records could otherwise run any command on every reader's machine.
+    ``what`` names the shard in the message (e.g. "the input shard of part X"), ``also`` adds a
+    command's other way out.
+    """
+    if sid in given:
+        return given[sid]
+    if is_remote(url):
+        raise SourceError(f"{what} is {url!r}, a command or URL the cache records; a recorded source is run only "
+                          f"when given here: pass --source '{url}' explicitly (or the local shards){also}")
+    try:
+        found = source_id(url)
+    except CacheError:  # gone or unreadable: not where the cache read it
+        raise SourceError(f"{what}, {url}, is gone; pass --source with where the cache's input shards are "
+                          f"now{also}") from None
+    if found != sid:
+        raise SourceError(f"{what}, {url}, changed since the cache was encoded (other content); pass --source "
+                          f"with the original shards{also}")
+    return url
 
 
 def expand_source(pattern: str) -> list[str]:
