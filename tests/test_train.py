@@ -25,7 +25,9 @@ from stages.core.objective import (
 )
 from stages.core.sit import SiT
 from stages.train.config import TrainConfig
-from stages.train.loop import run_train, step_generator
+from stages.train.data import EpochBatchSampler
+from stages.train.draws import draw_step
+from stages.train.loop import run_train
 from stages.train.metrics import read_metrics
 
 from .encode_helpers import ROOT, cli_imports, env
@@ -81,11 +83,46 @@ def test_time_sampling_distributions():
     assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03
 
 
-def test_step_noise_is_a_pure_function_of_its_position():
-    a = torch.randn(5, generator=step_generator(0, 0, 7, 0, torch.device("cpu")))
-    b = torch.randn(5, generator=step_generator(0, 0, 7, 0, torch.device("cpu")))
-    c = torch.randn(5, generator=step_generator(0, 1, 7, 0, torch.device("cpu")))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+def global_rows(world: int, accum: int, steps: int, distinct: int = 6, copies: int = 2) -> dict:
+    """What every row of every step's global batch gets on ``world`` processes x ``accum`` micro-batches, put
+    together from each (rank, micro-batch) as the training step takes them: {(step, row): (sample id, latent
+    noise, t, path noise, dropped)}; row ``k * distinct + p`` is copy ``k`` of global position ``p``."""
+    import numpy as np
+
+    model = SiT(ModelConfig(width=32, depth=1, head_dim=16, cond="class", num_classes=5))
+    conditioner, latent, d = Conditioner("class", model, 0.4), {"channels": 2, "size": 3}, distinct // (world * accum)
+    samplers = [iter(EpochBatchSampler(np.arange(100, 123), d, seed=5, rank=r, world_size=world, grad_accum=accum,
+                                       flip=True)) for r in range(world)]
+    out = {}
+    for step in range(1, steps + 1):
+        draws = draw_step(7, step, distinct, copies, latent, "logit-normal", conditioner, torch.device("cpu"))
+        for m in range(accum):
+            for rank in range(world):
+                ids, piece = next(samplers[rank]), draws.piece(rank, m, world, accum)
+                first = (m * world + rank) * d  # the piece's first global position
+                for k in range(copies):
+                    for j in range(d):
+                        row = k * d + j
+                        out[step, k * distinct + first + j] = (int(ids[j]), piece.latent_noise[j], piece.t[row],
+                                                               piece.noise[row], bool(piece.drop[row]))
+    return out
+
+
+def test_a_steps_data_and_draws_at_each_global_position_do_not_depend_on_how_the_batch_is_split():
+    """1 or 2 processes, 1 or 2 micro-batches: each row of the global batch gets the same sample (flip included)
+    and the same latent noise, t, path noise and dropout coin; 23 ids in batches of 6 cross epochs."""
+    one = global_rows(1, 1, steps=9)
+    assert len(one) == 9 * 12 and len({float(v[2]) for v in one.values()}) == len(one)  # every row its own t
+    for step in range(1, 10):  # six different samples a step, each in two copies
+        assert len({one[step, p][0] for p in range(6)}) == 6
+        assert all(one[step, p][0] == one[step, 6 + p][0] for p in range(6))
+    for world, accum in ((2, 1), (1, 2), (3, 2), (2, 3)):
+        other = global_rows(world, accum, steps=9)
+        assert other.keys() == one.keys()
+        for key, (sample, eps, t, noise, drop) in one.items():
+            o = other[key]
+            assert o[0] == sample and torch.equal(o[1], eps) and torch.equal(o[2], t) and torch.equal(o[3], noise)
+            assert o[4] == drop, (world, accum, key)
 
 
 def test_condition_dropout_substitutes_the_null_condition():
