@@ -79,8 +79,8 @@ class TrainConfig:
     # -- optimisation -----------------------------------------------------------------------------
     batch_size: int = option(256, "Global batch size (all processes and accumulation steps).", gt=0)
     batch_multiplicity: int = option(
-        1, "Each sample read appears this many times in a batch, each time with its own t and noise "
-        "(the seed project uses 4: 16 distinct images per 64).", gt=0,
+        1, "Each sample read appears this many times in a batch: one latent drawn from its posterior, each copy "
+        "with its own t and noise (the seed project uses 4: 16 distinct images per 64).", gt=0,
     )
     grad_accum: int | None = option(
         None, "Micro-batches per optimizer step; they and the processes only split --batch-size (the run is the "
