@@ -14,8 +14,8 @@ but drawing per sample costs a generator and a kernel launch per sample and tens
 step on a GPU), while the whole batch is four launches whatever its size. On the CPU (one thread, batch 256,
 4x32x32 latents) drawing the whole global batch takes 8.0 ms and 256 per-sample generators 9.6 ms; a process of
 a two-process run would draw half of the latter, against a step that takes seconds on a CPU at that size. The
-memory is the global batch's noise once per process (4 MiB at batch 256 of 4x32x32 latents, 40 MiB for the
-repa-rf preset's 512 of 16x32x32), drawn once per step and sliced per micro-batch.
+memory is the global batch's noise once per process (8 MiB at batch 256 of 4x32x32 latents, 40 MiB for the
+repa-rf preset's 512 rows of 16x32x32 with 4 copies), drawn once per step and sliced per micro-batch.
 """
 
 from __future__ import annotations
