@@ -19,7 +19,9 @@ DEMO_DATA ?= data/demo
 TINY ?= models/tiny
 NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 NPROC ?= $(if $(filter-out 0,$(NGPU)),$(NGPU),1)
-LAUNCH = $(if $(filter 1,$(NPROC)),$(VENV)/bin/repa,$(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) -m pipeline)
+# Several processes through torchrun, one per GPU, or on a CPU-only machine as many gloo ranks (accelerate launch
+# would start a single one there).
+LAUNCH = $(if $(filter 1,$(NPROC)),$(VENV)/bin/repa,$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pipeline)
 
 # With neither SOURCE nor CACHE given the demo preset is used (and its assets generated); otherwise the
 # CLI defaults (SD-VAE, DINOv2-B, SiT-XL/2) unless PRESET or the variables below say otherwise.

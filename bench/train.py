@@ -50,7 +50,7 @@ def in_memory_rate(cfg: TrainConfig, steps: int, warmup: int) -> float:
     trainer = build_trainer(cfg, accelerator, build_model_config(cfg, manifest, cfg.cond, labels), cfg.cond,
                             manifest.latent)
     text_length = manifest.settings["max_text_tokens"] if cfg.compile and text else None  # as the loop pads
-    host = dataset.__getitems__(np.arange(cfg.batch_size))
+    host = dataset.__getitems__(np.arange(cfg.batch_size // cfg.batch_multiplicity))  # the distinct images
     batches = itertools.repeat(next(DevicePrefetcher(iter([host]), device, text_length)))
     for i in range(warmup):
         trainer.step(i + 1, batches)

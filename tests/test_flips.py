@@ -150,9 +150,9 @@ def test_sampler_flips_half_the_samples_as_a_function_of_seed_and_epoch():
     np.testing.assert_array_equal(a, EpochBatchSampler(ids, 100, seed=3, flip=True).epoch_ids(0))
     assert (flip.epoch_ids(1) < 0).tolist() != heads.tolist()
     assert (EpochBatchSampler(ids, 100, seed=4, flip=True).epoch_ids(0) < 0).tolist() != heads.tolist()
-    # two ranks: the halves of one stream
-    r0, r1 = (EpochBatchSampler(ids, 100, seed=3, rank=r, world_size=2, flip=True).epoch_ids(0) for r in (0, 1))
-    np.testing.assert_array_equal(np.concatenate([r0, r1]), a)
+    # two ranks of 50: each step's 100 of the one stream, split between them, coins included
+    r0, r1 = (EpochBatchSampler(ids, 50, seed=3, rank=r, world_size=2, flip=True).epoch_ids(0) for r in (0, 1))
+    np.testing.assert_array_equal(np.concatenate([r0.reshape(-1, 50), r1.reshape(-1, 50)], axis=1).reshape(-1), a)
     # resuming mid-epoch continues with the same batches, coins included
     straight = iter(flip)
     seen = [next(straight) for _ in range(57)]

@@ -218,6 +218,66 @@ def test_batch_multiplicity_tiles_each_sample_with_its_own_noise(train_cache, tm
     assert config["config"]["batch_multiplicity"] == 4
 
 
+def test_batch_multiplicity_samples_one_latent_per_image_and_gives_each_copy_its_own_t_and_noise(
+        train_cache, tmp_path, monkeypatch):
+    """The seed samples the VAE posterior once per image and then repeats the batch 4x, each copy with its own t
+    and noise (cloneofsimo/repa-rf@666492b trainer.py: ``latent_dist.sample()`` ~line 68, before the
+    ``.repeat`` ~line 81). Checked on the real training step, fed a batch with known moments."""
+    from cache_schema import read_manifest
+    from stages.train import loop
+    from stages.train.data import CacheBatchDataset
+    from stages.train.setup import build_model_config
+
+    from .test_train import tiny_train
+
+    cfg = tiny_train(train_cache, tmp_path / "run", batch_size=8, batch_multiplicity=4, cond="class", cond_dropout=0.5)
+    manifest = read_manifest(train_cache)
+    dataset = CacheBatchDataset(train_cache, need_label=True)
+    labels = dataset.reader.index_arrays()["label"]
+    trainer = loop.build_trainer(cfg, loop.make_accelerator(cfg), build_model_config(cfg, manifest, "class", labels),
+                                 "class", manifest.latent)
+    batch = dataset.__getitems__([3, 7])
+    c, size = manifest.latent["channels"], manifest.latent["size"]
+    mean = torch.tensor([-1.0, 2.0]).view(2, 1, 1, 1).expand(2, c, size, size)
+    batch["moments"] = torch.cat([mean, torch.full_like(mean, 0.5)], dim=1).half()  # std 0.5: a real posterior
+    seen = []
+
+    def recording(forward, x, noise, t, cond, targets):
+        seen.append((x, noise, t, cond["y"]))
+        return terms(forward, x, noise, t, cond, targets)
+
+    terms = loop.loss_terms
+    monkeypatch.setattr(loop, "loss_terms", recording)
+    before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    trainer.step(1, iter([batch]))
+    (x, noise, t, y), = seen
+    assert x.shape == noise.shape == (8, c, size, size)
+    copies = x.view(4, 2, c, size, size)
+    assert all(torch.equal(copies[k], copies[0]) for k in range(4))  # one latent per image, in every copy
+    scale, shift = manifest.latent["scaling_factor"], manifest.latent["shift_factor"]
+    eps = copies[0] / scale + shift - mean  # the posterior noise times std: drawn, so neither zero nor shared
+    assert eps.abs().min(dim=0).values.max() > 0.1 and not torch.allclose(eps[0], eps[1])
+    assert len(set(t.tolist())) == 8  # its own t per copy
+    assert all(not torch.allclose(noise[i], noise[j]) for i in range(8) for j in range(i))  # and its own noise
+    kept = y != trainer.raw_model.null_class  # each copy its own dropout coin; the rest keep their image's label
+    assert torch.equal(y[kept], batch["label"].repeat(4)[kept]) and 0 < int(kept.sum()) < 8
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters()))  # the step trained
+
+
+def test_batch_multiplicity_resumes_exactly(train_cache, tmp_path):
+    from stages.train.loop import run_train
+
+    from .test_train import tiny_train
+
+    kw = dict(batch_size=8, batch_multiplicity=4, val_every=100, ckpt_every=2, keep_checkpoints=0)
+    run_train(tiny_train(train_cache, tmp_path / "straight", steps=4, **kw), log=lambda m: None)
+    run_train(tiny_train(train_cache, tmp_path / "resumed", steps=2, **kw), log=lambda m: None)
+    run_train(tiny_train(train_cache, tmp_path / "resumed", steps=4, resume=True, **kw), log=lambda m: None)
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "step-0000004.pt", weights_only=True)
+            for run in ("straight", "resumed"))
+    assert all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])
+
+
 def test_validation_from_a_separate_cache_of_the_same_encoding(train_cache, tmp_path):
     import shutil
 

@@ -4,7 +4,8 @@
 with ``torch.load(weights_only=True)`` and a shared checkpoint cannot run code: ``step``, ``model``
 and ``ema`` state dicts, ``optimizer`` and ``scheduler`` states, ``rng`` (torch and CUDA generator
 states), the run's ``config`` and ``model_config`` as JSON values, ``cond``, the cache ``fingerprint``,
-its ``latent`` statistics and the ``cache`` path. Checkpoints are written to a temporary file,
+its ``latent`` statistics, the ``cache`` path and the number of ``processes`` it ran on (absent from
+checkpoints written while a step's draws still depended on the rank). Checkpoints are written to a temporary file,
 fsynced and renamed, so a kill leaves the previous one intact.
 """
 
@@ -56,9 +57,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``; a run resumed on a machine with fewer GPUs restores the ones it has."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

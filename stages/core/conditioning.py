@@ -18,11 +18,16 @@ class Conditioner:
             raise ValueError(f"unknown conditioning {cond!r}; choose one of {CONDITIONINGS}")
         self.cond, self.model, self.dropout = cond, model, dropout
 
-    def __call__(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        drop = None
-        if generator is not None and self.dropout > 0 and self.cond != "none":
-            n = batch["moments"].shape[0]
-            drop = torch.rand(n, generator=generator, device=batch["moments"].device) < self.dropout
+    def drops(self, n: int, generator: torch.Generator | None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Which of ``n`` samples get the null condition (None: no dropout, and nothing drawn)."""
+        if generator is None or self.dropout == 0 or self.cond == "none":
+            return None
+        return torch.rand(n, generator=generator, device=device) < self.dropout
+
+    def __call__(self, batch: dict, generator: torch.Generator | None = None, drop: torch.Tensor | None = None) -> dict:
+        """``drop``: the samples to drop, drawn beforehand (else drawn here from ``generator``)."""
+        if drop is None and generator is not None:
+            drop = self.drops(batch["moments"].shape[0], generator, batch["moments"].device)
         if self.cond == "class":
             y = batch["label"]
             return {"y": y if drop is None else torch.where(drop, torch.full_like(y, self.model.null_class), y)}

@@ -79,10 +79,14 @@ class TrainConfig:
     # -- optimisation -----------------------------------------------------------------------------
     batch_size: int = option(256, "Global batch size (all processes and accumulation steps).", gt=0)
     batch_multiplicity: int = option(
-        1, "Each sample read appears this many times in a batch, each time with its own t and noise "
-        "(the seed project uses 4: 16 distinct images per 64).", gt=0,
+        1, "Each sample read appears this many times in a batch: one latent drawn from its posterior, each copy "
+        "with its own t and noise (the seed project uses 4: 16 distinct images per 64).", gt=0,
     )
-    grad_accum: int = option(1, "Micro-batches per optimizer step.", gt=0)
+    grad_accum: int | None = option(
+        None, "Micro-batches per optimizer step; they and the processes only split --batch-size (the run is the "
+        "same, to rounding, for any split).", default_text="1; resuming on another process count: the fewest that keep the "
+        "checkpoint's per-process micro-batch", gt=0,
+    )
     lr: float = option(1e-4, "AdamW learning rate (the base rate of --param-groups seed-mup).", gt=0)
     lr_schedule: str = option(
         "constant", "constant; cosine: decay to 0 after a linear warmup from lr/warmup; seed-cosine: transformers' "
@@ -200,11 +204,12 @@ class TrainConfig:
         return to_json(self)
 
 
-# Settings that may change when a run resumes: bookkeeping, not the trajectory.
+# Settings that may change when a run resumes: bookkeeping, not the trajectory (gradient accumulation only
+# splits the global batch, as the number of processes does).
 RESUMABLE_CHANGES = frozenset(
     {"steps", "run_dir", "cache", "num_workers", "log_every", "val_every", "ckpt_every", "keep_checkpoints",
      "preview_every", "report_to", "tracker_project", "run_name", "resume", "resume_from", "overwrite",
-     "max_val_samples", "compile", "allow_partial"}
+     "max_val_samples", "compile", "allow_partial", "grad_accum"}
 )
 
 

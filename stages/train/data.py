@@ -29,19 +29,32 @@ from stages.core.processes import exit_with_process
 Batch = dict[str, torch.Tensor]
 
 
-class EpochBatchSampler:
-    """Batches of ids for one process: a fresh random permutation of ``ids`` every epoch.
+def piece_index(rank: int, micro: int, world_size: int) -> int:
+    """Which of the ``world_size x grad_accum`` equal pieces of a step's global batch is micro-batch ``micro``
+    of rank ``rank``."""
+    return micro * world_size + rank
 
-    The permutation depends only on (seed, epoch); each of ``world_size`` ranks takes its own
-    contiguous, equally sized share of it (the ``len(ids) % world_size`` ids left over sit out that
-    epoch, different ones every epoch). Iteration never ends: it runs through epochs from
-    ``start = (epoch, batch_in_epoch)``, so a run resumed at ``position_after(batches consumed)``
-    continues exactly where the interrupted one stopped.
+
+class EpochBatchSampler:
+    """Micro-batches of ids for one process: each step takes the next slice of a per-epoch permutation.
+
+    The permutation of ``ids`` depends only on (seed, epoch). Step ``k`` of an epoch takes positions
+    ``[k * G, (k + 1) * G)`` of it, ``G = batch_size * world_size * grad_accum`` (the global batch, in distinct
+    ids), whatever the number of processes; the ``len(ids) % G`` ids after the last whole global batch sit out
+    that epoch (different ones every epoch). The global batch is cut into ``world_size * grad_accum`` pieces of
+    ``batch_size`` (``piece_index``): micro-batch ``m`` of rank ``r`` is piece ``m * world_size + r``. So which id sits at which
+    position of which step's global batch is a function of (seed, step, position) alone: a run resumed on
+    another number of processes, or with other accumulation, but the same global batch, reads the same data.
+    Iteration never ends: it runs through epochs from ``start = (epoch, step_in_epoch)``, so a run resumed at
+    ``position_after(steps done)`` continues exactly where the interrupted one stopped.
 
     With ``flip``, each position of the epoch's permutation also gets a fair coin from the same
     (seed, epoch) stream, drawn after the permutation (which is the one without ``flip``): a sample
     whose coin is heads is served as ``~id`` (negative), read from the features of its flipped crop
     (``CacheBatchDataset``). What a batch holds stays a function of (seed, epoch, position).
+
+    With ``drop_last=False`` the epoch's last, short global batch is served too, each piece holding its
+    positions of it (some may be short or empty).
     """
 
     def __init__(
@@ -55,51 +68,64 @@ class EpochBatchSampler:
         start: tuple[int, int] = (0, 0),
         name: str = "the id set",
         flip: bool = False,
+        grad_accum: int = 1,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"batch size and accumulation must be positive, got {batch_size} and {grad_accum}")
         self.ids = np.asarray(ids, dtype=np.int64)
         self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.drop_last, self.flip = drop_last, flip
-        self.share = len(self.ids) // world_size
-        if batch_size > self.share:
+        self.global_batch = batch_size * world_size * grad_accum
+        if self.global_batch > len(self.ids):
+            share = len(self.ids) // (world_size * grad_accum)
+            split = f"{world_size} process(es)" + (f" x {grad_accum} micro-batches" if grad_accum > 1 else "")
             raise ValueError(
-                f"batch {batch_size} > {self.share} samples per process in {name} "
-                f"({len(self.ids)} samples over {world_size} process(es)); lower the batch size"
+                f"batch {batch_size} > {share} samples per process in {name} "
+                f"({len(self.ids)} samples over {split}); lower the batch size"
             )
         rounding = math.floor if drop_last else math.ceil
-        self.batches_per_epoch = rounding(self.share / batch_size)
+        self.batches_per_epoch = rounding(len(self.ids) / self.global_batch)  # steps per epoch
         epoch, batch = start
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"start {start} outside epochs of {self.batches_per_epoch} batches")
+            raise ValueError(f"start {start} outside epochs of {self.batches_per_epoch} steps")
         self.start = (epoch, batch)
 
-    def epoch_ids(self, epoch: int) -> np.ndarray:
-        """This rank's ids for ``epoch``, in the order they will be served (``~id``: flipped)."""
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Every id of ``epoch`` in the order of its global batches (``~id``: flipped)."""
         rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(len(self.ids))
-        mine = slice(self.rank * self.share, (self.rank + 1) * self.share)
-        ids = self.ids[perm[mine]]
-        if self.flip:  # coins for the whole permutation, so every rank draws the same stream
-            heads = rng.random(len(self.ids))[mine] < 0.5
+        ids = self.ids[rng.permutation(len(self.ids))]
+        if self.flip:
+            heads = rng.random(len(self.ids)) < 0.5
             ids = np.where(heads, ~ids, ids)
         return ids
 
-    def position_after(self, num_batches: int) -> tuple[int, int]:
-        """(epoch, batch in epoch) of the next batch once ``num_batches`` from ``start`` are consumed."""
-        done = self.start[0] * self.batches_per_epoch + self.start[1] + num_batches
+    def pieces(self, order: np.ndarray, step: int) -> list[np.ndarray]:
+        """This rank's micro-batches of step ``step`` of an epoch in ``order``."""
+        first = step * self.global_batch
+        starts = [first + piece_index(self.rank, m, self.world_size) * self.batch_size for m in range(self.grad_accum)]
+        return [order[a : a + self.batch_size] for a in starts]
+
+    def epoch_ids(self, epoch: int) -> np.ndarray:
+        """This rank's ids for ``epoch``, in the order they will be served (``~id``: flipped)."""
+        order = self.epoch_order(epoch)
+        pieces = [p for k in range(self.batches_per_epoch) for p in self.pieces(order, k)]
+        return np.concatenate(pieces) if pieces else order[:0]
+
+    def position_after(self, num_steps: int) -> tuple[int, int]:
+        """(epoch, step in epoch) of the next step once ``num_steps`` from ``start`` are done."""
+        done = self.start[0] * self.batches_per_epoch + self.start[1] + num_steps
         return divmod(done, self.batches_per_epoch)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        epoch, batch = self.start
+        epoch, step = self.start
         while True:
-            order = self.epoch_ids(epoch)
-            for b in range(batch, self.batches_per_epoch):
-                yield order[b * self.batch_size : (b + 1) * self.batch_size]
-            epoch, batch = epoch + 1, 0
+            order = self.epoch_order(epoch)
+            for k in range(step, self.batches_per_epoch):
+                yield from self.pieces(order, k)
+            epoch, step = epoch + 1, 0
 
 
 # Where a batch entry is read into: alloc(name, shape, dtype) -> an uninitialised tensor.

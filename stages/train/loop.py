@@ -1,10 +1,11 @@
 """`repa train`: SiT + rectified flow + REPA under accelerate, fed only by the feature cache.
 
 Reads top to bottom: helpers, then ``run_train`` (set-up, then the loop, each step a named call).
-Progress is counted in optimizer steps; all randomness of step ``s`` (latent sampling, t, noise,
-label/caption dropout) comes from a generator seeded with (seed, rank, s, micro-batch) and the data
-order from (seed, epoch), so a run resumed from a checkpoint continues bit-for-bit where the
-interrupted one stopped.
+Progress is counted in optimizer steps. The data of step ``s`` and all its randomness (latent sampling,
+t, noise, label/caption dropout, flips) are functions of (seed, s, position in the global batch), never of
+the rank or the number of processes (``EpochBatchSampler``, ``stages.train.draws``): a run resumed from a
+checkpoint continues bit-for-bit where the interrupted one stopped, and one resumed on another number of
+processes, or with other gradient accumulation, continues the same run up to float rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import copy
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +36,15 @@ from stages.core.conditioning import Conditioner
 from stages.core.cuda_settings import fast_cuda_math
 from stages.core.errors import UsageError
 from stages.core.network import build_model, count_parameters
-from stages.core.objective import alignment_targets, loss_terms, sample_latents, sample_t
+from stages.core.objective import alignment_targets, loss_terms, sample_latents
 from stages.core.options import check
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
-from stages.core.seeding import generator
 from stages.core.split import split_cache
 from stages.core.threads import set_threads
 
 from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
+from .draws import StepDraws, draw_step
 from .metrics import TrainWindow, append_metrics, tracker_values, truncate_metrics, write_curves
 from .optim import make_optimizer, write_parameter_table
 from .prefetch import DevicePrefetcher
@@ -56,6 +57,7 @@ from .setup import (
     prepare_run_dir,
     resolve_cond,
     select_training,
+    split_batch,
     training_parts,
 )
 from .trackers import log_image, make_trackers, start_trackers
@@ -64,11 +66,6 @@ from .validation import Validator
 #################################################################################
 #                                    Helpers                                    #
 #################################################################################
-
-
-def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator for one micro-batch: a pure function of its position in the run."""
-    return generator(seed, rank, step, micro, device=device)
 
 
 @torch.no_grad()
@@ -98,15 +95,20 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def micro_step(forward, conditioner: Conditioner, batch: dict, gen: torch.Generator, time_sampling: str,
-               repa_lambda: float, latent: dict, targets: list[str] = ("dino",), lambdas: list[float] | None = None):
+def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws, repa_lambda: float, latent: dict,
+               targets: list[str] = ("dino",), lambdas: list[float] | None = None):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached.
-    ``targets``: the alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``)."""
-    x = sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"], gen)
-    t = sample_t(x.shape[0], time_sampling, gen, x.device)
-    noise = torch.randn(x.shape, generator=gen, device=x.device)
-    terms = loss_terms(forward, x, noise, t, conditioner(batch, gen), alignment_targets(batch, targets))
-    return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), t
+
+    ``batch`` holds the distinct images, ``draws`` their draws (``StepDraws.piece``): one latent is sampled per
+    image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
+    own t, noise and dropout, as the seed samples ``latent_dist`` before its ``.repeat``. ``targets``: the
+    alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``)."""
+    x = tile_rows(sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"],
+                                 noise=draws.latent_noise), draws.multiplicity)
+    batch = tile({k: v for k, v in batch.items() if k != "moments"}, draws.multiplicity)
+    terms = loss_terms(forward, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop),
+                       alignment_targets(batch, targets))
+    return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), draws.t
 
 
 def optimizer_update(accelerator, model, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
@@ -150,15 +152,19 @@ class Trainer:
         return all(bool(torch.isfinite(p).all()) for p in [*self.raw_model.parameters(), *self.ema.parameters()])
 
     def step(self, step: int, batches) -> None:
+        """One optimizer step on the next ``grad_accum`` micro-batches of ``batches``: this process's pieces of
+        the global batch (``EpochBatchSampler``), each with its rows of the step's draws."""
         cfg, device = self.cfg, self.accelerator.device
-        for m in range(cfg.grad_accum):
-            batch = tile(next(batches), cfg.batch_multiplicity)
-            gen = step_generator(cfg.seed, self.accelerator.process_index, step, m, device)
-            with nullcontext() if m == cfg.grad_accum - 1 else self.accelerator.no_sync(self.model):
-                loss, denoise, cos, t = micro_step(self.forward, self.conditioner, batch, gen, cfg.time_sampling,
+        accum, world, rank = cfg.grad_accum, self.accelerator.num_processes, self.accelerator.process_index
+        draws = draw_step(cfg.seed, step, cfg.batch_size // cfg.batch_multiplicity, cfg.batch_multiplicity,
+                          self.latent, cfg.time_sampling, self.conditioner, device)
+        for m in range(accum):
+            piece = draws.piece(rank, m, world, accum)
+            with nullcontext() if m == accum - 1 else self.accelerator.no_sync(self.model):
+                loss, denoise, cos, t = micro_step(self.forward, self.conditioner, next(batches), piece,
                                                    cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas())
-                self.accelerator.backward(loss / cfg.grad_accum)
-            self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / cfg.grad_accum)
+                self.accelerator.backward(loss / accum)
+            self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / accum)
             self._flag(loss)
         grad_norm = optimizer_update(self.accelerator, self.model, self.optimizer, self.scheduler, cfg.grad_clip)
         update_ema(self.ema, self.raw_model, cfg.ema_decay)
@@ -171,7 +177,9 @@ class Trainer:
 
 
 def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict) -> Trainer:
-    """A fresh model (seeded), its EMA, optimizer and schedule, prepared by accelerate."""
+    """A fresh model (seeded), its EMA, optimizer and schedule, prepared by accelerate. ``cfg.grad_accum``
+    None (not derived by ``split_batch``): one micro-batch per step."""
+    cfg = replace(cfg, grad_accum=cfg.grad_accum or 1)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
@@ -194,12 +202,14 @@ def restore(trainer: Trainer, ckpt: dict) -> int:
     return int(ckpt["step"])
 
 
+def tile_rows(x: torch.Tensor, times: int) -> torch.Tensor:
+    """``x`` repeated ``times`` times along the batch axis, whole (as the seed's ``.repeat``)."""
+    return x if times == 1 else x.repeat(times, *([1] * (x.dim() - 1)))
+
+
 def tile(batch: dict, times: int) -> dict:
-    """Each sample ``times`` times, the whole batch repeated (as the seed's ``.repeat``); each row then
-    draws its own t and noise."""
-    if times == 1:
-        return batch
-    return {k: v.repeat(times, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+    """Each sample ``times`` times, the whole batch repeated (``tile_rows`` of every entry)."""
+    return batch if times == 1 else {k: tile_rows(v, times) for k, v in batch.items()}
 
 
 def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int]) -> dict:
@@ -207,7 +217,7 @@ def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest
     return {"parts": parts,
         "step": step, "model": trainer.raw_model.state_dict(), "ema": trainer.ema.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "rng": rng_state(), "config": trainer.cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond,
+        "rng": rng_state(), "config": trainer.cfg.to_json(), "processes": trainer.accelerator.num_processes, "model_config": asdict(model_cfg), "cond": cond,
         "fingerprint": manifest.fingerprint, "latent": manifest.latent, "cache": str(trainer.cfg.cache),
     }
 
@@ -344,13 +354,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     cond = resolve_cond(cfg, manifest, labels)
     model_cfg = build_model_config(cfg, manifest, cond, labels)
     repa = model_cfg.repa
-    per_step = world * cfg.grad_accum
-    if cfg.batch_size % per_step:
-        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by processes x --grad-accum = {per_step}")
-    micro = cfg.batch_size // per_step
-    if micro % cfg.batch_multiplicity:
-        raise UsageError(f"--batch-multiplicity {cfg.batch_multiplicity} must divide the per-process micro-batch "
-                         f"({micro} = --batch-size / processes / --grad-accum)")
+    cfg = replace(cfg, grad_accum=split_batch(cfg, world, ckpt))
+    micro = cfg.batch_size // (world * cfg.grad_accum)  # rows per process and micro-batch, copies included
     train_ids, val_ids = split_cache(reader, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
     needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names())
@@ -360,7 +365,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         val_dataset, val_ids = validation_cache(cfg, manifest, needs)
     try:
         first_epoch = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
-                                        name=f"the training split of {cfg.cache}", flip=cfg.flip)
+                                        name=f"the training split of {cfg.cache}", flip=cfg.flip,
+                                        grad_accum=cfg.grad_accum)
     except ValueError as e:
         raise UsageError(f"--batch-size {cfg.batch_size}: {e}") from None
 
@@ -369,15 +375,19 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     start_step = 0
     if ckpt is not None:
         start_step = restore(trainer, check_resume(ckpt, resume_path, cfg, manifest, model_cfg))
-        del ckpt
         if main:
             log(f"resumed from {resume_path} at step {start_step}")
+            if "processes" not in ckpt:
+                log(f"{resume_path} was written by a version whose data order and noise depended on the rank: the "
+                    "run goes on from its weights and optimizer state with draws keyed by position in the global "
+                    "batch, so it is not the step-for-step continuation an earlier version would have run")
+        del ckpt
     if start_step >= cfg.steps:
         raise UsageError(f"--steps {cfg.steps}: the run is already at step {start_step}; raise --steps to continue")
     if main:  # a resumed run logs the steps after its checkpoint again; a fresh one starts from nothing
         truncate_metrics(cfg.run_dir, start_step)
     sampler = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
-                                start=first_epoch.position_after(start_step * cfg.grad_accum), flip=cfg.flip)
+                                start=first_epoch.position_after(start_step), flip=cfg.flip, grad_accum=cfg.grad_accum)
     # Under torch.compile captions are padded to the cache's maximum, so every step has the same shapes.
     text_length = manifest.settings.get("max_text_tokens") if cfg.compile and cond == "text" else None
     batches = DevicePrefetcher(iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda")),

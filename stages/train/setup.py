@@ -115,6 +115,44 @@ def check_flip(cfg: TrainConfig, manifest: Manifest) -> None:
                          "re-encode it with `repa encode --flips`, or drop --flip")
 
 
+def split_batch(cfg: TrainConfig, world: int, ckpt: dict | None) -> int:
+    """The micro-batches per step (gradient accumulation) that split the global batch over ``world`` processes.
+
+    The global batch (--batch-size, of which --batch-size / --batch-multiplicity distinct images) defines the
+    run; processes and accumulation only split it, each micro-batch holding whole groups of copies. --grad-accum
+    is taken as given. Without it a fresh run uses 1, and a resumed one the fewest micro-batches whose
+    per-process size is at most the checkpoint's, so a run resumed on fewer processes fits where it ran."""
+    k = cfg.batch_multiplicity
+    if cfg.batch_size % k:
+        raise UsageError(f"--batch-multiplicity {k} must divide --batch-size {cfg.batch_size}")
+    distinct = cfg.batch_size // k
+
+    def unsplittable(over: str, fix: str) -> UsageError:
+        return UsageError(f"--batch-size {cfg.batch_size}: its {distinct} distinct images per step (--batch-size / "
+                          f"--batch-multiplicity) cannot be split evenly over {over}; {fix}")
+
+    if distinct % world:
+        raise unsplittable(f"{world} process(es)", f"run on a process count that divides {distinct}")
+    per_process = distinct // world
+    if cfg.grad_accum is not None:
+        if per_process % cfg.grad_accum:
+            raise unsplittable(f"{world} process(es) x --grad-accum {cfg.grad_accum}",
+                               f"choose a --grad-accum that divides {per_process}")
+        return cfg.grad_accum
+    limit = saved_micro_batch(ckpt, world) or cfg.batch_size // world
+    return next((a for a in range(1, per_process + 1) if per_process % a == 0 and k * per_process // a <= limit),
+                per_process)
+
+
+def saved_micro_batch(ckpt: dict | None, world: int) -> int | None:
+    """Rows per process and micro-batch of the run that wrote ``ckpt`` (None: unknown). A checkpoint
+    from before runs recorded their process count is taken to come from ``world`` processes."""
+    config = (ckpt or {}).get("config", {})
+    if "batch_size" not in config:  # no checkpoint, or not one of `repa train` (check_resume names it)
+        return None
+    return config["batch_size"] // (ckpt.get("processes", world) * (config.get("grad_accum") or 1))
+
+
 RUN_LOCK = ".lock"
 
 
