@@ -1,0 +1,113 @@
+"""What REPA's successors add to its objective, computed from the same cached features.
+
+- iREPA (End2End-Diffusion/iREPA): the target tokens are z-scored over the token axis, the mean scaled by
+  ``alpha`` (``spatial_zscore``), and the projector is one Conv2d over the token grid (``ConvProjector``).
+- Dispersive loss (Wang & He, arXiv 2506.09027): an in-batch repulsion of one block's hidden states,
+  ``log mean_ij exp(-||z_i - z_j||^2 / D' / tau)`` over all B x B pairs, the diagonal included, z the
+  flattened state (D' = tokens x width) (``dispersive_loss``).
+- REG (Martinser/REG): the target's class token is noised on the same path as the latents (its own noise,
+  the same t), enters the SiT as one extra token and is denoised too; the REPA target is [class token,
+  patch tokens] (``alignment_inputs``; the model side is in ``stages.core.sit``).
+- HASTE (NUS-HPC-AI-Lab/HASTE): alignment switched off after a step (``FamilySettings.align``).
+
+``FamilySettings`` carries these choices from the training config to ``objective.loss_terms``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TARGET_NORMS = ("none", "zscore")
+PROJECTOR_TYPES = ("mlp", "conv")
+ZSCORE_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class FamilySettings:
+    """The objective's additions to REPA; the defaults add nothing."""
+
+    class_token_weight: float = 0.0  # REG: weight of the class token's velocity loss (0: no class token)
+    target_norm: str = "none"  # iREPA: "zscore" normalises the target tokens over the token axis
+    zscore_alpha: float = 1.0  # iREPA: share of the token mean that is subtracted
+    dispersive_lambda: float = 0.0  # weight of the dispersive loss (0: off)
+    dispersive_tau: float = 1.0  # its temperature
+    align: bool = True  # False: the alignment loss is not applied this step (HASTE's early stop)
+
+    @property
+    def class_token(self) -> bool:
+        return self.class_token_weight > 0
+
+
+def spatial_zscore(tokens: Tensor, alpha: float = 1.0, eps: float = ZSCORE_EPS) -> Tensor:
+    """(B, T, D) -> (x - alpha * mean_T x) / (std_T x + eps), per sample and channel, in float32.
+
+    The std is the unbiased one (torch's default), as iREPA's ``spatial_zscore`` computes it."""
+    x = tokens.float()
+    return (x - alpha * x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)
+
+
+def dispersive_loss(hidden: Tensor, tau: float = 1.0) -> Tensor:
+    """InfoNCE-style dispersion of a batch of hidden states (B, ...) -> scalar, in float32.
+
+    Squared L2 distances between the flattened states, divided by their size D' and by ``tau``; the
+    log of the mean of exp(-distance) over all B x B pairs, the B zero distances of the diagonal included
+    (the official PyTorch code pads ``pdist`` with them to match its JAX code's full matrix)."""
+    z = hidden.float().flatten(1)
+    sq = z.pow(2).sum(dim=1)
+    dist = (sq[:, None] + sq[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
+    dist = dist * (1 - torch.eye(len(z), device=z.device, dtype=z.dtype))  # exactly 0 on the diagonal
+    logits = (-dist / (z.shape[1] * tau)).flatten()
+    return torch.logsumexp(logits, dim=0) - torch.log(torch.tensor(float(logits.numel()), device=z.device))
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one Conv2d (stride 1, 'same' padding) from the hidden size to the target's, over
+    the square token grid.
+
+    ``leading`` tokens in front of the grid (REG's class token) have no neighbours: each is projected as a
+    lone pixel in zero padding, i.e. by the kernel's centre tap (with kernel 1, the same map as the grid's).
+    The parameter names (``projection_layer.*``) are those of iREPA's ``ProjectionLayer``.
+    """
+
+    def __init__(self, hidden_size: int, out_dim: int, kernel_size: int):
+        super().__init__()
+        self.projection_layer = nn.Conv2d(hidden_size, out_dim, kernel_size=kernel_size, stride=1,
+                                          padding=kernel_size // 2)
+
+    def forward(self, x: Tensor, leading: int = 0) -> Tensor:
+        batch, tokens, width = x.shape
+        side = int(round((tokens - leading) ** 0.5))
+        if side * side != tokens - leading:
+            raise ValueError(f"the conv projector needs a square token grid, got {tokens - leading} tokens")
+        grid = x[:, leading:].reshape(batch, side, side, width).permute(0, 3, 1, 2)
+        out = self.projection_layer(grid).permute(0, 2, 3, 1).reshape(batch, side * side, -1)
+        if not leading:
+            return out
+        conv = self.projection_layer
+        centre = conv.weight[:, :, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2]
+        return torch.cat([F.linear(x[:, :leading], centre, conv.bias), out], dim=1)
+
+
+def alignment_inputs(batch: dict, names, settings: FamilySettings) -> tuple[list[Tensor], Tensor | None]:
+    """(the REPA targets of ``names``, the class token REG denoises or None) from a batch.
+
+    iREPA's z-score applies to the patch tokens; with REG each target is [its class token, patch tokens]
+    (the class token as stored: REG aligns ``x_norm_clstoken`` unnormalised), and the first target's class
+    token is the one denoised."""
+    names = list(names)
+    cls = batch[f"{names[0]}_cls"][:, 0] if settings.class_token else None
+    targets = []
+    for name in names:
+        if name not in batch:
+            continue
+        target = batch[name]
+        if settings.target_norm == "zscore":
+            target = spatial_zscore(target, settings.zscore_alpha)
+        if settings.class_token:
+            target = torch.cat([batch[f"{name}_cls"][:, :1].to(target.dtype), target], dim=1)
+        targets.append(target)
+    return targets, cls
