@@ -10,7 +10,7 @@
   patch tokens] (``alignment_inputs``; the model side is in ``stages.core.sit``).
 - HASTE (NUS-HPC-AI-Lab/HASTE): alignment switched off after a step (``FamilySettings.align``).
 
-``FamilySettings`` carries these choices from the training config to ``objective.loss_terms``.
+``FamilySettings`` (``stages.core.family_settings``) carries these choices from the training config to ``objective.loss_terms``.
 """
 
 from __future__ import annotations
@@ -21,25 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TARGET_NORMS = ("none", "zscore")
-PROJECTOR_TYPES = ("mlp", "conv")
+from .family_settings import FamilySettings
+
 ZSCORE_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class FamilySettings:
-    """The objective's additions to REPA; the defaults add nothing."""
-
-    class_token_weight: float = 0.0  # REG: weight of the class token's velocity loss (0: no class token)
-    target_norm: str = "none"  # iREPA: "zscore" normalises the target tokens over the token axis
-    zscore_alpha: float = 1.0  # iREPA: share of the token mean that is subtracted
-    dispersive_lambda: float = 0.0  # weight of the dispersive loss (0: off)
-    dispersive_tau: float = 1.0  # its temperature
-    align: bool = True  # False: the alignment loss is not applied this step (HASTE's early stop)
-
-    @property
-    def class_token(self) -> bool:
-        return self.class_token_weight > 0
 
 
 def spatial_zscore(tokens: Tensor, alpha: float = 1.0, eps: float = ZSCORE_EPS) -> Tensor:

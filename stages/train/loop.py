@@ -35,7 +35,8 @@ from stages.core.conditioning import Conditioner
 from stages.core.cuda_settings import fast_cuda_math
 from stages.core.errors import UsageError
 from stages.core.network import build_model, count_parameters
-from stages.core.objective import alignment_targets, loss_terms, sample_latents, sample_t
+from stages.core.family_settings import FamilySettings
+from stages.core.objective import batch_loss_terms, sample_latents, sample_t
 from stages.core.options import check
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.seeding import generator
@@ -99,13 +100,15 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def micro_step(forward, conditioner: Conditioner, batch: dict, gen: torch.Generator, time_sampling: str,
-               repa_lambda: float, latent: dict, targets: list[str] = ("dino",), lambdas: list[float] | None = None):
+               repa_lambda: float, latent: dict, targets: list[str] = ("dino",), lambdas: list[float] | None = None,
+               family: FamilySettings | None = None):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached.
-    ``targets``: the alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``)."""
+    ``targets``: the alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``);
+    ``family``: what the --method adds to REPA (stages.core.family)."""
     x = sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"], gen)
     t = sample_t(x.shape[0], time_sampling, gen, x.device)
     noise = torch.randn(x.shape, generator=gen, device=x.device)
-    terms = loss_terms(forward, x, noise, t, conditioner(batch, gen), alignment_targets(batch, targets))
+    terms = batch_loss_terms(forward, batch, x, noise, t, conditioner(batch, gen), targets, family, gen)
     return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), t
 
 
@@ -156,7 +159,8 @@ class Trainer:
             gen = step_generator(cfg.seed, self.accelerator.process_index, step, m, device)
             with nullcontext() if m == cfg.grad_accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, batch, gen, cfg.time_sampling,
-                                                   cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas())
+                                                   cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas(),
+                                                   cfg.family(step))
                 self.accelerator.backward(loss / cfg.grad_accum)
             self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / cfg.grad_accum)
             self._flag(loss)
@@ -353,7 +357,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
                          f"({micro} = --batch-size / processes / --grad-accum)")
     train_ids, val_ids = split_cache(reader, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
-    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names())
+    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names(),
+                 class_tokens=cfg.class_token_weight > 0)
     dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)  # validation reads it unflipped
     val_dataset = dataset
     if cfg.val_cache is not None:
@@ -385,7 +390,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     validator = None
     if len(val_ids):
         validator = Validator(val_dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world,
-                              device, repa=repa, targets=cfg.target_names())
+                              device, repa=repa, targets=cfg.target_names(), family=cfg.family())
     previewer = None
     if cfg.preview_every and main and len(val_ids):
         previewer = Previewer(val_dataset, val_ids, manifest.latent)

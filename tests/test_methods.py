@@ -1,0 +1,124 @@
+"""`repa train --method`: each of REPA's successors is an option set over the same cache, expanded to its published
+settings, overridable option by option, refused in one line when the cache lacks what it reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from stages.core.errors import UsageError
+from stages.core.options import check
+from stages.train.config import TrainConfig, resume_differences
+from stages.train.loop import run_train
+from stages.train.methods import METHODS, NEUTRAL
+
+from . import reference_family as ref
+from .test_train import tiny_train
+
+
+@pytest.fixture(scope="module")
+def cls_cache(tmp_path_factory, tiny_models, labelled_shards) -> Path:
+    """48 labelled samples at 64 px with DINOv2's class token stored (`repa encode --class-tokens`)."""
+    from stages.encode.config import EncodeConfig
+    from stages.encode.run import run_encode
+
+    cache = tmp_path_factory.mktemp("cls-cache") / "cache"
+    run_encode(EncodeConfig(source=str(labelled_shards[0]), cache=cache, resolution=64, vae=str(tiny_models["vae"]),
+                            dino=str(tiny_models["dino"]), batch_size=16, num_workers=0, class_tokens=True))
+    return cache
+
+
+def cfg_of(**kw) -> TrainConfig:
+    return TrainConfig(cache=Path("c"), run_dir=Path("r"), **kw)
+
+
+# -- expansion ---------------------------------------------------------------------------------------------
+def test_each_method_expands_to_its_published_settings():
+    assert cfg_of().method == "repa" and cfg_of().repa_lambda == 0.5 and cfg_of().projector == "mlp"
+    sit = cfg_of(method="sit")
+    assert sit.repa_lambda == 0 and sit.dispersive_lambda == 0 and sit.class_token_weight == 0
+    reg = cfg_of(method="reg")  # Martinser/REG train.sh: --proj-coeff 0.5 --cls 0.03
+    assert (reg.repa_lambda, reg.class_token_weight) == (0.5, 0.03)
+    irepa = cfg_of(method="irepa")  # ldm/configs/irepa.yaml over ldm/train.py's defaults
+    assert (irepa.repa_lambda, irepa.projector, irepa.projector_kernel, irepa.target_norm, irepa.zscore_alpha) == \
+        (1.0, "conv", 1, "zscore", 0.6)
+    disp = cfg_of(method="dispersive")  # the PyTorch code: 0.25 * disp_loss(act[-1]), SiT without REPA
+    assert (disp.repa_lambda, disp.dispersive_lambda, disp.dispersive_tau, disp.dispersive_layer) == (0, 0.25, 1.0, 28)
+    assert cfg_of(method="dispersive", model=None, width=64, depth=5).dispersive_layer == 5
+    haste = cfg_of(method="haste")  # HASTE scripts/run.sh: --early-stop-point 250000
+    assert (haste.repa_lambda, haste.align_stop) == (0.5, 250_000)
+    for name in METHODS:  # every setting a method implies is concrete in config.json
+        assert all(cfg_of(method=name).to_json()[k] is not None for k in NEUTRAL)
+
+
+def test_options_given_override_the_method_and_methods_compose():
+    assert cfg_of(method="irepa", repa_lambda=0.5, projector_kernel=3).to_json() == \
+        {**cfg_of(method="irepa").to_json(), "repa_lambda": 0.5, "projector_kernel": 3}
+    both = cfg_of(method="reg+irepa")
+    assert (both.class_token_weight, both.projector, both.target_norm, both.repa_lambda) == (0.03, "conv", "zscore", 1.0)
+    assert cfg_of(method="repa+dispersive").repa_lambda == 0.5 and cfg_of(method="repa+dispersive").dispersive_lambda == 0.25
+
+
+@pytest.mark.parametrize("method, message", [("regg", "unknown method 'regg'"), ("sit+reg", "without alignment"),
+                                             ("reg+reg", "once")])
+def test_a_bad_method_is_refused_in_one_line(method, message):
+    with pytest.raises(UsageError, match=message):
+        check(cfg_of(method=method))
+
+
+def test_haste_stops_aligning_after_its_step():
+    cfg = cfg_of(method="haste", align_stop=5)
+    for step in range(1, 10):  # our step s is the update made after s - 1 completed steps
+        assert cfg.family(step).align == ref.haste_aligns(step - 1, 5)
+    assert cfg.family().align and all(cfg_of(method="repa").family(s).align for s in (1, 10**7))
+
+
+def test_runs_made_before_methods_resume_as_repa():
+    old = {k: v for k, v in cfg_of().to_json().items() if k not in ("method", *NEUTRAL) or k == "repa_lambda"}
+    assert resume_differences(old, cfg_of().to_json()) == []
+    assert resume_differences(old, cfg_of(method="reg").to_json())
+
+
+# -- the cache must hold what a method reads --------------------------------------------------------------
+def test_reg_without_class_tokens_is_refused_naming_the_encode_option(train_cache, tmp_path):
+    r = CliRunner().invoke(app, ["train", "--cache", str(train_cache), "--run-dir", str(tmp_path / "run"),
+                                 "--method", "reg", "--model", "none", "--width", "32", "--depth", "2",
+                                 "--head-dim", "16", "--align-layer", "1", "--steps", "1", "--report-to", "none"])
+    assert r.exit_code != 0
+    lines = [line for line in r.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "--class-tokens" in lines[0] and "class token" in lines[0], r.output
+    assert "Traceback" not in r.output
+
+
+def test_conv_projector_on_a_non_square_grid_is_refused(monkeypatch, cls_cache, tmp_path):
+    from cache_schema import read_manifest
+    from stages.train import methods
+
+    manifest = read_manifest(cls_cache)
+    dino = dict(manifest.dino, grid=[2, 8])
+    monkeypatch.setattr(type(manifest), "target", lambda self, name: {**dino, "fields": {}})
+    cfg = tiny_train(cls_cache, tmp_path / "run", method="irepa")
+    with pytest.raises(UsageError, match="square.*--target-input-size"):
+        methods.family_model_fields(cfg, manifest, repa=True)
+
+
+# -- training -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["reg", "irepa", "dispersive", "reg+irepa"])
+def test_each_method_trains_and_records_its_settings(cls_cache, tmp_path, method):
+    cfg = tiny_train(cls_cache, tmp_path / "run", method=method, steps=2, val_every=2, ckpt_every=2, log_every=1,
+                     val_fraction=0.2, cond="class")
+    if "irepa" in method:
+        cfg.projector_kernel = 3
+    result = run_train(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["method"] == method
+    assert saved["config"]["class_token_weight"] == (0.03 if "reg" in method else 0)
+    assert saved["model_config"]["class_token_dim"] == (saved["model_config"]["repa_dims"][0] if "reg" in method else 0)
+    assert saved["model_config"]["projector_type"] == ("conv" if "irepa" in method else "mlp")
+    assert saved["model_config"]["hidden_layer"] == (3 if method == "dispersive" else 0)
+    assert math.isfinite(result.final_val["denoise"])
