@@ -122,3 +122,45 @@ def test_each_method_trains_and_records_its_settings(cls_cache, tmp_path, method
     assert saved["model_config"]["projector_type"] == ("conv" if "irepa" in method else "mlp")
     assert saved["model_config"]["hidden_layer"] == (3 if method == "dispersive" else 0)
     assert math.isfinite(result.final_val["denoise"])
+
+
+# -- presets: their command, option by option -----------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = dict(model="SiT-XL/2", cond="class", num_classes=1000, batch_size=256, lr=1e-4, lr_schedule="constant",
+              adam_betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.9999, cond_dropout=0.1, time_sampling="uniform",
+              val_fraction=0.0)
+# Martinser/REG @ 021ea2e train.sh: --model SiT-XL/2 --enc-type dinov2-vit-b --proj-coeff 0.5 --encoder-depth 8
+# --batch-size 256 --mixed-precision fp16 --cls 0.03; train.py: lr 1e-4, betas (0.9, 0.999), wd 0, max-grad-norm 1,
+# cfg-prob 0.1; the released weights: 4M iterations
+REG_RUN = dict(COMMON, method="reg", repa_lambda=0.5, align_layer=8, class_token_weight=0.03, projector="mlp",
+               projector_dim=2048, grad_clip=1.0, mixed_precision="fp16", steps=4_000_000, target_norm="none")
+# End2End-Diffusion/iREPA @ 99ad4ac ldm/configs/irepa.yaml: projection_layer_type conv, proj_coeff "1.0",
+# spnorm_method zscore; ldm/train.py defaults: --proj-kwargs-kernel-size 1, --zscore-alpha 0.6, --encoder-depth 8,
+# --batch-size 256, --max-train-steps 400000, fp16, lr 1e-4, --max-grad-norm 1.0, --cfg-prob 0.1
+IREPA_RUN = dict(COMMON, method="irepa", repa_lambda=1.0, projector="conv", projector_kernel=1, target_norm="zscore",
+                 zscore_alpha=0.6, align_layer=8, grad_clip=1.0, mixed_precision="fp16", steps=400_000,
+                 class_token_weight=0.0)
+# Dispersive loss: willisma/SiT train.py defaults (SiT-XL/2, global batch 256, AdamW lr 1e-4 wd 0, no clipping, fp32,
+# EMA 0.9999) + --disp: 0.25 * disp_loss(act[-1]) (tau 1); 80 epochs of ImageNet at batch 256 = 400k steps
+DISPERSIVE_RUN = dict(COMMON, method="dispersive", repa_lambda=0.0, dispersive_lambda=0.25, dispersive_tau=1.0,
+                      dispersive_layer=28, grad_clip=0.0, mixed_precision="no", steps=400_000)
+
+
+@pytest.mark.parametrize("preset, want", [("reg-sit-xl", REG_RUN), ("irepa-sit-xl", IREPA_RUN),
+                                          ("dispersive-sit-xl", DISPERSIVE_RUN)])
+def test_the_method_presets_are_the_official_runs(preset, want):
+    from pipeline.config import build, load_preset
+
+    values = load_preset(ROOT / "configs" / f"{preset}.toml", "train")
+    cfg = build(TrainConfig, values)
+    assert {k: getattr(cfg, k) for k in want} == want
+    # the preset says nothing its method would not: the same run from --method alone
+    bare = build(TrainConfig, {k: v for k, v in values.items() if k not in NEUTRAL})
+    assert {k: getattr(bare, k) for k in want} == want
+
+
+def test_the_reg_preset_encodes_the_class_token():
+    from pipeline.config import load_preset
+
+    enc = load_preset(ROOT / "configs" / "reg-sit-xl.toml", "encode")
+    assert enc["class_tokens"] is True and enc["dino"] == "facebook/dinov2-base" and enc["resolution"] == 256
