@@ -164,3 +164,34 @@ def test_the_reg_preset_encodes_the_class_token():
 
     enc = load_preset(ROOT / "configs" / "reg-sit-xl.toml", "encode")
     assert enc["class_tokens"] is True and enc["dino"] == "facebook/dinov2-base" and enc["resolution"] == 256
+
+
+# -- the methods sweep over one cache ------------------------------------------------------------------------
+def test_the_methods_sweep_trains_each_method_and_the_report_lists_them(cls_cache, tmp_path):
+    import tomllib
+
+    from pipeline.sweep import MANAGED_KEYS, to_toml
+
+    from .test_sweep import repa
+
+    grid = tomllib.loads((ROOT / "configs" / "sweep-methods.toml").read_text())["sweep"]["grid"]
+    assert {"sit", "repa", "reg", "irepa", "dispersive"} <= set(grid["method"])
+    out = tmp_path / "sweep"
+    # the tiny training of test_train, the options a method sets left to the method as in sweep-methods.toml
+    cfg = tiny_train(cls_cache, out, steps=2, val_every=2, ckpt_every=2, val_fraction=0.2, log_every=1)
+    base = {k: v for k, v in cfg.to_json().items()
+            if v is not None and k not in MANAGED_KEYS and k not in NEUTRAL and k != "method"}
+    base["model"] = "none"
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(to_toml(base, "train") + to_toml({"out": str(out)}, "sweep") + to_toml(grid, "sweep.grid"))
+    r = repa("sweep", sweep, "--parallel", "2")
+    assert r.exit_code == 0, r.output
+    data = json.loads(repa("report", out, "--json").stdout)
+    assert sorted(d["settings"]["method"] for d in data) == sorted(grid["method"])
+    assert all(d["finished"] and math.isfinite(d["final_val"]) for d in data)
+    by_method = {d["settings"]["method"]: d for d in data}
+    assert by_method["sit"]["targets"] == "none" and by_method["dispersive"]["targets"] == "none"
+    assert by_method["reg"]["settings"]["class_token_weight"] == 0.03
+    assert by_method["irepa"]["settings"]["projector"] == "conv"
+    table = repa("report", out).stdout
+    assert "method settings" in table and "reg: repa_lambda 0.5, class_token_weight 0.03" in table
