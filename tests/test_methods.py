@@ -195,3 +195,28 @@ def test_the_methods_sweep_trains_each_method_and_the_report_lists_them(cls_cach
     assert by_method["irepa"]["settings"]["projector"] == "conv"
     table = repa("report", out).stdout
     assert "method settings" in table and "reg: repa_lambda 0.5, class_token_weight 0.03" in table
+
+
+def test_a_reg_run_previews_and_samples_its_class_token_with_the_latents(cls_cache, tmp_path):
+    import torch
+
+    from stages.core.family import JointState
+    from stages.core.model_config import ModelConfig
+    from stages.core.network import build_model
+
+    cfg = tiny_train(cls_cache, tmp_path / "run", method="reg", steps=2, val_every=2, ckpt_every=2, preview_every=2,
+                     cond="class", val_fraction=0.2)
+    run_train(cfg)
+    assert (tmp_path / "run" / "previews" / "step-0000002.pt").exists()
+    r = CliRunner().invoke(app, ["sample", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "s"),
+                                 "--num-samples", "2", "--steps", "2", "--sampler", "sde", "--guidance-scale", "2"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 2
+    # the packed velocity is the model's two velocities
+    model = build_model(ModelConfig(width=32, depth=2, num_heads=2, input_size=8, num_classes=4, repa_dims=(16,),
+                                    align_layer=1, class_token_dim=16))
+    joint = JointState((4, 8, 8), 16)
+    x, cls, t, y = torch.randn(2, 4, 8, 8), torch.randn(2, 16), torch.rand(2), torch.tensor([0, 3])
+    v, _, extra = model(x, t, y, cls_token=cls)
+    got_v, got_cls = joint.unpack(joint.velocity(model, joint.pack(x, cls), t, {"y": y}))
+    assert torch.equal(got_v, v) and torch.equal(got_cls, extra["cls"])

@@ -10,12 +10,14 @@
   patch tokens] (``alignment_inputs``; the model side is in ``stages.core.sit``).
 - HASTE (NUS-HPC-AI-Lab/HASTE): alignment switched off after a step (``FamilySettings.align``).
 
+Sampling a REG model denoises its class token with the latents (``JointState``), as REG's sampler does.
+
 ``FamilySettings`` (``stages.core.family_settings``) carries these choices from the training config to ``objective.loss_terms``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn.functional as F
@@ -95,3 +97,24 @@ def alignment_inputs(batch: dict, names, settings: FamilySettings) -> tuple[list
             target = torch.cat([batch[f"{name}_cls"][:, :1].to(target.dtype), target], dim=1)
         targets.append(target)
     return targets, cls
+
+
+class JointState:
+    """REG's sampling state: the latents (B, C, H, W) and the class token (B, D), denoised together as one flat
+    tensor per sample (B, C*H*W + D), so every sampler integrates both with the same steps and noise."""
+
+    def __init__(self, latent_shape: tuple[int, ...], dim: int):
+        self.shape, self.size = tuple(latent_shape), math.prod(latent_shape)
+        self.dim = dim
+
+    def pack(self, x: Tensor, cls: Tensor) -> Tensor:
+        return torch.cat([x.flatten(1), cls.to(x.dtype)], dim=1)
+
+    def unpack(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z[:, : self.size].reshape(-1, *self.shape), z[:, self.size :]
+
+    def velocity(self, model, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+        """The packed velocity of ``model`` (a REG SiT) at the packed state ``x``."""
+        latents, cls = self.unpack(x)
+        out = model(latents, t, **cond, cls_token=cls)
+        return self.pack(out[0].float(), out[2]["cls"].float())
