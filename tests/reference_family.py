@@ -166,3 +166,35 @@ def disp_loss_tau(z, tau):
 def haste_aligns(global_step, early_stop_point):
     """Whether the update made after ``global_step`` completed steps still carries the alignment loss."""
     return not global_step >= early_stop_point
+
+
+# -- iREPA: its SiT is REPA's with ProjectionLayer projectors (ldm/models/sit.py L33-79, L274-276) ----------------
+class IrepaMlpProjection(nn.Module):
+    def __init__(self, hidden_size, z_dim, projector_dim):
+        super().__init__()
+        self.projection_layer = repa.build_mlp(hidden_size, projector_dim, z_dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return self.projection_layer(x.reshape(b * t, d)).reshape(b, t, -1)
+
+
+def irepa_sit(projection_layer_type="conv", proj_kwargs_kernel_size=1, **kw):
+    """iREPA's SiT: REPA's, with ``projectors`` built from ProjectionLayer (applied as ``projector(x)``)."""
+    model = repa.SiT(**kw)
+    hidden, dims, pdim = model.x_embedder.proj.out_channels, kw["z_dims"], kw["projector_dim"]
+    model.projectors = nn.ModuleList(
+        IrepaConvProjection(hidden, z, proj_kwargs_kernel_size) if projection_layer_type == "conv"
+        else IrepaMlpProjection(hidden, z, pdim) for z in dims)
+    return model
+
+
+def irepa_forward(model, x, t, y):
+    x = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y, model.training)
+    zs = None
+    for i, block in enumerate(model.blocks):
+        x = block(x, c)
+        if (i + 1) == model.encoder_depth:
+            zs = [projector(x) for projector in model.projectors]
+    return model.unpatchify(model.final_layer(x, c)), zs

@@ -220,3 +220,75 @@ def test_a_reg_run_previews_and_samples_its_class_token_with_the_latents(cls_cac
     v, _, extra = model(x, t, y, cls_token=cls)
     got_v, got_cls = joint.unpack(joint.velocity(model, joint.pack(x, cls), t, {"y": y}))
     assert torch.equal(got_v, v) and torch.equal(got_cls, extra["cls"])
+
+
+# -- released checkpoints: REG's and iREPA's SiT import ------------------------------------------------------
+TINY_SIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, decoder_hidden_size=64, encoder_depth=2,
+                depth=3, num_heads=4, num_classes=10, z_dims=[16], projector_dim=32)
+
+
+def import_and_load(ckpt: Path, cache: Path, run: Path):
+    import torch
+
+    from stages.core.model_config import ModelConfig
+    from stages.core.network import build_model
+
+    r = CliRunner().invoke(app, ["import-checkpoint", str(ckpt), "--run-dir", str(run), "--cache", str(cache),
+                                 "--num-heads", "4"])
+    assert r.exit_code == 0, r.output
+    imported = torch.load(next((run / "checkpoints").glob("*.pt")), weights_only=True)
+    ours = build_model(ModelConfig(**imported["model_config"]))
+    ours.load_state_dict(imported["ema"])
+    return ours.eval(), imported
+
+
+def test_a_reg_checkpoint_imports_and_gives_regs_outputs(train_cache, tmp_path):
+    import argparse
+
+    import torch
+
+    from .test_recipes import randomise
+
+    torch.manual_seed(0)
+    ema = randomise(ref.RegSiT(**TINY_SIT), 1).eval()
+    ckpt = tmp_path / "0000005.pt"
+    torch.save({"model": ema.state_dict(), "ema": ema.state_dict(), "opt": {}, "steps": 5,  # REG's train.py L341-347
+                "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2, cls=0.03, proj_coeff=0.5)}, ckpt)
+    ours, imported = import_and_load(ckpt, train_cache, tmp_path / "run")
+    assert imported["model_config"]["class_token_dim"] == 16 and imported["config"]["method"] == "reg"
+    g = torch.Generator().manual_seed(2)
+    x, t, y, cls = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g), torch.tensor([1, 4, 10]), \
+        torch.randn(3, 16, generator=g)
+    with torch.no_grad():
+        (v_theirs, zs_theirs, c_theirs), (v_ours, zs_ours, extra) = ema(x, t, y, cls_token=cls), ours(x, t, y, cls_token=cls)
+    torch.testing.assert_close(v_ours, v_theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zs_ours[0], zs_theirs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(extra["cls"], c_theirs, atol=1e-5, rtol=1e-5)
+    r = CliRunner().invoke(app, ["sample", "--run-dir", str(tmp_path / "run"), "--classes", "1,4", "--num-samples",
+                                 "2", "--steps", "2", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("kind, kernel", [("conv", 1), ("conv", 3), ("mlp", 1)])
+def test_an_irepa_checkpoint_imports_and_gives_irepas_outputs(train_cache, tmp_path, kind, kernel):
+    import argparse
+
+    import torch
+
+    from .test_recipes import randomise
+
+    torch.manual_seed(0)
+    ema = randomise(ref.irepa_sit(kind, kernel, **TINY_SIT), 3).eval()
+    ckpt = tmp_path / "0000004.pt"
+    torch.save({"model": ema.state_dict(), "ema": ema.state_dict(), "opt": {}, "steps": 4,
+                "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2, projection_layer_type=kind,
+                                           proj_kwargs_kernel_size=kernel)}, ckpt)
+    ours, imported = import_and_load(ckpt, train_cache, tmp_path / "run")
+    assert imported["model_config"]["projector_type"] == kind
+    assert imported["model_config"]["projector_kernel"] == (kernel if kind == "conv" else 1)
+    g = torch.Generator().manual_seed(4)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g), torch.tensor([1, 4, 10])
+    with torch.no_grad():
+        (v_theirs, zs_theirs), (v_ours, zs_ours) = ref.irepa_forward(ema, x, t, y), ours(x, t, y)
+    torch.testing.assert_close(v_ours, v_theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zs_ours[0], zs_theirs[0], atol=1e-5, rtol=1e-5)
