@@ -292,3 +292,19 @@ def test_an_irepa_checkpoint_imports_and_gives_irepas_outputs(train_cache, tmp_p
         (v_theirs, zs_theirs), (v_ours, zs_ours) = ref.irepa_forward(ema, x, t, y), ours(x, t, y)
     torch.testing.assert_close(v_ours, v_theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zs_ours[0], zs_theirs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_training_applies_the_alignment_only_up_to_the_stop_step(monkeypatch, cls_cache, tmp_path):
+    from stages.train import loop
+
+    seen = []
+    real = loop.batch_loss_terms
+
+    def spy(*args, **kwargs):
+        seen.append(args[7].align)  # family, as micro_step passes it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batch_loss_terms", spy)
+    run_train(tiny_train(cls_cache, tmp_path / "run", method="haste", align_stop=2, steps=4, val_fraction=0.0,
+                         cond="class"))
+    assert seen == [ref.haste_aligns(s - 1, 2) for s in range(1, 5)] == [True, True, False, False]
