@@ -155,7 +155,8 @@ def test_reg_loss_is_regs():
     g = torch.Generator().manual_seed(10)
     x, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 3, 6, 9])
     patches, cls_tokens = torch.randn(4, 16, 16, generator=g), torch.randn(4, 2, 16, generator=g)  # cls + register
-    t, noise, cls_noise = torch.rand(4, generator=g), torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 16, generator=g)
+    t, noise = torch.rand(4, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    cls_noise = torch.randn(4, 16, generator=g)
     zs = [torch.cat([cls_tokens[:, 0].unsqueeze(1), patches], dim=1)]  # train.py: [x_norm_clstoken, patch tokens]
     want = ref.reg_loss(theirs, x, y, zs, cls_tokens[:, 0], t, noise, cls_noise, proj_coeff=0.5, cls_coeff=0.03)
     batch = {"dino": patches, "dino_cls": cls_tokens}

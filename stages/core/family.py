@@ -12,7 +12,8 @@
 
 Sampling a REG model denoises its class token with the latents (``JointState``), as REG's sampler does.
 
-``FamilySettings`` (``stages.core.family_settings``) carries these choices from the training config to ``objective.loss_terms``.
+``FamilySettings`` (``stages.core.family_settings``) carries these choices from the training config to
+``objective.loss_terms``.
 """
 
 from __future__ import annotations

@@ -167,7 +167,8 @@ class CacheBatchDataset(Dataset):
                 f"{cache_dir}: cache has no text features but this run needs them; "
                 "re-encode with a text encoder or train without text conditioning"
             )
-        cls_targets = ((targets or [FIRST_TARGET]) if need_dino else (targets or [FIRST_TARGET])[:1]) if class_tokens else []
+        named = targets or [FIRST_TARGET]
+        cls_targets = (named if need_dino else named[:1]) if class_tokens else []
         targets = (targets or ["dino"]) if need_dino else []
         self.reader.require_targets(targets)
         names = ["moments"] + targets + (["label"] if need_label else [])

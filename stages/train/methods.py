@@ -94,5 +94,6 @@ def family_model_fields(cfg, manifest, repa: bool) -> dict:
             if rows != cols:
                 raise UsageError(f"--projector conv: target {name} of cache {cfg.cache} has a {rows}x{cols} token "
                                  f"grid, the conv projector needs a square one; re-encode it with `repa encode "
-                                 f"--add-target {name} --target-input-size N` for a square grid, or use --projector mlp")
+                                 f"--add-target {name} --target-input-size N` for a square grid, or use "
+                                 "--projector mlp")
     return fields
