@@ -166,6 +166,10 @@ def test_the_reg_preset_encodes_the_class_token():
 
     enc = load_preset(ROOT / "configs" / "reg-sit-xl.toml", "encode")
     assert enc["class_tokens"] is True and enc["dino"] == "facebook/dinov2-base" and enc["resolution"] == 256
+    # eval.sh: --mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85
+    sample = load_preset(ROOT / "configs" / "reg-sit-xl.toml", "sample")
+    assert (sample["sampler"], sample["steps"], sample["guidance_scale"], sample["guidance_high"]) == \
+        ("sde", 250, 2.3, 0.85)
 
 
 # -- the methods sweep over one cache ------------------------------------------------------------------------
