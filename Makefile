@@ -8,6 +8,7 @@
 #   make sweep | make report   a 6-run REPA ablation over the demo cache, and its comparison table
 #   make add-targets     demo: add DINOv2-with-registers and SigLIP targets to the demo cache
 #   make sweep SWEEP=configs/sweep-targets.toml   the same SiT against each target and a pair
+#   make sweep SWEEP=configs/sweep-methods.toml   SiT, REPA, REG, iREPA, dispersive loss over the demo cache
 #   make test | make bench-encode | make bench-reader | make bench-train | make bench-scale
 PYTHON ?= python3
 VENV ?= .venv
@@ -109,7 +110,7 @@ SWEEP ?= configs/sweep-demo.toml
 SWEEP_OUT ?= runs/sweep-demo
 .PHONY: sweep report
 
-sweep: $(STAMP) $(if $(filter configs/sweep-demo.toml,$(SWEEP)),cache/demo/manifest.json) \
+sweep: $(STAMP) $(if $(filter configs/sweep-demo.toml configs/sweep-methods.toml,$(SWEEP)),cache/demo/manifest.json) \
 	$(if $(filter configs/sweep-targets.toml,$(SWEEP)),add-targets)
 	$(VENV)/bin/repa sweep $(SWEEP) $(ARGS)
 

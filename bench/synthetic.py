@@ -47,11 +47,12 @@ def rows(rng: np.random.Generator, start: int, n: int, fields: dict, classes: in
 
 def synthetic_cache(path: Path, samples: int, parts: int, latent: tuple[int, int] = (4, 32),
                     dino: tuple[int, int] = (256, 768), text_dim: int | None = None, codec: str = "fp16",
-                    classes: int = 1000) -> Path:
+                    classes: int = 1000, class_tokens: int = 0) -> Path:
     """Write (or keep, when one with the same geometry is there) a cache of ``samples`` in ``parts`` parts:
     VAE moments of ``latent`` (channels, size), DINOv2 tokens of ``dino`` (tokens, dim), captions of
-    ``text_dim`` when given, features stored as ``codec``, labels in ``range(classes)`` (0: none)."""
-    fields = cache_fields(latent[0], latent[1], dino[0], dino[1], text_dim, codec)
+    ``text_dim`` when given, features stored as ``codec``, labels in ``range(classes)`` (0: none), with
+    ``class_tokens`` DINOv2 class tokens (REG reads them)."""
+    fields = cache_fields(latent[0], latent[1], dino[0], dino[1], text_dim, codec, class_tokens=class_tokens)
     try:
         m = read_manifest(path)
         if m.num_samples == samples and len(m.parts) == parts and set(m.fields) == set(fields):
@@ -63,6 +64,7 @@ def synthetic_cache(path: Path, samples: int, parts: int, latent: tuple[int, int
         resolution=latent[1] * 8, crop="adm", vae={"id": "synthetic"}, dino={"id": "synthetic"},
         dino_preprocess="none", text_encoder={"id": "synthetic"} if text_dim else None,
         max_text_tokens=TEXT_TOKENS[1] if text_dim else 0, dtype="bf16", feature_codec=codec, shard_size=SHARD,
+        **({"class_tokens": True} if class_tokens else {}),
     )
     latent_meta = dict(channels=latent[0], size=latent[1], downsample=8, scaling_factor=0.18215, shift_factor=0.0,
                        mean=None, std=None)

@@ -11,7 +11,9 @@ labels, or with ``--cond text`` T5-XXL-width int8 caption tokens of 8-60 tokens)
   2. cache-fed: ``run_train`` for the same model and batch, reading random batches through the
      DataLoader; its rate is taken over the logged windows after the warm-up (each window ends with
      a device synchronisation: the loop's finiteness check reads a flag from the device);
-and prints both rates and their ratio (target for SiT-XL/2 compiled on an H100: >= 0.97, >= 560 img/s).
+and prints both rates and their ratio (target for SiT-XL/2 compiled on an H100: >= 0.97, >= 560 img/s);
+  3. each --method (REPA's successors, docs/methods.md) in memory the same way, its rate against REPA's: the
+     cost of REG's extra token, iREPA's conv projector and z-score, the dispersive term.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cache_schema.push import push_cache
 from stages.train.config import TrainConfig
 from stages.train.data import CacheBatchDataset
 from stages.train.loop import build_trainer, make_accelerator, run_train
+from stages.train.methods import NEUTRAL
 from stages.train.metrics import read_metrics
 from stages.train.prefetch import DevicePrefetcher
 from stages.train.setup import build_model_config
@@ -45,7 +48,8 @@ def in_memory_rate(cfg: TrainConfig, steps: int, warmup: int) -> float:
     device = accelerator.device
     manifest = read_manifest(cfg.cache)
     text = cfg.cond == "text"
-    dataset = CacheBatchDataset(cfg.cache, need_dino=cfg.repa_lambda > 0, need_label=not text, need_text=text)
+    dataset = CacheBatchDataset(cfg.cache, need_dino=cfg.repa_lambda > 0, need_label=not text, need_text=text,
+                                class_tokens=cfg.class_token_weight > 0)
     labels = dataset.reader.read("label", np.arange(len(dataset)))
     trainer = build_trainer(cfg, accelerator, build_model_config(cfg, manifest, cfg.cond, labels), cfg.cond,
                             manifest.latent)
@@ -82,19 +86,21 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None, help="steps before timing starts (compilation, caches)")
     ap.add_argument("--samples", type=int, default=None, help="samples in the synthetic cache")
+    ap.add_argument("--methods", default="sit,repa,reg,irepa,dispersive,reg+irepa",
+                    help="--method values timed in memory against repa, comma-separated ('' for none)")
     ap.add_argument("--s3", default=None, metavar="URL", help="also train from the cache pushed to this s3://bucket/prefix "
                     "(credentials and AWS_ENDPOINT_URL from the environment)")
     args = ap.parse_args()
 
     text = dict(text_dim=4096, codec="int8") if args.cond == "text" else {}
     if args.real:
-        cache = synthetic_cache(OUT / f"train-cache-xl-{args.cond}", args.samples or 8192, 8, **text)
+        cache = synthetic_cache(OUT / f"train-cache-xl-{args.cond}", args.samples or 8192, 8, class_tokens=1, **text)
         model = dict(model="SiT-XL/2")
         batch, steps, warmup, workers = args.batch_size or 64, args.steps or 200, args.warmup or 40, args.workers or 8
     else:
         text = dict(text_dim=64) if args.cond == "text" else {}
         cache = synthetic_cache(OUT / f"train-cache-small-{args.cond}", args.samples or 2048, 2, latent=(4, 16),
-                                dino=(64, 64), classes=10, **text)
+                                dino=(64, 64), classes=10, class_tokens=1, **text)
         model = dict(model=None, width=128, depth=4, head_dim=32, align_layer=2, projector_dim=256)
         batch, steps, warmup, workers = args.batch_size or 32, args.steps or 30, args.warmup or 6, args.workers or 1
     window = max(steps // 5, 1)  # several synchronised windows after the warm-up one
@@ -117,6 +123,13 @@ def main() -> None:
     print(f"{'ratio cache-fed / in-memory':<40}{fed_rate / memory:10.2f}")
     if remote_rate is not None:
         print(f"{'fed from ' + args.s3:<40}{remote_rate:10.1f} img/s  (ratio {remote_rate / memory:.2f})")
+    methods = [m for m in args.methods.split(",") if m]
+    if methods:
+        rates = {m: in_memory_rate(dataclasses.replace(cfg, method=m, **dict.fromkeys(NEUTRAL)), steps, warmup)
+                 for m in dict.fromkeys(["repa", *methods])}  # unset options: each method's own values
+        print(f"\n{'--method (in memory)':<40}{'img/s':>10}  vs repa")
+        for m in methods:
+            print(f"{m:<40}{rates[m]:10.1f}  {rates[m] / rates['repa']:6.2f}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 # Stage-two throughput on one GPU: SiT-XL/2 + REPA (bf16) fed from a synthetic SD-VAE/DINOv2-B-sized
 # cache against the same step on a batch already in GPU memory: class-conditioned eager and compiled,
 # then text-conditioned (T5-XXL-width int8 captions) compiled; 200 synchronised steps after warm-up each.
-# Needs the project installed (make install); about 5 minutes on an H100 including compilation.
+# The eager run also times each --method (sit, reg, irepa, dispersive, reg+irepa) in memory against REPA.
+# Needs the project installed (make install); about 10 minutes on an H100 including compilation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$PY" bench/train.py --real "$@"
 # BENCH_S3=s3://bucket/prefix (with AWS_* credentials and endpoint set): also cache-fed from object storage.
-"$PY" bench/train.py --real --compile ${BENCH_S3:+--s3 "$BENCH_S3"} "$@"
-"$PY" bench/train.py --real --compile --cond text "$@"
+"$PY" bench/train.py --real --compile --methods "" ${BENCH_S3:+--s3 "$BENCH_S3"} "$@"
+"$PY" bench/train.py --real --compile --cond text --methods "" "$@"

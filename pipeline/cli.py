@@ -106,8 +106,8 @@ def decode_previews(
 @app.command("import-checkpoint")
 @user_errors
 def import_checkpoint(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint saved by official REPA's train.py, or its released "
-                                               "weights.", metavar="CHECKPOINT")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint saved by the train.py of official REPA, REG or "
+                                               "iREPA, or their released SiT weights.", metavar="CHECKPOINT")],
     run_dir: Annotated[Path, typer.Option(help="New run directory to create.", metavar="DIR")],
     cache: Annotated[Path, typer.Option(help="A cache encoded with the checkpoint's VAE and resolution (names the "
                                         "VAE and latent scaling to sample with).", metavar="DIR")],
@@ -116,7 +116,8 @@ def import_checkpoint(
     val_fraction: Annotated[float, typer.Option(help="Held-out share of --cache that `repa evaluate` conditions on "
                                                 "and compares with.")] = 0.01,
 ):
-    """Turn an official REPA (SiT) checkpoint into a run directory that `repa sample` and `repa evaluate` read."""
+    """Turn an official REPA, REG or iREPA (SiT) checkpoint into a run directory that `repa sample` and `repa evaluate`
+    read."""
     from stages.sample.import_repa import import_repa_checkpoint
 
     path = import_repa_checkpoint(checkpoint, run_dir, cache, num_heads, val_fraction, log=_log)

@@ -88,7 +88,8 @@ def test_time_sampling_distributions():
 def global_rows(world: int, accum: int, steps: int, distinct: int = 6, copies: int = 2) -> dict:
     """What every row of every step's global batch gets on ``world`` processes x ``accum`` micro-batches, put
     together from each (rank, micro-batch) as the training step takes them: {(step, row): (sample id, latent
-    noise, t, path noise, dropped)}; row ``k * distinct + p`` is copy ``k`` of global position ``p``."""
+    noise, t, path noise, dropped, REG class-token noise)}; row ``k * distinct + p`` is copy ``k`` of global
+    position ``p``."""
     import numpy as np
 
     model = SiT(ModelConfig(width=32, depth=1, head_dim=16, cond="class", num_classes=5))
@@ -97,7 +98,8 @@ def global_rows(world: int, accum: int, steps: int, distinct: int = 6, copies: i
                                        flip=True)) for r in range(world)]
     out = {}
     for step in range(1, steps + 1):
-        draws = draw_step(7, step, distinct, copies, latent, "logit-normal", conditioner, torch.device("cpu"))
+        draws = draw_step(7, step, distinct, copies, latent, "logit-normal", conditioner, torch.device("cpu"),
+                          cls_dim=4)
         for m in range(accum):
             for rank in range(world):
                 ids, piece = next(samplers[rank]), draws.piece(rank, m, world, accum)
@@ -106,13 +108,15 @@ def global_rows(world: int, accum: int, steps: int, distinct: int = 6, copies: i
                     for j in range(d):
                         row = k * d + j
                         out[step, k * distinct + first + j] = (int(ids[j]), piece.latent_noise[j], piece.t[row],
-                                                               piece.noise[row], bool(piece.drop[row]))
+                                                               piece.noise[row], bool(piece.drop[row]),
+                                                               piece.cls_noise[row])
     return out
 
 
 def test_a_steps_data_and_draws_at_each_global_position_do_not_depend_on_how_the_batch_is_split():
     """1 or 2 processes, 1 or 2 micro-batches: each row of the global batch gets the same sample (flip included)
-    and the same latent noise, t, path noise and dropout coin; 23 ids in batches of 6 cross epochs."""
+    and the same latent noise, t, path noise, dropout coin and REG class-token noise; 23 ids in batches of 6 cross
+    epochs."""
     one = global_rows(1, 1, steps=9)
     assert len(one) == 9 * 12 and len({float(v[2]) for v in one.values()}) == len(one)  # every row its own t
     for step in range(1, 10):  # six different samples a step, each in two copies
@@ -121,10 +125,10 @@ def test_a_steps_data_and_draws_at_each_global_position_do_not_depend_on_how_the
     for world, accum in ((2, 1), (1, 2), (3, 2), (2, 3)):
         other = global_rows(world, accum, steps=9)
         assert other.keys() == one.keys()
-        for key, (sample, eps, t, noise, drop) in one.items():
+        for key, (sample, eps, t, noise, drop, cls) in one.items():
             o = other[key]
             assert o[0] == sample and torch.equal(o[1], eps) and torch.equal(o[2], t) and torch.equal(o[3], noise)
-            assert o[4] == drop, (world, accum, key)
+            assert o[4] == drop and torch.equal(o[5], cls), (world, accum, key)
 
 
 def test_condition_dropout_substitutes_the_null_condition():

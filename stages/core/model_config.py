@@ -36,6 +36,11 @@ class ModelConfig:
     align_layers: tuple[int, ...] = ()  # per projector, when the targets are aligned at different blocks
     projector_dim: int = 2048  # hidden size of SiT's REPA projector MLP (the seed's projector is width wide)
     mlp_ratio: float = 4.0  # MLP hidden size as a multiple of width
+    # The REPA family (stages.core.family), sit only:
+    class_token_dim: int = 0  # REG: size of the target class token the model also denoises (0: none)
+    projector_type: str = "mlp"  # "conv": iREPA's Conv2d projector over the token grid
+    projector_kernel: int = 1  # its kernel size (odd)
+    hidden_layer: int = 0  # 1-based block whose output forward also returns (the dispersive loss); 0: none
 
     def __post_init__(self) -> None:
         self.repa_dims = tuple(int(d) for d in self.repa_dims)
@@ -55,6 +60,11 @@ class ModelConfig:
     @property
     def repa(self) -> bool:
         return bool(self.repa_dims)
+
+    @property
+    def extra_outputs(self) -> bool:
+        """Whether forward returns a third element (the class token's velocity, a block's hidden state)."""
+        return bool(self.class_token_dim or self.hidden_layer)
 
     @property
     def projector_layers(self) -> tuple[int, ...]:
@@ -105,6 +115,17 @@ class ModelConfig:
                     f"align_layer={self.align_layers or self.align_layer} must be between 1 and depth={self.depth} "
                     "(1-based: align_layer=k aligns the output of the k-th block)"
                 )
+
+        if self.projector_type not in ("mlp", "conv"):
+            raise ValueError(f"projector_type={self.projector_type!r} must be mlp or conv")
+        if self.projector_kernel < 1 or self.projector_kernel % 2 == 0:
+            raise ValueError(f"projector_kernel={self.projector_kernel} must be a positive odd number")
+        if self.class_token_dim < 0 or not 0 <= self.hidden_layer <= self.depth:
+            raise ValueError(f"class_token_dim={self.class_token_dim} must be >= 0 and hidden_layer="
+                             f"{self.hidden_layer} between 0 and depth={self.depth}")
+        if self.arch != "sit" and (self.class_token_dim or self.hidden_layer or self.projector_type != "mlp"):
+            raise ValueError(f"arch={self.arch!r}: the class token, conv projector and hidden-state output are "
+                             "those of the sit family")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:

@@ -8,6 +8,9 @@ REPA: the projector's tokens are compared with the frozen encoder's patch tokens
 similarity; the loss is the mean over tokens of -cos. Total loss = denoise + lambda * REPA. With several
 targets (one projector each) REPA is the mean of their losses, as official REPA's loss.py averages over its
 encoders; a weight per target then replaces lambda: denoise + mean_k(lambda_k * REPA_k).
+
+REPA's successors (``stages.core.family``) add to this: REG's class-token velocity loss, the dispersive loss,
+iREPA's normalised targets and HASTE's early stop of the alignment term.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .family import FamilySettings, alignment_inputs, dispersive_loss
 
 NUM_T_BINS = 10
 
@@ -73,6 +78,8 @@ class LossTerms:
     denoise: Tensor  # (B,)
     repa: Tensor | None  # (B,) -cos averaged over targets, or None
     per_target: Tensor | None = None  # (targets, B) -cos of each target
+    align: float = 1.0  # 0: the REPA term is not minimised (HASTE, after its stop step)
+    extra: Tensor | None = None  # scalar: the weighted terms of the REPA family (REG, dispersive), or None
 
     def total(self, repa_lambda: float, lambdas: list[float] | None = None) -> Tensor:
         """The scalar that is minimised: mean denoising loss + lambda * mean REPA loss, or with a weight
@@ -80,9 +87,11 @@ class LossTerms:
         loss = self.denoise.mean()
         if self.repa is not None and lambdas is not None:
             weights = torch.tensor(lambdas, device=self.per_target.device, dtype=self.per_target.dtype)
-            loss = loss + (weights * self.per_target.mean(dim=1)).mean()
+            loss = loss + self.align * (weights * self.per_target.mean(dim=1)).mean()
         elif self.repa is not None:
-            loss = loss + repa_lambda * self.repa.mean()
+            loss = loss + self.align * repa_lambda * self.repa.mean()
+        if self.extra is not None:
+            loss = loss + self.extra
         return loss
 
     def cosine(self) -> Tensor:
@@ -95,22 +104,55 @@ def alignment_targets(batch: dict, names: list[str] | tuple[str, ...] = ("dino",
     return [batch[name] for name in names if name in batch]
 
 
-def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets: list[Tensor]) -> LossTerms:
+def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets: list[Tensor],
+               family: FamilySettings | None = None, cls: Tensor | None = None,
+               cls_noise: Tensor | None = None) -> LossTerms:
     """Both losses for clean latents ``x``, path noise ``noise`` and times ``t``.
 
     ``forward(x_t, t, **cond) -> (velocity, [projected tokens per target])`` is the model; ``targets``
     the frozen encoders' tokens, one per projector. With several targets the REPA loss is their mean,
     as official REPA averages over its encoders.
+
+    ``family`` adds REPA's successors: with a class-token weight (REG), the clean class token ``cls`` (B, D)
+    is noised with ``cls_noise`` at the same ``t``, fed to the model, and the mean squared error of its
+    velocity is added with that weight; with a dispersive weight, the dispersive loss of the hidden state
+    the model returns; ``family.align`` False keeps the REPA term out of the total.
     """
+    family = family or FamilySettings()
     x_t, v = interpolate(x, noise, t)
-    pred, projected = forward(x_t, t, **cond)
+    extra_inputs, cls_v = {}, None
+    if family.class_token:
+        cls_t, cls_v = interpolate(cls.float(), cls_noise, t)
+        extra_inputs["cls_token"] = cls_t
+    out = forward(x_t, t, **cond, **extra_inputs)
+    pred, projected = out[0], out[1]
+    outputs = out[2] if len(out) > 2 else {}
     repa = per_target = None
     if projected:
         if len(projected) != len(targets):
             raise ValueError(f"{len(projected)} projectors but {len(targets)} alignment targets")
         per_target = torch.stack([repa_loss_per_sample(p, tgt) for p, tgt in zip(projected, targets)])
         repa = per_target.mean(dim=0)
-    return LossTerms(denoise_loss_per_sample(pred, v), repa, per_target)
+    extra = None
+    if family.class_token:
+        extra = family.class_token_weight * denoise_loss_per_sample(outputs["cls"], cls_v).mean()
+    if family.dispersive_lambda > 0:
+        term = family.dispersive_lambda * dispersive_loss(outputs["hidden"], family.dispersive_tau)
+        extra = term if extra is None else extra + term
+    return LossTerms(denoise_loss_per_sample(pred, v), repa, per_target, float(family.align), extra)
+
+
+def batch_loss_terms(forward, batch: dict, x: Tensor, noise: Tensor, t: Tensor, cond: dict, names,
+                     family: FamilySettings | None = None, generator: torch.Generator | None = None,
+                     cls_noise: Tensor | None = None) -> LossTerms:
+    """``loss_terms`` of a batch of cached features: the alignment targets ``names`` (in projector order),
+    transformed as ``family`` says, and REG's class token, noised with ``cls_noise`` when given (validation's
+    fixed draws), else with a draw from ``generator`` taken after every other draw of the step."""
+    family = family or FamilySettings()
+    targets, cls = alignment_inputs(batch, names, family)
+    if cls is not None and cls_noise is None:
+        cls_noise = torch.randn(cls.shape, generator=generator, device=cls.device)
+    return loss_terms(forward, x, noise, t, cond, targets, family, cls, cls_noise)
 
 
 def bin_by_t(values: Tensor, t: Tensor, bins: int = NUM_T_BINS) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,13 @@ layer and an unpatchify back to latent shape. Differences from DiT:
 - ``cond="text"`` adds cross-attention to caption tokens in every block (9-way adaLN) and a pooled caption
   vector to the time embedding; ``cond="none"`` is unconditional;
 - REPA: one projector MLP per alignment target maps the hidden state after block ``align_layer`` (1-based)
-  to the dimension of that frozen encoder's patch tokens, for the alignment loss (``stages.core.objective``).
+  to the dimension of that frozen encoder's patch tokens, for the alignment loss (``stages.core.objective``);
+  iREPA's Conv2d over the token grid instead with ``projector_type="conv"``;
+- REG (``class_token_dim``): the noised class token of the target enters as one extra token in front of the
+  patch tokens, LayerNorm(Linear(cls)) with a zero position row, and its velocity is read out by its own
+  linear head after the final modulated norm (the names are REG's: ``cls_projectors2``, ``wg_norm``,
+  ``final_layer.linear_cls``; ``pos_embed`` has the extra row, so REG's checkpoints load as they are);
+- ``hidden_layer``: forward also returns that block's output (for the dispersive loss).
 
 Parameter names and shapes are those of official REPA's ``models/sit.py`` (``projectors.k.*`` included), so
 its checkpoints load as they are (``repa import-checkpoint``).
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .family import ConvProjector
 from .model_config import ModelConfig
 
 #################################################################################
@@ -230,15 +237,19 @@ class SiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated norm and linear map from each token to its p x p x C patch of velocity."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, class_token_dim: int = 0):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear_cls = nn.Linear(hidden_size, class_token_dim) if class_token_dim else None  # REG's head
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.linear(self.modulated(x, c))
+
+    def modulated(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return modulate(self.norm_final(x), shift, scale)
 
 
 def build_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:
@@ -256,7 +267,7 @@ class SiT(nn.Module):
     """Diffusion transformer predicting the rectified-flow velocity, with one REPA projector per target."""
 
     # Where inputs enter (patches, captions, labels): muP-style parameter groups keep their lr unscaled.
-    input_params = ("x_embedder.", "caption_embedder.proj.", "y_embedder.")
+    input_params = ("x_embedder.", "caption_embedder.proj.", "y_embedder.", "cls_projectors2.")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -271,14 +282,25 @@ class SiT(nn.Module):
         self.caption_embedder = CaptionEmbedder(config.text_dim, hidden) if config.cond == "text" else None
         # fixed, so a buffer; persistent so a model built on the meta device loads it from a checkpoint
         grid = config.input_size // config.patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, grid).unsqueeze(0))
+        pos_embed = sincos_pos_embed_2d(hidden, grid)
+        self.leading = 1 if config.class_token_dim else 0  # REG's class token, in front of the patch tokens
+        if self.leading:
+            pos_embed = torch.cat([pos_embed.new_zeros(1, hidden), pos_embed])
+            self.cls_projectors2 = nn.Linear(config.class_token_dim, hidden)
+            self.wg_norm = nn.LayerNorm(hidden, eps=1e-6)
+        else:
+            self.cls_projectors2 = self.wg_norm = None
+        self.register_buffer("pos_embed", pos_embed.unsqueeze(0))
 
         self.blocks = nn.ModuleList(
             SiTBlock(hidden, config.num_heads, config.mlp_ratio, cross_attention=config.cond == "text")
             for _ in range(config.depth)
         )
-        self.final_layer = FinalLayer(hidden, config.patch_size, config.in_channels)
-        self.projectors = nn.ModuleList(build_projector(hidden, config.projector_dim, d) for d in config.repa_dims)
+        self.final_layer = FinalLayer(hidden, config.patch_size, config.in_channels, config.class_token_dim)
+        if config.projector_type == "conv":
+            self.projectors = nn.ModuleList(ConvProjector(hidden, d, config.projector_kernel) for d in config.repa_dims)
+        else:
+            self.projectors = nn.ModuleList(build_projector(hidden, config.projector_dim, d) for d in config.repa_dims)
         self.initialize_weights()
 
     @property
@@ -318,6 +340,9 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.final_layer.linear_cls is not None:
+            nn.init.zeros_(self.final_layer.linear_cls.weight)
+            nn.init.zeros_(self.final_layer.linear_cls.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """(B, N, p*p*C) -> (B, C, H, W)."""
@@ -334,15 +359,25 @@ class SiT(nn.Module):
         y: Tensor | None = None,
         text: Tensor | None = None,
         text_mask: Tensor | None = None,
-    ) -> tuple[Tensor, list[Tensor]]:
+        cls_token: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], dict]:
         """Velocity prediction and REPA-projected tokens.
 
         x: latents (B, C, H, W); t: rectified-flow time (B,) in [0, 1]; y: class ids (B,) for cond="class"
         (``null_class`` for dropped labels); text (B, L, text_dim) and text_mask (B, L), True = real token,
         for cond="text" (a missing mask, or ``config.text_mask`` False, means every token is attended to).
         Returns (velocity (B, C, H, W), one (B, num_patches, dim) tensor per alignment target, [] without REPA).
+        With ``config.extra_outputs`` a third element, {"cls": the class token's velocity (B, class_token_dim)
+        or None, "hidden": the output of block ``hidden_layer`` or None}; REG's model needs ``cls_token`` (B,
+        class_token_dim), the noised class token, and its projected tokens are [class token, patch tokens].
         """
-        tokens = self.x_embedder(x) + self.pos_embed
+        tokens = self.x_embedder(x)
+        if self.cls_projectors2 is not None:
+            if cls_token is None:
+                raise ValueError("this model denoises a class token too (REG): pass the noised cls_token")
+            cls = self.wg_norm(self.cls_projectors2(cls_token.to(self.cls_projectors2.weight.dtype)))
+            tokens = torch.cat([cls.unsqueeze(1).to(tokens.dtype), tokens], dim=1)
+        tokens = tokens + self.pos_embed
         c = self.t_embedder(t)
         context = context_mask = None
         if self.y_embedder is not None:
@@ -362,12 +397,25 @@ class SiT(nn.Module):
 
         projected: list[Tensor | None] = [None] * len(self.projectors)
         layers = self.config.projector_layers[: len(projected)]  # none when loaded without projectors
+        conv = self.config.projector_type == "conv"
+        hidden = None
         for index, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c, context, context_mask)
             for k, layer in enumerate(layers):
                 if layer == index:
-                    projected[k] = self.projectors[k](tokens)
-        return self.unpatchify(self.final_layer(tokens, c)), projected
+                    projected[k] = self.projectors[k](tokens, self.leading) if conv else self.projectors[k](tokens)
+            if index == self.config.hidden_layer:
+                hidden = tokens
+        if not self.config.extra_outputs:
+            return self.unpatchify(self.final_layer(tokens, c)), projected
+        cls_velocity = None
+        if self.leading:
+            tokens = self.final_layer.modulated(tokens, c)
+            cls_velocity = self.final_layer.linear_cls(tokens[:, 0])
+            out = self.final_layer.linear(tokens[:, self.leading:])
+        else:
+            out = self.final_layer(tokens, c)
+        return self.unpatchify(out), projected, {"cls": cls_velocity, "hidden": hidden}
 
 
 #################################################################################

@@ -1,8 +1,12 @@
-"""`repa import-checkpoint`: a checkpoint of official REPA (sihyun-yu/REPA) as a run of this project.
+"""`repa import-checkpoint`: a checkpoint of official REPA (sihyun-yu/REPA), REG (Martinser/REG) or iREPA
+(End2End-Diffusion/iREPA) as a run of this project.
 
-REPA's ``train.py`` saves ``{"model", "ema", "opt", "args", "steps"}`` with SiT state dicts whose names and
-shapes are this project's SiT's, and its released weights are a bare state dict. Either becomes a run
-directory (config.json and one checkpoint) that `repa sample` and `repa evaluate` use like any other run.
+Their ``train.py`` saves ``{"model", "ema", "opt", "args", "steps"}`` with SiT state dicts whose names and
+shapes are this project's SiT's (REG's class-token embedding ``cls_projectors2``/``wg_norm``, its head
+``final_layer.linear_cls`` and 257-row ``pos_embed`` included; iREPA's projectors are
+``projectors.k.projection_layer.*``: a Conv2d, whose kernel size its weight's shape gives, or the MLP, renamed
+to REPA's names), and released weights are a bare state dict. Either becomes a run directory (config.json and
+one checkpoint) that `repa sample` and `repa evaluate` use like any other run.
 The file is read with ``weights_only=True``: only tensors, plain values and REPA's ``argparse.Namespace``
 of arguments are accepted, so a crafted file cannot run code.
 """
@@ -26,6 +30,22 @@ from stages.core.network import build_model, count_parameters
 from stages.core.run_files import CONFIG_FILE
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_IREPA_PROJECTOR = re.compile(r"^projectors\.(\d+)\.projection_layer\.")
+
+
+def official_names(state: dict) -> dict:
+    """The state dict with iREPA's MLP projectors (``projectors.k.projection_layer.i.*``) under REPA's names
+    (``projectors.k.i.*``); its conv projectors keep theirs, which are this project's."""
+    out = {}
+    for key, value in state.items():
+        m = _IREPA_PROJECTOR.match(key)
+        if m and key[m.end():].split(".")[0].isdigit():
+            key = f"projectors.{m.group(1)}.{key[m.end():]}"
+        elif m and value.dim() == 2:
+            raise UsageError("the checkpoint's projector is iREPA's single linear layer (--projection-layer-type "
+                             "linear), which this project does not build; export it with the conv or mlp projector")
+        out[key] = value
+    return out
 
 
 def read_repa_checkpoint(path: Path) -> tuple[dict, dict, dict, int]:
@@ -52,7 +72,8 @@ def model_config_from(state: dict, args: dict, num_heads: int | None) -> ModelCo
         raise UsageError("the checkpoint uses qk-norm (REPA --qk-norm), which this project's SiT does not have")
     try:
         width, channels, patch, _ = state["x_embedder.proj.weight"].shape
-        tokens = state["pos_embed"].shape[1]
+        cls_dim = state["cls_projectors2.weight"].shape[1] if "cls_projectors2.weight" in state else 0  # REG
+        tokens = state["pos_embed"].shape[1] - (1 if cls_dim else 0)
         table = state["y_embedder.embedding_table.weight"].shape[0]
     except KeyError as e:
         raise UsageError(f"the checkpoint has no {e.args[0]}: not a class-conditional SiT of official REPA") from None
@@ -63,13 +84,19 @@ def model_config_from(state: dict, args: dict, num_heads: int | None) -> ModelCo
     if heads is None:
         raise UsageError(f"width {width} matches no SiT preset: pass --num-heads")
     z_dims = [state[f"projectors.{k}.4.weight"].shape[0] for k in range(64) if f"projectors.{k}.4.weight" in state]
+    conv = [state[f"projectors.{k}.projection_layer.weight"] for k in range(64)
+            if f"projectors.{k}.projection_layer.weight" in state]
+    if conv:  # iREPA's Conv2d projectors: (target dim, width, k, k)
+        z_dims = [w.shape[0] for w in conv]
     try:
         return ModelConfig(
             preset=preset_name if preset_name in MODEL_PRESETS else None, arch="sit", width=width,
             depth=1 + max(int(m.group(1)) for k in state if (m := _BLOCK.match(k))), num_heads=heads,
             patch_size=patch, in_channels=channels, input_size=int(round(tokens**0.5)) * patch, cond="class",
             num_classes=table - 1, repa_dims=tuple(z_dims), align_layer=int(args.get("encoder_depth", 8)),
-            projector_dim=state["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+            projector_dim=state["projectors.0.0.weight"].shape[0] if z_dims and not conv else 2048,
+            projector_type="conv" if conv else "mlp", projector_kernel=conv[0].shape[-1] if conv else 1,
+            class_token_dim=cls_dim,
         )
     except ValueError as e:
         raise UsageError(f"the checkpoint's shape is not a SiT this project builds ({e})") from None
@@ -80,6 +107,7 @@ def import_repa_checkpoint(path: Path, run_dir: Path, cache: Path, num_heads: in
     """Write ``run_dir`` (config.json and checkpoints/step-XXXXXXX.pt) from a REPA checkpoint; the cache
     names the VAE and latent scaling to sample with. Returns the checkpoint written."""
     model_sd, ema_sd, args, step = read_repa_checkpoint(Path(path))
+    model_sd, ema_sd = official_names(model_sd), official_names(ema_sd)
     mc = model_config_from(ema_sd, args, num_heads)
     try:
         manifest = read_manifest(cache)
@@ -102,6 +130,7 @@ def import_repa_checkpoint(path: Path, run_dir: Path, cache: Path, num_heads: in
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {"cache": str(cache), "run_dir": str(run_dir), "model": mc.preset, "cond": "class",
               "val_fraction": val_fraction, "repa_lambda": 0.5 if mc.repa else 0.0, "imported_from": str(path),
+              "method": "reg" if mc.class_token_dim else "irepa" if mc.projector_type == "conv" else "repa",
               "repa_args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))}}
     ckpt = checkpoint_path(run_dir, step)
     save_checkpoint(ckpt, {

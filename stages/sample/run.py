@@ -28,6 +28,7 @@ from cache_schema.fsutil import atomic_write_json
 from stages.core.checkpoint import latest_checkpoint, load_checkpoint
 from stages.core.codec import dequantize_int8, quantize_int8
 from stages.core.errors import UsageError
+from stages.core.family import JointState
 from stages.core.model_config import ModelConfig
 from stages.core.network import build_model
 from stages.core.options import check
@@ -290,21 +291,29 @@ class ImageSampler:
         self.run, self.options, self.conditions, self.device = run, options, conditions, device
         self.decoder = LatentDecoder(run.manifest, device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+        cls_dim = getattr(run.model.config, "class_token_dim", 0)
+        self.joint = JointState(run.latent_shape, cls_dim) if cls_dim else None  # REG: the class token too
 
     def _velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         with self.autocast:
+            if self.joint is not None:
+                return self.joint.velocity(self.run.model, x, t, cond)
             return self.run.model(x, t, **cond)[0].float()
 
     @torch.no_grad()
     def latents(self, indices: list[int]) -> Tensor:
         o = self.options
         noise = image_noise(o.seed, indices, self.run.latent_shape).to(self.device)
+        if self.joint is not None:
+            cls = torch.stack([torch.randn(self.joint.dim, generator=generator(o.seed, i, 2)) for i in indices])
+            noise = self.joint.pack(noise, cls.to(self.device))
         fn = guided(self._velocity, self.conditions.batch(indices), self.conditions.null(), o.guidance_scale,
                     o.guidance_low, o.guidance_high)
         generators = None
         if o.sampler in STOCHASTIC:
             generators = [generator(o.seed, i, 1, device=self.device) for i in indices]
-        return sample(fn, noise, o.sampler, o.steps, generator=generators)
+        out = sample(fn, noise, o.sampler, o.steps, generator=generators)
+        return out if self.joint is None else self.joint.unpack(out)[0]
 
     def images(self, indices: list[int]) -> Tensor:
         """uint8 (B, 3, H, W) on the sampling device."""

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from cache_schema.layout import FIRST_TARGET
 from stages.core.errors import UsageError
+from stages.core.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySettings
 from stages.core.model_config import ARCHS
 from stages.core.model_presets import MODEL_PRESETS
 from stages.core.options import option, to_json
+
+from .methods import METHODS, NEUTRAL, method_parts, method_settings
 
 CONDITIONINGS = ("auto", "class", "text", "none")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
@@ -54,7 +57,14 @@ class TrainConfig:
     )
     # -- objective --------------------------------------------------------------------------------
     time_sampling: str = option("uniform", "t distribution: uniform or logit-normal.", choices=TIME_SAMPLINGS)
-    repa_lambda: float = option(0.5, "Weight of the REPA loss; 0 disables REPA and the projector.", ge=0)
+    method: str = option(
+        "repa", f"Objective, as its official code sets it (docs/methods.md): {', '.join(METHODS)}, or several joined "
+        "by + (e.g. reg+irepa). The options below that it sets take its values unless given.", metavar="NAME",
+    )
+    repa_lambda: float | None = option(
+        None, "Weight of the REPA loss; 0 disables REPA and the projector.", ge=0,
+        default_text="the method's: 0.5, irepa 1.0, sit and dispersive 0",
+    )
     targets: str | None = option(
         None, "Alignment targets of the cache, comma-separated (e.g. dino,clip-l; `repa cache info` lists them): one "
         "REPA projector each, the REPA loss averaged over them as official REPA does.",
@@ -73,6 +83,40 @@ class TrainConfig:
         none_word=True,
     )
     projector_dim: int = option(2048, "Hidden size of the REPA projector MLP.", gt=0)
+    projector: str | None = option(
+        None, "REPA projector: mlp (REPA's) or conv (iREPA's Conv2d over the token grid).", choices=PROJECTOR_TYPES,
+        default_text="the method's: conv for irepa, else mlp",
+    )
+    projector_kernel: int | None = option(
+        None, "Kernel size of the conv projector (odd).", gt=0, default_text="the method's: 1 (iREPA's LDM recipe)",
+    )
+    target_norm: str | None = option(
+        None, "Alignment targets as stored (none) or z-scored over the token axis (zscore, iREPA).",
+        choices=TARGET_NORMS, default_text="the method's: zscore for irepa, else none",
+    )
+    zscore_alpha: float | None = option(
+        None, "Share of the token mean --target-norm zscore subtracts.", ge=0, default_text="the method's: 0.6",
+    )
+    class_token_weight: float | None = option(
+        None, "REG: weight of the class token's velocity loss; > 0 feeds the target's noised class token to the model "
+        "and aligns [class token, patch tokens] (the cache must store class tokens: `repa encode --class-tokens`).",
+        ge=0, default_text="the method's: 0.03 for reg, else 0",
+    )
+    dispersive_lambda: float | None = option(
+        None, "Weight of the dispersive loss on --dispersive-layer's output (0: off).", ge=0,
+        default_text="the method's: 0.25 for dispersive, else 0",
+    )
+    dispersive_tau: float | None = option(
+        None, "Temperature of the dispersive loss.", gt=0, default_text="the method's: 1",
+    )
+    dispersive_layer: int | None = option(
+        None, "1-based block whose output the dispersive loss spreads.", ge=0,
+        default_text="the method's: the last block",
+    )
+    align_stop: int | None = option(
+        None, "Stop the alignment loss after this many steps (HASTE's early stop; 0: never).", ge=0,
+        default_text="the method's: 250000 for haste, else 0",
+    )
     cond_dropout: float = option(
         0.1, "Probability of dropping the label/caption to the null one (for CFG).", ge=0, lt=1,
     )
@@ -154,7 +198,32 @@ class TrainConfig:
     resume_from: Path | None = option(None, "Continue from this checkpoint file.", metavar="FILE")
     overwrite: bool = option(False, "Delete an existing --run-dir first.", flags=("--overwrite",))
 
+    def __post_init__(self) -> None:
+        """Options the method sets and that were not given take the method's values."""
+        if not isinstance(self.method, str):
+            return  # check() names the bad value
+        try:
+            implied = method_settings(self.method, self.depth or MODEL_PRESETS.get(self.model or "", {}).get("depth"))
+        except UsageError:
+            return  # check() repeats it in one line
+        for name, value in implied.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def family(self, step: int | None = None) -> FamilySettings:
+        """What the method adds to REPA's objective at (1-based) ``step``; without a step, every addition."""
+        return FamilySettings(class_token_weight=self.class_token_weight, target_norm=self.target_norm,
+                              zscore_alpha=self.zscore_alpha, dispersive_lambda=self.dispersive_lambda,
+                              dispersive_tau=self.dispersive_tau,
+                              align=not (self.align_stop and step is not None and step > self.align_stop))
+
     def check(self) -> None:
+        method_parts(self.method)
+        if self.dispersive_lambda > 0 and not self.dispersive_layer:
+            raise UsageError(f"--dispersive-lambda {self.dispersive_lambda}: give --dispersive-layer, the block whose "
+                             "output it spreads")
+        if self.projector_kernel % 2 == 0:
+            raise UsageError(f"--projector-kernel {self.projector_kernel}: must be odd, so the grid keeps its size")
         if self.model is None and (self.width is None or self.depth is None):
             raise UsageError("without --model, give both --width and --depth")
         if self.val_cache is not None and self.val_fraction > 0:
@@ -214,7 +283,7 @@ RESUMABLE_CHANGES = frozenset(
 
 
 # Settings added after runs existed: a checkpoint without one was made with this value.
-LATER_SETTINGS = {"flip": False}
+LATER_SETTINGS = {"flip": False, "method": "repa", **{k: v for k, v in NEUTRAL.items() if k != "repa_lambda"}}
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

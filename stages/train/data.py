@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cache_schema import CacheError, FastReader
-from cache_schema.layout import flip_name
+from cache_schema.layout import FIRST_TARGET, flip_name
 from stages.core.processes import exit_with_process
 
 Batch = dict[str, torch.Tensor]
@@ -179,10 +179,12 @@ class CacheBatchDataset(Dataset):
         targets: list[str] | None = None,
         flips: bool = False,
         index: dict[str, np.ndarray] | None = None,
+        class_tokens: bool = False,
     ):
         """``targets``: the alignment targets read with ``need_dino`` (default: the first, dino); ``flips``:
         serve ``~id`` flipped (the cache must hold flips); ``index``: labels or caption spans another dataset
-        over the same parts has read already (not read again)."""
+        over the same parts has read already (not read again); ``class_tokens``: also ``{target}_cls`` of each
+        target read (of the first one without ``need_dino``), for REG."""
         self.reader = FastReader(cache_dir, parts)
         wanted = ({"label"} if need_label else set()) | ({"text_start", "text_count"} if need_text else set())
         self.reader.adopt_index({k: v for k, v in (index or {}).items() if k in wanted})
@@ -191,11 +193,14 @@ class CacheBatchDataset(Dataset):
                 f"{cache_dir}: cache has no text features but this run needs them; "
                 "re-encode with a text encoder or train without text conditioning"
             )
+        named = targets or [FIRST_TARGET]
+        cls_targets = (named if need_dino else named[:1]) if class_tokens else []
         targets = (targets or ["dino"]) if need_dino else []
         self.reader.require_targets(targets)
         names = ["moments"] + targets + (["label"] if need_label else [])
         if self.reader.manifest.codec == "int8":
             names += [f"{name}_scale" for name in targets]
+        names += [f"{name}_cls" for name in cls_targets]
         self.per_sample = names
         # The field each per-sample name is read from for a flipped sample (label has no flipped twin).
         self.flipped = {}

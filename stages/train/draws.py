@@ -5,7 +5,8 @@ A step's global batch holds ``D = batch_size / K`` distinct images (``K``: --bat
 (``piece_index``, as ``EpochBatchSampler`` serves them). Row ``q = k * D + p`` of the global batch is copy ``k`` of the image at position ``p``,
 as if the whole global batch were repeated ``K`` times (the seed's ``.repeat``). Per step, one generator seeded
 with (seed, step) draws, in this order: the posterior noise of each of the ``D`` images (one latent per image,
-shared by its copies), then ``t``, the path noise and the condition-dropout coins of each of the ``K * D`` rows.
+shared by its copies), then ``t``, the path noise and the condition-dropout coins of each of the ``K * D`` rows,
+and with REG the path noise of each row's class token.
 Every process draws the whole global batch and keeps its rows, so what row ``q`` gets depends on neither the
 number of processes nor on gradient accumulation: those only change how the global batch is split.
 
@@ -40,6 +41,7 @@ class StepDraws:
     noise: torch.Tensor  # (K * D, C, h, w)
     drop: torch.Tensor | None  # (K * D,) bool: the row's condition is replaced by the null one; None: no dropout
     multiplicity: int
+    cls_noise: torch.Tensor | None = None  # (K * D, dim): REG's path noise of each row's class token
 
     @property
     def distinct(self) -> int:
@@ -53,7 +55,8 @@ class StepDraws:
         images = torch.arange(index * d, (index + 1) * d, device=self.t.device)
         rows = (torch.arange(self.multiplicity, device=self.t.device)[:, None] * self.distinct + images).reshape(-1)
         return StepDraws(self.latent_noise[images], self.t[rows], self.noise[rows],
-                         None if self.drop is None else self.drop[rows], self.multiplicity)
+                         None if self.drop is None else self.drop[rows], self.multiplicity,
+                         None if self.cls_noise is None else self.cls_noise[rows])
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -62,13 +65,16 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 
 
 def draw_step(seed: int, step: int, distinct: int, multiplicity: int, latent: dict, time_sampling: str,
-              conditioner: Conditioner, device: torch.device) -> StepDraws:
+              conditioner: Conditioner, device: torch.device, cls_dim: int | None = None) -> StepDraws:
     """Every random draw of step ``step``'s global batch of ``distinct`` images x ``multiplicity`` copies;
-    ``latent``: the manifest's latent shape (``channels``, ``size``)."""
+    ``latent``: the manifest's latent shape (``channels``, ``size``); ``cls_dim``: with REG, the class token's
+    width, whose path noise per row is drawn last."""
     gen = step_generator(seed, step, device)
     shape = (latent["channels"], latent["size"], latent["size"])
     rows = distinct * multiplicity
     latent_noise = torch.randn((distinct, *shape), generator=gen, device=device)
     t = sample_t(rows, time_sampling, gen, device)
     noise = torch.randn((rows, *shape), generator=gen, device=device)
-    return StepDraws(latent_noise, t, noise, conditioner.drops(rows, gen, device), multiplicity)
+    drop = conditioner.drops(rows, gen, device)
+    cls_noise = torch.randn((rows, cls_dim), generator=gen, device=device) if cls_dim else None
+    return StepDraws(latent_noise, t, noise, drop, multiplicity, cls_noise)

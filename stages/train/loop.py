@@ -36,7 +36,8 @@ from stages.core.conditioning import Conditioner
 from stages.core.cuda_settings import fast_cuda_math
 from stages.core.errors import UsageError
 from stages.core.network import build_model, count_parameters
-from stages.core.objective import alignment_targets, loss_terms, sample_latents
+from stages.core.family_settings import FamilySettings
+from stages.core.objective import batch_loss_terms, sample_latents
 from stages.core.options import check
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.split import split_cache
@@ -96,18 +97,20 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws, repa_lambda: float, latent: dict,
-               targets: list[str] = ("dino",), lambdas: list[float] | None = None):
+               targets: list[str] = ("dino",), lambdas: list[float] | None = None,
+               family: FamilySettings | None = None):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached.
 
     ``batch`` holds the distinct images, ``draws`` their draws (``StepDraws.piece``): one latent is sampled per
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
     own t, noise and dropout, as the seed samples ``latent_dist`` before its ``.repeat``. ``targets``: the
-    alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``)."""
+    alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
+    the --method adds to REPA (stages.core.family)."""
     x = tile_rows(sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"],
                                  noise=draws.latent_noise), draws.multiplicity)
     batch = tile({k: v for k, v in batch.items() if k != "moments"}, draws.multiplicity)
-    terms = loss_terms(forward, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop),
-                       alignment_targets(batch, targets))
+    terms = batch_loss_terms(forward, batch, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop), targets,
+                             family, cls_noise=draws.cls_noise)
     return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), draws.t
 
 
@@ -139,6 +142,7 @@ class Trainer:
     window: TrainWindow
     param_table: list[dict]  # lr and weight decay of every parameter
     nonfinite: torch.Tensor | None = None  # on the device: set once a loss or gradient norm was not finite
+    cls_dim: int | None = None  # REG: the width of the class token it denoises (its path noise is a step draw)
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -156,13 +160,16 @@ class Trainer:
         the global batch (``EpochBatchSampler``), each with its rows of the step's draws."""
         cfg, device = self.cfg, self.accelerator.device
         accum, world, rank = cfg.grad_accum, self.accelerator.num_processes, self.accelerator.process_index
+        family = cfg.family(step)
         draws = draw_step(cfg.seed, step, cfg.batch_size // cfg.batch_multiplicity, cfg.batch_multiplicity,
-                          self.latent, cfg.time_sampling, self.conditioner, device)
+                          self.latent, cfg.time_sampling, self.conditioner, device,
+                          cls_dim=self.cls_dim if family.class_token else None)
         for m in range(accum):
             piece = draws.piece(rank, m, world, accum)
             with nullcontext() if m == accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, next(batches), piece,
-                                                   cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas())
+                                                   cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas(),
+                                                   family)
                 self.accelerator.backward(loss / accum)
             self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / accum)
             self._flag(loss)
@@ -358,7 +365,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     micro = cfg.batch_size // (world * cfg.grad_accum)  # rows per process and micro-batch, copies included
     train_ids, val_ids = split_cache(reader, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
-    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names())
+    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names(),
+                 class_tokens=cfg.class_token_weight > 0)
     dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)  # validation reads it unflipped
     val_dataset = dataset
     if cfg.val_cache is not None:
@@ -372,6 +380,9 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
 
     # -- model, optimizer, resume -----------------------------------------------------------------
     trainer = build_trainer(cfg, accelerator, model_cfg, cond, manifest.latent)
+    if cfg.class_token_weight > 0:  # REG denoises the first target's class token
+        first = cfg.target_names()[0]
+        trainer.cls_dim = int((manifest.dino if first == "dino" else manifest.targets[first])["dim"])
     start_step = 0
     if ckpt is not None:
         start_step = restore(trainer, check_resume(ckpt, resume_path, cfg, manifest, model_cfg))
@@ -395,7 +406,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     validator = None
     if len(val_ids):
         validator = Validator(val_dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world,
-                              device, repa=repa, targets=cfg.target_names())
+                              device, repa=repa, targets=cfg.target_names(), family=cfg.family())
     previewer = None
     if cfg.preview_every and main and len(val_ids):
         previewer = Previewer(val_dataset, val_ids, manifest.latent)

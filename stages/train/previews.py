@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from stages.core.codec import features_to_device
+from stages.core.family import JointState
 from stages.core.grids import tile
 from stages.core.run_files import PREVIEW_DIR
 from stages.core.samplers import euler_ode
@@ -42,10 +43,17 @@ class Previewer:
         batch = features_to_device(self.dataset.__getitems__(self.ids), device)
         cond = conditioner(batch)
 
-        def velocity(x, t):
-            return model(x, t, **cond)[0].float()
+        cls_dim = getattr(model.config, "class_token_dim", 0)
+        joint = JointState(self.noise.shape[1:], cls_dim) if cls_dim else None  # REG: the class token too
 
-        latents = euler_ode(velocity, self.noise.to(device), steps=self.steps)
+        def velocity(x, t):
+            return joint.velocity(model, x, t, cond) if joint else model(x, t, **cond)[0].float()
+
+        noise = self.noise
+        if joint:
+            noise = joint.pack(noise, torch.randn(len(noise), cls_dim, generator=generator(PREVIEW_SEED, 1)))
+        latents = euler_ode(velocity, noise.to(device), steps=self.steps)
+        latents = joint.unpack(latents)[0] if joint else latents
         path = Path(run_dir) / PREVIEW_DIR / f"step-{step:07d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"step": step, "latents": latents.cpu(), "latent": self.latent, "keys": self.keys,

@@ -19,6 +19,7 @@ from stages.core.errors import UsageError
 from stages.core.run_files import CONFIG_FILE, EVAL_FILE, FINAL_FILE, METRICS_FILE
 
 from .config import RESUMABLE_CHANGES
+from .methods import NEUTRAL
 from .metrics import read_metrics
 
 # Bookkeeping that does not change what a run learns; kept out of "settings that differ".
@@ -45,6 +46,7 @@ class RunReport:
     final_bins: list[float | None] = field(default_factory=list)
     repa_cos: float | None = None
     targets: str | None = None  # the alignment targets, comma-separated ("none" without REPA)
+    method: str | None = None  # `repa train --method` (runs made before it: repa)
     img_per_s: float | None = None
     evaluation: dict | None = None
     val_curve: list[tuple[int, float]] = field(default_factory=list)
@@ -101,6 +103,7 @@ def summarize_run(run_dir: Path) -> RunReport:
         rep.parameters = meta.get("parameters")
         rep.requested_steps = rep.config.get("steps")
         rep.targets = (rep.config.get("targets") or FIRST_TARGET) if rep.config.get("repa_lambda", 1) > 0 else "none"
+        rep.method = rep.config.get("method", "repa")
     records = read_metrics(run_dir)
     val = sorted((r for r in records if r["kind"] == "val"), key=lambda r: r["step"])
     train = [r for r in records if r["kind"] == "train"]
@@ -156,7 +159,7 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     """A fixed-width comparison table, one row per run, best final validation loss first."""
     evals = [(key, title, spec) for key, title, spec in EVAL_COLUMNS if any((r.evaluation or {}).get(key) is not None for r in reports)]
     header = ["run", "params", "steps", "val final", "val best", *(f"t {lo:.1f}-{hi:.1f}" for lo, hi in T_RANGES),
-              "REPA cos", "targets", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
+              "REPA cos", "targets", "method", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
     rows = []
     for r in reports:
         ev = r.evaluation or {}
@@ -169,6 +172,7 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
             *(_fmt(v, "{:.4f}") for v in bin_ranges(r.final_bins)),
             _fmt(r.repa_cos, "{:.3f}"),
             r.targets or "-",
+            r.method or "-",
             *(_fmt(ev.get(key), spec) for key, _, spec in evals),
             *([_fmt(ev.get("step"), "{}")] if evals else []),
         ])
@@ -180,6 +184,13 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     if differ:
         out.append(f"settings that differ: {', '.join(differ)}")
+    implied = {}
+    for r in reports:
+        if r.method:
+            implied.setdefault(r.method, ", ".join(f"{k} {r.config[k]}" for k in NEUTRAL
+                                                   if r.config.get(k, NEUTRAL[k]) != NEUTRAL[k]))
+    if implied:
+        out.append("method settings (where not neutral): " + "; ".join(f"{m}: {v or '-'}" for m, v in implied.items()))
     if any(not r.finished for r in reports):
         out.append("steps N/M: reached N of the M requested (the run has not finished)")
     return "\n".join(out)

@@ -23,6 +23,7 @@ from stages.core.model_config import ModelConfig
 from stages.core.model_presets import MODEL_PRESETS
 
 from .config import TrainConfig, resume_differences
+from .methods import family_model_fields
 
 
 def resolve_cond(cfg: TrainConfig, manifest: Manifest, labels: np.ndarray) -> str:
@@ -73,6 +74,7 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         align_layer=align,
         align_layers=cfg.layers() if repa_on(cfg) else (),
         projector_dim=cfg.projector_dim,
+        **family_model_fields(cfg, manifest, repa_on(cfg)),
     )
     try:
         mc = ModelConfig(**kw)

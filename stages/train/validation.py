@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from stages.core.codec import features_to_device
-from stages.core.objective import NUM_T_BINS, alignment_targets, bin_by_t, loss_terms, sample_latents
+from stages.core.family_settings import FamilySettings
+from stages.core.objective import NUM_T_BINS, batch_loss_terms, bin_by_t, sample_latents
 from stages.core.seeding import generator
 
 from .data import CacheBatchDataset
@@ -22,17 +23,25 @@ VAL_SEED = 20241009
 class Validator:
     def __init__(self, dataset: CacheBatchDataset, val_ids: np.ndarray, max_samples: int, batch_size: int,
                  latent: dict, rank: int, world_size: int, device: torch.device, repa: bool = True,
-                 targets: list[str] = ("dino",)):
+                 targets: list[str] = ("dino",), family: FamilySettings | None = None):
         ids = np.asarray(val_ids)[:max_samples]
         self.n_total = len(ids)
         positions = np.arange(len(ids))[rank::world_size]
         self.ids, self.t = ids[positions], torch.from_numpy((positions + 0.5) / max(len(ids), 1)).float()
         self.dataset, self.batch_size, self.device, self.repa = dataset, batch_size, device, repa
         self.targets = targets
+        self.family = family or FamilySettings()
         self.scale, self.shift = latent["scaling_factor"], latent["shift_factor"]
         c, s = latent["channels"], latent["size"]
         noise = [torch.randn(2, c, s, s, generator=generator(VAL_SEED, int(i))) for i in self.ids]
         self.noise = torch.stack(noise) if noise else torch.zeros(0, 2, c, s, s)
+
+    def class_token_noise(self, batch: dict, ids) -> torch.Tensor | None:
+        """REG's fixed path noise of each sample's class token, drawn apart from the latents' noise."""
+        if not self.family.class_token:
+            return None
+        dim = batch[f"{self.targets[0]}_cls"].shape[-1]
+        return torch.stack([torch.randn(dim, generator=generator(VAL_SEED, int(i), 1)) for i in ids]).to(self.device)
 
     @torch.no_grad()
     def run(self, model, cond_inputs, reduce) -> dict:
@@ -50,7 +59,8 @@ class Validator:
             t = self.t[sl].to(self.device)
             eps_latent, eps_path = self.noise[sl].to(self.device).unbind(1)
             x = sample_latents(batch["moments"], self.scale, self.shift, noise=eps_latent)
-            terms = loss_terms(model, x, eps_path, t, cond_inputs(batch), alignment_targets(batch, self.targets))
+            terms = batch_loss_terms(model, batch, x, eps_path, t, cond_inputs(batch), self.targets, self.family,
+                                     cls_noise=self.class_token_noise(batch, self.ids[sl]))
             denoise_sum, counts = bin_by_t(terms.denoise, t)
             sums[0] += denoise_sum
             sums[2] += counts
