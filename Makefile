@@ -58,10 +58,12 @@ $(DEMO_DATA)/.done: | $(STAMP)
 	$(VENV)/bin/repa data demo --out $(DEMO_DATA)
 	touch $@
 
-# The demo VAE is fitted to the demo images (about half a minute on 2 cores), so samples show shapes.
+# The demo VAE is fitted to the demo images (about half a minute on 2 cores), so samples show shapes; the demo
+# DINOv2 too, so that its tokens say which shape, colour and place each patch shows and REPA has a target.
 $(TINY)/.done: $(DEMO_DATA)/.done | $(STAMP)
 	$(VENV)/bin/repa encoders tiny --out $(TINY)
 	$(VENV)/bin/repa encoders fit-vae --vae $(TINY)/vae-demo --source '$(DEMO_DATA)/cc12m-train-{0000..0003}.tar'
+	$(VENV)/bin/repa encoders fit-dino --dino $(TINY)/dino --source '$(DEMO_DATA)/cc12m-train-{0000..0003}.tar'
 	touch $@
 
 demo-assets: $(DEMO_DATA)/.done $(TINY)/.done

@@ -361,6 +361,34 @@ def encoders_fit_vae(
     typer.echo(f"fitted {vae}" + (f": reconstruction MSE {losses[-1]:.4f}" if losses else ""))
 
 
+@encoders_app.command("fit-dino")
+@user_errors
+def encoders_fit_dino(
+    source: Annotated[str, typer.Option(help="Demo shards to fit on (brace pattern).", metavar="PATTERN")],
+    dino: Annotated[Path, typer.Option(help="DINOv2 folder written by `repa encoders tiny` (dino); rewritten in "
+                                       "place.", metavar="DIR")] = Path("models/tiny/dino"),
+    resolution: Annotated[int, typer.Option(help="Crop size, as the cache will be encoded.")] = 64,
+    steps: Annotated[int, typer.Option(help="Fitting steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same weights).")] = 0,
+):
+    """Fit the demo's tiny DINOv2 to the demo images (its tokens then tell each patch's shape, colour, size and
+    position, as the generator drew them), so that REPA has something to align to."""
+    from tqdm import tqdm
+
+    from stages.demo.fit_dino import fit_demo_dino
+
+    if not (dino / "config.json").is_file():
+        raise UsageError(f"--dino {dino}: no DINOv2 there; write it first with `repa encoders tiny`")
+    with tqdm(total=steps, unit="step", desc="fit DINOv2", dynamic_ncols=True) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+
+        losses = fit_demo_dino(dino, source, resolution, steps, batch_size, seed=seed, progress=progress)
+    typer.echo(f"fitted {dino}" + (f": loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""))
+
+
 def main() -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun / accelerate launch
         from stages.core.processes import exit_when_gone

@@ -162,7 +162,7 @@ def demo_images(sources: Iterable[str], resolution: int, limit: int) -> np.ndarr
     for url in sources:
         for tar in expand_source(url):
             for sample in iter_tar(tar):
-                prepared = prepare_sample(sample, resolution, 64_000_000, True)
+                prepared = prepare_sample(sample, resolution, 64_000_000, False)  # as the demo encodes: full decode
                 if isinstance(prepared, Prepared):
                     out.append(prepared.image)
                 if len(out) >= limit:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -238,7 +237,7 @@ def write_tiny_encoders(out_dir: Path, seed: int = 0) -> dict[str, Path]:
     tokenizers = {"text": t5_tokenizer(), "clip-text": clip_tokenizer(), "siglip": siglip_tokenizer()}
     vocab_size = max(len(tok) for tok in tokenizers.values())  # one size fits both models
     paths: dict[str, Path] = {}
-    with _no_save_bars():
+    with library_noise.no_progress_bars():  # a bar per one-file model says nothing
         for name, build in _builders(vocab_size).items():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -259,15 +258,3 @@ def siglip_image_processor() -> type:
     import transformers
 
     return getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
-
-
-@contextmanager
-def _no_save_bars():
-    # A bar per one-file model says nothing: the tiny models are written in well under a second.
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()

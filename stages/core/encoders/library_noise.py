@@ -43,3 +43,15 @@ def quiet_transformers():
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+@contextmanager
+def no_progress_bars():
+    """transformers' loading and saving bars off, for models that load and save in well under a second."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
