@@ -347,3 +347,176 @@ class DiTwDDTHead(nn.Module):
             x = self.blocks[i](x, s, feat_rope=self.dec_feat_rope)
         x = self.final_layer(x, s)
         return self.unpatchify(x)
+
+
+# ---- the stage-1 decoder: src/stage1/decoders/decoder.py ------------------------------------------------
+import math  # noqa: E402
+from copy import deepcopy  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+
+def mae_2d_sincos_pos_embed(embed_dim, grid_size, add_cls_token=False):
+    """decoder.py:114-172 (the same table as model_utils.py's, with an optional zero CLS row)."""
+    pos_embed = get_2d_sincos_pos_embed(embed_dim, grid_size)
+    if add_cls_token:
+        pos_embed = np.concatenate([np.zeros([1, embed_dim]), pos_embed], axis=0)
+    return pos_embed
+
+
+class ViTMAESelfAttention(nn.Module):
+    """decoder.py:334-391 (the eager attention ViTMAELayer uses, line 507), dropout 0."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = int(config.hidden_size / config.num_attention_heads)
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.query = nn.Linear(config.hidden_size, self.all_head_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size, bias=config.qkv_bias)
+
+    def transpose_for_scores(self, x):
+        x = x.view(x.size()[:-1] + (self.num_attention_heads, self.attention_head_size))
+        return x.permute(0, 2, 1, 3)
+
+    def forward(self, hidden_states):
+        query_layer = self.transpose_for_scores(self.query(hidden_states))
+        key_layer = self.transpose_for_scores(self.key(hidden_states))
+        value_layer = self.transpose_for_scores(self.value(hidden_states))
+        scores = torch.matmul(query_layer, key_layer.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+        probs = F.softmax(scores, dim=-1)
+        context = torch.matmul(probs, value_layer).permute(0, 2, 1, 3).contiguous()
+        return context.view(context.size()[:-2] + (self.all_head_size,))
+
+
+class ViTMAESelfOutput(nn.Module):  # decoder.py:427-442
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.dense(hidden_states)
+
+
+class ViTMAEAttention(nn.Module):  # decoder.py:446-463
+    def __init__(self, config):
+        super().__init__()
+        self.attention = ViTMAESelfAttention(config)
+        self.output = ViTMAESelfOutput(config)
+
+    def forward(self, hidden_states):
+        return self.output(self.attention(hidden_states), hidden_states)
+
+
+class ViTMAEIntermediate(nn.Module):  # decoder.py:466-479, hidden_act "gelu" = transformers' exact GELU
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states):
+        return F.gelu(self.dense(hidden_states))
+
+
+class ViTMAEOutput(nn.Module):  # decoder.py:483-495
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.dense(hidden_states) + input_tensor
+
+
+class ViTMAELayer(nn.Module):  # decoder.py:500-539
+    def __init__(self, config):
+        super().__init__()
+        self.attention = ViTMAEAttention(config)
+        self.intermediate = ViTMAEIntermediate(config)
+        self.output = ViTMAEOutput(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states):
+        hidden_states = self.attention(self.layernorm_before(hidden_states)) + hidden_states
+        layer_output = self.intermediate(self.layernorm_after(hidden_states))
+        return self.output(layer_output, hidden_states)
+
+
+def vit_mae_config(**kw):
+    """The fields of configs/decoder/ViTXL/config.json that GeneralDecoder reads, overridable."""
+    base = dict(hidden_size=768, decoder_hidden_size=1152, decoder_num_hidden_layers=28,
+                decoder_num_attention_heads=16, decoder_intermediate_size=4096, num_attention_heads=12,
+                intermediate_size=3072, layer_norm_eps=1e-12, qkv_bias=True, num_channels=3, patch_size=16,
+                image_size=224)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+class GeneralDecoder(nn.Module):
+    """decoder.py:542-747 (forward with drop_cls_token=False, interpolate_pos_encoding=False, as RAE.decode)."""
+
+    def __init__(self, config, num_patches):
+        super().__init__()
+        self.decoder_embed = nn.Linear(config.hidden_size, config.decoder_hidden_size, bias=True)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, config.decoder_hidden_size),
+                                              requires_grad=False)
+        decoder_config = deepcopy(config)
+        decoder_config.hidden_size = config.decoder_hidden_size
+        decoder_config.num_hidden_layers = config.decoder_num_hidden_layers
+        decoder_config.num_attention_heads = config.decoder_num_attention_heads
+        decoder_config.intermediate_size = config.decoder_intermediate_size
+        self.decoder_layers = nn.ModuleList([ViTMAELayer(decoder_config)
+                                             for _ in range(config.decoder_num_hidden_layers)])
+        self.decoder_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.decoder_pred = nn.Linear(config.decoder_hidden_size, config.patch_size ** 2 * config.num_channels,
+                                      bias=True)
+        self.config = config
+        self.num_patches = num_patches
+        pos = mae_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], int(num_patches ** 0.5), add_cls_token=True)
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_config.hidden_size))
+
+    def interpolate_latent(self, x):
+        b, l, c = x.shape
+        if l == self.num_patches:
+            return x
+        h, w = int(l ** 0.5), int(l ** 0.5)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        target_size = (int(self.num_patches ** 0.5), int(self.num_patches ** 0.5))
+        x = F.interpolate(x, size=target_size, mode="bilinear", align_corners=False)
+        return x.permute(0, 2, 3, 1).contiguous().view(b, self.num_patches, c)
+
+    def unpatchify(self, patchified_pixel_values):
+        patch_size, num_channels = self.config.patch_size, self.config.num_channels
+        num_patches_h = num_patches_w = self.config.image_size // patch_size
+        batch_size = patchified_pixel_values.shape[0]
+        x = patchified_pixel_values.reshape(batch_size, num_patches_h, num_patches_w, patch_size, patch_size,
+                                            num_channels)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(batch_size, num_channels, num_patches_h * patch_size, num_patches_w * patch_size)
+
+    def forward(self, hidden_states):
+        x = self.decoder_embed(hidden_states)
+        x_ = self.interpolate_latent(x)
+        cls_token = self.trainable_cls_token.expand(x_.shape[0], -1, -1)
+        hidden_states = torch.cat([cls_token, x_], dim=1) + self.decoder_pos_embed
+        for layer_module in self.decoder_layers:
+            hidden_states = layer_module(hidden_states)
+        logits = self.decoder_pred(self.decoder_norm(hidden_states))
+        return logits[:, 1:, :]
+
+
+def rae_decoder_for(encoder_hidden, decoder_patch_size, base_patches, **config):
+    """src/stage1/rae.py:50-54: the decoder config RAE builds around an encoder."""
+    cfg = vit_mae_config(**config)
+    cfg.hidden_size = encoder_hidden
+    cfg.patch_size = decoder_patch_size
+    cfg.image_size = int(decoder_patch_size * sqrt(base_patches))
+    return GeneralDecoder(cfg, num_patches=base_patches)
+
+
+def rae_decode_pixels(decoder, z_tokens, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """src/stage1/rae.py:106-108 (the tokens already de-normalised and laid out as (B, N, C))."""
+    x_rec = decoder.unpatchify(decoder(z_tokens))
+    encoder_mean = torch.tensor(mean).view(1, 3, 1, 1)
+    encoder_std = torch.tensor(std).view(1, 3, 1, 1)
+    return x_rec * encoder_std + encoder_mean
