@@ -520,3 +520,87 @@ def rae_decode_pixels(decoder, z_tokens, mean=(0.485, 0.456, 0.406), std=(0.229,
     encoder_mean = torch.tensor(mean).view(1, 3, 1, 1)
     encoder_std = torch.tensor(std).view(1, 3, 1, 1)
     return x_rec * encoder_std + encoder_mean
+
+
+# ---- src/stage2/models/lightningDiT.py ----------------------------------------------------------------
+
+
+class LightningDiTBlock(LightningDDTBlock):
+    """lightningDiT.py:12-89: the same layers as DDT.py's block; the per-sample conditioning path."""
+
+    def forward(self, x, c, feat_rope=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=feat_rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class LightningFinalLayer(DDTFinalLayer):
+    """lightningDiT.py:90-109."""
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class LightningDiT(nn.Module):
+    """lightningDiT.py:111-249 (learn_sigma False)."""
+
+    def __init__(self, input_size=16, patch_size=1, in_channels=768, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, use_qknorm=False, use_swiglu=True,
+                 use_rope=True, use_rmsnorm=True):
+        super().__init__()
+        self.in_channels = self.out_channels = in_channels
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = GaussianFourierEmbedding(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.feat_rope = (VisionRotaryEmbeddingFast(hidden_size // num_heads // 2, input_size // patch_size)
+                          if use_rope else None)
+        self.blocks = nn.ModuleList([LightningDiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio,
+                                                       use_qknorm=use_qknorm, use_swiglu=use_swiglu,
+                                                       use_rmsnorm=use_rmsnorm) for _ in range(depth)])
+        self.final_layer = LightningFinalLayer(hidden_size, patch_size, self.out_channels, use_rmsnorm=use_rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], int(self.x_embedder.num_patches ** 0.5))
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        c = self.out_channels
+        p = self.x_embedder.patch_size[0]
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(shape=(x.shape[0], h, w, p, p, c))
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(shape=(x.shape[0], c, h * p, h * p))
+
+    def forward(self, x, t=None, y=None):
+        x = self.x_embedder(x) + self.pos_embed
+        t = self.t_embedder(t)
+        y = self.y_embedder(y, self.training)
+        c = t + y
+        for block in self.blocks:
+            x = block(x, c, feat_rope=self.feat_rope)
+        x = self.final_layer(x, c)
+        return self.unpatchify(x)

@@ -26,30 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from .ddt_config import DDTConfig
-from .lightning_dit import FinalLayer, GaussianFourierEmbedding, LightningBlock, VisionRotaryEmbeddingFast
+from .lightning_dit import (
+    FinalLayer,
+    GaussianFourierEmbedding,
+    LabelEmbedder,
+    LightningBlock,
+    PatchEmbed,
+    VisionRotaryEmbeddingFast,
+)
 from .sit import sincos_pos_embed_2d
-
-
-class PatchEmbed(nn.Module):
-    """timm's PatchEmbed as RAE builds it (Conv2d ``proj``, tokens row-major)."""
-
-    def __init__(self, patch_size: int, in_channels: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class LabelEmbedder(nn.Module):
-    """Class table with the null-class row (id ``num_classes``) when label dropout is used, as RAE's."""
-
-    def __init__(self, num_classes: int, width: int, dropout_prob: float):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), width)
-
-    def forward(self, labels: Tensor) -> Tensor:
-        return self.embedding_table(labels)
 
 
 class DiTwDDTHead(nn.Module):

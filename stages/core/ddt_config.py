@@ -73,3 +73,40 @@ DDT_PRESETS: dict[str, dict] = {
     "DiTDH-S": dict(hidden_size=(384, 2048), depth=(12, 2), num_heads=(6, 16)),
     "DiTDH-XL": dict(hidden_size=(1152, 2048), depth=(28, 2), num_heads=(16, 16)),
 }
+
+
+@dataclass
+class LightningDiTConfig:
+    """RAE's ``LightningDiT`` (``src/stage2/models/lightningDiT.py``): one width, its blocks, any patch size."""
+
+    input_size: int = 16
+    patch_size: int = 1
+    in_channels: int = 768
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    use_qknorm: bool = False
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def latent_dim(self) -> int:
+        return self.in_channels * self.input_size * self.input_size
+
+    def validate(self) -> None:
+        if self.patch_size < 1 or self.input_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide input_size={self.input_size}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"hidden_size={self.hidden_size} with {self.num_heads} heads: the head size must be a "
+                             "multiple of 4 (2-D RoPE rotates channel pairs in two halves)")
+        if self.hidden_size % 4 or min(self.depth, self.in_channels, self.num_classes) < 1 or self.mlp_ratio <= 0:
+            raise ValueError("hidden_size must be a multiple of 4; depth, in_channels, num_classes, mlp_ratio positive")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"class_dropout_prob={self.class_dropout_prob} must be in [0, 1)")

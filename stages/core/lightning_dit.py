@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .repa_rf import RMSNorm
 
-__all__ = ["RMSNorm", "SwiGLUFFN", "GeluMlp", "VisionRotaryEmbeddingFast", "NormAttention",
+__all__ = ["PatchEmbed", "LabelEmbedder", "RMSNorm", "SwiGLUFFN", "GeluMlp", "VisionRotaryEmbeddingFast", "NormAttention",
            "GaussianFourierEmbedding", "LightningBlock", "FinalLayer", "modulate", "swiglu_hidden"]
 
 
@@ -174,3 +174,25 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    """timm's PatchEmbed as RAE builds it (Conv2d ``proj``, tokens row-major)."""
+
+    def __init__(self, patch_size: int, in_channels: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with the null-class row (id ``num_classes``) when label dropout is used, as RAE's."""
+
+    def __init__(self, num_classes: int, width: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), width)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.embedding_table(labels)
