@@ -604,3 +604,18 @@ class LightningDiT(nn.Module):
             x = block(x, c, feat_rope=self.feat_rope)
         x = self.final_layer(x, c)
         return self.unpatchify(x)
+
+
+def ddt_forward_with_cfg(model, x, t, y, cfg_scale, cfg_interval=(0, 1)):
+    """src/stage2/models/DDT.py:364-389."""
+    half = x[: len(x) // 2]
+    combined = torch.cat([half, half], dim=0)
+    model_out = model.forward(combined, t, y)
+    eps, rest = model_out[:, : model.in_channels], model_out[:, model.in_channels:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    guid_t_min, guid_t_max = cfg_interval
+    t = t[: len(t) // 2]
+    half_eps = torch.where(((t >= guid_t_min) & (t <= guid_t_max)).view(-1, *[1] * (len(cond_eps.shape) - 1)),
+                           uncond_eps + cfg_scale * (cond_eps - uncond_eps), cond_eps)
+    eps = torch.cat([half_eps, half_eps], dim=0)
+    return torch.cat([eps, rest], dim=1)
