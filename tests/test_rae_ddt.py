@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stages.core.ddt import DiTwDDTHead, count_ddt_parameters
+from stages.core.errors import UsageError
 from stages.core.ddt_config import DDT_PRESETS, DDTConfig
 from stages.core.lightning_dit import VisionRotaryEmbeddingFast
 from tests import rae_reference as ref
@@ -135,3 +136,26 @@ def test_bad_shapes_are_refused():
         DDTConfig.from_preset("DiTDH-Q")
     with pytest.raises(ValueError, match="no null class"):
         _ = DiTwDDTHead(DDTConfig(**{**TINY, "class_dropout_prob": 0.0})).null_class
+
+
+def test_released_checkpoints_load(tmp_path):
+    """The bare state dict, and a training checkpoint as src/train.py:62-69 writes it, whose EMA is taken
+    (src/utils/model_utils.py:24-25); both with RAE's strict loading."""
+    from stages.core.ddt import load_ddt
+
+    theirs, _ = _pair(seed=5)
+    x, t, y = _inputs()
+    with torch.no_grad():
+        expected = theirs(x, t, y)
+    bare = tmp_path / "stage2_model.pt"
+    torch.save(theirs.state_dict(), bare)
+    opt = torch.optim.AdamW(theirs.parameters(), lr=2e-4)
+    ckpt = tmp_path / "ep-0000010.pt"
+    torch.save({"step": 10, "epoch": 1, "model": {k: torch.zeros_like(v) for k, v in theirs.state_dict().items()},
+                "ema": theirs.state_dict(), "optimizer": opt.state_dict(), "scheduler": None}, ckpt)
+    for path in (bare, ckpt):
+        with torch.no_grad():
+            torch.testing.assert_close(load_ddt(path, DDTConfig(**TINY))(x, t, y), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError) as err:
+        load_ddt(bare, DDTConfig(**{**TINY, "depth": (3, 2)}))
+    assert "missing blocks.4." in str(err.value) and "unexpected" not in str(err.value) and "\n" not in str(err.value)

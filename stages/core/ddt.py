@@ -14,13 +14,15 @@ Label dropout for classifier-free guidance is the caller's job (as for the proje
 ``null_class`` for a dropped label. RAE drops inside the forward in training mode with its global RNG at
 ``class_dropout_prob``; the project's conditioning draws the same Bernoulli from its own seeded generator.
 
-Where this plugs in: ``stages.core.network.build_model`` can build it from a :class:`DDTConfig`; its
-forward returns the velocity only (no REPA projector), so the training objective's REPA term is absent.
+Where this plugs in: ``stages.core.network.build_model`` can build it from a :class:`DDTConfig`, and
+``repa import-checkpoint`` can read RAE's files with :func:`load_ddt`. Its forward returns the velocity only
+(no REPA projector), so the training objective's REPA term is absent.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +37,7 @@ from .lightning_dit import (
     VisionRotaryEmbeddingFast,
 )
 from .sit import sincos_pos_embed_2d
+from .tensor_files import check_state_dict_fits, load_state_dict_file
 
 
 class DiTwDDTHead(nn.Module):
@@ -125,3 +128,17 @@ def count_ddt_parameters(model: nn.Module, frozen: bool = True) -> int:
     if frozen:
         total += sum(b.numel() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] in ("pos_embed", "W"))
     return total
+
+
+def load_ddt(path: Path | str, config: DDTConfig, device: torch.device | str = "cpu") -> DiTwDDTHead:
+    """A released RAE stage-2 file in a DiT-DH of ``config``: the bare state dict, or a training checkpoint
+    ``{"model", "ema", ...}`` of which the EMA is taken (as RAE's ``instantiate_from_config`` does); every key
+    and shape must match (RAE loads with ``strict=True``), else one error line."""
+    state = load_state_dict_file(path, "an RAE stage-2 state dict or checkpoint (stage2_model.pt)")
+    with torch.device("meta"):
+        model = DiTwDDTHead(config)
+    check_state_dict_fits(model.state_dict(), state, path, "pick the DiT-DH preset the weights were trained as "
+                          "(DiTDH-S, DiTDH-XL) and the latent's channels and grid")
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UsageError
 from .sit import sincos_pos_embed_2d
-from .tensor_files import load_state_dict_file
+from .tensor_files import check_state_dict_fits, load_state_dict_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's image processor, which RAE reads its pixel statistics from
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,16 +181,8 @@ def load_decoder(path: Path | str, config: DecoderConfig, device: torch.device |
     state = load_state_dict_file(path, "an RAE decoder state dict (model.pt)")
     with torch.device("meta"):
         model = RAEDecoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise UsageError(f"{path}: does not fit the decoder ({'; '.join(parts)}); pick the preset the weights were "
-                         "trained as (ViTB, ViTL, ViTXL) and the encoder's token size and grid")
+    check_state_dict_fits(model.state_dict(), state, path, "pick the decoder preset the weights were trained as "
+                          "(ViTB, ViTL, ViTXL) and the encoder's token size and grid")
     model = model.to_empty(device=device)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()

@@ -51,3 +51,16 @@ def load_state_dict_file(path: Path | str, what: str, prefer: tuple[str, ...] = 
                     key, stripped = key[len(prefix):], True
         out[key] = value
     return out
+
+
+def check_state_dict_fits(expected: dict[str, Tensor], state: dict[str, Tensor], path: Path | str, hint: str) -> None:
+    """One error line naming the first missing, unexpected and mis-shaped keys, unless ``state`` fits exactly."""
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise UsageError(f"{path}: does not fit ({'; '.join(parts)}); {hint}")
