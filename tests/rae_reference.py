@@ -6,7 +6,7 @@ imports) as timm defines them (a Conv2d ``proj`` then flatten/transpose; fc1, ac
 
 from __future__ import annotations
 
-from math import pi, sqrt
+from math import sqrt
 
 import numpy as np
 import torch

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stages.core.ddt import DiTwDDTHead, count_ddt_parameters
-from stages.core.errors import UsageError
 from stages.core.ddt_config import DDT_PRESETS, DDTConfig
+from stages.core.errors import UsageError
 from stages.core.lightning_dit import VisionRotaryEmbeddingFast
 from tests import rae_reference as ref
 

@@ -14,10 +14,10 @@ from stages.core.time_shift import shift_factor, shifted_euler_ode
 from stages.core.token_stats import LatentStats, latent_to_tokens
 from tests import rae_reference as ref
 from tests.test_rae_ddt import TINY, _randomised
-from tests.test_rae_latents import rae_decode_head
-from tests.test_rae_time_shift import rae_ode_sample, rae_shift
 from tests.test_rae_decoder import TINY as TINY_DECODER
 from tests.test_rae_decoder import _randomised as _randomised_decoder
+from tests.test_rae_latents import rae_decode_head
+from tests.test_rae_time_shift import rae_ode_sample, rae_shift
 
 
 def rae_sample(model, decoder, z, class_labels, stats, guidance_scale, t_min, t_max, shift):
