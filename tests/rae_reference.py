@@ -6,7 +6,10 @@ imports) as timm defines them (a Conv2d ``proj`` then flatten/transpose; fc1, ac
 
 from __future__ import annotations
 
+import math
+from copy import deepcopy
 from math import sqrt
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -350,9 +353,6 @@ class DiTwDDTHead(nn.Module):
 
 
 # ---- the stage-1 decoder: src/stage1/decoders/decoder.py ------------------------------------------------
-import math  # noqa: E402
-from copy import deepcopy  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 
 def mae_2d_sincos_pos_embed(embed_dim, grid_size, add_cls_token=False):
