@@ -242,12 +242,12 @@ def test_batch_multiplicity_samples_one_latent_per_image_and_gives_each_copy_its
     batch["moments"] = torch.cat([mean, torch.full_like(mean, 0.5)], dim=1).half()  # std 0.5: a real posterior
     seen = []
 
-    def recording(forward, x, noise, t, cond, targets):
+    def recording(forward, batch, x, noise, t, cond, *args, **kw):
         seen.append((x, noise, t, cond["y"]))
-        return terms(forward, x, noise, t, cond, targets)
+        return terms(forward, batch, x, noise, t, cond, *args, **kw)
 
-    terms = loop.loss_terms
-    monkeypatch.setattr(loop, "loss_terms", recording)
+    terms = loop.batch_loss_terms
+    monkeypatch.setattr(loop, "batch_loss_terms", recording)
     before = [p.detach().clone() for p in trainer.raw_model.parameters()]
     trainer.step(1, iter([batch]))
     (x, noise, t, y), = seen
