@@ -346,19 +346,25 @@ def encoders_fit_vae(
 ):
     """Fit the demo's tiny VAE to the demo images (a block-colour autoencoder, then a short fit), so that the
     demo's samples decode to coloured shapes."""
-    from tqdm import tqdm
-
     from stages.demo.fit_vae import fit_demo_vae
 
-    if not (vae / "config.json").is_file():
-        raise UsageError(f"--vae {vae}: no VAE there; write it first with `repa encoders tiny`")
-    with tqdm(total=steps, unit="step", desc="fit VAE", dynamic_ncols=True) as bar:
+    losses = _fit_demo_model("VAE", "--vae", vae, steps, "mse", lambda progress: fit_demo_vae(
+        vae, source, resolution, steps, batch_size, seed=seed, progress=progress))
+    typer.echo(f"fitted {vae}" + (f": reconstruction MSE {losses[-1]:.4f}" if losses else ""))
+
+
+def _fit_demo_model(what: str, option: str, folder: Path, steps: int, loss_name: str, fit) -> list[float]:
+    """``fit(progress)`` of a tiny demo model in ``folder``, with a progress bar showing its loss."""
+    from tqdm import tqdm
+
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{option} {folder}: no {what} there; write it first with `repa encoders tiny`")
+    with tqdm(total=steps, unit="step", desc=f"fit {what}", dynamic_ncols=True) as bar:
         def progress(step: int, loss: float) -> None:
-            bar.set_postfix(mse=f"{loss:.4f}", refresh=False)
+            bar.set_postfix({loss_name: f"{loss:.4f}"}, refresh=False)
             bar.update(1)
 
-        losses = fit_demo_vae(vae, source, resolution, steps, batch_size, seed=seed, progress=progress)
-    typer.echo(f"fitted {vae}" + (f": reconstruction MSE {losses[-1]:.4f}" if losses else ""))
+        return fit(progress)
 
 
 @encoders_app.command("fit-dino")
@@ -374,18 +380,10 @@ def encoders_fit_dino(
 ):
     """Fit the demo's tiny DINOv2 to the demo images (its tokens then tell each patch's shape, colour, size and
     position, as the generator drew them), so that REPA has something to align to."""
-    from tqdm import tqdm
-
     from stages.demo.fit_dino import fit_demo_dino
 
-    if not (dino / "config.json").is_file():
-        raise UsageError(f"--dino {dino}: no DINOv2 there; write it first with `repa encoders tiny`")
-    with tqdm(total=steps, unit="step", desc="fit DINOv2", dynamic_ncols=True) as bar:
-        def progress(step: int, loss: float) -> None:
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(1)
-
-        losses = fit_demo_dino(dino, source, resolution, steps, batch_size, seed=seed, progress=progress)
+    losses = _fit_demo_model("DINOv2", "--dino", dino, steps, "loss", lambda progress: fit_demo_dino(
+        dino, source, resolution, steps, batch_size, seed=seed, progress=progress))
     typer.echo(f"fitted {dino}" + (f": loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""))
 
 

@@ -127,10 +127,11 @@ def _polygon(cx: float, cy: float, radii: list[float]) -> list[tuple[float, floa
     return [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles)]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, s: DrawnShape) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, s: DrawnShape, fill=None) -> None:
+    """``s`` drawn in its colour, or in ``fill`` (e.g. a label value on a mask)."""
     cx, cy = s.centre
     r = s.radius
-    fill = COLOURS[s.colour]
+    fill = COLOURS[s.colour] if fill is None else fill
     if s.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif s.shape == "square":
@@ -214,7 +215,7 @@ def make_sample(seed: int, shard: int, index: int) -> tuple[Image.Image, str, li
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        _draw_shape(draw, s)
+        draw_shape(draw, s)
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
     caption = template.format(shapes=SHAPE_JOINER.join(s.phrase() for s in shapes), background=background)
     return image, caption, shapes, background

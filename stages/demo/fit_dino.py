@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .data import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, DrawnShape, _draw_shape, class_id
+from .data import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, DrawnShape, class_id, draw_shape
+from .fit_vae import prepared_demo_samples
 
 # Per-patch targets: index 0 is "background" in each.
 TARGETS = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOUR_NAMES), "size": 1 + len(SIZES),
@@ -51,25 +52,8 @@ def _label_mask(meta: dict) -> tuple[Image.Image, list[DrawnShape]]:
     mask = Image.new("L", (meta["width"], meta["height"]), 0)
     draw = ImageDraw.Draw(mask)
     for i, s in enumerate(shapes):
-        # _draw_shape paints the shape's colour; draw the same geometry with the label as its "colour".
-        _draw_shape(_LabelDraw(draw, i + 1), s)
+        draw_shape(draw, s, fill=i + 1)
     return mask, shapes
-
-
-class _LabelDraw:
-    """An ImageDraw whose fills are replaced by one label value."""
-
-    def __init__(self, draw: ImageDraw.ImageDraw, label: int):
-        self.draw, self.label = draw, label
-
-    def ellipse(self, xy, fill=None):
-        self.draw.ellipse(xy, fill=self.label)
-
-    def rectangle(self, xy, fill=None):
-        self.draw.rectangle(xy, fill=self.label)
-
-    def polygon(self, xy, fill=None):
-        self.draw.polygon(xy, fill=self.label)
 
 
 def _crop_like_adm(mask: Image.Image, resolution: int) -> np.ndarray:
@@ -106,26 +90,13 @@ def patch_labels(meta: dict, resolution: int, grid: int) -> dict[str, np.ndarray
 
 def demo_patches(sources: Iterable[str], resolution: int, grid: int, limit: int) -> DemoPatches:
     """Up to ``limit`` demo samples cropped as `repa encode` crops them (full JPEG decode), with their labels."""
-    from stages.core.encoders.images import Prepared, prepare_sample
-    from stages.core.encoders.tars import expand_source, iter_tar
-
     images, labels, classes = [], {k: [] for k in TARGETS}, []
-    for url in sources:
-        for tar in expand_source(url):
-            for sample in iter_tar(tar):
-                prepared = prepare_sample(sample, resolution, 64_000_000, False)
-                if not isinstance(prepared, Prepared):
-                    continue
-                meta = json.loads(sample["json"])
-                images.append(prepared.image)
-                for k, v in patch_labels(meta, resolution, grid).items():
-                    labels[k].append(v)
-                shapes = [DrawnShape(**{**s, "centre": tuple(s["centre"])}) for s in meta["shapes"]]
-                classes.append(class_id(shapes[0]))
-                if len(images) >= limit:
-                    break
-            if len(images) >= limit:
-                break
+    for sample, image in prepared_demo_samples(sources, resolution, limit):
+        meta = json.loads(sample["json"])
+        images.append(image)
+        for k, v in patch_labels(meta, resolution, grid).items():
+            labels[k].append(v)
+        classes.append(class_id(DrawnShape(**{**meta["shapes"][0], "centre": tuple(meta["shapes"][0]["centre"])})))
     return DemoPatches(np.stack(images), {k: np.stack(v) for k, v in labels.items()}, np.array(classes))
 
 

@@ -18,7 +18,7 @@ undoes the nonlinearity exactly. Hence the demo VAE uses one norm group.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,21 +153,27 @@ def fit_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: int 
     return losses
 
 
-def demo_images(sources: Iterable[str], resolution: int, limit: int) -> np.ndarray:
-    """Up to ``limit`` images of the demo shards, ADM-cropped to ``resolution`` as `repa encode` crops them."""
+def prepared_demo_samples(sources: Iterable[str], resolution: int, limit: int) -> Iterator[tuple[dict, np.ndarray]]:
+    """(sample, crop) of up to ``limit`` demo samples, ADM-cropped to ``resolution`` as the demo encodes them
+    (full JPEG decode)."""
     from stages.core.encoders.images import Prepared, prepare_sample
     from stages.core.encoders.tars import expand_source, iter_tar
 
-    out = []
+    count = 0
     for url in sources:
         for tar in expand_source(url):
             for sample in iter_tar(tar):
-                prepared = prepare_sample(sample, resolution, 64_000_000, False)  # as the demo encodes: full decode
+                prepared = prepare_sample(sample, resolution, 64_000_000, False)
                 if isinstance(prepared, Prepared):
-                    out.append(prepared.image)
-                if len(out) >= limit:
-                    return np.stack(out)
-    return np.stack(out)
+                    yield sample, prepared.image
+                    count += 1
+                if count >= limit:
+                    return
+
+
+def demo_images(sources: Iterable[str], resolution: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` images of the demo shards, ADM-cropped to ``resolution`` as `repa encode` crops them."""
+    return np.stack([image for _, image in prepared_demo_samples(sources, resolution, limit)])
 
 
 def fit_demo_vae(vae_dir: Path, source: str, resolution: int, steps: int, batch_size: int = 16,
