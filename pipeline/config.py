@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomllib
 
 from stages.core.errors import UsageError
 from stages.core.options import check, convert

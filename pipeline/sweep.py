@@ -24,12 +24,11 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from stages.core.errors import UsageError
 from stages.core.run_files import FINAL_FILE, METRICS_FILE

@@ -13,7 +13,6 @@ from stages.core.network import build_model
 from stages.core.objective import batch_loss_terms
 
 from . import reference_family as ref
-from . import reference_repa as repa
 from .test_recipes import randomise
 
 REG_TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, decoder_hidden_size=64, encoder_depth=2,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .ddt_config import LightningDiTConfig
+from .dit_init import zero_modulations_and_output
 from .lightning_dit import (
     FinalLayer,
     GaussianFourierEmbedding,
@@ -64,13 +65,7 @@ class LightningDiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zero_modulations_and_output(self.blocks, self.final_layer)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         p, channels = self.config.patch_size, self.config.in_channels

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dit_init import zero_modulations_and_output
 from .family import ConvProjector
 from .model_config import ModelConfig
 
@@ -333,13 +334,7 @@ class SiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         if self.caption_embedder is not None:
             nn.init.normal_(self.caption_embedder.null_token, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zero_modulations_and_output(self.blocks, self.final_layer)
         if self.final_layer.linear_cls is not None:
             nn.init.zeros_(self.final_layer.linear_cls.weight)
             nn.init.zeros_(self.final_layer.linear_cls.bias)

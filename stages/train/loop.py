@@ -35,8 +35,8 @@ from stages.core.checkpoint import (
 from stages.core.conditioning import Conditioner
 from stages.core.cuda_settings import fast_cuda_math
 from stages.core.errors import UsageError
-from stages.core.network import build_model, count_parameters
 from stages.core.family_settings import FamilySettings
+from stages.core.network import build_model, count_parameters
 from stages.core.objective import batch_loss_terms, sample_latents
 from stages.core.options import check
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UsageError
 from .features import dino_preprocess, dino_preprocess_description
+from .library_noise import quiet_transformers
 from .load import (
     DINO_MODEL_TYPES,
     EncoderLoadError,
@@ -30,7 +31,6 @@ from .load import (
     load_dino,
     weights_hash,
 )
-from .library_noise import quiet_transformers
 from .processor_pixels import ProcessorPixels
 
 VISION_TOWER_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
