@@ -11,6 +11,8 @@ import os
 import select
 import threading
 
+from .stop import ignore_stop_signals
+
 
 def exit_when_gone(pid: int, code: int = 0) -> None:
     """Exit this process (with ``code``) as soon as process ``pid`` has ended (no-op where pidfds are missing)."""
@@ -30,12 +32,15 @@ def exit_when_gone(pid: int, code: int = 0) -> None:
 
 
 def exit_with_process(pid: int, worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` (with ``functools.partial(exit_with_process, pid)``)."""
+    """DataLoader ``worker_init_fn`` (with ``functools.partial(exit_with_process, pid)``); the worker leaves
+    stop signals to that process (it ends the worker when it is done with it)."""
+    ignore_stop_signals()
     exit_when_gone(pid)
 
 
 def exit_with_parent(worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` for workers forked straight from the process they serve."""
+    ignore_stop_signals()
     exit_when_gone(os.getppid())
 
 
