@@ -91,16 +91,3 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
-
-
-def ignore_stop_signals() -> None:
-    """For helper processes that end with the process they serve: a signal sent to the whole process
-    group (Ctrl-C, a scheduler's) is for that process to act on, not for them to die of mid-batch.
-    A handler that does nothing, not SIG_IGN: commands they start (a ``pipe:`` source) get the
-    default actions back when they exec."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _ignore)
-
-
-def _ignore(signum, frame) -> None:
-    pass
