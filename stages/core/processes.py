@@ -61,6 +61,14 @@ def leave_stop_signals_to(pid: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=wait_for_terminate, name="terminate-by-parent", daemon=True).start()
+    threading.excepthook = _quiet_cut_connections
+
+
+def _quiet_cut_connections(args) -> None:
+    """A connection that the served process cut by ending mid-transfer (multiprocessing hands tensors'
+    file descriptors over through a thread here) is its stop, not an error of this helper to report."""
+    if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+        threading.__excepthook__(args)
 
 
 def _ignore(signum, frame) -> None:
