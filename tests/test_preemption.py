@@ -113,6 +113,26 @@ def test_a_second_signal_stops_at_once_with_the_checkpoints_written_so_far(train
     assert_all_gone(helpers)
 
 
+def test_ranks_stop_at_the_same_step_when_only_one_receives_the_signal(train_cache, tmp_path):
+    """Two ranks started as srun starts them (one process each, the rendezvous in the environment); the
+    scheduler's signal reaches rank 1 only."""
+    cfg = tiny_train(train_cache, tmp_path / "run", steps=100000, ckpt_every=100000, val_every=100000, log_every=1,
+                     num_workers=1)
+    ranks = [subprocess.Popen(train_cmd(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577"}) for r in range(2)]
+    wait_for(lambda: trained_steps(tmp_path / "run") >= 4, timeout=300, proc=ranks[0])
+    helpers = descendants(ranks[0].pid) + descendants(ranks[1].pid)
+    os.kill(ranks[1].pid, signal.SIGTERM)
+    errs = [r.communicate(timeout=120)[1] for r in ranks]
+    assert [r.returncode for r in ranks] == [128 + signal.SIGTERM] * 2, [e[-2000:] for e in errs]
+    assert not any("Traceback" in e for e in errs), [e[-2000:] for e in errs]
+    (ckpt,) = list_checkpoints(tmp_path / "run")
+    assert last_line(errs[0]).startswith(f"SIGTERM: stopped after step {checkpoint_step(ckpt)} of 100000")
+    assert "SIGTERM" not in errs[1]  # one line for the run, from rank 0
+    assert_all_gone(helpers)
+
+
 def test_stop_signals_are_configurable_and_checked(train_cache, tmp_path):
     with pytest.raises(UsageError, match="--stop-signals TERM,KILL: SIGKILL cannot be caught"):
         run_train(tiny_train(train_cache, tmp_path / "run", stop_signals="TERM,KILL"))
