@@ -178,6 +178,24 @@ def test_sigterm_of_an_encode_keeps_committed_parts_in_one_line(tiny_models, tmp
     assert len(list(records.glob("*.json"))) == 4
 
 
+def test_sigterm_of_a_sample_is_one_line_and_the_line_tells_the_truth(train_cache, tmp_path):
+    run_train(tiny_train(train_cache, tmp_path / "run", cond="class", steps=2, val_every=2), log=lambda m: None)
+    cmd = [sys.executable, "-m", "pipeline", "sample", "--run-dir", str(tmp_path / "run"), "--num-samples", "4000",
+           "--steps", "50", "--batch-size", "1", "--out", str(tmp_path / "s")]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list((tmp_path / "s").glob("*.png"))) >= 2, timeout=300, proc=proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err + out, err[-3000:]
+    assert last_line(err) == ("SIGTERM: stopped; the images written so far are kept; rerun the same command with "
+                              "--overwrite to draw them all")
+    kept = len(list((tmp_path / "s").glob("*.png")))
+    assert kept >= 2 and not list((tmp_path / "s").glob(".*tmp*"))
+    again = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "pass --overwrite to replace it" in one_line_error(again)  # without it the rerun is refused, as the line says
+    assert len(list((tmp_path / "s").glob("*.png"))) == kept
+
+
 # -- trackers -------------------------------------------------------------------------------------
 @pytest.fixture
 def no_wandb_login(tmp_path, monkeypatch):
