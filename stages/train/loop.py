@@ -220,10 +220,10 @@ class Diverged(UsageError):
 
 def stop_if_diverged(trainer: Trainer, step: int, last_good: int | None, run_dir: Path) -> None:
     if trainer.diverged() or not trainer.weights_finite():
-        where = (f"the last good checkpoint is {checkpoint_path(run_dir, last_good)} (resume from it with --resume)"
-                 if last_good else "no checkpoint was written yet")
+        where = (f"the last good checkpoint is {checkpoint_path(run_dir, last_good)} (the same command resumes from "
+                 "it, and meets the same data)" if last_good else "no checkpoint was written yet")
         raise Diverged(f"step {step}: the loss or gradient became non-finite (NaN/inf) since the last check; {where}; "
-                       "lower --lr, or check the cache with `repa cache verify`")
+                       "check the cache with `repa cache verify`, or start over with a lower --lr in a new --run-dir")
 
 
 def validation_cache(cfg: TrainConfig, manifest, needs: dict) -> tuple[CacheBatchDataset, np.ndarray]:
