@@ -330,6 +330,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
         try:
             return train(cfg, manifest, accelerator, log, stop)
         finally:
+            stop.leave()
             if lock is not None:
                 lock.close()
 

@@ -35,6 +35,10 @@ class TrainStop:
 
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
+    def leave(self) -> None:
+        """Let go of the vote's group, so that tearing the process group down ends its threads."""
+        self.group, self.world = None, 1
+
     def agreed(self) -> int:
         """The signal (its number) some process received, else 0; the same on every process."""
         mine = self.signals.signum or 0
