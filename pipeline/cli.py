@@ -42,11 +42,22 @@ def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _stops_at_once(what: str):
+    """Stop signals (SIGTERM, SIGINT, SIGUSR1) end a stage that has no step to finish at once, unwinding as
+    Ctrl-C does (workers shut down, claims released), with one line: ``what`` was kept and what to do."""
+    from stages.core.stop import DEFAULT_STOP_SIGNALS, StopSignals, parse_signals, signal_name
+
+    return StopSignals(parse_signals(DEFAULT_STOP_SIGNALS),
+                       lambda signum: f"{signal_name(signum)}: stopped; {what}" if is_main_process() else "")
+
+
 # -- the stages -------------------------------------------------------------------------------------
 def _encode(cfg: EncodeConfig) -> None:
     from stages.encode.run import run_encode
 
-    summary = run_encode(cfg, log=_log)
+    with _stops_at_once("committed parts are kept and the parts in progress are redone: rerun the same command "
+                        "to continue"):
+        summary = run_encode(cfg, log=_log)
     if is_main_process():
         typer.echo("\n".join(summary.lines))
 
@@ -63,7 +74,9 @@ def _train(cfg: TrainConfig) -> None:
 def _sample(cfg: SampleConfig) -> None:
     from stages.sample.run import run_sample
 
-    result = run_sample(cfg, log=_log)
+    with _stops_at_once("the images written so far are kept; rerun the same command with --overwrite to draw "
+                        "them all"):
+        result = run_sample(cfg, log=_log)
     if is_main_process():
         typer.echo(f"{len(result.images)} images in {result.out}; grid {result.grid}; sidecar {result.sidecar}")
 

@@ -1,4 +1,5 @@
-"""How the CLI ends: one line for errors the user can fix, a clean exit on Ctrl-C, process groups torn down."""
+"""How the CLI ends: one line for errors the user can fix, a clean exit on Ctrl-C and stop signals (status
+128 + the signal's number), process groups torn down."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import typer
 
 from cache_schema import CacheError
 from stages.core.errors import UsageError
+from stages.core.stop import Interrupted
 
 
 def user_errors(fn):
@@ -30,6 +32,10 @@ def user_errors(fn):
                     if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it and rerun the same command")
             typer.echo(f"error: {what}{e.strerror or e}; {hint}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as e:  # a stop signal (stages.core.stop): the stage said what was kept
+            if e.line:
+                typer.echo(e.line, err=True)
+            raise typer.Exit(e.status) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: committed parts and checkpoints are kept; rerun the same command to resume", err=True)
             raise typer.Exit(130) from None

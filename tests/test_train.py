@@ -385,8 +385,8 @@ def test_resume_with_other_settings_or_cache_is_refused(train_cache, tmp_path, t
     run_train(tiny_train(train_cache, tmp_path / "run", steps=3))
     with pytest.raises(UsageError, match=r"settings differ \(lr: 0.001 -> 0.002"):
         run_train(tiny_train(train_cache, tmp_path / "run", steps=6, lr=2e-3, resume=True))
-    with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
-        run_train(tiny_train(train_cache, tmp_path / "run", steps=6))
+    with pytest.raises(UsageError, match="already holds checkpoints; drop --no-resume"):
+        run_train(tiny_train(train_cache, tmp_path / "run", steps=6, resume=False))
 
     from stages.encode.config import EncodeConfig
     from stages.encode.run import run_encode

@@ -85,8 +85,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
             raise
         cause = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
         raise UsageError(f"{path}: checkpoint not written ({type(e).__name__}: {cause[:200]}); the checkpoints "
-                         "before it are kept: free space or fix the cause, then continue from the newest with "
-                         "--resume") from None
+                         "before it are kept: free space or fix the cause, then rerun the same command to continue "
+                         "from the newest") from None
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

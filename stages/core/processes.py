@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import threading
 
 
@@ -30,13 +31,48 @@ def exit_when_gone(pid: int, code: int = 0) -> None:
 
 
 def exit_with_process(pid: int, worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` (with ``functools.partial(exit_with_process, pid)``)."""
+    """DataLoader ``worker_init_fn`` (with ``functools.partial(exit_with_process, pid)``); the worker leaves
+    stop signals to that process (it ends the worker when it is done with it)."""
+    leave_stop_signals_to(pid)
     exit_when_gone(pid)
 
 
 def exit_with_parent(worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` for workers forked straight from the process they serve."""
+    leave_stop_signals_to(os.getppid())
     exit_when_gone(os.getppid())
+
+
+def leave_stop_signals_to(pid: int) -> None:
+    """Stop signals sent to the whole process group (Ctrl-C, a scheduler's SIGTERM or SIGUSR1) are for
+    process ``pid`` to act on (it may finish a step first, with this helper's data); only a SIGTERM that
+    ``pid`` itself sends (a DataLoader shutting its workers down) ends this process.
+
+    SIGTERM is blocked and taken by a thread that sees the sender; SIGINT and SIGUSR1 get a handler that
+    does nothing (exec resets it: a ``pipe:`` command still ends on Ctrl-C)."""
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, _ignore)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from now on inherit the mask
+
+    def wait_for_terminate() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == pid:
+                _kill_children()
+                os._exit(0)
+
+    threading.Thread(target=wait_for_terminate, name="terminate-by-parent", daemon=True).start()
+    threading.excepthook = _quiet_cut_connections
+
+
+def _quiet_cut_connections(args) -> None:
+    """A connection that the served process cut by ending mid-transfer (multiprocessing hands tensors'
+    file descriptors over through a thread here) is its stop, not an error of this helper to report."""
+    if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+        threading.__excepthook__(args)
+
+
+def _ignore(signum, frame) -> None:
+    pass
 
 
 def _kill_children() -> None:

@@ -107,8 +107,12 @@ def save_png(image: Tensor | np.ndarray, path: Path) -> None:
     """Write a uint8 (3, H, W) image; through a temporary file, so a killed run leaves no half PNG."""
     array = image.permute(1, 2, 0).numpy() if isinstance(image, Tensor) else np.asarray(image)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:  # a stop signal or a full disk: no hidden half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def grid_image(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2) -> Image.Image:

@@ -12,6 +12,7 @@ from stages.core.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySet
 from stages.core.model_config import ARCHS
 from stages.core.model_presets import MODEL_PRESETS
 from stages.core.options import option, to_json
+from stages.core.stop import DEFAULT_STOP_SIGNALS, parse_signals
 
 from .methods import METHODS, NEUTRAL, method_parts, method_settings
 
@@ -194,9 +195,18 @@ class TrainConfig:
     tracker_project: str = option("repa", "Project the run is logged under (wandb).", metavar="NAME")
     run_name: str | None = option(None, "Name of the run in the trackers.", metavar="NAME",
                                   default_text="the run directory's name")
-    resume: bool = option(False, "Continue from the newest checkpoint in --run-dir.", flags=("--resume",))
+    resume: bool | None = option(
+        None, "--resume: continue from the newest checkpoint in --run-dir (refused if there is none); --no-resume: "
+        "start a new run (refused if --run-dir holds checkpoints, unless --overwrite).", flags=("--resume/--no-resume",),
+        default_text="continue from the newest checkpoint when --run-dir holds one (same settings), else start",
+    )
     resume_from: Path | None = option(None, "Continue from this checkpoint file.", metavar="FILE")
-    overwrite: bool = option(False, "Delete an existing --run-dir first.", flags=("--overwrite",))
+    overwrite: bool = option(False, "Delete an existing --run-dir first and start over.", flags=("--overwrite",))
+    stop_signals: str = option(
+        DEFAULT_STOP_SIGNALS, "Signals that stop training cleanly: the optimizer step in flight is finished, a "
+        "checkpoint of it written, and the process exits with status 128 + the signal's number (TERM 143, INT 130, "
+        "USR1 138); a second signal stops at once. Comma-separated names, or none.", metavar="SIG,...",
+    )
 
     def __post_init__(self) -> None:
         """Options the method sets and that were not given take the method's values."""
@@ -231,6 +241,7 @@ class TrainConfig:
         self.target_names()
         self.lambdas()
         self.layers()
+        parse_signals(self.stop_signals)
         if not 0 < self.adam_betas[0] < 1 or not 0 < self.adam_betas[1] < 1:
             raise UsageError(f"--adam-betas {self.adam_betas[0]} {self.adam_betas[1]}: both must be in (0, 1)")
 
@@ -278,7 +289,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset(
     {"steps", "run_dir", "cache", "num_workers", "log_every", "val_every", "ckpt_every", "keep_checkpoints",
      "preview_every", "report_to", "tracker_project", "run_name", "resume", "resume_from", "overwrite",
-     "max_val_samples", "compile", "allow_partial", "grad_accum"}
+     "max_val_samples", "compile", "allow_partial", "grad_accum", "stop_signals"}
 )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -61,7 +62,8 @@ from .setup import (
     split_batch,
     training_parts,
 )
-from .trackers import log_image, make_trackers, start_trackers
+from .stopping import TrainStop
+from .trackers import check_trackers, log_image, make_trackers, start_trackers, tracker_config
 from .validation import Validator
 
 #################################################################################
@@ -235,10 +237,10 @@ class Diverged(UsageError):
 
 def stop_if_diverged(trainer: Trainer, step: int, last_good: int | None, run_dir: Path) -> None:
     if trainer.diverged() or not trainer.weights_finite():
-        where = (f"the last good checkpoint is {checkpoint_path(run_dir, last_good)} (resume from it with --resume)"
-                 if last_good else "no checkpoint was written yet")
+        where = (f"the last good checkpoint is {checkpoint_path(run_dir, last_good)} (the same command resumes from "
+                 "it, and meets the same data)" if last_good else "no checkpoint was written yet")
         raise Diverged(f"step {step}: the loss or gradient became non-finite (NaN/inf) since the last check; {where}; "
-                       "lower --lr, or check the cache with `repa cache verify`")
+                       "check the cache with `repa cache verify`, or start over with a lower --lr in a new --run-dir")
 
 
 def validation_cache(cfg: TrainConfig, manifest, needs: dict) -> tuple[CacheBatchDataset, np.ndarray]:
@@ -335,17 +337,22 @@ class TrainResult:
 
 def run_train(cfg: TrainConfig, log=print) -> TrainResult:
     check(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        check_trackers(cfg)  # before anything touches the run directory
     manifest = read_manifest(cfg.cache)
-    accelerator = make_accelerator(cfg)
-    lock = lock_run_dir(cfg.run_dir) if accelerator.is_main_process else None  # one training per run directory
-    try:
-        return train(cfg, manifest, accelerator, log)
-    finally:
-        if lock is not None:
-            lock.close()
+    stop = TrainStop(cfg)
+    with stop.signals:  # from here a stop signal waits for the step in flight (see stages.train.stopping)
+        accelerator = make_accelerator(cfg)
+        lock = lock_run_dir(cfg.run_dir) if accelerator.is_main_process else None  # one training per run directory
+        try:
+            return train(cfg, manifest, accelerator, log, stop)
+        finally:
+            stop.leave()
+            if lock is not None:
+                lock.close()
 
 
-def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
+def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None = None) -> TrainResult:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     set_threads(cfg.threads, cfg.num_workers)
@@ -386,15 +393,21 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
     start_step = 0
     if ckpt is not None:
         start_step = restore(trainer, check_resume(ckpt, resume_path, cfg, manifest, model_cfg))
+        if "window" in ckpt:
+            trainer.window.load(ckpt["window"], main)
+        old_draws = "processes" not in ckpt
+        del ckpt
+        if start_step >= cfg.steps:  # a finished run, rerun: nothing to do, nothing touched
+            if main:
+                log(f"{cfg.run_dir} is already trained to step {start_step} (--steps {cfg.steps}); nothing to do "
+                    "(raise --steps to train further)")
+            return TrainResult(steps=start_step, final_val=None, run_dir=Path(cfg.run_dir))
         if main:
             log(f"resumed from {resume_path} at step {start_step}")
-            if "processes" not in ckpt:
+            if old_draws:
                 log(f"{resume_path} was written by a version whose data order and noise depended on the rank: the "
                     "run goes on from its weights and optimizer state with draws keyed by position in the global "
                     "batch, so it is not the step-for-step continuation an earlier version would have run")
-        del ckpt
-    if start_step >= cfg.steps:
-        raise UsageError(f"--steps {cfg.steps}: the run is already at step {start_step}; raise --steps to continue")
     if main:  # a resumed run logs the steps after its checkpoint again; a fresh one starts from nothing
         truncate_metrics(cfg.run_dir, start_step)
     sampler = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
@@ -429,7 +442,10 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
             + f", batch {cfg.batch_size} = {world} proc x {cfg.grad_accum} accum x {micro}"
             + (f" ({micro // cfg.batch_multiplicity} distinct x {cfg.batch_multiplicity})"
                if cfg.batch_multiplicity > 1 else "") + f", device {device}")
-    start_trackers(accelerator, cfg)
+    start_trackers(accelerator, cfg, tracker_config(cfg, params, manifest.fingerprint), start_step)
+    stop = stop or TrainStop(cfg)
+    stop.join(accelerator)
+    stop.last_checkpoint = start_step or None
 
     # -- the loop ---------------------------------------------------------------------------------
     with Logbook(cfg, accelerator, start_step) as logbook:
@@ -447,7 +463,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
         # A fresh run is validated before its first step, so every curve starts from the untrained model.
         val_metrics = validate(0) if start_step == 0 else None
         step = start_step
-        for step in range(start_step + 1, cfg.steps + 1):
+        signum = stop.agreed()  # a signal during set-up: no step at all
+        for step in range(start_step + 1, (start_step if signum else cfg.steps) + 1):
             trainer.step(step, batches)
             logbook.bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -461,15 +478,21 @@ def train(cfg: TrainConfig, manifest, accelerator, log) -> TrainResult:
                 with accelerator.autocast():
                     latents = previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)
                 logbook.previews(step, latents)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            signum = stop.agreed() if step < cfg.steps else 0  # the last step ends the run anyway
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or signum:
                 stop_if_diverged(trainer, step, last_good, cfg.run_dir)  # a checkpoint is only ever a good one
+                window = trainer.window.state(logbook.sum_over_processes)
                 if main:
                     save_checkpoint(checkpoint_path(cfg.run_dir, step),
-                                    checkpoint_state(trainer, step, cond, model_cfg, manifest, parts))
+                                    {**checkpoint_state(trainer, step, cond, model_cfg, manifest, parts), "window": window})
                     prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
-                last_good = step
+                last_good = stop.last_checkpoint = step
                 accelerator.wait_for_everyone()
+            if signum:
+                break
     accelerator.end_training()
+    if signum:  # metrics are on disk, trackers closed; the lock goes when run_train returns
+        raise stop.stopped(signum, step, start_step)
     if main:
         (Path(cfg.run_dir) / FINAL_FILE).write_text(json.dumps({"step": step, "val": val_metrics}, indent=1))
     return TrainResult(steps=step, final_val=val_metrics, run_dir=Path(cfg.run_dir))

@@ -48,6 +48,17 @@ class TrainWindow:
         self.sums[3] += grad_norm.detach().double()
         self.sums[4] += 1
 
+    def state(self, reduce) -> dict:
+        """The window so far, summed over processes by ``reduce``: what a checkpoint keeps of it, so that the
+        first line logged after a resume covers the same steps as without the interruption."""
+        return {"sums": reduce(self.sums.clone()).cpu(), "bins": reduce(self.bins.clone()).cpu()}
+
+    def load(self, state: dict, main: bool) -> None:
+        """Take up a checkpoint's window: its sums on the main process (``record`` sums over processes)."""
+        if main:
+            self.sums.copy_(state["sums"])
+            self.bins.copy_(state["bins"])
+
     def record(self, reduce) -> dict:
         """Means over the window (summed over processes by ``reduce``), then start a new window."""
         sums, bins = reduce(self.sums.clone()), reduce(self.bins.clone())

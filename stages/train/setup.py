@@ -182,10 +182,19 @@ def lock_run_dir(run: Path):
     return handle
 
 
+def resumes(cfg: TrainConfig) -> bool:
+    """Whether this run continues from a checkpoint: --resume-from, --resume, or by default a --run-dir that
+    holds checkpoints (not after --overwrite or --no-resume)."""
+    if cfg.resume_from is not None or cfg.resume:
+        return True
+    return cfg.resume is None and not cfg.overwrite and bool(list_checkpoints(Path(cfg.run_dir)))
+
+
 def prepare_run_dir(cfg: TrainConfig, main: bool = True) -> Path | None:
     """Check the run directory (``main``: empty it for --overwrite); return the checkpoint to resume from."""
     run = Path(cfg.run_dir)
-    if main and cfg.overwrite and not (cfg.resume or cfg.resume_from):
+    resuming = resumes(cfg)
+    if main and cfg.overwrite and not resuming:
         for entry in run.iterdir():  # everything but the lock this process holds
             if entry.name != RUN_LOCK:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -198,13 +207,14 @@ def prepare_run_dir(cfg: TrainConfig, main: bool = True) -> Path | None:
         raise UsageError(f"--run-dir {run}: not writable ({e.strerror}); choose another directory") from None
     if cfg.resume_from is not None:
         return Path(cfg.resume_from)
-    if cfg.resume:
+    if resuming:
         ckpt = latest_checkpoint(run)
         if ckpt is None:
             raise UsageError(f"--resume: {run} holds no checkpoint; start without --resume")
         return ckpt
     if list_checkpoints(run):
-        raise UsageError(f"--run-dir {run} already holds checkpoints; pass --resume to continue, or --overwrite to start over")
+        raise UsageError(f"--no-resume: --run-dir {run} already holds checkpoints; drop --no-resume to continue from "
+                         "the newest, or pass --overwrite to delete them and start over")
     return None
 
 
