@@ -133,6 +133,47 @@ def test_ranks_stop_at_the_same_step_when_only_one_receives_the_signal(train_cac
     assert_all_gone(helpers)
 
 
+def _ranks(cfg, world: int, port: int) -> list[subprocess.Popen]:
+    """``world`` training processes started as srun starts them (one process each, the rendezvous in the
+    environment), or one plain process."""
+    if world == 1:
+        return [subprocess.Popen(train_cmd(cfg), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)]
+    return [subprocess.Popen(train_cmd(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(world)]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_stopped_by_sigterm_resumes_on_another_number_of_processes(train_cache, tmp_path, before, after):
+    """Stopped by the scheduler's signal on ``before`` processes, the same command resumed on ``after`` ends where
+    one uninterrupted process does, up to summation order (the constant schedule: what the steps see does not
+    depend on when the stop came)."""
+    from .test_train import final_val
+
+    kw = dict(steps=14, ckpt_every=100000, val_every=14, log_every=1, keep_checkpoints=0, cond_dropout=0.3, lr=1e-2,
+              num_workers=1)
+    straight = subprocess.run(train_cmd(tiny_train(train_cache, tmp_path / "straight", **kw)), env=env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cfg = tiny_train(train_cache, tmp_path / "run", **kw)
+    ranks = _ranks(cfg, before, 29593 + before)
+    wait_for(lambda: trained_steps(tmp_path / "run") >= 4, timeout=300, proc=ranks[0])
+    os.kill(ranks[0].pid, signal.SIGTERM)
+    errs = [r.communicate(timeout=180)[1] for r in ranks]
+    assert [r.returncode for r in ranks] == [128 + signal.SIGTERM] * before, [e[-2000:] for e in errs]
+    (ckpt,) = list_checkpoints(tmp_path / "run")
+    assert 4 <= checkpoint_step(ckpt) < 14
+
+    ranks = _ranks(cfg, after, 29597 + after)  # the same command, on another number of processes
+    errs = [r.communicate(timeout=600)[1] for r in ranks]
+    assert [r.returncode for r in ranks] == [0] * after, [e[-2000:] for e in errs]
+    assert f"resumed from {ckpt} at step {checkpoint_step(ckpt)}" in errs[0]
+    assert ("batch 8 = 1 proc x 2 accum x 4" if after == 1 else "batch 8 = 2 proc x 1 accum x 4") in errs[0]
+    want = final_val(tmp_path / "straight")
+    assert final_val(tmp_path / "run") == pytest.approx(want, rel=1e-3)
+
+
 def test_stop_signals_are_configurable_and_checked(train_cache, tmp_path):
     with pytest.raises(UsageError, match="--stop-signals TERM,KILL: SIGKILL cannot be caught"):
         run_train(tiny_train(train_cache, tmp_path / "run", stop_signals="TERM,KILL"))
