@@ -438,3 +438,14 @@ def test_trackers_log_every_metric_and_the_previews_into_the_run_directory(train
     run_train(tiny_train(train_cache, run, steps=4, resume=True, **kw), log=lambda m: None)
     assert json.loads((run / "trackers.json").read_text())["wandb_id"] == wandb_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
+
+
+def test_the_start_line_says_whether_repa_is_on(train_cache, tmp_path):
+    lines = {}
+    for lam in (0.0, 0.5):
+        out = []
+        run_train(tiny_train(train_cache, tmp_path / f"run{lam}", steps=1, val_every=1, ckpt_every=1,
+                             repa_lambda=lam), log=out.append)
+        lines[lam] = next(line for line in out if line.startswith("train: "))
+    assert "no REPA" in lines[0.0] and "REPA lambda" not in lines[0.0]
+    assert "REPA lambda=0.5 to dino at block 2" in lines[0.5] and "method repa" in lines[0.5]

@@ -435,9 +435,10 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
         })
         write_parameter_table(cfg.run_dir, trainer.param_table)
         log(f"train: {model_cfg.preset or 'custom'} width {model_cfg.width} depth {model_cfg.depth} "
-            f"({params / 1e6:.2f} M params), cond={cond}, REPA lambda={cfg.target_lambdas or cfg.repa_lambda} to "
-            f"{cfg.targets or 'dino'} at block {cfg.align_layers or model_cfg.align_layer}, "
-            f"{len(train_ids)} train / {len(val_ids)} val samples"
+            f"({params / 1e6:.2f} M params), cond={cond}, method {cfg.method}, "
+            + (f"REPA lambda={cfg.target_lambdas or cfg.repa_lambda} to {cfg.targets or 'dino'} at block "
+               f"{cfg.align_layers or model_cfg.align_layer}, " if repa else "no REPA, ")
+            + f"{len(train_ids)} train / {len(val_ids)} val samples"
             + (f" (from {cfg.val_cache})" if cfg.val_cache else "" if len(val_ids) else " (no validation)")
             + f", batch {cfg.batch_size} = {world} proc x {cfg.grad_accum} accum x {micro}"
             + (f" ({micro // cfg.batch_multiplicity} distinct x {cfg.batch_multiplicity})"
