@@ -449,3 +449,13 @@ def test_the_start_line_says_whether_repa_is_on(train_cache, tmp_path):
         lines[lam] = next(line for line in out if line.startswith("train: "))
     assert "no REPA" in lines[0.0] and "REPA lambda" not in lines[0.0]
     assert "REPA lambda=0.5 to dino at block 2" in lines[0.5] and "method repa" in lines[0.5]
+
+
+def test_previews_show_the_trained_weights_until_the_ema_has_left_its_random_start():
+    from stages.train.previews import preview_weights
+
+    model, ema = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    assert preview_weights(model, ema, 0.995, 200) is model  # 0.995**200 = 37 % of the start still in the EMA
+    assert preview_weights(model, ema, 0.995, 600) is ema  # 5 %
+    assert preview_weights(model, ema, 0.9999, 20000) is model and preview_weights(model, ema, 0.9999, 30000) is ema
+    assert preview_weights(model, ema, 0.0, 1) is ema  # no averaging: the EMA is the model

@@ -50,7 +50,7 @@ from .draws import StepDraws, draw_step
 from .metrics import TrainWindow, append_metrics, tracker_values, truncate_metrics, write_curves
 from .optim import make_optimizer, write_parameter_table
 from .prefetch import DevicePrefetcher
-from .previews import Previewer, latent_grid
+from .previews import Previewer, latent_grid, preview_weights
 from .setup import (
     build_model_config,
     check_flip,
@@ -476,8 +476,9 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val_metrics = validate(step)
             if previewer is not None and step % cfg.preview_every == 0:
+                shown = preview_weights(trainer.raw_model, trainer.ema, cfg.ema_decay, step)
                 with accelerator.autocast():
-                    latents = previewer.save(trainer.ema, Conditioner(cond, trainer.ema, 0.0), step, cfg.run_dir, device)
+                    latents = previewer.save(shown, Conditioner(cond, shown, 0.0), step, cfg.run_dir, device)
                 logbook.previews(step, latents)
             signum = stop.agreed() if step < cfg.steps else 0  # the last step ends the run anyway
             if step % cfg.ckpt_every == 0 or step == cfg.steps or signum:
