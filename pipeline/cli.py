@@ -216,18 +216,17 @@ def cache_verify(
 ):
     """Check every committed part: files and sizes, crc32c of every chunk, counts, finite values, unique keys.
     Lists every bad part and exits non-zero if there is one."""
-    from tqdm import tqdm
-
     from cache_schema import CacheError, read_manifest
     from cache_schema.object_store import cache_root, is_s3
     from cache_schema.verify import find_problems
+    from stages.core.progress import progress_bar
 
     if is_s3(cache):
         raise CacheError(f"{cache_root(cache)}: verify reads local caches; verify the local cache before pushing it, or a copy")
 
     manifest = read_manifest(cache)
     seen: set[str] = set()
-    with tqdm(total=len(manifest.parts) * (1 + len(manifest.targets)), unit="part", desc="verify",
+    with progress_bar(total=len(manifest.parts) * (1 + len(manifest.targets)), unit="part", desc="verify",
               dynamic_ncols=True) as bar:
         def progress(name: str, problem: str | None) -> None:
             if problem:
@@ -258,15 +257,14 @@ def cache_push(
 ):
     """Upload a committed cache to S3-compatible object storage; each part's record goes last, with a conditional
     write. Resumable: a rerun skips the parts already there and uploads again those a crash cut short."""
-    from tqdm import tqdm
-
     from cache_schema.push import push_cache
+    from stages.core.progress import progress_bar
 
     bars = []  # made once the bytes to upload are known (the manifest and the records were checked)
 
     def progress(total: int, done: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="push", dynamic_ncols=True))
+            bars.append(progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="push", dynamic_ncols=True))
         bars[0].update(done)
 
     try:
@@ -368,11 +366,11 @@ def encoders_fit_vae(
 
 def _fit_demo_model(what: str, option: str, folder: Path, steps: int, loss_name: str, fit) -> list[float]:
     """``fit(progress)`` of a tiny demo model in ``folder``, with a progress bar showing its loss."""
-    from tqdm import tqdm
+    from stages.core.progress import progress_bar
 
     if not (folder / "config.json").is_file():
         raise UsageError(f"{option} {folder}: no {what} there; write it first with `repa encoders tiny`")
-    with tqdm(total=steps, unit="step", desc=f"fit {what}", dynamic_ncols=True) as bar:
+    with progress_bar(total=steps, unit="step", desc=f"fit {what}", dynamic_ncols=True) as bar:
         def progress(step: int, loss: float) -> None:
             bar.set_postfix({loss_name: f"{loss:.4f}"}, refresh=False)
             bar.update(1)

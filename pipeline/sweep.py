@@ -271,10 +271,12 @@ class SweepProgress:
     def __init__(self, queue: list[PlannedRun], log: Callable[[str], None]):
         from tqdm import tqdm
 
-        self.tqdm, self.log, self.runs = tqdm, log, len(queue)
+        from stages.core.progress import progress_bar
+
+        self.tqdm, self.bar, self.log, self.runs = tqdm, progress_bar, log, len(queue)
         self.done = 0
         total = sum(max(r.steps - r.start_step, 0) for r in queue)
-        self.overall = tqdm(total=total, unit="step", dynamic_ncols=True, position=0, desc=self._desc())
+        self.overall = progress_bar(total=total, unit="step", dynamic_ncols=True, position=0, desc=self._desc())
         self.bars: dict[str, tuple] = {}  # run name -> (bar, watcher)
         self.free_rows: list[int] = []
 
@@ -287,7 +289,7 @@ class SweepProgress:
 
     def started(self, run: PlannedRun) -> None:
         row = self.free_rows.pop(0) if self.free_rows else len(self.bars) + 1
-        bar = self.tqdm(total=run.steps, initial=run.start_step, unit="step", dynamic_ncols=True, position=row,
+        bar = self.bar(total=run.steps, initial=run.start_step, unit="step", dynamic_ncols=True, position=row,
                         leave=False, desc=run.name if len(run.name) <= 40 else run.name[:37] + "...")
         bar.row = row
         self.bars[run.name] = (bar, StepWatcher(run.run_dir, run.start_step))

@@ -459,3 +459,15 @@ def test_previews_show_the_trained_weights_until_the_ema_has_left_its_random_sta
     assert preview_weights(model, ema, 0.995, 600) is ema  # 5 %
     assert preview_weights(model, ema, 0.9999, 20000) is model and preview_weights(model, ema, 0.9999, 30000) is ema
     assert preview_weights(model, ema, 0.0, 1) is ema  # no averaging: the EMA is the model
+
+
+def test_progress_in_a_log_is_plain_lines(train_cache, tmp_path):
+    """stderr to a file, as in a batch job: the bar's lines, with rate, but no carriage return or cursor code."""
+    cfg = tiny_train(train_cache, tmp_path / "run", steps=6)
+    with open(tmp_path / "log", "w") as log:
+        r = subprocess.run([sys.executable, "-m", "pipeline", "train", *train_cli_args(cfg)], env=env(), cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=log, timeout=600)
+    text = (tmp_path / "log").read_text()
+    assert r.returncode == 0, text[-3000:]
+    assert "\r" not in text and "\x1b[" not in text
+    assert any(line.startswith("train: 100%") and "6/6" in line and "step/s" in line for line in text.splitlines())

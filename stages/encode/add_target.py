@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from tqdm import tqdm
 
 from cache_schema import CacheError, PartWriter, field_to_json, read_manifest
 from cache_schema.claims import Heartbeat, LocalClaims, Owner, claim, describe_holder, release
@@ -38,6 +37,7 @@ from stages.core.encoders.targets import TargetEncoder
 from stages.core.encoders.tars import expand_source, recorded_source
 from stages.core.errors import UsageError
 from stages.core.processes import exit_with_parent
+from stages.core.progress import progress_bar
 from stages.core.threads import set_threads
 
 from .config import EncodeConfig
@@ -209,7 +209,7 @@ def run_add_target(cfg: EncodeConfig, log=print):
     by_url = {shards[p["name"]].url: shards[p["name"]] for p in mine}
     sink = TargetSink(root, fields, manifest.shard_size, by_url, owner, heartbeat, expected=expected, target=name)
     total = sum(p["num_samples"] for p in mine)
-    bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc=f"add {name}")
+    bar = progress_bar(total=total, unit="img", disable=not main, dynamic_ncols=True, desc=f"add {name}")
     start = time.perf_counter()
     with feeding(sink, bar, heartbeat, lambda: [release(root, p["name"], owner) for p in mine]):
         for batch in loader:

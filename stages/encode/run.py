@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest
 from cache_schema.claims import Heartbeat, Owner
@@ -30,6 +29,7 @@ from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.tars import expand_source
 from stages.core.options import check
 from stages.core.processes import exit_with_parent
+from stages.core.progress import progress_bar
 from stages.core.threads import available_cores, set_threads
 
 from .config import EncodeConfig
@@ -211,7 +211,7 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
     total = per_shard * len(work) if per_shard else None
     if cfg.max_samples is not None:
         total = min(total or cfg.max_samples, cfg.max_samples)
-    bar = tqdm(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
+    bar = progress_bar(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
     sink = PartSink(dest.writer_dir, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine},
                     dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner),
                     seen=seen)

@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from cache_schema.fsutil import atomic_write_json
 from stages.core.errors import UsageError
+from stages.core.progress import progress_bar
 
 from .patterns import brace_patterns
 
@@ -187,7 +186,7 @@ def pack_folder(src: Path, out: Path, shard_size: int = 1000, prefix: str | None
     paths = [out / f"{prefix}-{i:0{NUMBER_WIDTH}d}.tar" for i in range(count)]
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     done = len(items) - sum(len(items[i * shard_size : (i + 1) * shard_size]) for i in todo)
-    bar = tqdm(total=len(items), initial=done, unit="img", desc="pack", dynamic_ncols=True)
+    bar = progress_bar(total=len(items), initial=done, unit="img", desc="pack", dynamic_ncols=True)
     if skipped:
         log(f"pack: skipping {len(skipped)} file(s) that are not jpg, png or webp (first: {skipped[0]})")
 

@@ -18,9 +18,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from stages.core.options import check
+from stages.core.progress import progress_bar
 
 from .config import FetchConfig
 from .hub import FetchError, RemoteFile, download, list_files
@@ -103,7 +102,7 @@ class ByteProgress:
 
     def __init__(self, out: Path, total: int, done: int):
         self.out, self.finished = out, done
-        self.bar = tqdm(total=total, initial=done + _partial_bytes(out), unit="B", unit_scale=True,
+        self.bar = progress_bar(total=total, initial=done + _partial_bytes(out), unit="B", unit_scale=True,
                         unit_divisor=1024, desc="fetch", dynamic_ncols=True, smoothing=0.1)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
-from tqdm import tqdm
 
 from cache_schema import FastReader
 from stages.core.codec import features_to_device
 from stages.core.conditioning import Conditioner
 from stages.core.errors import UsageError
 from stages.core.options import check
+from stages.core.progress import progress_bar
 from stages.core.run_files import EVAL_FILE, append_jsonl, read_run_config
 from stages.core.threads import set_threads
 
@@ -276,7 +276,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     inception_score = inception_score.to(device)
 
     mine = process_indices(cfg.num_samples, rank, world)
-    with tqdm(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="evaluate") as bar:
+    with progress_bar(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="evaluate") as bar:
         for batch in chunks(mine, cfg.batch_size):
             images = sampler.images(batch)
             fid.update(images, real=False)

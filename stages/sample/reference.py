@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from cache_schema import CacheReader, Manifest
 from cache_schema.sources import source_id
 from stages.core.encoders.images import Skipped, crop_name, prepare_sample
 from stages.core.encoders.tars import expand_source, iter_tar, recorded_source
 from stages.core.errors import UsageError
+from stages.core.progress import progress_bar
 from stages.core.split import split_ids
 
 #################################################################################
@@ -117,7 +117,7 @@ def source_images(held: HeldOut, urls: list[str], manifest: Manifest, where: dic
     for url, key in zip(held.sources, held.keys):
         wanted[url].add(key)
     workers = max(1, min(workers or os.cpu_count() or 1, len(urls)))
-    with ThreadPoolExecutor(workers) as pool, tqdm(
+    with ThreadPoolExecutor(workers) as pool, progress_bar(
         total=sum(len(wanted[u]) for u in urls), unit="img", desc="reference images", disable=not progress,
         dynamic_ncols=True,
     ) as bar:

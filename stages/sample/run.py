@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from cache_schema import Manifest
 from cache_schema.fsutil import atomic_write_json
@@ -32,6 +31,7 @@ from stages.core.family import JointState
 from stages.core.model_config import ModelConfig
 from stages.core.network import build_model
 from stages.core.options import check
+from stages.core.progress import progress_bar
 from stages.core.run_files import CKPT_DIR
 from stages.core.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
 from stages.core.seeding import generator
@@ -389,7 +389,7 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     state.wait_for_everyone()  # the folder exists and holds nothing stale before any process writes
 
     mine = process_indices(cfg.num_samples, state.process_index, state.num_processes)
-    with tqdm(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="sample") as bar:
+    with progress_bar(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="sample") as bar:
         for batch in chunks(mine, cfg.batch_size):
             for i, image in zip(batch, sampler.images(batch).cpu()):
                 save_png(image, files[i])

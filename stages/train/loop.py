@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from cache_schema import read_manifest, settings_diff
 from cache_schema.fsutil import atomic_write_json
@@ -40,6 +39,7 @@ from stages.core.family_settings import FamilySettings
 from stages.core.network import build_model, count_parameters
 from stages.core.objective import batch_loss_terms, sample_latents
 from stages.core.options import check
+from stages.core.progress import progress_bar
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.split import split_cache
 from stages.core.threads import set_threads
@@ -288,7 +288,7 @@ class Logbook:
         self.run_dir, self.accelerator = Path(cfg.run_dir), accelerator
         self.main = accelerator.is_main_process
         self.repa = cfg.repa_lambda > 0
-        self.bar = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not self.main, dynamic_ncols=True,
+        self.bar = progress_bar(total=cfg.steps, initial=start_step, unit="step", disable=not self.main, dynamic_ncols=True,
                         desc="train")
 
     def sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
