@@ -37,8 +37,12 @@ def stats_cache(tmp_path_factory, tiny_models, labelled_shards):
 def test_the_cache_records_the_vaes_channel_statistics(stats_cache):
     from cache_schema import read_manifest
 
-    latent = read_manifest(stats_cache).latent
-    assert latent["latents_mean"] == MEAN and latent["latents_std"] == STD
+    from cache_schema.info import describe
+
+    manifest = read_manifest(stats_cache)
+    assert manifest.latent["latents_mean"] == MEAN and manifest.latent["latents_std"] == STD
+    vae_line = next(line for line in describe(manifest) if line.startswith("vae "))
+    assert "per channel" in vae_line and "scale=" not in vae_line
 
 
 def test_training_normalises_each_channel_by_its_mean_and_std(stats_cache):
