@@ -18,7 +18,7 @@ STD = [2.0, 0.5, 1.5, 4.0]
 
 @pytest.fixture(scope="module")
 def stats_cache(tmp_path_factory, tiny_models, labelled_shards):
-    """16 samples encoded with a tiny VAE whose config carries per-channel latent statistics."""
+    """48 samples encoded with a tiny VAE whose config carries per-channel latent statistics."""
     from diffusers import AutoencoderKL
 
     from stages.encode.config import EncodeConfig
@@ -30,7 +30,7 @@ def stats_cache(tmp_path_factory, tiny_models, labelled_shards):
     vae.save_pretrained(root / "vae")
     cache = root / "cache"
     run_encode(EncodeConfig(source=str(labelled_shards[0]), cache=cache, resolution=64, vae=str(root / "vae"),
-                            dino=str(tiny_models["dino"]), batch_size=16, num_workers=0, max_samples=16))
+                            dino=str(tiny_models["dino"]), batch_size=16, num_workers=0))
     return cache
 
 
@@ -92,3 +92,27 @@ def test_malformed_channel_statistics_are_refused_in_one_line(mean, std):
     with pytest.raises(EncoderLoadError) as err:
         vae_geometry(cfg)
     assert "some/vae" in str(err.value) and "latents_mean" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_training_and_validation_draw_their_latents_with_the_channel_statistics(stats_cache, tmp_path, monkeypatch):
+    import math
+
+    from stages.train import loop, validation
+    from stages.train.loop import run_train
+
+    from .test_train import tiny_train
+
+    factors = []
+
+    def recording(moments, scale, shift, **kw):
+        factors.append((scale, shift))
+        return sample_latents(moments, scale, shift, **kw)
+
+    monkeypatch.setattr(loop, "sample_latents", recording)
+    monkeypatch.setattr(validation, "sample_latents", recording)
+    result = run_train(tiny_train(stats_cache, tmp_path / "run", batch_size=4))
+    assert math.isfinite(result.final_val["denoise"])
+    assert len(factors) > 6  # every step and every validation batch
+    for scale, shift in factors:
+        torch.testing.assert_close(scale.flatten().cpu(), 1.0 / torch.tensor(STD))
+        torch.testing.assert_close(shift.flatten().cpu(), torch.tensor(MEAN))
