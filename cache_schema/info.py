@@ -51,7 +51,9 @@ def describe(manifest: Manifest) -> list[str]:
         "flips        " + ("on: moments and every target also stored for the horizontally flipped crop (*_flip)"
                            if m.flips else "off"),
         f"vae          {_src(m, 'vae')}  latent {m.latent['channels']}x{m.latent['size']}x{m.latent['size']}"
-        f"  scale={m.latent['scaling_factor']} shift={m.latent['shift_factor']}",
+        + (f"  normalised per channel by the VAE's latents_mean/latents_std ({len(m.latent['latents_mean'])} each)"
+           if m.latent.get("latents_mean") is not None
+           else f"  scale={m.latent['scaling_factor']} shift={m.latent['shift_factor']}"),
         f"dino         {_src(m, 'dino')}  {m.dino['tokens']} tokens x {m.dino['dim']}  grid {m.dino['grid']}",
         f"text         {_src(m, 'text_encoder') if s.get('text_encoder') else 'none'}"
         + (f"  dim {m.text['dim']}  max tokens {m.text['max_tokens']}" if m.text else ""),

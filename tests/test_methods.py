@@ -172,6 +172,33 @@ def test_the_reg_preset_encodes_the_class_token():
         ("sde", 250, 2.3, 0.85)
 
 
+# End2End-Diffusion/REPA-E @ 3ad8046 README.md:154-176 (stage 2, train_ldm_only.py): --max-train-steps=4000000
+# --mixed-precision="fp16" --batch-size=256 --weighting="uniform" --model="SiT-XL/1" --vae="f16d32"
+# --learning-rate=1e-4 --enc-type="dinov2-vit-b" --proj-coeff=0.5 --encoder-depth=8; train_ldm_only.py:465-470
+# (betas 0.9/0.999, weight decay 0, max-grad-norm 1.0), :481 --cfg-prob 0.1, :76 EMA 0.9999; models/sit.py:187
+# projector_dim 2048
+REPA_E_RUN = dict(COMMON, model="SiT-XL/1", method="repa", repa_lambda=0.5, align_layer=8, projector_dim=2048,
+                  grad_clip=1.0, mixed_precision="fp16", steps=4_000_000)
+
+
+def test_the_repa_e_preset_is_their_stage_2_run():
+    from pipeline.config import build, load_preset
+    from stages.core.model_config import ModelConfig
+
+    values = load_preset(ROOT / "configs" / "repa-e-sit-xl.toml", "train")
+    cfg = build(TrainConfig, values)
+    assert {k: getattr(cfg, k) for k in REPA_E_RUN} == REPA_E_RUN
+    # f16 latents at 256 px are 16x16; patch 1 gives DINOv2-B's 16x16 grid at 224 px (README.md:109, SiT-XL/1)
+    model = ModelConfig.from_preset("SiT-XL/1", in_channels=32, input_size=256 // 16, repa_dims=(768,))
+    assert (model.patch_size, model.depth, model.width, model.num_patches) == (1, 28, 1152, (224 // 14) ** 2)
+    enc = load_preset(ROOT / "configs" / "repa-e-sit-xl.toml", "encode")
+    assert (enc["vae"], enc["dino"], enc["resolution"]) == ("REPA-E/e2e-vavae-hf", "facebook/dinov2-base", 256)
+    # README.md:249 (FID 1.26): --cfg-scale=2.5 --guidance-low=0.0 --guidance-high=0.75; generate.py sde, 250 steps
+    sample = load_preset(ROOT / "configs" / "repa-e-sit-xl.toml", "sample")
+    assert (sample["sampler"], sample["steps"], sample["guidance_scale"], sample["guidance_high"]) == \
+        ("sde", 250, 2.5, 0.75)
+
+
 # -- the methods sweep over one cache ------------------------------------------------------------------------
 def test_the_methods_sweep_trains_each_method_and_the_report_lists_them(cls_cache, tmp_path):
     import tomllib

@@ -17,7 +17,7 @@ MODEL_PRESETS: dict[str, dict] = {
     **{
         f"SiT-{size}/{patch}": {"arch": "sit", **shape, "patch_size": patch}
         for size, shape in _SIT_SIZES.items()
-        for patch in (2, 4, 8)
+        for patch in (1, 2, 4, 8)
     },
     **{
         f"repa-rf-w{width}": dict(arch="repa-rf", depth=9, width=width, head_dim=64, patch_size=2, align_layer=7)

@@ -2,7 +2,8 @@
 
 Rectified flow (the SiT "linear" path): x_t = (1 - t) x + t eps, the model predicts v = eps - x, and
 the denoising loss is the mean over (C, H, W) of (v_hat - v)^2. Latents are drawn from the cached
-posterior every step, z = mean + std * n, then normalised with the VAE's shift and scaling factors.
+posterior every step, z = mean + std * n, then normalised with the VAE's shift and scaling factors (or its
+per-channel mean and standard deviation where its config holds them).
 
 REPA: the projector's tokens are compared with the frozen encoder's patch tokens by cosine
 similarity; the loss is the mean over tokens of -cos. Total loss = denoise + lambda * REPA. With several
@@ -26,20 +27,37 @@ from .family import FamilySettings, alignment_inputs, dispersive_loss
 NUM_T_BINS = 10
 
 
+def latent_normalisation(latent: dict) -> tuple[float | Tensor, float | Tensor]:
+    """(scale, shift) with normalised = (z - shift) * scale, from a manifest's ``latent`` record.
+
+    The VAE's scalar ``scaling_factor``/``shift_factor``, or, where its config gave per-channel
+    ``latents_mean``/``latents_std``, (1 / std, mean) as (1, C, 1, 1) float32 tensors: REPA-E's SiT
+    normalises each channel by its dataset mean and standard deviation (a frozen BatchNorm).
+    """
+    if latent.get("latents_mean") is None:
+        return latent["scaling_factor"], latent["shift_factor"]
+    mean = torch.tensor(latent["latents_mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(latent["latents_std"], dtype=torch.float32).view(1, -1, 1, 1)
+    return 1.0 / std, mean
+
+
 def sample_latents(
     moments: Tensor,
-    scaling_factor: float,
-    shift_factor: float,
+    scaling_factor: float | Tensor,
+    shift_factor: float | Tensor,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
 ) -> Tensor:
     """moments (B, 2C, h, w) = [mean, std] -> normalised latent sample (B, C, h, w) in float32.
 
     The posterior noise is ``noise`` when given (validation's fixed draws), else drawn from ``generator``.
+    The factors are scalars or per-channel (1, C, 1, 1) tensors (``latent_normalisation``).
     """
     mean, std = moments.float().chunk(2, dim=1)
     if noise is None:
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if isinstance(scaling_factor, Tensor):
+        scaling_factor, shift_factor = scaling_factor.to(mean.device), shift_factor.to(mean.device)
     return (mean + std * noise - shift_factor) * scaling_factor
 
 

@@ -1,7 +1,8 @@
 """From latents to pictures: the cache's VAE, PNG and grid writing, and `repa decode-previews`.
 
 Latents are in the model's normalised space; the VAE sees ``latents / scaling_factor + shift_factor``
-(the inverse of what training applied) and returns [-1, 1], mapped to uint8 exactly as official REPA's
+(per channel, ``latents * std + mean``, where the VAE's config holds its latent statistics: the inverse of
+what training applied) and returns [-1, 1], mapped to uint8 exactly as official REPA's
 ``generate.py`` does (``255 * (x + 1) / 2``, clipped, then truncated by the cast), so FID is computed on
 the same pixels. The VAE runs in float32.
 """
@@ -22,6 +23,7 @@ from cache_schema import CacheError, CacheReader, Manifest, read_manifest
 from cache_schema.fsutil import atomic_write_json
 from stages.core.errors import UsageError
 from stages.core.grids import tile
+from stages.core.objective import latent_normalisation
 from stages.core.run_files import PREVIEW_DIR, read_run_config
 
 IMAGE_NAME = "{:06d}.png"
@@ -59,14 +61,19 @@ class LatentDecoder:
         if not source:
             raise UsageError("the cache manifest does not say where its VAE came from; re-encode the cache")
         self.vae = load_vae(ModelSource(**source), torch.float32, device)
-        self.scale = float(manifest.latent["scaling_factor"])
-        self.shift = float(manifest.latent["shift_factor"])
+        scale, shift = latent_normalisation(manifest.latent)
+        self.scale, self.shift = as_factor(scale, device), as_factor(shift, device)
         self.device = device
 
     @torch.no_grad()
     def __call__(self, latents: Tensor) -> Tensor:
         x = self.vae.decode(latents.to(self.device, torch.float32) / self.scale + self.shift).sample
         return to_pixels(x)
+
+
+def as_factor(value: float | Tensor, device: torch.device) -> float | Tensor:
+    """A scalar factor stays a Python float; a per-channel one moves to where the latents are decoded."""
+    return value.to(device) if isinstance(value, Tensor) else float(value)
 
 
 def real_images(cache: Path, ids, decoder: LatentDecoder) -> tuple[np.ndarray, list[str]]:
@@ -78,7 +85,7 @@ def real_images(cache: Path, ids, decoder: LatentDecoder) -> tuple[np.ndarray, l
     samples = [reader.sample(int(i)) for i in ids]
     channels = int(reader.manifest.latent["channels"])
     mean = torch.from_numpy(np.stack([s["moments"][:channels] for s in samples]).astype(np.float32))
-    images = decoder((mean - decoder.shift) * decoder.scale).permute(0, 2, 3, 1).cpu().numpy()
+    images = decoder((mean.to(decoder.device) - decoder.shift) * decoder.scale).permute(0, 2, 3, 1).cpu().numpy()
     captions = [s["caption"] or (f"class {int(s['label'])}" if int(s["label"]) >= 0 else "") for s in samples]
     return images, captions
 

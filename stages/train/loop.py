@@ -37,7 +37,7 @@ from stages.core.cuda_settings import fast_cuda_math
 from stages.core.errors import UsageError
 from stages.core.family_settings import FamilySettings
 from stages.core.network import build_model, count_parameters
-from stages.core.objective import batch_loss_terms, sample_latents
+from stages.core.objective import batch_loss_terms, latent_normalisation, sample_latents
 from stages.core.options import check
 from stages.core.progress import progress_bar
 from stages.core.run_files import CONFIG_FILE, FINAL_FILE
@@ -108,8 +108,8 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
     own t, noise and dropout, as the seed samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
     the --method adds to REPA (stages.core.family)."""
-    x = tile_rows(sample_latents(batch["moments"], latent["scaling_factor"], latent["shift_factor"],
-                                 noise=draws.latent_noise), draws.multiplicity)
+    x = tile_rows(sample_latents(batch["moments"], *latent_normalisation(latent), noise=draws.latent_noise),
+                  draws.multiplicity)
     batch = tile({k: v for k, v in batch.items() if k != "moments"}, draws.multiplicity)
     terms = batch_loss_terms(forward, batch, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop), targets,
                              family, cls_noise=draws.cls_noise)

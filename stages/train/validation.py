@@ -12,7 +12,7 @@ import torch
 
 from stages.core.codec import features_to_device
 from stages.core.family_settings import FamilySettings
-from stages.core.objective import NUM_T_BINS, batch_loss_terms, bin_by_t, sample_latents
+from stages.core.objective import NUM_T_BINS, batch_loss_terms, bin_by_t, latent_normalisation, sample_latents
 from stages.core.seeding import generator
 
 from .data import CacheBatchDataset
@@ -31,7 +31,7 @@ class Validator:
         self.dataset, self.batch_size, self.device, self.repa = dataset, batch_size, device, repa
         self.targets = targets
         self.family = family or FamilySettings()
-        self.scale, self.shift = latent["scaling_factor"], latent["shift_factor"]
+        self.scale, self.shift = latent_normalisation(latent)
         c, s = latent["channels"], latent["size"]
         noise = [torch.randn(2, c, s, s, generator=generator(VAL_SEED, int(i))) for i in self.ids]
         self.noise = torch.stack(noise) if noise else torch.zeros(0, 2, c, s, s)

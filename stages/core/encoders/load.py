@@ -90,13 +90,28 @@ def hf_config(role: str, src: ModelSource):
 
 
 def vae_geometry(cfg: dict) -> dict:
-    """Latent channels, spatial downsampling and the scale/shift training applies to sampled latents."""
-    return {
+    """Latent channels, spatial downsampling and the scale/shift training applies to sampled latents.
+
+    A config with per-channel ``latents_mean`` and ``latents_std`` (REPA-E's diffusers releases carry the
+    statistics their SiT normalises with) adds both; training then uses them instead of the scalar pair.
+    """
+    geometry = {
         "channels": int(cfg["latent_channels"]),
         "downsample": 2 ** (len(cfg["block_out_channels"]) - 1),
         "scaling_factor": float(cfg.get("scaling_factor") or 1.0),
         "shift_factor": float(cfg.get("shift_factor") or 0.0),
     }
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    if mean is None and std is None:
+        return geometry
+    name = cfg.get("_name_or_path") or "the VAE"
+    c = geometry["channels"]
+    if mean is None or std is None or len(mean) != c or len(std) != c or min(float(v) for v in std) <= 0:
+        raise EncoderLoadError(
+            f"VAE '{name}': latents_mean and latents_std in its config must both hold {c} values (std > 0); "
+            "fix its config.json or remove both to use scaling_factor/shift_factor"
+        )
+    return {**geometry, "latents_mean": [float(v) for v in mean], "latents_std": [float(v) for v in std]}
 
 
 def dino_geometry(cfg, resolution: int) -> dict:
