@@ -9,6 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "configs" / "demo.toml")
@@ -30,8 +31,14 @@ def test_demo_preset_encode_train_sample(tmp_path, tiny_models):
                             "--num-samples", "3", "--steps", "2"])
     assert r.exit_code == 0, r.output
     sidecar = json.loads((tmp_path / "samples" / "samples.json").read_text())
-    prompts = (ROOT / "configs" / "demo-prompts.txt").read_text().splitlines()
-    assert [im["prompt"] for im in sidecar["images"]] == prompts[:3]
+    # the held-out captions, in the order reference.png shows their real images
+    from cache_schema import CacheReader
+    from stages.core.split import split_ids
+
+    reader = CacheReader(tmp_path / "cache")
+    _, held = split_ids(reader.keys, load_preset(ROOT / "configs" / "demo.toml", "train")["val_fraction"])
+    assert [im["prompt"] for im in sidecar["images"]] == [reader.sample(int(i))["caption"] for i in held[:3]]
+    assert (tmp_path / "samples" / "reference.png").exists()
     assert (tmp_path / "samples" / "grid.png").exists() and len(list((tmp_path / "samples").glob("0*.png"))) == 3
     r = runner.invoke(app, ["decode-previews", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output

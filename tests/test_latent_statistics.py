@@ -36,7 +36,6 @@ def stats_cache(tmp_path_factory, tiny_models, labelled_shards):
 
 def test_the_cache_records_the_vaes_channel_statistics(stats_cache):
     from cache_schema import read_manifest
-
     from cache_schema.info import describe
 
     manifest = read_manifest(stats_cache)

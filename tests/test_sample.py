@@ -96,6 +96,22 @@ def test_class_run_cycles_the_given_classes(class_run, tmp_path):
     assert not np.array_equal(pixels(result.images[0]), pixels(result.images[1]))  # different noise per index
 
 
+def test_held_out_conditions_pair_each_sample_with_its_real_image(class_run, tmp_path):
+    from cache_schema import CacheReader
+    from stages.core.run_files import read_run_config
+    from stages.core.split import split_ids
+
+    result = run_sample(sample_cfg(class_run, tmp_path / "out", held_out=True, num_samples=4))
+    entries = json.loads(result.sidecar.read_text())["images"]
+    train = read_run_config(class_run)["config"]
+    reader = CacheReader(train["cache"])
+    _, held = split_ids(reader.keys, float(train["val_fraction"]))
+    assert [e["class"] for e in entries] == [int(reader.sample(int(i))["label"]) for i in held[:4]]
+    assert result.reference.exists()
+    with pytest.raises(UsageError, match="--held-out takes its conditions from the held-out samples"):
+        run_sample(sample_cfg(class_run, tmp_path / "b", held_out=True, classes="1"))
+
+
 # -- reproducibility ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("sampler", ["euler", "sde"])
 def test_image_depends_on_seed_and_index_not_on_batch_size(class_run, tmp_path, sampler):

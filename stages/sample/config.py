@@ -67,10 +67,18 @@ class SampleConfig(SamplingOptions):
     classes: str | None = option(
         None, "Class runs: comma-separated ids (1,2,3) or random.", default_text="random",
     )
+    held_out: bool = option(
+        False, "Condition on the captions (text runs) or class ids (class runs) of the run's held-out samples, in the "
+        "order reference.png shows those samples, so each generated image sits beside the real one it was asked "
+        "for.", flags=("--held-out",),
+    )
     overwrite: bool = option(False, "Replace images, grid and sidecar written earlier.", flags=("--overwrite",))
 
     def check(self) -> None:
         super().check()
+        if self.held_out and (self.prompts is not None or self.prompt or self.classes is not None):
+            raise UsageError("--held-out takes its conditions from the held-out samples: drop --prompts, --prompt "
+                             "and --classes")
         if self.prompts is not None and self.prompt:
             raise UsageError("give --prompts FILE or --prompt TEXT, not both")
         if (self.prompts is not None or self.prompt) and self.classes is not None:

@@ -235,8 +235,33 @@ def parse_classes(spec: str | None, num_classes: int, count: int, seed: int) -> 
     return ids
 
 
+def held_out_ids(run: LoadedRun) -> np.ndarray:
+    """The run's held-out samples in cache order (its first samples when it held none out)."""
+    from cache_schema import CacheReader
+    from stages.core.split import split_ids
+
+    reader = CacheReader(run.cache)
+    _, held = split_ids(reader.keys, float(run.train_config.get("val_fraction") or 0.0))
+    return held if len(held) else np.arange(len(reader))
+
+
+def held_out_conditions(run: LoadedRun, count: int, device: torch.device) -> Conditions:
+    """The captions or class ids of the first ``count`` held-out samples (``--held-out``)."""
+    from cache_schema import CacheReader
+
+    if run.cond not in ("text", "class"):
+        raise UsageError(f"--held-out: {run.checkpoint} is an unconditional run; it takes no conditioning")
+    reader = CacheReader(run.cache)
+    samples = [reader.sample(int(i)) for i in held_out_ids(run)[:count]]
+    if run.cond == "text":
+        return PromptConditions([s["caption"] for s in samples], run.model, TextEncoder(run.manifest, device))
+    return ClassConditions([int(s["label"]) for s in samples], run.model, device)
+
+
 def sample_conditions(cfg: SampleConfig, run: LoadedRun, device: torch.device) -> Conditions:
     """What `repa sample` conditions on, checked against what the run was trained for."""
+    if cfg.held_out:
+        return held_out_conditions(run, cfg.num_samples, device)
     has_prompts = cfg.prompts is not None or bool(cfg.prompt)
     if run.cond == "text":
         if cfg.classes is not None:
@@ -323,13 +348,7 @@ class ImageSampler:
 def reference_images(run: LoadedRun, decoder: LatentDecoder, count: int) -> tuple[np.ndarray, list[str]]:
     """Real images of the cache through the same VAE (the run's held-out samples, else its first ones),
     uint8 (N, H, W, 3), and their captions: the best the samples can look with this VAE."""
-    from cache_schema import CacheReader
-    from stages.core.split import split_ids
-
-    reader = CacheReader(run.cache)
-    _, held = split_ids(reader.keys, float(run.train_config.get("val_fraction") or 0.0))
-    ids = held[:count] if len(held) else np.arange(min(count, len(reader)))
-    return real_images(run.cache, ids, decoder)
+    return real_images(run.cache, held_out_ids(run)[:count], decoder)
 
 
 #################################################################################
