@@ -20,13 +20,16 @@ def caption_tokens(max_tokens: int, unmasked: bool) -> int:
 
 def sample_bytes(latent_channels: int, latent_size: int, dino_tokens: int, dino_dim: int, codec: str = "fp16",
                  text_dim: int | None = None, text_tokens: int = 0, similarity: bool = False,
-                 flips: bool = False) -> dict[str, int]:
-    """Bytes per sample by array group: moments, dino, (text), (similarity), (flips: moments and dino again)."""
+                 flips: bool = False, class_tokens: int = 0) -> dict[str, int]:
+    """Bytes per sample by array group: moments, dino, (dino_cls: class and register tokens, fp16 whatever the
+    codec), (text), (similarity), (flips: the image features again)."""
     out = {"moments": 2 * latent_channels * latent_size**2 * 2, "dino": token_bytes(dino_tokens, dino_dim, codec)}
+    if class_tokens:
+        out["dino_cls"] = token_bytes(class_tokens, dino_dim, "fp16")
     if text_dim:
         out["text"] = token_bytes(text_tokens, text_dim, codec) + 8
     if similarity:
         out["similarity"] = 4
     if flips:
-        out["flips"] = out["moments"] + out["dino"]
+        out["flips"] = out["moments"] + out["dino"] + out.get("dino_cls", 0)
     return out

@@ -19,7 +19,7 @@ PAGE = ROOT / "docs" / "planning.md"
 
 # The presets' encoders as their config.json files give them (read once from the Hub; no weights here):
 # VAE (latent_channels, 2 ** (len(block_out_channels) - 1)), DINOv2 (hidden_size, patch_size), text (d_model).
-VAE_SHAPES = {"stabilityai/sd-vae-ft-mse": (4, 8), "stabilityai/sd-vae-ft-ema": (4, 8),
+VAE_SHAPES = {"stabilityai/sd-vae-ft-mse": (4, 8), "stabilityai/sd-vae-ft-ema": (4, 8), "REPA-E/e2e-vavae-hf": (32, 16),
               "black-forest-labs/FLUX.1-dev": (16, 8), "black-forest-labs/FLUX.1-schnell": (16, 8)}
 DINO_SHAPES = {"facebook/dinov2-base": (768, 14), "facebook/dinov2-large": (1024, 14),
                "facebook/dinov2-giant": (1536, 14)}
@@ -27,8 +27,13 @@ TEXT_DIMS = {"google/t5-v1_1-xxl": 4096, "black-forest-labs/FLUX.1-dev": 4096}  
 
 # (preset, samples, where the count comes from)
 CC12M_PER_SHARD = 5000
+IMAGENET = 1_281_167
 PRESETS = [
-    ("imagenet256", 1_281_167, "ILSVRC2012 train"),
+    ("imagenet256", IMAGENET, "ILSVRC2012 train"),
+    ("reg-sit-xl", IMAGENET, "ILSVRC2012 train"),
+    ("irepa-sit-xl", IMAGENET, "ILSVRC2012 train, from the imagenet256 cache"),
+    ("dispersive-sit-xl", IMAGENET, "ILSVRC2012 train, from the imagenet256 cache"),
+    ("repa-e-sit-xl", IMAGENET, "ILSVRC2012 train"),
     ("repa-rf", 2152 * CC12M_PER_SHARD, f"2 152 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
     ("cc12m", 2176 * CC12M_PER_SHARD, f"2 176 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
 ]
@@ -36,22 +41,30 @@ PRESETS = [
 
 def train_model(train: dict) -> str:
     """The measured training anchor a preset's network is estimated from."""
-    if train.get("model") in ("SiT-XL/2",):
+    if str(train.get("model", "")).startswith("SiT-"):
         return train["model"]
     width = {"repa-rf-w512": 512}.get(train.get("model"), train.get("width"))
     return f"dit-{width}x{train.get('depth', 9)}"
 
 
 def preset_rows(name: str, samples: int) -> list[tuple[str, str, str]]:
-    enc, train = load_preset(ROOT / "configs" / f"{name}.toml", "encode"), load_preset(ROOT / "configs" / f"{name}.toml", "train")
+    path = ROOT / "configs" / f"{name}.toml"
+    train = load_preset(path, "train")
+    # a preset without an [encode] table trains from the official REPA cache
+    enc = load_preset(path, "encode") or load_preset(ROOT / "configs" / "imagenet256.toml", "encode")
     channels, down = VAE_SHAPES[enc["vae"]]
     dim, patch = DINO_SHAPES[enc["dino"]]
     text = TEXT_DIMS.get(enc.get("text_encoder")) if enc.get("text_encoder") else None
     geometry = geometry_of(channels, down, enc["resolution"], dim, patch, text, enc.get("max_text_tokens", 0),
-                           enc.get("text_attention") == "unmasked")
+                           enc.get("text_attention") == "unmasked", 1 if enc.get("class_tokens") else 0)
     rows = encode_lines(geometry, samples, enc.get("feature_codec", "fp16"), bool(enc.get("flips")), bool(enc.get("compile")))
-    return rows + train_lines(train_model(train), bool(train.get("compile")), train["steps"], train["batch_size"],
-                              train.get("num_workers", 4))
+    trains = train_lines(train_model(train), bool(train.get("compile")), train["steps"], train["batch_size"],
+                         train.get("num_workers", 4))
+    method = train.get("method", "repa")
+    if method != "repa" and trains[0][1] != "not estimated":  # the anchor is REPA's step
+        what, value, basis = trains[0]
+        trains[0] = (what, value, f"{basis}; {method}'s own cost beside it is not measured on a GPU")
+    return rows + trains
 
 
 def render() -> str:

@@ -61,3 +61,11 @@ def test_the_dry_run_prints_the_planning_encode_estimate(monkeypatch, tmp_path, 
     value, basis = rows["encode"]
     assert f"encode time    {value} on H100s (estimated from {basis})" in r.output
     assert np.isclose(float(value.split()[0]), round(samples / 80.0 / 3600, 1))  # 1 / (1/100 + 1/400) = 80 img/s
+
+
+def test_every_real_run_preset_is_planned():
+    from pipeline.planning import PRESETS, ROOT
+
+    presets = {p.stem for p in (ROOT / "configs").glob("*.toml")
+               if "[train]" in p.read_text() and "[sweep]" not in p.read_text() and not p.stem.startswith("demo")}
+    assert presets == {name for name, _, _ in PRESETS}

@@ -38,10 +38,11 @@ class Geometry:
     dino_dim: int
     text_dim: int | None = None
     text_tokens: int = 0
+    class_tokens: int = 0  # DINOv2's class (and register) tokens, stored for REG
 
     def bytes(self, codec: str, flips: bool = False) -> int:
         return sum(sample_bytes(self.latent_channels, self.latent_size, self.dino_tokens, self.dino_dim, codec,
-                                self.text_dim, self.text_tokens, flips=flips).values())
+                                self.text_dim, self.text_tokens, flips=flips, class_tokens=self.class_tokens).values())
 
 
 def encode_rate(geometry: Geometry, compiled: bool) -> tuple[float | None, str]:
@@ -117,8 +118,8 @@ def train_lines(model: str, compiled: bool, steps: int, batch_size: int, workers
 
 
 def geometry_of(latent_channels: int, downsample: int, resolution: int, dino_dim: int, dino_patch: int,
-                text_dim: int | None, max_text_tokens: int, unmasked: bool) -> Geometry:
+                text_dim: int | None, max_text_tokens: int, unmasked: bool, class_tokens: int = 0) -> Geometry:
     """The cache geometry of an encode at ``resolution`` (DINOv2 input 224 px per 256, as the encode stage)."""
     grid = (224 * resolution // 256) // dino_patch
     return Geometry(latent_channels, resolution // downsample, grid * grid, dino_dim, text_dim,
-                    caption_tokens(max_text_tokens, unmasked) if text_dim else 0)
+                    caption_tokens(max_text_tokens, unmasked) if text_dim else 0, class_tokens)

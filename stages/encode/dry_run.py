@@ -132,8 +132,10 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     latent_size = cfg.resolution // vae["downsample"]
     unmasked = cfg.text_attention == "unmasked"
     assumed_tokens = caption_tokens(cfg.max_text_tokens, unmasked)
+    class_tokens = 1 + dino["registers"] if cfg.class_tokens else 0
     per_sample = sample_bytes(vae["channels"], latent_size, dino["tokens"], dino["dim"], cfg.feature_codec,
-                              text["dim"] if text else None, assumed_tokens, bool(cfg.similarity_model), cfg.flips)
+                              text["dim"] if text else None, assumed_tokens, bool(cfg.similarity_model), cfg.flips,
+                              class_tokens)
     total = sum(per_sample.values())
     lines = [
         f"input shards   {len(urls)} ({len(urls) - len(todo)} already committed, {len(todo)} to encode)",
@@ -158,7 +160,7 @@ def dry_run(cfg: EncodeConfig, urls: list[str], spec) -> list[str]:
     if estimate is not None:
         lines.append(f"cache size     ~{total * estimate / 2**30:.2f} GiB for {estimate} samples")
     geometry = Geometry(vae["channels"], latent_size, dino["tokens"], dino["dim"], text["dim"] if text else None,
-                        assumed_tokens)
+                        assumed_tokens, class_tokens)
     for what, value, basis in encode_lines(geometry, estimate, cfg.feature_codec, cfg.flips, cfg.compile):
         if what == "encode":
             lines.append(f"encode time    {value} on H100s (estimated from {basis})" if value != "not estimated"
