@@ -59,7 +59,7 @@ def test_make_add_targets_commands_fit_the_demo_geometry(tmp_path, tiny_models, 
                             "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
                             "--text-encoder", str(tiny_models["text"]), "--num-workers", "0"])
     assert r.exit_code == 0, r.output
-    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "-o", f"{cache}/manifest.json", "add-targets",
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "-o", f"{cache}/manifest.json", "add-targets",
                           f"DEMO_CACHE={cache}", f"TINY={tiny_models['dino'].parent}"],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     commands = [shlex.split(line) for line in dry.stdout.splitlines() if " encode " in line]

@@ -269,6 +269,7 @@ def test_wandb_without_a_login_or_a_server_is_refused_before_the_run_directory_e
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")  # a key, but no server there
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "5")
+    monkeypatch.setenv("REPA_WANDB_CHECK_SECONDS", "10")  # wandb itself retries for minutes
     line = one_line_error(wandb_run(train_cache, run))
     assert line.startswith("error: --report-to wandb: wandb cannot verify the login") and "WANDB_MODE=offline" in line
     assert not (tmp_path / "runs").exists()

@@ -244,7 +244,7 @@ def make_train(cfg: TrainConfig, nproc: int, *extra: str) -> str:
     for flag in ("--cache", "--run-dir"):  # given as CACHE= and RUN=
         i = args.index(flag)
         del args[i : i + 2]
-    r = subprocess.run(["make", "-n", "train", f"NPROC={nproc}", f"VENV={Path(sys.executable).parent.parent}",
+    r = subprocess.run(["make", "-n", "--no-print-directory", "train", f"NPROC={nproc}", f"VENV={Path(sys.executable).parent.parent}",
                         f"CACHE={cfg.cache}", f"RUN={cfg.run_dir}", "ARGS=" + shlex.join([*args, *extra])],
                        cwd=ROOT, capture_output=True, text=True, check=True)
     return r.stdout.strip().splitlines()[-1]

@@ -60,6 +60,33 @@ def _wandb_id(run_dir: Path, resuming: bool) -> str:
 WANDB_FIX = "set WANDB_MODE=offline (sync later with `wandb sync`), or use --report-to tensorboard"
 
 
+# wandb retries an unreachable server for minutes; a run that cannot log should be told so at once.
+LOGIN_CHECK_SECONDS = float(os.environ.get("REPA_WANDB_CHECK_SECONDS", 30))
+
+
+def _within(seconds: float, call):
+    """``call()``'s result, or TimeoutError if it has not returned after ``seconds`` (it runs on in a daemon
+    thread, which the exiting process does not wait for)."""
+    import threading
+
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True, name="wandb-login-check")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer from the wandb server in {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def check_trackers(cfg) -> None:
     """Refuse, in one line saying the fix, trackers that could not start: wandb not installed, not logged in,
     or its server not answering (checked with the stored key, unless WANDB_MODE is offline or disabled)."""
@@ -73,7 +100,7 @@ def check_trackers(cfg) -> None:
     try:
         if wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):  # `wandb offline`, settings files
             return
-        logged_in = wandb.login(prompt=False, verify=True)
+        logged_in = _within(LOGIN_CHECK_SECONDS, lambda: wandb.login(prompt=False, verify=True))
     except Exception as e:  # wandb's own errors for a rejected key or an unreachable server vary by version
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UsageError(f"{flag}: wandb cannot verify the login ({reason}); check the network or run "
