@@ -10,6 +10,7 @@
 #   make sweep SWEEP=configs/sweep-targets.toml   the same SiT against each target and a pair
 #   make sweep SWEEP=configs/sweep-methods.toml   SiT, REPA, REG, iREPA, dispersive loss over the demo cache
 #   make test | make bench-encode | make bench-reader | make bench-train | make bench-scale
+#   make docs           regenerate docs/cli.md and docs/planning.md from the code
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch
@@ -40,7 +41,7 @@ TRAIN_ARGS = $(CONFIG_ARG) $(call opt,--cache,$(CACHE)) $(call opt,--run-dir,$(R
 	$(call opt,--steps,$(STEPS)) $(call opt,--batch-size,$(BATCH)) $(ARGS)
 SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
 
-.PHONY: install encode add-targets demo-assets train sample test bench-encode bench-reader bench-train bench-scale clean help
+.PHONY: install encode add-targets demo-assets train sample test bench-encode bench-reader bench-train bench-scale docs clean help
 
 help:
 	@sed -n '/^#/p;/^PYTHON/q' Makefile
@@ -102,6 +103,10 @@ bench-train: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(PY) bench/scale.py $(ARGS)
+
+docs: $(STAMP)
+	$(PY) -m pipeline.docs --write
+	$(PY) -m pipeline.planning --write
 
 clean:
 	rm -rf cache/demo runs/demo samples/demo $(DEMO_DATA) $(TINY) bench/out

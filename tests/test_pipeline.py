@@ -63,12 +63,12 @@ def test_unknown_preset_key_is_a_one_line_error(tmp_path):
         load_preset(tmp_path / "missing.toml", "encode")
 
 
-def test_readme_cli_reference_is_current():
-    from pipeline.docs import END, START, reference
+def test_cli_reference_is_current():
+    from pipeline.docs import END, PAGE, START, reference
 
-    text = (ROOT / "README.md").read_text()
+    text = PAGE.read_text()
     block = text.split(START, 1)[1].split(END, 1)[0].strip()
-    assert block == reference().strip(), "README CLI reference is stale: run `python -m pipeline.docs --write`"
+    assert block == reference().strip(), "docs/cli.md is stale: run `python -m pipeline.docs --write`"
 
 
 def test_stage_paths_have_no_demo_defaults():
