@@ -25,8 +25,8 @@ import psutil
 from tqdm import tqdm
 
 from cache_schema import FastReader, PartWriter, cache_fields, new_manifest, read_manifest, start_encode
-from cache_schema.info import describe
-from cache_schema.verify import find_problems
+from cache_schema.operations.info import describe
+from cache_schema.operations.verify import find_problems
 from stages.core.split import split_cache
 
 OUT = Path(__file__).resolve().parent / "out"

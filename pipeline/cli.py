@@ -201,7 +201,7 @@ def report(
 def cache_info(cache: Annotated[str, typer.Argument(help="Cache directory or s3://bucket/prefix.", metavar="CACHE")]):
     """Samples, parts, skips by reason, fields, bytes per sample, encoders and fingerprint."""
     from cache_schema import read_manifest
-    from cache_schema.info import describe
+    from cache_schema.operations.info import describe
 
     typer.echo("\n".join(describe(read_manifest(cache))))
 
@@ -217,8 +217,8 @@ def cache_verify(
     """Check every committed part: files and sizes, crc32c of every chunk, counts, finite values, unique keys.
     Lists every bad part and exits non-zero if there is one."""
     from cache_schema import CacheError, read_manifest
-    from cache_schema.object_store import cache_root, is_s3
-    from cache_schema.verify import find_problems
+    from cache_schema.operations.verify import find_problems
+    from cache_schema.storage.object_store import cache_root, is_s3
     from stages.core.progress import progress_bar
 
     if is_s3(cache):
@@ -257,7 +257,7 @@ def cache_push(
 ):
     """Upload a committed cache to S3-compatible object storage; each part's record goes last, with a conditional
     write. Resumable: a rerun skips the parts already there and uploads again those a crash cut short."""
-    from cache_schema.push import push_cache
+    from cache_schema.writing.push import push_cache
     from stages.core.progress import progress_bar
 
     bars = []  # made once the bytes to upload are known (the manifest and the records were checked)

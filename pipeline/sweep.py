@@ -327,7 +327,7 @@ class _Running:
 
 
 def _start(run: PlannedRun, gpu: str | None, threads: int | None) -> _Running:
-    from cache_schema.fsutil import atomic_write_text
+    from cache_schema.storage.fsutil import atomic_write_text
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.run_dir / RUN_CONFIG, f"# repa train --config {run.run_dir / RUN_CONFIG}\n"

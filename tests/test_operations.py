@@ -23,7 +23,7 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_schema import CacheError, CacheReader, FastReader, read_manifest, verify_cache
-from cache_schema.layout import PARTS_DIR, RECORDS_DIR
+from cache_schema.format.layout import PARTS_DIR, RECORDS_DIR
 from pipeline.cli import app
 from stages.core.checkpoint import load_checkpoint
 from stages.core.errors import UsageError
@@ -479,7 +479,7 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_committed_work(tiny_models, s
                                                                   monkeypatch):
     cfg = config(tiny_models, pattern(shards[:2]), tmp_path / "c")
     run_encode(config(tiny_models, pattern(shards[:1]), tmp_path / "c"))
-    monkeypatch.setattr("cache_schema.writer.fsync_tree", _no_space)
+    monkeypatch.setattr("cache_schema.writing.writer.fsync_tree", _no_space)
     assert "no space left" in one_line_error(cli("encode", *cli_args(cfg)))
     assert read_manifest(tmp_path / "c").num_samples == 8  # the committed part is kept
     monkeypatch.setattr("torch.save", _no_space)

@@ -80,7 +80,7 @@ def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_pa
         "ema": True,
     }
     # what a teammate needs to read: the files written through temporary files get the umask's mode, not 0600
-    from cache_schema.fsutil import file_mode
+    from cache_schema.storage.fsutil import file_mode
 
     for path in (result.sidecar, text_run / "config.json", text_run / "checkpoints" / "step-0000004.pt",
                  result.images[0], *(p for p in Path(load_run(text_run).cache).rglob("*.json") if "claims" not in p.parts)):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cache_schema.fsutil import fsync_dir
+from cache_schema.storage.fsutil import fsync_dir
 
 from .errors import UsageError
 from .run_files import CKPT_DIR

@@ -1,5 +1,5 @@
 """The cache's int8 feature codec on torch tensors, on whatever device they live (see
-``cache_schema.codec`` for the definition and its numpy reference)."""
+``cache_schema.format.codec`` for the definition and its numpy reference)."""
 
 from __future__ import annotations
 

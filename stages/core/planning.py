@@ -1,4 +1,4 @@
-"""What a real run costs before it starts: cache bytes from the real shapes (``cache_schema.sizes``), encode and
+"""What a real run costs before it starts: cache bytes from the real shapes (``cache_schema.format.sizes``), encode and
 train time from rates measured on one H100 80GB (bf16, real architectures, random weights: the reference points
 in BENCHMARKS.md), memory from the measured anchors. `repa encode --dry-run` and docs/planning.md use
 these functions, so the two cannot disagree. Every number says what it is estimated from."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cache_schema.sizes import caption_tokens, sample_bytes
+from cache_schema.format.sizes import caption_tokens, sample_bytes
 
 # Encoder images/s on one H100 (batch 64-256, 256 px): (rate, what was measured).
 VAE_RATES = {  # by latent channels: SD-VAE has 4, FLUX's VAE 16

@@ -3,7 +3,7 @@
 Both run in the decode workers of `repa encode` before any encoder sees the sample (the image-caption
 similarity filter runs with the encoders, ``stages.core.encoders.similarity``). Plain Python, so the encode
 config can check rules without importing encoder code. A sample that fails is skipped with a reason whose code is the
-filter's (``cache_schema.layout.FILTER_SKIP_CODES``), so the cache records it like any other skip.
+filter's (``cache_schema.format.layout.FILTER_SKIP_CODES``), so the cache records it like any other skip.
 Rules are parsed with a regular expression, never evaluated.
 """
 
@@ -15,7 +15,7 @@ import operator
 import re
 from dataclasses import dataclass
 
-from cache_schema.layout import FILTER_SKIP_CODES
+from cache_schema.format.layout import FILTER_SKIP_CODES
 
 from .errors import UsageError
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema import FastReader
-from cache_schema.fast_reader import READ_THREADS
-from cache_schema.integrity import damaged
-from cache_schema.plain_arrays import PlainReadError, read_utf8
+from cache_schema.format.integrity import damaged
+from cache_schema.reading.fast_reader import READ_THREADS
+from cache_schema.reading.plain_arrays import PlainReadError, read_utf8
 
 PARTS_PER_WORKER = 64  # a worker costs ~1-2 s to start; below this many parts one process does it
 
@@ -29,7 +29,6 @@ def split_ids(keys, val_fraction: float, salt: str = "val") -> tuple[np.ndarray,
 
     A sample is held out when blake2b(salt + key), read as a number in [0, 1), is below
     ``val_fraction``. With ``val_fraction > 0`` and at least two samples neither side is empty.
-    Hashing costs ~0.5 µs per key (~6 s for 12 M keys).
     """
     _check_fraction(val_fraction)
     return _split(unit_hashes(keys, salt), val_fraction)

@@ -2,8 +2,7 @@
 
 torch starts one intra-op thread per core in every process. With several processes per machine
 (one per GPU, plus loader or decode workers) those threads outnumber the cores, and when a core is
-taken they spin-wait for it: measured here, tiny encoders ran at 150 img/s with 1 thread and 42 with
-2 while one other process was busy, and the demo training took ~13 minutes instead of ~2. So each
+taken they spin-wait for it and everything slows several-fold (BENCHMARKS.md, "Design measurements"). So each
 process takes its share of the cores, less the worker processes it feeds from, and at least one.
 """
 

@@ -19,9 +19,8 @@ import torch
 import zarr
 
 from cache_schema import CacheError, PartWriter, field_to_json, read_manifest
-from cache_schema.claims import Heartbeat, LocalClaims, Owner, claim, describe_holder, release
-from cache_schema.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
-from cache_schema.manifest import (
+from cache_schema.format.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
+from cache_schema.format.manifest import (
     Manifest,
     read_record,
     read_records,
@@ -29,7 +28,8 @@ from cache_schema.manifest import (
     target_fingerprint,
     target_part_problem,
 )
-from cache_schema.writer import drop_part, settle_part, start_target
+from cache_schema.writing.claims import Heartbeat, LocalClaims, Owner, claim, describe_holder, release
+from cache_schema.writing.writer import drop_part, settle_part, start_target
 from stages.core.codec import quantize_int8
 from stages.core.encoders.images import crop_name
 from stages.core.encoders.load import ModelSource, torch_dtype

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from cache_schema import CacheError, Manifest, start_encode
-from cache_schema.claims import ClaimStore, LocalClaims, Owner
-from cache_schema.manifest import record_path
-from cache_schema.object_store import S3Path, cache_root, is_s3
-from cache_schema.writer import drop_part, settle_part
+from cache_schema.format.manifest import record_path
+from cache_schema.storage.object_store import S3Path, cache_root, is_s3
+from cache_schema.writing.claims import ClaimStore, LocalClaims, Owner
+from cache_schema.writing.writer import drop_part, settle_part
 
 from .config import EncodeConfig
 
@@ -53,7 +53,7 @@ class LocalDestination:
 
 class S3Destination:
     def __init__(self, root: S3Path, staging: Path | None, owner: Owner):
-        from cache_schema.s3_claims import S3Claims
+        from cache_schema.writing.s3_claims import S3Claims
 
         self.root = root
         self.claims: ClaimStore = S3Claims(root)
@@ -71,7 +71,7 @@ class S3Destination:
         return None  # the staging directory holds no claims; publish checks the claim on the store
 
     def start(self, template: Manifest, cfg: EncodeConfig, sources: dict, unreadable: dict[str, str]) -> Manifest:
-        from cache_schema.s3_encode import start_encode_s3
+        from stages.encode.s3_publish import start_encode_s3
 
         return start_encode_s3(self.root, template, sources, unreadable)
 
@@ -82,7 +82,7 @@ class S3Destination:
         return not record_path(self.root, part).is_file()  # committed by another job since the plan
 
     def publish(self, part: str, owner: Owner) -> bool:
-        from cache_schema.s3_encode import publish_staged
+        from stages.encode.s3_publish import publish_staged
 
         return publish_staged(self.writer_dir, self.root, part, self.claims, owner)
 

@@ -10,8 +10,8 @@ from collections import Counter
 from PIL import Image
 
 from cache_schema import read_manifest
-from cache_schema.layout import FILTER_SKIP_CODES, MANIFEST_NAME
-from cache_schema.sizes import caption_tokens, sample_bytes
+from cache_schema.format.layout import FILTER_SKIP_CODES, MANIFEST_NAME
+from cache_schema.format.sizes import caption_tokens, sample_bytes
 from stages.core.encoders.images import IMAGE_EXTENSIONS
 from stages.core.encoders.load import dino_geometry, hf_config, text_geometry, vae_config, vae_geometry
 from stages.core.encoders.tars import is_remote, iter_tar

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest
-from cache_schema.claims import Heartbeat, Owner
-from cache_schema.info import describe
-from cache_schema.layout import MANIFEST_NAME
-from cache_schema.object_store import cache_root, is_s3
+from cache_schema.format.layout import MANIFEST_NAME
+from cache_schema.operations.info import describe
+from cache_schema.storage.object_store import cache_root, is_s3
+from cache_schema.writing.claims import Heartbeat, Owner
 from stages.core.cuda_settings import fast_cuda_math
 from stages.core.encoders.features import EncoderSpec, FeatureEncoders, dino_preprocess_description
 from stages.core.encoders.images import crop_name

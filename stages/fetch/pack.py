@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.errors import UsageError
 from stages.core.progress import progress_bar
 

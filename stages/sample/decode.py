@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from cache_schema import CacheError, CacheReader, Manifest, read_manifest
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.errors import UsageError
 from stages.core.grids import tile
 from stages.core.objective import latent_normalisation

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cache_schema import CacheError, read_manifest
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
 from stages.core.errors import UsageError
 from stages.core.model_config import ModelConfig

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cache_schema import CacheReader, Manifest
-from cache_schema.sources import source_id
+from cache_schema.format.sources import source_id
 from stages.core.encoders.images import Skipped, crop_name, prepare_sample
 from stages.core.encoders.tars import expand_source, iter_tar, recorded_source
 from stages.core.errors import UsageError

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from cache_schema import Manifest
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.checkpoint import latest_checkpoint, load_checkpoint
 from stages.core.codec import dequantize_int8, quantize_int8
 from stages.core.errors import UsageError

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema.layout import FIRST_TARGET
+from cache_schema.format.layout import FIRST_TARGET
 from stages.core.errors import UsageError
 from stages.core.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySettings
 from stages.core.model_config import ARCHS

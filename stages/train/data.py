@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cache_schema import CacheError, FastReader
-from cache_schema.layout import FIRST_TARGET, flip_name
+from cache_schema.format.layout import FIRST_TARGET, flip_name
 from stages.core.processes import exit_with_process
 
 Batch = dict[str, torch.Tensor]

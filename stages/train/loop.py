@@ -23,7 +23,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from cache_schema import read_manifest, settings_diff
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.checkpoint import (
     checkpoint_path,
     load_checkpoint,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cache_schema.layout import flip_name
+from cache_schema.format.layout import flip_name
 
 from ..codec import quantize_int8
 from ..errors import UsageError

@@ -1,12 +1,12 @@
 """Reading batches of random samples from a cache with tensorstore: the training hot path.
 
-zarr-python serves random samples from the sharded arrays at ~100 samples/s through fancy
-indexing; tensorstore reads the same zarr v3 shards with true random access. Measured on a
-2-core machine with SiT-XL/2-sized samples, the fastest correct way is one orthogonal-index read
-per (part, field), written straight into a preallocated output through an ``array`` view of it
-(~8 000 samples per CPU-second for 384 KiB rows): one read future per sample, or reading into
-fresh arrays that are then copied into the batch, cost ~1.8x more CPU. A chunk cache pool,
-``Batch``-grouped reads and other ``data_copy_concurrency`` limits measured no faster.
+zarr-python serves random samples from the sharded arrays slowly through fancy indexing;
+tensorstore reads the same zarr v3 shards with true random access. The fastest correct way
+measured is one orthogonal-index read per (part, field), written straight into a preallocated
+output through an ``array`` view of it: one read future per sample, or reading into fresh arrays
+that are then copied into the batch, cost more CPU, and a chunk cache pool, ``Batch``-grouped
+reads and other ``data_copy_concurrency`` limits were no faster (numbers: BENCHMARKS.md,
+"Design measurements").
 
 Handles are opened lazily and per process (an instance is created in the training process and
 used inside DataLoader workers; it re-opens everything when it finds itself in a new process).
@@ -15,7 +15,7 @@ started with ``forkserver`` or ``spawn``, as ``stages.train.data.make_loader`` d
 
 Small per-sample arrays are held in RAM. The numeric ones a batch needs (labels, caption token
 spans) form the *index*: read once, in the process that creates the reader, with one concurrent
-tensorstore read per part (zarr-python opens ~300 parts/s; a CC12M cache has 2 176), and carried
+tensorstore read per part (zarr-python opens parts one by one; a CC12M cache has 2 176), and carried
 to worker processes with the reader (``index_arrays``/``adopt_index`` let a caller put them in
 shared memory first). Strings (keys, captions) are read on demand with zarr-python, once per
 process. Results are bit-identical to ``CacheReader``.
@@ -33,13 +33,20 @@ import numpy as np
 import tensorstore as ts
 import zarr
 
-from .errors import CacheError
-from .integrity import check_part_files, damaged, target_hint
-from .layout import PART_SUFFIX, PARTS_DIR, Field
-from .manifest import Manifest, field_from_json, read_manifest, read_records, target_dir, target_part_problem
-from .object_store import S3Path, cache_root, kvstore_spec
-from .plain_arrays import PlainReadError, read_plain
-from .shard_rows import RowReadError, ShardedRows
+from cache_schema.errors import CacheError
+from cache_schema.format.integrity import check_part_files, damaged, target_hint
+from cache_schema.format.layout import PART_SUFFIX, PARTS_DIR, Field
+from cache_schema.format.manifest import (
+    Manifest,
+    field_from_json,
+    read_manifest,
+    read_records,
+    target_dir,
+    target_part_problem,
+)
+from cache_schema.reading.plain_arrays import PlainReadError, read_plain
+from cache_schema.reading.shard_rows import RowReadError, ShardedRows
+from cache_schema.storage.object_store import S3Path, cache_root, kvstore_spec
 
 READ_THREADS = 16  # small-array reads in flight at once: file round trips overlap, decoding does not
 

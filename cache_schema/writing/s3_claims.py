@@ -14,9 +14,9 @@ import json
 import threading
 import time
 
-from .claims import Owner, is_stale
-from .layout import CLAIMS_DIR
-from .object_store import S3Path, delete, get_with_etag, put_if_absent, put_if_match
+from cache_schema.format.layout import CLAIMS_DIR
+from cache_schema.storage.object_store import S3Path, delete, get_with_etag, put_if_absent, put_if_match
+from cache_schema.writing.claims import Owner, is_stale
 
 
 class S3Claims:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .manifest import Manifest, field_from_json
+from cache_schema.format.manifest import Manifest, field_from_json
 
 
 def _fmt_bytes(n: float) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CacheError
-from .layout import PART_SUFFIX, PARTS_DIR, RECORDS_DIR, TARGETS_DIR
-from .object_store import S3Path, cache_root
+from cache_schema.errors import CacheError
+from cache_schema.format.layout import PART_SUFFIX, PARTS_DIR, RECORDS_DIR, TARGETS_DIR
+from cache_schema.storage.object_store import S3Path, cache_root
 
 REPAIR_HINT = "rerun the encode command with --repair, or with --redo {name}"
 

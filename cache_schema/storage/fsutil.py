@@ -1,6 +1,6 @@
 """Durable file operations: a commit is only a commit once it survives a power cut.
 
-Also the cache's advisory lock. Files are created with the permissions the umask gives (a teammate
+Also an advisory file lock. Files are created with the permissions the umask gives (a teammate
 in the same group can read a cache), not the 0600 of ``tempfile.mkstemp``.
 """
 
@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CacheError
-from .layout import LOCK_NAME
+from cache_schema.errors import CacheError
 
 
 def current_umask() -> int:
@@ -82,10 +81,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 @contextlib.contextmanager
-def cache_lock(cache_dir: Path) -> Iterator[None]:
-    """The cache's advisory lock (flock), held for the short critical sections of writers: creating the
-    manifest, claiming parts, committing and dropping parts. A dead holder's lock is released by the OS."""
-    lock_path = Path(cache_dir) / LOCK_NAME
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An advisory lock (flock) on ``lock_path``, created if absent. A dead holder's lock is released by the OS."""
     with open(lock_path, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:

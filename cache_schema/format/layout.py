@@ -175,7 +175,7 @@ def class_token_fields(name: str, dim: int, class_tokens: int) -> list[Field]:
 
 def part_name(source_url: str, source_id: str) -> str:
     """A stable, filesystem-safe part name for an input shard: its file stem plus a hash of its content
-    identity (``cache_schema.sources.source_id``), so the same tar reached by two spellings of its path
+    identity (``cache_schema.format.sources.source_id``), so the same tar reached by two spellings of its path
     is one part, and two different tars with the same file name are two."""
     stem = re.split(r"[/\\]", source_url.rstrip("/ |"))[-1]
     stem = re.sub(r"\.(tar|tgz|tar\.gz)$", "", stem)

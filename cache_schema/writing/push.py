@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CacheError
-from .layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, RECORD_SUFFIX, RECORDS_DIR
-from .manifest import manifest_path, read_manifest, read_records, record_path, target_dir
-from .object_store import S3Path, client, put_if_absent
+from cache_schema.errors import CacheError
+from cache_schema.format.layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, RECORD_SUFFIX, RECORDS_DIR
+from cache_schema.format.manifest import manifest_path, read_manifest, read_records, record_path, target_dir
+from cache_schema.storage.object_store import S3Path, client, put_if_absent
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Writing a cache: starting an encode, claiming parts, writing one part, committing or dropping it.
 
 A part is written into ``parts/.tmp-<name>-<owner>.zarr`` by the one process that claimed it
-(``cache_schema.claims``). Sharded arrays are written one whole shard file at a time (a partial write
+(``cache_schema.writing.claims``). Sharded arrays are written one whole shard file at a time (a partial write
 rewrites a shard, and concurrent partial writers lose data): rows are copied once into a buffer the size
 of one shard, which tensorstore writes when it is full (zarr-python creates the arrays and writes the
 small ones; tensorstore's writer costs half its CPU per sample). ``commit`` flushes the rest, lists every file with its size, stores
@@ -27,11 +27,8 @@ import tensorstore as ts
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from . import claims
-from .claims import Owner
-from .errors import CacheError
-from .fsutil import cache_lock, fsync_dir, fsync_tree, write_error
-from .layout import (
+from cache_schema.errors import CacheError
+from cache_schema.format.layout import (
     CLAIMS_DIR,
     MANIFEST_NAME,
     PART_SUFFIX,
@@ -42,7 +39,8 @@ from .layout import (
     TRASH_PREFIX,
     Field,
 )
-from .manifest import (
+from cache_schema.format.lock import cache_lock
+from cache_schema.format.manifest import (
     Manifest,
     PartRecord,
     read_records,
@@ -52,6 +50,9 @@ from .manifest import (
     update_manifest,
     write_record,
 )
+from cache_schema.storage.fsutil import fsync_dir, fsync_tree, write_error
+from cache_schema.writing import claims
+from cache_schema.writing.claims import Owner
 
 _PLAIN_CHUNK = 65536  # rows per chunk of the small per-sample arrays (keys, labels, offsets)
 
@@ -131,7 +132,7 @@ class PartWriter:
             shards=shard,
             compressors=[Crc32cCodec()],
             fill_value=0,
-            # Every chunk is written, so skip zarr's scan for all-fill chunks (measured 1.5-2x faster).
+            # Every chunk is written, so skip zarr's scan for all-fill chunks (its cost: BENCHMARKS.md).
             config={"write_empty_chunks": True},
         )
 
@@ -373,8 +374,8 @@ def _trash(path: Path) -> Path | None:
 
 
 class _BufferPool:
-    """Shard buffers kept for the next part of this process: a fresh 400 MB buffer costs ~0.3 ms of page
-    faults per sample the first time it is filled; a reused one costs nothing."""
+    """Shard buffers kept for the next part of this process: a fresh buffer pays page faults for every
+    sample the first time it is filled; a reused one does not."""
 
     def __init__(self):
         self._free: dict[tuple, list[np.ndarray]] = {}

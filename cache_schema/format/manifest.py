@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .errors import CacheError
-from .fsutil import atomic_write_json, cache_lock
-from .layout import (
+from cache_schema.errors import CacheError
+from cache_schema.format.layout import (
     FILTER_SKIP_CODES,
     FIRST_TARGET,
     MANIFEST_NAME,
@@ -31,7 +30,9 @@ from .layout import (
     TARGETS_DIR,
     Field,
 )
-from .object_store import S3Path, cache_root
+from cache_schema.format.lock import cache_lock
+from cache_schema.storage.fsutil import atomic_write_json
+from cache_schema.storage.object_store import S3Path, cache_root
 
 # Settings that change the stored features. Two caches agree on these or they are different caches.
 FINGERPRINT_KEYS = (
@@ -83,7 +84,7 @@ class PartRecord:
     name: str
     source: str  # the input shard as it was given
     num_samples: int
-    source_id: str = ""  # content identity of the input shard (cache_schema.sources)
+    source_id: str = ""  # content identity of the input shard (cache_schema.format.sources)
     num_text_tokens: int = 0
     bytes: int = 0
     skipped: int = 0

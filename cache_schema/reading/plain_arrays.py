@@ -1,8 +1,8 @@
 """Reading a whole small (non-sharded) array of a part, chunk files decoded here.
 
-At CC12M scale the training process reads the keys of 2 176 parts at start; zarr-python spends ~12
-ms per array opening and decoding it, ~27 s in all, of which the decoding proper (numcodecs'
-vlen-utf8, the codec zarr itself uses) is ~0.4 ms. For arrays whose metadata is exactly the layout
+At CC12M scale the training process reads the keys of 2 176 parts at start; zarr-python spends most
+of its time per array opening it, not decoding it (numcodecs' vlen-utf8, the codec zarr itself uses;
+BENCHMARKS.md, "Design measurements"). For arrays whose metadata is exactly the layout
 this package writes (one dimension, codecs ``vlen-utf8`` or little-endian ``bytes``, then ``crc32c``)
 each chunk file is read, its crc32c checked and its bytes decoded here; any other layout is left to
 the caller's general path (``None``). Like zarr-python, a chunk file that is not there reads as the

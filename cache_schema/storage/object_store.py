@@ -19,7 +19,7 @@ import os
 import threading
 from pathlib import Path, PurePosixPath
 
-from .errors import CacheError
+from cache_schema.errors import CacheError
 
 SCHEME = "s3://"
 _clients: dict[int, object] = {}

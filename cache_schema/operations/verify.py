@@ -24,12 +24,12 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import CacheError
-from .integrity import REPAIR_HINT, check_part_files, part_where, target_hint
-from .layout import PART_SUFFIX, PARTS_DIR, TARGETS_DIR
-from .manifest import read_records, target_dir, target_part_problem
-from .plain_arrays import PlainReadError, read_plain
-from .reader import CacheReader
+from cache_schema.errors import CacheError
+from cache_schema.format.integrity import REPAIR_HINT, check_part_files, part_where, target_hint
+from cache_schema.format.layout import PART_SUFFIX, PARTS_DIR, TARGETS_DIR
+from cache_schema.format.manifest import read_records, target_dir, target_part_problem
+from cache_schema.reading.plain_arrays import PlainReadError, read_plain
+from cache_schema.reading.reader import CacheReader
 
 
 def _check_part(reader: CacheReader, part: dict, rows: int, quick: bool) -> None:

@@ -16,13 +16,13 @@ import shutil
 import time
 from pathlib import Path
 
-from .claims import ClaimStore, Owner
-from .errors import CacheError
-from .layout import MANIFEST_NAME
-from .manifest import Manifest, read_records, record_path, settings_diff
-from .object_store import S3Path, get_with_etag, put_if_absent, put_if_match
-from .push import COMMITTED, OTHER, publish_part
-from .writer import part_path
+from cache_schema.errors import CacheError
+from cache_schema.format.layout import MANIFEST_NAME
+from cache_schema.format.manifest import Manifest, read_records, record_path, settings_diff
+from cache_schema.storage.object_store import S3Path, get_with_etag, put_if_absent, put_if_match
+from cache_schema.writing.claims import ClaimStore, Owner
+from cache_schema.writing.push import COMMITTED, OTHER, publish_part
+from cache_schema.writing.writer import part_path
 
 MANIFEST_RETRIES = 20
 

@@ -15,12 +15,12 @@ from typing import Iterator
 import numpy as np
 import zarr
 
-from .codec import dequantize_int8_numpy
-from .errors import CacheError
-from .integrity import check_part_files, damaged
-from .layout import PART_SUFFIX, PARTS_DIR
-from .manifest import Manifest, read_manifest
-from .object_store import cache_root, is_s3
+from cache_schema.errors import CacheError
+from cache_schema.format.codec import dequantize_int8_numpy
+from cache_schema.format.integrity import check_part_files, damaged
+from cache_schema.format.layout import PART_SUFFIX, PARTS_DIR
+from cache_schema.format.manifest import Manifest, read_manifest
+from cache_schema.storage.object_store import cache_root, is_s3
 
 SMALL_FIELDS = ("key", "source_index", "caption", "label")
 

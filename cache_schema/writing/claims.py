@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import CacheError
-from .fsutil import atomic_write_json, cache_lock
-from .layout import CLAIMS_DIR
+from cache_schema.errors import CacheError
+from cache_schema.format.layout import CLAIMS_DIR
+from cache_schema.format.lock import cache_lock
+from cache_schema.storage.fsutil import atomic_write_json
 
 DEFAULT_LEASE_S = 300.0
 
@@ -150,7 +151,7 @@ def describe_holder(claim: dict) -> str:
 
 class ClaimStore(Protocol):
     """Where the claims of one cache live: a local directory (``LocalClaims``) or an object-storage
-    prefix (``cache_schema.s3_claims.S3Claims``). An encode speaks only to this interface."""
+    prefix (``cache_schema.writing.s3_claims.S3Claims``). An encode speaks only to this interface."""
 
     def claim(self, parts: list[str], owner: Owner, lease_s: float) -> tuple[list[str], dict]: ...
 

@@ -1,9 +1,9 @@
 """Reading single rows of a sharded per-sample array straight from its zarr v3 shard files.
 
 A random training batch over a CC12M-sized cache (2 176 parts) touches a different part for nearly
-every sample, so tensorstore gets one small read request per sample and field; measured on 2 cores
-it spends ~430 us of CPU per SiT-XL/2 sample (400 KiB) that way, while the bytes cost ~90 us to
-copy from the page cache and ~35 us to checksum. For arrays whose metadata is exactly the layout
+every sample, so tensorstore gets one small read request per sample and field, and spends several
+times more CPU per sample that way than copying and checksumming its bytes costs (BENCHMARKS.md,
+"Design measurements"). For arrays whose metadata is exactly the layout
 this package writes (one sample per inner chunk, inner codecs ``bytes`` + ``crc32c``, shard index
 ``bytes`` + ``crc32c`` at the end of the shard, as the zarr v3 sharding codec defines it) a row is
 therefore read with one ``preadv`` into its destination and its crc32c checked; any other layout

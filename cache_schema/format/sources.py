@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .errors import CacheError
+from cache_schema.errors import CacheError
 
 _EDGE = 64 * 1024
 
