@@ -31,7 +31,7 @@ from cache_schema.operations.verify import (
 )
 from cache_schema.writing.claims import Owner, claim
 from cache_schema.writing.writer import settle_part
-from stages.core.codec import dequantize_int8, quantize_int8
+from stages.core.data.codec import dequantize_int8, quantize_int8
 
 from .test_operations import wait_for
 

@@ -20,7 +20,7 @@ from cache_schema import (
     start_encode,
 )
 from cache_schema.reading.fast_reader import FastReader
-from stages.core.codec import quantize_int8
+from stages.core.data.codec import quantize_int8
 
 LATENT_CHANNELS, LATENT_SIZE, DINO_TOKENS, DINO_DIM, TEXT_DIM, MAX_TOKENS = 2, 4, 6, 8, 5, 4
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from stages.core.diffusion.objective import latent_normalisation, sample_latents
 from stages.core.encoders.load import EncoderLoadError, vae_geometry
-from stages.core.objective import latent_normalisation, sample_latents
 
 CHANNELS = 4
 MEAN = [0.5, -1.0, 0.25, 2.0]

@@ -4,7 +4,9 @@
                           errors <- storage <- format <- reading, writing <- operations (reading and
                           writing never import each other; a layer never imports one above it)
     stages.core           shared home of the stages: imports cache_schema and itself only;
-                          outside stages.core.encoders it never imports the encoders
+                          outside stages.core.encoders it never imports the encoders; inside it,
+                          runtime, data, files <- diffusion <- model, and encoders beside them
+                          (errors, options and planning are leaves anyone may use)
     stages.encode/sample  cache_schema, stages.core and themselves
     stages.train          the same minus stages.core.encoders, and no diffusers/transformers
     stages.demo           cache_schema, stages.core and itself
@@ -84,6 +86,22 @@ def schema_layer(module: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in SCHEMA_LAYERS else None
 
 
+# stages.core's subpackages, and which others each may import (its top-level modules are open to all).
+CORE_LAYERS = {
+    "runtime": set(),
+    "data": set(),
+    "files": set(),
+    "diffusion": {"runtime", "data", "files"},
+    "model": {"runtime", "data", "files", "diffusion"},
+    "encoders": {"runtime", "data", "files"},
+}
+
+
+def core_layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["stages", "core"] and parts[2] in CORE_LAYERS else None
+
+
 def allowed(importer: str, target: str) -> bool:
     """Whether ``importer`` (a project module) may import ``target`` (any module)."""
     top = target.split(".")[0]
@@ -104,7 +122,8 @@ def allowed(importer: str, target: str) -> bool:
         return within(importer, "stages.core.encoders") or any(
             within(importer, f"stages.{stage}") for stage in ("encode", "sample", "demo"))
     if within(target, "stages.core") or target == "stages":
-        return True
+        mine, theirs = core_layer(importer), core_layer(target)
+        return mine is None or theirs is None or theirs == mine or theirs in CORE_LAYERS[mine]
     own = ".".join(importer.split(".")[:2])  # stages.<stage>
     return within(target, own)
 
@@ -122,9 +141,13 @@ def test_the_rule_checker_catches_each_kind_of_bad_arrow():
     assert not allowed("cache_schema.writing.writer", "cache_schema.operations.verify")
     assert allowed("cache_schema.operations.verify", "cache_schema.reading.reader")
     assert not allowed("cache_schema.writing.writer", "stages.core.errors")
+    assert not allowed("stages.core.files.checkpoint", "stages.core.model.sit")
+    assert not allowed("stages.core.diffusion.objective", "stages.core.model.network")
+    assert not allowed("stages.core.runtime.stop", "stages.core.data.split")
+    assert allowed("stages.core.model.sit", "stages.core.diffusion.family")
     assert not allowed("stages.train.loop", "stages.core.encoders.load")
     assert not allowed("stages.train.loop", "transformers")
-    assert not allowed("stages.core.sit", "stages.core.encoders.captions")
+    assert not allowed("stages.core.model.sit", "stages.core.encoders.captions")
     assert not allowed("stages.sample.run", "stages.train.data")
     assert not allowed("stages.train.previews", "stages.sample.decode")
     assert not allowed("stages.demo.tiny_encoders", "stages.encode.run")

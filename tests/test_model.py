@@ -1,4 +1,4 @@
-"""Tests for the SiT diffusion transformer (stages/core/sit.py) and the REPA loss (stages/core/objective.py)."""
+"""Tests for the SiT diffusion transformer (stages/core/model/sit.py) and the REPA loss (stages/core/diffusion/objective.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.core.model_config import ModelConfig
-from stages.core.model_presets import MODEL_PRESETS
-from stages.core.network import count_parameters
-from stages.core.objective import LossTerms, repa_loss_per_sample
-from stages.core.sit import SiT
+from stages.core.diffusion.objective import LossTerms, repa_loss_per_sample
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.model_presets import MODEL_PRESETS
+from stages.core.model.network import count_parameters
+from stages.core.model.sit import SiT
 
 BATCH = 3
 TEXT_LEN = 5

@@ -82,7 +82,7 @@ def test_two_nodes_of_two_processes_train_from_s3_without_a_shared_cache(pushed,
     """Nodes with no shared disk: 4 ranks of two launchers read the cache from the object store."""
     import torch
 
-    from stages.core.checkpoint import latest_checkpoint
+    from stages.core.files.checkpoint import latest_checkpoint
 
     cfg = tiny_train(pushed, tmp_path / "run", steps=4, ckpt_every=4, val_every=4)
     node0, node1 = two_nodes(["train", *train_cli_args(cfg)], port=29583)

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import build, load_preset
 from pipeline.sweep import expand_grid, load_sweep
-from stages.core.model_config import ModelConfig
-from stages.core.network import build_model, count_parameters
-from stages.core.samplers import guided, heun_ode
+from stages.core.diffusion.samplers import guided, heun_ode
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.network import build_model, count_parameters
 from stages.sample.decode import to_pixels
 from stages.train.config import TrainConfig
 from stages.train.optim import lr_factor, parameter_table

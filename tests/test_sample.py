@@ -98,8 +98,8 @@ def test_class_run_cycles_the_given_classes(class_run, tmp_path):
 
 def test_held_out_conditions_pair_each_sample_with_its_real_image(class_run, tmp_path):
     from cache_schema import CacheReader
-    from stages.core.run_files import read_run_config
-    from stages.core.split import split_ids
+    from stages.core.data.split import split_ids
+    from stages.core.files.run_files import read_run_config
 
     result = run_sample(sample_cfg(class_run, tmp_path / "out", held_out=True, num_samples=4))
     entries = json.loads(result.sidecar.read_text())["images"]

@@ -30,15 +30,15 @@ from cache_schema.format.manifest import (
 )
 from cache_schema.writing.claims import Heartbeat, LocalClaims, Owner, claim, describe_holder, release
 from cache_schema.writing.writer import drop_part, settle_part, start_target
-from stages.core.codec import quantize_int8
+from stages.core.data.codec import quantize_int8
 from stages.core.encoders.images import crop_name
 from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.targets import TargetEncoder
 from stages.core.encoders.tars import expand_source, recorded_source
 from stages.core.errors import UsageError
-from stages.core.processes import exit_with_parent
-from stages.core.progress import progress_bar
-from stages.core.threads import set_threads
+from stages.core.runtime.processes import exit_with_parent
+from stages.core.runtime.progress import progress_bar
+from stages.core.runtime.threads import set_threads
 
 from .config import EncodeConfig
 from .part_sink import PartSink, feeding

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_schema import DEFAULT_SHARD_SIZE, FEATURE_CODECS
+from stages.core.data.sample_filters import SampleFilters
 from stages.core.errors import UsageError
 from stages.core.options import option
-from stages.core.sample_filters import SampleFilters
 
 ENCODER_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DINO_POS_EMBED = ("antialias-once", "bicubic-per-call")

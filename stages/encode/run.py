@@ -22,15 +22,15 @@ from cache_schema.format.layout import MANIFEST_NAME
 from cache_schema.operations.info import describe
 from cache_schema.storage.object_store import cache_root, is_s3
 from cache_schema.writing.claims import Heartbeat, Owner
-from stages.core.cuda_settings import fast_cuda_math
 from stages.core.encoders.features import EncoderSpec, FeatureEncoders, dino_preprocess_description
 from stages.core.encoders.images import crop_name
 from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.tars import expand_source
 from stages.core.options import check
-from stages.core.processes import exit_with_parent
-from stages.core.progress import progress_bar
-from stages.core.threads import available_cores, set_threads
+from stages.core.runtime.cuda_settings import fast_cuda_math
+from stages.core.runtime.processes import exit_with_parent
+from stages.core.runtime.progress import progress_bar
+from stages.core.runtime.threads import available_cores, set_threads
 
 from .config import EncodeConfig
 from .destination import destination

@@ -22,12 +22,12 @@ import torch
 
 from cache_schema import CacheError, read_manifest
 from cache_schema.storage.fsutil import atomic_write_json
-from stages.core.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
 from stages.core.errors import UsageError
-from stages.core.model_config import ModelConfig
-from stages.core.model_presets import MODEL_PRESETS
-from stages.core.network import build_model, count_parameters
-from stages.core.run_files import CONFIG_FILE
+from stages.core.files.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+from stages.core.files.run_files import CONFIG_FILE
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.model_presets import MODEL_PRESETS
+from stages.core.model.network import build_model, count_parameters
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _IREPA_PROJECTOR = re.compile(r"^projectors\.(\d+)\.projection_layer\.")

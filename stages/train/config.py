@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_schema.format.layout import FIRST_TARGET
+from stages.core.diffusion.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySettings
 from stages.core.errors import UsageError
-from stages.core.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySettings
-from stages.core.model_config import ARCHS
-from stages.core.model_presets import MODEL_PRESETS
+from stages.core.model.model_config import ARCHS
+from stages.core.model.model_presets import MODEL_PRESETS
 from stages.core.options import option, to_json
-from stages.core.stop import DEFAULT_STOP_SIGNALS, parse_signals
+from stages.core.runtime.stop import DEFAULT_STOP_SIGNALS, parse_signals
 
 from .methods import METHODS, NEUTRAL, method_parts, method_settings
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.core.conditioning import Conditioner
-from stages.core.objective import sample_t
-from stages.core.seeding import generator
+from stages.core.diffusion.objective import sample_t
+from stages.core.model.conditioning import Conditioner
+from stages.core.runtime.seeding import generator
 
 from .data import piece_index
 

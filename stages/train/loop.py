@@ -24,7 +24,11 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from cache_schema import read_manifest, settings_diff
 from cache_schema.storage.fsutil import atomic_write_json
-from stages.core.checkpoint import (
+from stages.core.data.split import split_cache
+from stages.core.diffusion.family_settings import FamilySettings
+from stages.core.diffusion.objective import batch_loss_terms, latent_normalisation, sample_latents
+from stages.core.errors import UsageError
+from stages.core.files.checkpoint import (
     checkpoint_path,
     load_checkpoint,
     prune_checkpoints,
@@ -32,17 +36,13 @@ from stages.core.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from stages.core.conditioning import Conditioner
-from stages.core.cuda_settings import fast_cuda_math
-from stages.core.errors import UsageError
-from stages.core.family_settings import FamilySettings
-from stages.core.network import build_model, count_parameters
-from stages.core.objective import batch_loss_terms, latent_normalisation, sample_latents
+from stages.core.files.run_files import CONFIG_FILE, FINAL_FILE
+from stages.core.model.conditioning import Conditioner
+from stages.core.model.network import build_model, count_parameters
 from stages.core.options import check
-from stages.core.progress import progress_bar
-from stages.core.run_files import CONFIG_FILE, FINAL_FILE
-from stages.core.split import split_cache
-from stages.core.threads import set_threads
+from stages.core.runtime.cuda_settings import fast_cuda_math
+from stages.core.runtime.progress import progress_bar
+from stages.core.runtime.threads import set_threads
 
 from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
@@ -107,7 +107,7 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
     own t, noise and dropout, as the seed samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
-    the --method adds to REPA (stages.core.family)."""
+    the --method adds to REPA (stages.core.diffusion.family)."""
     x = tile_rows(sample_latents(batch["moments"], *latent_normalisation(latent), noise=draws.latent_noise),
                   draws.multiplicity)
     batch = tile({k: v for k, v in batch.items() if k != "moments"}, draws.multiplicity)
@@ -222,7 +222,7 @@ def tile(batch: dict, times: int) -> dict:
 
 
 def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int]) -> dict:
-    """Everything a checkpoint holds (see ``stages.core.checkpoint``)."""
+    """Everything a checkpoint holds (see ``stages.core.files.checkpoint``)."""
     return {"parts": parts,
         "step": step, "model": trainer.raw_model.state_dict(), "ema": trainer.ema.state_dict(),
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from cache_schema.format.layout import flip_name
+from stages.core.data.codec import quantize_int8
 
-from ..codec import quantize_int8
 from ..errors import UsageError
 from .captions import encode_captions
 from .load import (

@@ -14,7 +14,7 @@ Label dropout for classifier-free guidance is the caller's job (as for the proje
 ``null_class`` for a dropped label. RAE drops inside the forward in training mode with its global RNG at
 ``class_dropout_prob``; the project's conditioning draws the same Bernoulli from its own seeded generator.
 
-Where this plugs in: ``stages.core.network.build_model`` can build it from a :class:`DDTConfig`, and
+Where this plugs in: ``stages.core.model.network.build_model`` can build it from a :class:`DDTConfig`, and
 ``repa import-checkpoint`` can read RAE's files with :func:`load_ddt`. Its forward returns the velocity only
 (no REPA projector), so the training objective's REPA term is absent.
 """
@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .ddt_config import DDTConfig
-from .dit_init import zero_modulations_and_output
-from .lightning_dit import (
+from stages.core.files.tensor_files import check_state_dict_fits, load_state_dict_file
+from stages.core.model.ddt_config import DDTConfig
+from stages.core.model.dit_init import zero_modulations_and_output
+from stages.core.model.lightning_dit import (
     FinalLayer,
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -37,8 +38,7 @@ from .lightning_dit import (
     PatchEmbed,
     VisionRotaryEmbeddingFast,
 )
-from .sit import sincos_pos_embed_2d
-from .tensor_files import check_state_dict_fits, load_state_dict_file
+from stages.core.model.sit import sincos_pos_embed_2d
 
 
 class DiTwDDTHead(nn.Module):

@@ -14,7 +14,7 @@ points, so 49 velocity calls, from t = 1 down to shift(0.001) ≈ 0.0069, where 
 
 Where this plugs in: :func:`sample_train_t` replaces ``objective.sample_t`` for an RAE run (the rest of the
 objective is unchanged), and :func:`shifted_euler_ode` is the sampler for ``repa sample`` on such a run;
-``fn`` is any :data:`stages.core.samplers.VelocityFn`, e.g. from ``samplers.guided`` for CFG.
+``fn`` is any :data:`stages.core.diffusion.samplers.VelocityFn`, e.g. from ``samplers.guided`` for CFG.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from .samplers import VelocityFn
+from stages.core.diffusion.samplers import VelocityFn
 
 SHIFT_BASE = 4096  # RAE's time_dist_shift_base
 TRAIN_T_MAX = 1 - 1 / 1000  # transport.py check_interval's t1 for a velocity model on the linear path

@@ -1,10 +1,10 @@
 """LightningDiT as RAE ships it (bytetriper/RAE ``src/stage2/models/lightningDiT.py``), a model family of its
-own built from the blocks of :mod:`stages.core.lightning_dit`, with RAE's parameter names.
+own built from the blocks of :mod:`stages.core.model.lightning_dit`, with RAE's parameter names.
 
 x_embedder(x) + fixed sin-cos table -> blocks conditioned on c = t_emb(t) + y_emb(y) (no SiLU in front, unlike
 DiT-DH) with 2-D RoPE on the patch grid -> final layer -> unpatchify. Initialisation as RAE's: xavier-uniform
 linears, then the DiT-style embeddings and zeroed adaLN and output layers. Label dropout is the caller's job
-(``null_class``), as for :class:`stages.core.ddt.DiTwDDTHead`. RAE's ``learn_sigma`` (an unused second half of
+(``null_class``), as for :class:`stages.core.model.ddt.DiTwDDTHead`. RAE's ``learn_sigma`` (an unused second half of
 the output) is not offered.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .ddt_config import LightningDiTConfig
-from .dit_init import zero_modulations_and_output
-from .lightning_dit import (
+from stages.core.model.ddt_config import LightningDiTConfig
+from stages.core.model.dit_init import zero_modulations_and_output
+from stages.core.model.lightning_dit import (
     FinalLayer,
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -23,7 +23,7 @@ from .lightning_dit import (
     PatchEmbed,
     VisionRotaryEmbeddingFast,
 )
-from .sit import sincos_pos_embed_2d
+from stages.core.model.sit import sincos_pos_embed_2d
 
 
 class LightningDiT(nn.Module):

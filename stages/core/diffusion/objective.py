@@ -10,7 +10,7 @@ similarity; the loss is the mean over tokens of -cos. Total loss = denoise + lam
 targets (one projector each) REPA is the mean of their losses, as official REPA's loss.py averages over its
 encoders; a weight per target then replaces lambda: denoise + mean_k(lambda_k * REPA_k).
 
-REPA's successors (``stages.core.family``) add to this: REG's class-token velocity loss, the dispersive loss,
+REPA's successors (``stages.core.diffusion.family``) add to this: REG's class-token velocity loss, the dispersive loss,
 iREPA's normalised targets and HASTE's early stop of the alignment term.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .family import FamilySettings, alignment_inputs, dispersive_loss
+from stages.core.diffusion.family import FamilySettings, alignment_inputs, dispersive_loss
 
 NUM_T_BINS = 10
 

@@ -7,12 +7,12 @@
   flattened state (D' = tokens x width) (``dispersive_loss``).
 - REG (Martinser/REG): the target's class token is noised on the same path as the latents (its own noise,
   the same t), enters the SiT as one extra token and is denoised too; the REPA target is [class token,
-  patch tokens] (``alignment_inputs``; the model side is in ``stages.core.sit``).
+  patch tokens] (``alignment_inputs``; the model side is in ``stages.core.model.sit``).
 - HASTE (NUS-HPC-AI-Lab/HASTE): alignment switched off after a step (``FamilySettings.align``).
 
 Sampling a REG model denoises its class token with the latents (``JointState``), as REG's sampler does.
 
-``FamilySettings`` (``stages.core.family_settings``) carries these choices from the training config to
+``FamilySettings`` (``stages.core.diffusion.family_settings``) carries these choices from the training config to
 ``objective.loss_terms``.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .family_settings import FamilySettings
+from stages.core.diffusion.family_settings import FamilySettings
 
 ZSCORE_EPS = 1e-6
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .repa_rf import RMSNorm
+from stages.core.model.repa_rf import RMSNorm
 
 __all__ = ["PatchEmbed", "LabelEmbedder", "RMSNorm", "SwiGLUFFN", "GeluMlp", "VisionRotaryEmbeddingFast", "NormAttention",
            "GaussianFourierEmbedding", "LightningBlock", "FinalLayer", "modulate", "swiglu_hidden"]

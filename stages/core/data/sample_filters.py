@@ -16,8 +16,7 @@ import re
 from dataclasses import dataclass
 
 from cache_schema.format.layout import FILTER_SKIP_CODES
-
-from .errors import UsageError
+from stages.core.errors import UsageError
 
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt, "<": operator.lt}
 _RULE = re.compile(

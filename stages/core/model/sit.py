@@ -9,7 +9,7 @@ layer and an unpatchify back to latent shape. Differences from DiT:
 - ``cond="text"`` adds cross-attention to caption tokens in every block (9-way adaLN) and a pooled caption
   vector to the time embedding; ``cond="none"`` is unconditional;
 - REPA: one projector MLP per alignment target maps the hidden state after block ``align_layer`` (1-based)
-  to the dimension of that frozen encoder's patch tokens, for the alignment loss (``stages.core.objective``);
+  to the dimension of that frozen encoder's patch tokens, for the alignment loss (``stages.core.diffusion.objective``);
   iREPA's Conv2d over the token grid instead with ``projector_type="conv"``;
 - REG (``class_token_dim``): the noised class token of the target enters as one extra token in front of the
   patch tokens, LayerNorm(Linear(cls)) with a zero position row, and its velocity is read out by its own
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dit_init import zero_modulations_and_output
-from .family import ConvProjector
-from .model_config import ModelConfig
+from stages.core.diffusion.family import ConvProjector
+from stages.core.model.dit_init import zero_modulations_and_output
+from stages.core.model.model_config import ModelConfig
 
 #################################################################################
 #               Embedding layers for timesteps, labels and captions             #

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import UsageError
-from .tensor_files import load_tensors
+from stages.core.errors import UsageError
+from stages.core.files.tensor_files import load_tensors
 
 RAE_EPS = 1e-5  # RAE.__init__'s default ``eps``; no RAE config overrides it
 

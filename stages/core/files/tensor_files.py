@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from stages.core.errors import UsageError
 
 
 def load_tensors(path: Path | str, what: str) -> object:

@@ -1,4 +1,4 @@
-"""The shape and conditioning of a network, for every family (``stages.core.network`` builds it).
+"""The shape and conditioning of a network, for every family (``stages.core.model.network`` builds it).
 
 Kept free of torch so configs, presets and their checks load without it.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model_presets import MODEL_PRESETS
+from stages.core.model.model_presets import MODEL_PRESETS
 
 COND_MODES = ("class", "text", "none")
 ARCHS = ("sit", "repa-rf")  # official REPA's SiT; the seed project's (cloneofsimo/repa-rf) CC12M DiT
@@ -36,7 +36,7 @@ class ModelConfig:
     align_layers: tuple[int, ...] = ()  # per projector, when the targets are aligned at different blocks
     projector_dim: int = 2048  # hidden size of SiT's REPA projector MLP (the seed's projector is width wide)
     mlp_ratio: float = 4.0  # MLP hidden size as a multiple of width
-    # The REPA family (stages.core.family), sit only:
+    # The REPA family (stages.core.diffusion.family), sit only:
     class_token_dim: int = 0  # REG: size of the target class token the model also denoises (0: none)
     projector_type: str = "mlp"  # "conv": iREPA's Conv2d projector over the token grid
     projector_kernel: int = 1  # its kernel size (odd)

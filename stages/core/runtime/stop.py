@@ -14,7 +14,7 @@ import signal
 import threading
 from typing import Callable
 
-from .errors import UsageError
+from stages.core.errors import UsageError
 
 DEFAULT_STOP_SIGNALS = "TERM,INT,USR1"
 

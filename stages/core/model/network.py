@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .model_config import ModelConfig
-from .repa_rf import RepaRFDiT
-from .sit import SiT
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.repa_rf import RepaRFDiT
+from stages.core.model.sit import SiT
 
 PROJECTOR_PREFIXES = ("projectors.", "repa_transforms.")
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model_config import ModelConfig
+from stages.core.model.model_config import ModelConfig
 
 MAX_POSITIONS = 1024  # the seed's fixed table size
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from cache_schema.storage.fsutil import fsync_dir
-
-from .errors import UsageError
-from .run_files import CKPT_DIR
+from stages.core.errors import UsageError
+from stages.core.files.run_files import CKPT_DIR
 
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sit import sincos_pos_embed_2d
-from .tensor_files import check_state_dict_fits, load_state_dict_file
+from stages.core.files.tensor_files import check_state_dict_fits, load_state_dict_file
+from stages.core.model.sit import sincos_pos_embed_2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's image processor, which RAE reads its pixel statistics from
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from stages.core.errors import UsageError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -1,4 +1,4 @@
-"""The choices REPA's successors add to the objective (``stages.core.family`` computes them), free of torch so
+"""The choices REPA's successors add to the objective (``stages.core.diffusion.family`` computes them), free of torch so
 configs load without it."""
 
 from __future__ import annotations
