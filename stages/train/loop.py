@@ -29,6 +29,7 @@ from stages.core.diffusion.family_settings import FamilySettings
 from stages.core.diffusion.objective import batch_loss_terms, latent_normalisation, sample_latents
 from stages.core.errors import UsageError
 from stages.core.files.checkpoint import (
+    checkpoint_contents,
     checkpoint_path,
     load_checkpoint,
     prune_checkpoints,
@@ -221,14 +222,14 @@ def tile(batch: dict, times: int) -> dict:
     return batch if times == 1 else {k: tile_rows(v, times) for k, v in batch.items()}
 
 
-def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int]) -> dict:
-    """Everything a checkpoint holds (see ``stages.core.files.checkpoint``)."""
-    return {"parts": parts,
-        "step": step, "model": trainer.raw_model.state_dict(), "ema": trainer.ema.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "rng": rng_state(), "config": trainer.cfg.to_json(), "processes": trainer.accelerator.num_processes, "model_config": asdict(model_cfg), "cond": cond,
-        "fingerprint": manifest.fingerprint, "latent": manifest.latent, "cache": str(trainer.cfg.cache),
-    }
+def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int],
+                     window: dict) -> dict:
+    return checkpoint_contents(
+        step=step, model=trainer.raw_model.state_dict(), ema=trainer.ema.state_dict(), config=trainer.cfg.to_json(),
+        model_config=asdict(model_cfg), cond=cond, fingerprint=manifest.fingerprint, latent=manifest.latent,
+        cache=str(trainer.cfg.cache), parts=parts, optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict(), rng=rng_state(), processes=trainer.accelerator.num_processes,
+        window=window)
 
 
 class Diverged(UsageError):
@@ -486,7 +487,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
                 window = trainer.window.state(logbook.sum_over_processes)
                 if main:
                     save_checkpoint(checkpoint_path(cfg.run_dir, step),
-                                    {**checkpoint_state(trainer, step, cond, model_cfg, manifest, parts), "window": window})
+                                    checkpoint_state(trainer, step, cond, model_cfg, manifest, parts, window))
                     prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
                 last_good = stop.last_checkpoint = step
                 accelerator.wait_for_everyone()

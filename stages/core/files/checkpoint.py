@@ -1,12 +1,18 @@
 """The checkpoint format: everything needed to continue a run bit-for-bit or to sample from it.
 
 ``RUN/checkpoints/step-0001000.pt`` holds plain tensors and plain Python values only, so it loads
-with ``torch.load(weights_only=True)`` and a shared checkpoint cannot run code: ``step``, ``model``
-and ``ema`` state dicts, ``optimizer`` and ``scheduler`` states, ``rng`` (torch and CUDA generator
-states), the run's ``config`` and ``model_config`` as JSON values, ``cond``, the cache ``fingerprint``,
-its ``latent`` statistics, the ``cache`` path and the number of ``processes`` it ran on (absent from
-checkpoints written while a step's draws still depended on the rank). Checkpoints are written to a temporary file,
-fsynced and renamed, so a kill leaves the previous one intact.
+with ``torch.load(weights_only=True)`` and a shared checkpoint cannot run code. ``checkpoint_contents``
+builds it (training and ``repa import-checkpoint`` both call it), with these entries:
+
+- ``step``; ``model`` and ``ema`` state dicts; the run's ``config`` and ``model_config`` as JSON values;
+  ``cond`` (``class``, ``text`` or ``none``);
+- the cache it trained on: its ``fingerprint``, its ``latent`` statistics, its path ``cache``, and ``parts``
+  (part name -> samples: the parts the run trains on, fixed at its start, so a resumed run reads the same data);
+- written by training only: ``optimizer`` and ``scheduler`` states, ``rng`` (torch and CUDA generator
+  states), ``processes`` (how many it ran on; absent from checkpoints written while a step's draws still
+  depended on the rank) and ``window`` (the partial sums of the metrics since the last log line).
+
+Checkpoints are written to a temporary file, fsynced and renamed, so a kill leaves the previous one intact.
 """
 
 from __future__ import annotations
@@ -61,6 +67,19 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
+
+
+TRAINING_ENTRIES = ("optimizer", "scheduler", "rng", "processes", "window")
+
+
+def checkpoint_contents(*, step: int, model: dict, ema: dict, config: dict, model_config: dict, cond: str,
+                        fingerprint: str, latent: dict, cache: str, parts: dict[str, int], **training) -> dict:
+    """A checkpoint's entries (see the module docstring); ``training`` takes only ``TRAINING_ENTRIES``."""
+    unknown = set(training) - set(TRAINING_ENTRIES)
+    if unknown:
+        raise TypeError(f"not checkpoint entries: {sorted(unknown)}")
+    return {"step": step, "model": model, "ema": ema, "config": config, "model_config": model_config, "cond": cond,
+            "fingerprint": fingerprint, "latent": latent, "cache": cache, "parts": dict(parts), **training}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
