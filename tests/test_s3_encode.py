@@ -125,6 +125,7 @@ def test_flags_that_rewrite_parts_are_refused_on_s3_in_one_line(s3_endpoint, tin
     from .encode_helpers import repa
     from .test_operations import cli_args
 
-    for flag in (["--overwrite"], ["--repair"], ["--redo", "x"]):
+    for flag in (["--overwrite"], ["--repair"], ["--redo", "x"],
+                 ["--add-target", "extra", "--target-model", str(tiny_models["dino"])]):
         r = repa("encode", *cli_args(config(tiny_models, pattern(shards[:1]), fresh_prefix())), *flag)
         assert r.returncode == 2 and flag[0] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -90,13 +90,20 @@ class S3Destination:
         shutil.rmtree(self.writer_dir, ignore_errors=True)
 
 
-def destination(cfg: EncodeConfig, owner: Owner) -> LocalDestination | S3Destination:
+def refuse_on_object_storage(cfg: EncodeConfig) -> None:
+    """What an encode into object storage cannot do, refused before anything runs."""
     if not is_s3(cfg.cache):
-        return LocalDestination(Path(cfg.cache))
+        return
     root = cache_root(cfg.cache)
     refused = [flag for flag, on in (("--overwrite", cfg.overwrite), ("--redo", cfg.redo), ("--repair", cfg.repair),
                                      ("--add-target", cfg.add_target is not None)) if on]
     if refused:
         raise CacheError(f"--cache {root}: {refused[0]} is not supported on object storage (committed parts there are "
                          "never rewritten); encode into a local cache, then `repa cache push DIR s3://bucket/prefix`")
-    return S3Destination(root, cfg.staging_dir, owner)
+
+
+def destination(cfg: EncodeConfig, owner: Owner) -> LocalDestination | S3Destination:
+    refuse_on_object_storage(cfg)
+    if not is_s3(cfg.cache):
+        return LocalDestination(Path(cfg.cache))
+    return S3Destination(cache_root(cfg.cache), cfg.staging_dir, owner)
