@@ -322,7 +322,7 @@ def test_head_dim_override_replaces_preset_head_count() -> None:
 
 
 def test_unmasked_captions_attend_without_a_mask_and_match_an_all_true_mask(monkeypatch) -> None:
-    """The seed's unmasked cross-attention passes no mask to SDPA (so its flash kernel is eligible),
+    """repa-rf's unmasked cross-attention passes no mask to SDPA (so its flash kernel is eligible),
     with the output of an explicit all-true mask."""
     unmasked = build(cond="text", text_mask=False)
     masked = build(cond="text")

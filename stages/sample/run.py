@@ -63,7 +63,7 @@ REFERENCE = "reference.png"
 class LoadedRun:
     """A run's sampling model and everything it knows about its data."""
 
-    model: torch.nn.Module  # SiT or the seed's DiT (stages.core.model.network)
+    model: torch.nn.Module  # SiT or repa-rf's DiT (stages.core.model.network)
     cond: str  # "class", "text" or "none"
     checkpoint: Path
     step: int

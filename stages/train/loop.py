@@ -106,7 +106,7 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
 
     ``batch`` holds the distinct images, ``draws`` their draws (``StepDraws.piece``): one latent is sampled per
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
-    own t, noise and dropout, as the seed samples ``latent_dist`` before its ``.repeat``. ``targets``: the
+    own t, noise and dropout, as repa-rf samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
     the --method adds to REPA (stages.core.diffusion.family)."""
     x = tile_rows(sample_latents(batch["moments"], *latent_normalisation(latent), noise=draws.latent_noise),
@@ -213,7 +213,7 @@ def restore(trainer: Trainer, ckpt: dict) -> int:
 
 
 def tile_rows(x: torch.Tensor, times: int) -> torch.Tensor:
-    """``x`` repeated ``times`` times along the batch axis, whole (as the seed's ``.repeat``)."""
+    """``x`` repeated ``times`` times along the batch axis, whole (as repa-rf's ``.repeat``)."""
     return x if times == 1 else x.repeat(times, *([1] * (x.dim() - 1)))
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from stages.core.model.model_presets import MODEL_PRESETS
 
 COND_MODES = ("class", "text", "none")
-ARCHS = ("sit", "repa-rf")  # official REPA's SiT; the seed project's (cloneofsimo/repa-rf) CC12M DiT
+ARCHS = ("sit", "repa-rf")  # official REPA's SiT; repa-rf's (cloneofsimo/repa-rf) CC12M DiT
 DEFAULT_HEAD_DIM = 64
 
 
@@ -19,7 +19,7 @@ class ModelConfig:
     """Give ``head_dim`` or ``num_heads``; the other is derived."""
 
     preset: str | None = None  # name in MODEL_PRESETS this config started from, for logs and checkpoints
-    arch: str = "sit"  # network family: "sit" (DiT/SiT, as official REPA) or "repa-rf" (the seed project's DiT)
+    arch: str = "sit"  # network family: "sit" (DiT/SiT, as official REPA) or "repa-rf" (repa-rf's DiT)
     width: int = 768  # hidden size of every token
     depth: int = 12  # number of transformer blocks
     head_dim: int | None = None  # channels per attention head (default 64 when num_heads is not given)
@@ -30,11 +30,11 @@ class ModelConfig:
     cond: str = "class"  # "class" (label embedding), "text" (caption cross-attention) or "none"
     num_classes: int = 1000  # class labels for cond="class"; one extra row is the null class for CFG
     text_dim: int | None = None  # caption embedding size for cond="text"
-    text_mask: bool = True  # cross-attention masks padded caption tokens (the seed project's DiT does not)
+    text_mask: bool = True  # cross-attention masks padded caption tokens (repa-rf's DiT does not)
     repa_dims: tuple[int, ...] = ()  # token size of each alignment target, one projector each; () disables REPA
     align_layer: int = 8  # 1-based block whose output the projectors read
     align_layers: tuple[int, ...] = ()  # per projector, when the targets are aligned at different blocks
-    projector_dim: int = 2048  # hidden size of SiT's REPA projector MLP (the seed's projector is width wide)
+    projector_dim: int = 2048  # hidden size of SiT's REPA projector MLP (repa-rf's projector is width wide)
     mlp_ratio: float = 4.0  # MLP hidden size as a multiple of width
     # The REPA family (stages.core.diffusion.family), sit only:
     class_token_dim: int = 0  # REG: size of the target class token the model also denoises (0: none)

@@ -1,7 +1,7 @@
 """Named model shapes, kept free of torch so the CLI can list and check them without importing it.
 
 SiT: class-conditional ImageNet shapes from the DiT/SiT papers; ``align_layer`` is the REPA paper's choice
-(1-based: the output of that block is aligned). repa-rf: the seed project's CC12M DiT at the widths of its
+(1-based: the output of that block is aligned). repa-rf: repa-rf's CC12M DiT at the widths of its
 sweep (depth 9, 64 channels per head), aligned after block 7 (its hard-coded block index 6).
 """
 

@@ -1,4 +1,4 @@
-"""The seed project's CC12M DiT (cloneofsimo/repa-rf, ``model.py``), for reproducing its experiments.
+"""repa-rf's CC12M DiT (cloneofsimo/repa-rf, ``model.py``), for reproducing its experiments.
 
 What sets it apart from SiT, all kept here because they are the experiment:
 
@@ -14,7 +14,7 @@ What sets it apart from SiT, all kept here because they are the experiment:
 - the REPA projector is Linear(w, w) · SiLU · Linear(w, dim), named ``repa_transforms``;
 - PyTorch's default initialisation everywhere else (no DiT-style xavier init).
 
-Parameter names follow the seed's, so its state dicts load as they are. Where the seed hard-codes the
+Parameter names follow repa-rf's, so its state dicts load as they are. Where repa-rf hard-codes the
 alignment block (index 6, i.e. ``align_layer=7``) and attends to padded caption tokens without a mask,
 those are settings here (``align_layer``, ``text_mask=False``). The seed predicts x - eps where SiT predicts
 eps - x: one is the other with the output sign flipped, which a zero-initialised output layer and a
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from stages.core.model.model_config import ModelConfig
 
-MAX_POSITIONS = 1024  # the seed's fixed table size
+MAX_POSITIONS = 1024  # repa-rf's fixed table size
 
 
 class RMSNorm(nn.Module):
@@ -118,7 +118,7 @@ class Block(nn.Module):
 
 
 class RepaRFDiT(nn.Module):
-    # The seed's "constant" parameters: lr x 0.1 and no weight decay in its muP-style groups.
+    # repa-rf's "constant" parameters: lr x 0.1 and no weight decay in its muP-style groups.
     input_params = ("patch_proj", "context_kv", "positional_embedding")
 
     def __init__(self, config: ModelConfig):

@@ -1,6 +1,6 @@
-"""A transcription of the seed project (github.com/cloneofsimo/repa-rf): its DiT (``model.py``, einops
+"""A transcription of repa-rf (github.com/cloneofsimo/repa-rf): its DiT (``model.py``, einops
 written out) and its optimiser setup (``get_mup_setup``), for comparing this project with it on identical
-tensors. Parameter names are the seed's."""
+tensors. Parameter names are repa-rf's."""
 
 from __future__ import annotations
 
@@ -150,14 +150,14 @@ CONSTANT_PARAM_NAMES = ["patch_proj", "context_kv", "positional_embedding"]
 
 
 def seed_dit(width: int, depth: int = 9, head_dim: int = 64, text_dim: int = 4096, repa_dim: int = 1536) -> DiT:
-    """As the seed's trainer builds it (block index 6 aligned)."""
+    """As repa-rf's trainer builds it (block index 6 aligned)."""
     return DiT(in_channels=16, patch_size=2, depth=depth, num_heads=width // head_dim, mlp_ratio=4.0,
                cross_attn_input_size=text_dim, hidden_size=width, repa_target_layers=[6], repa_target_dim=repa_dim)
 
 
 def seed_interpolate_pos_encoding(pos_embed: torch.Tensor, height: int, width: int, patch_size: int = 14,
                                   offset: float = 0.1) -> torch.Tensor:
-    """The seed's DINOv2 position table for an input of ``height`` x ``width`` pixels (repa-rf@b94fc1a ``dinov2.py``,
+    """repa-rf's DINOv2 position table for an input of ``height`` x ``width`` pixels (repa-rf@b94fc1a ``dinov2.py``,
     ``DinoVisionTransformer.interpolate_pos_encoding``, lines ~204-236; its ``w, h`` are the input's dims 2 and 3):
     the table as is when the patch count and the sides match, else the M x M patch part bicubic (no antialias,
     align_corners=False) at scale factors ((rows + offset) / M, (cols + offset) / M), in float32."""
