@@ -23,8 +23,13 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from cache_schema import read_manifest, settings_diff
-from cache_schema.fsutil import atomic_write_json
-from stages.core.checkpoint import (
+from cache_schema.storage.fsutil import atomic_write_json
+from stages.core.data.split import split_cache
+from stages.core.diffusion.family_settings import FamilySettings
+from stages.core.diffusion.objective import batch_loss_terms, latent_normalisation, sample_latents
+from stages.core.errors import UsageError
+from stages.core.files.checkpoint import (
+    checkpoint_contents,
     checkpoint_path,
     load_checkpoint,
     prune_checkpoints,
@@ -32,17 +37,13 @@ from stages.core.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from stages.core.conditioning import Conditioner
-from stages.core.cuda_settings import fast_cuda_math
-from stages.core.errors import UsageError
-from stages.core.family_settings import FamilySettings
-from stages.core.network import build_model, count_parameters
-from stages.core.objective import batch_loss_terms, latent_normalisation, sample_latents
+from stages.core.files.run_files import CONFIG_FILE, FINAL_FILE
+from stages.core.model.conditioning import Conditioner
+from stages.core.model.network import build_model, count_parameters
 from stages.core.options import check
-from stages.core.progress import progress_bar
-from stages.core.run_files import CONFIG_FILE, FINAL_FILE
-from stages.core.split import split_cache
-from stages.core.threads import set_threads
+from stages.core.runtime.cuda_settings import fast_cuda_math
+from stages.core.runtime.progress import progress_bar
+from stages.core.runtime.threads import set_threads
 
 from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
@@ -105,9 +106,9 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
 
     ``batch`` holds the distinct images, ``draws`` their draws (``StepDraws.piece``): one latent is sampled per
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
-    own t, noise and dropout, as the seed samples ``latent_dist`` before its ``.repeat``. ``targets``: the
+    own t, noise and dropout, as repa-rf samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
-    the --method adds to REPA (stages.core.family)."""
+    the --method adds to REPA (stages.core.diffusion.family)."""
     x = tile_rows(sample_latents(batch["moments"], *latent_normalisation(latent), noise=draws.latent_noise),
                   draws.multiplicity)
     batch = tile({k: v for k, v in batch.items() if k != "moments"}, draws.multiplicity)
@@ -212,7 +213,7 @@ def restore(trainer: Trainer, ckpt: dict) -> int:
 
 
 def tile_rows(x: torch.Tensor, times: int) -> torch.Tensor:
-    """``x`` repeated ``times`` times along the batch axis, whole (as the seed's ``.repeat``)."""
+    """``x`` repeated ``times`` times along the batch axis, whole (as repa-rf's ``.repeat``)."""
     return x if times == 1 else x.repeat(times, *([1] * (x.dim() - 1)))
 
 
@@ -221,14 +222,14 @@ def tile(batch: dict, times: int) -> dict:
     return batch if times == 1 else {k: tile_rows(v, times) for k, v in batch.items()}
 
 
-def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int]) -> dict:
-    """Everything a checkpoint holds (see ``stages.core.checkpoint``)."""
-    return {"parts": parts,
-        "step": step, "model": trainer.raw_model.state_dict(), "ema": trainer.ema.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "rng": rng_state(), "config": trainer.cfg.to_json(), "processes": trainer.accelerator.num_processes, "model_config": asdict(model_cfg), "cond": cond,
-        "fingerprint": manifest.fingerprint, "latent": manifest.latent, "cache": str(trainer.cfg.cache),
-    }
+def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int],
+                     window: dict) -> dict:
+    return checkpoint_contents(
+        step=step, model=trainer.raw_model.state_dict(), ema=trainer.ema.state_dict(), config=trainer.cfg.to_json(),
+        model_config=asdict(model_cfg), cond=cond, fingerprint=manifest.fingerprint, latent=manifest.latent,
+        cache=str(trainer.cfg.cache), parts=parts, optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict(), rng=rng_state(), processes=trainer.accelerator.num_processes,
+        window=window)
 
 
 class Diverged(UsageError):
@@ -486,7 +487,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
                 window = trainer.window.state(logbook.sum_over_processes)
                 if main:
                     save_checkpoint(checkpoint_path(cfg.run_dir, step),
-                                    {**checkpoint_state(trainer, step, cond, model_cfg, manifest, parts), "window": window})
+                                    checkpoint_state(trainer, step, cond, model_cfg, manifest, parts, window))
                     prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
                 last_good = stop.last_checkpoint = step
                 accelerator.wait_for_everyone()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.core.codec import features_to_device
-from stages.core.family_settings import FamilySettings
-from stages.core.objective import NUM_T_BINS, batch_loss_terms, bin_by_t, latent_normalisation, sample_latents
-from stages.core.seeding import generator
+from stages.core.data.codec import features_to_device
+from stages.core.diffusion.family_settings import FamilySettings
+from stages.core.diffusion.objective import NUM_T_BINS, batch_loss_terms, bin_by_t, latent_normalisation, sample_latents
+from stages.core.runtime.seeding import generator
 
 from .data import CacheBatchDataset
 
