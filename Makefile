@@ -9,7 +9,7 @@
 #   make add-targets     demo: add DINOv2-with-registers and SigLIP targets to the demo cache
 #   make sweep SWEEP=configs/sweep-targets.toml   the same SiT against each target and a pair
 #   make sweep SWEEP=configs/sweep-methods.toml   SiT, REPA, REG, iREPA, dispersive loss over the demo cache
-#   make test | make bench-encode | make bench-reader | make bench-train | make bench-scale
+#   make test | make test-fast | make bench-encode | make bench-reader | make bench-train | make bench-scale
 #   make docs           regenerate docs/cli.md and docs/planning.md from the code
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,7 +41,7 @@ TRAIN_ARGS = $(CONFIG_ARG) $(call opt,--cache,$(CACHE)) $(call opt,--run-dir,$(R
 	$(call opt,--steps,$(STEPS)) $(call opt,--batch-size,$(BATCH)) $(ARGS)
 SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
 
-.PHONY: install encode add-targets demo-assets train sample test bench-encode bench-reader bench-train bench-scale docs clean help
+.PHONY: install encode add-targets demo-assets train sample test test-fast bench-encode bench-reader bench-train bench-scale docs clean help
 
 help:
 	@sed -n '/^#/p;/^PYTHON/q' Makefile
@@ -91,6 +91,9 @@ sample: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
 
 bench-encode: $(STAMP)
 	$(PY) bench/encode.py $(ARGS)
