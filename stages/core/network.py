@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
+from .ddt import DiTwDDTHead
+from .lightning_dit_model import LightningDiT
 from .model_config import ModelConfig
 from .repa_rf import RepaRFDiT
 from .sit import SiT
@@ -11,8 +13,35 @@ from .sit import SiT
 PROJECTOR_PREFIXES = ("projectors.", "repa_transforms.")
 
 
+class _TrainingInterface:
+    """RAE's networks behind the interface the objective and samplers call: ``forward(x, t, y)`` returns
+    ``(velocity, [])`` (no REPA projector; ``projectors`` is empty), with RAE's parameter names unchanged."""
+
+    def _add_interface(self) -> None:
+        self.projectors = nn.ModuleList()  # holds nothing, adds no state-dict entry
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list]:
+        return super().forward(x, t, y), []
+
+
+class DiTDHNetwork(_TrainingInterface, DiTwDDTHead):
+    def __init__(self, config):
+        super().__init__(config)
+        self._add_interface()
+
+
+class LightningDiTNetwork(_TrainingInterface, LightningDiT):
+    def __init__(self, config):
+        super().__init__(config)
+        self._add_interface()
+
+
 def build_model(config: ModelConfig) -> nn.Module:
     """The network ``config.arch`` names, freshly initialised (seed the global generator first)."""
+    if config.arch == "dit-dh":
+        return DiTDHNetwork(config.rae_config())
+    if config.arch == "lightning-dit":
+        return LightningDiTNetwork(config.rae_config())
     return RepaRFDiT(config) if config.arch == "repa-rf" else SiT(config)
 
 
