@@ -136,10 +136,10 @@ class ModelConfig:
             raise ValueError(f"arch={self.arch!r}: the class token, conv projector and hidden-state output are "
                              "those of the sit family")
         if self.arch in RAE_ARCHS:
-            if self.cond != "class" or self.repa_dims:
-                raise ValueError(f"arch={self.arch!r} is RAE's class-conditional network without a REPA projector "
-                                 f"(cond={self.cond!r}, {len(self.repa_dims)} projector(s)); train it with --method sit and "
-                                 "class labels")
+            if self.cond == "text" or self.repa_dims:
+                raise ValueError(f"arch={self.arch!r} is RAE's network, class-conditional or unconditional, without a "
+                                 f"REPA projector (cond={self.cond!r}, {len(self.repa_dims)} projector(s)); train it "
+                                 "with --method sit and --cond class or none")
             self.rae_config()  # its own checks (patch size, head sizes for RoPE)
         elif self.head_width or self.head_depth or self.head_heads:
             raise ValueError(f"head_width/head_depth/head_heads belong to arch 'dit-dh', not {self.arch!r}")
@@ -147,7 +147,8 @@ class ModelConfig:
     def rae_config(self) -> DDTConfig | LightningDiTConfig:
         """The DDTConfig / LightningDiTConfig of an RAE network (``stages.core.network`` builds it)."""
         common = dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
-                      mlp_ratio=self.mlp_ratio, class_dropout_prob=RAE_NULL_ROW, num_classes=self.num_classes)
+                      mlp_ratio=self.mlp_ratio, class_dropout_prob=RAE_NULL_ROW,
+                      num_classes=self.num_classes if self.cond == "class" else 1)  # unconditional: one label, 0
         if self.arch == "dit-dh":
             if min(self.head_width, self.head_depth, self.head_heads) < 1:
                 raise ValueError("arch 'dit-dh' needs its head's width, depth and heads (a DiTDH-* preset sets them)")

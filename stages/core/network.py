@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .ddt import DiTwDDTHead
@@ -14,13 +15,16 @@ PROJECTOR_PREFIXES = ("projectors.", "repa_transforms.")
 
 
 class _TrainingInterface:
-    """RAE's networks behind the interface the objective and samplers call: ``forward(x, t, y)`` returns
+    """RAE's networks behind the interface the objective and samplers call: ``forward(x, t, y=None)`` returns
     ``(velocity, [])`` (no REPA projector; ``projectors`` is empty), with RAE's parameter names unchanged."""
 
     def _add_interface(self) -> None:
         self.projectors = nn.ModuleList()  # holds nothing, adds no state-dict entry
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list]:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, list]:
+        """``y`` None: an unconditional network, every sample of label 0 (its table's only class)."""
+        if y is None:
+            y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return super().forward(x, t, y), []
 
 

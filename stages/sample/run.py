@@ -435,6 +435,7 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
         grid_picture(list(real), real_captions).save(reference)
         atomic_write_json(sidecar, {"images": sidecar_entries(cfg, run, conditions), "grid": grid.name,
                                     "reference": reference.name})
-        log(f"wrote {len(files)} images, {grid.name}, {reference.name} (real images through the same VAE) and "
+        through = "RAE decoder" if run.variable is not None else "VAE"
+        log(f"wrote {len(files)} images, {grid.name}, {reference.name} (real images through the same {through}) and "
             f"{sidecar.name} to {out}")
     return SampleResult(out, files, grid, sidecar, reference)

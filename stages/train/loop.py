@@ -262,7 +262,7 @@ def validation_cache(cfg: TrainConfig, manifest, needs: dict) -> tuple[CacheBatc
         diff = "; ".join(settings_diff(manifest.settings, val_manifest.settings)) or "fingerprint"
         raise UsageError(f"--val-cache {cfg.val_cache}: encoded with other settings than {cfg.cache} ({diff}); "
                          "encode the validation shards with the same settings")
-    for name in cfg.target_names():
+    for name in cfg.target_names() + ([cfg.diffuse] if cfg.diffuse else []):
         if name in manifest.targets and val_manifest.targets.get(name, {}).get("fingerprint") != \
                 manifest.targets[name]["fingerprint"]:
             raise UsageError(f"--val-cache {cfg.val_cache}: target {name} is missing or made with other settings than "
