@@ -26,11 +26,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from stages.core.cuda_settings import fast_cuda_math
 from stages.core.encoders.features import EncoderSpec, FeatureEncoders
 from stages.core.encoders.images import prepare_sample
 from stages.core.encoders.load import ModelSource, torch_dtype
 from stages.core.encoders.tars import expand_source, iter_tar
+from stages.core.runtime.cuda_settings import fast_cuda_math
 from stages.encode.config import EncodeConfig
 from stages.encode.run import run_encode
 from stages.encode.source import ShardStream

@@ -28,8 +28,8 @@ import psutil
 from synthetic import synthetic_cache
 
 from cache_schema import CacheReader, FastReader
-from cache_schema.layout import TEXT_CHUNK_TOKENS
-from cache_schema.push import push_cache
+from cache_schema.format.layout import TEXT_CHUNK_TOKENS
+from cache_schema.writing.push import push_cache
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 
 OUT = Path(__file__).resolve().parent / "out"

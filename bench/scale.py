@@ -25,9 +25,9 @@ import psutil
 from tqdm import tqdm
 
 from cache_schema import FastReader, PartWriter, cache_fields, new_manifest, read_manifest, start_encode
-from cache_schema.info import describe
-from cache_schema.verify import find_problems
-from stages.core.split import split_cache
+from cache_schema.operations.info import describe
+from cache_schema.operations.verify import find_problems
+from stages.core.data.split import split_cache
 
 OUT = Path(__file__).resolve().parent / "out"
 REAL_PART_SAMPLES = 5_500  # CC12M: ~12 M samples over 2 176 shards

@@ -29,7 +29,7 @@ import torch
 from synthetic import synthetic_cache
 
 from cache_schema import read_manifest
-from cache_schema.push import push_cache
+from cache_schema.writing.push import push_cache
 from stages.train.config import TrainConfig
 from stages.train.data import CacheBatchDataset
 from stages.train.loop import build_trainer, make_accelerator, run_train

@@ -7,8 +7,7 @@ the readers load on first use, so `repa cache info` and `repa --help` import nei
 
 from importlib import import_module
 
-from .errors import CacheError
-from .layout import (
+from cache_schema.format.layout import (
     DEFAULT_SHARD_SIZE,
     FEATURE_CODECS,
     SCHEMA_VERSION,
@@ -16,7 +15,7 @@ from .layout import (
     cache_fields,
     part_name,
 )
-from .manifest import (
+from cache_schema.format.manifest import (
     Manifest,
     PartRecord,
     field_from_json,
@@ -27,20 +26,22 @@ from .manifest import (
     settings_diff,
 )
 
+from .errors import CacheError
+
 _LAZY = {
-    "dequantize_int8_numpy": ".codec",
-    "quantize_int8_numpy": ".codec",
-    "CacheReader": ".reader",
-    "FastReader": ".fast_reader",
-    "PartWriter": ".writer",
-    "start_encode": ".writer",
-    "verify_cache": ".verify",
+    "dequantize_int8_numpy": "cache_schema.format.codec",
+    "quantize_int8_numpy": "cache_schema.format.codec",
+    "CacheReader": "cache_schema.reading.reader",
+    "FastReader": "cache_schema.reading.fast_reader",
+    "PartWriter": "cache_schema.writing.writer",
+    "start_encode": "cache_schema.writing.writer",
+    "verify_cache": "cache_schema.operations.verify",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -45,7 +45,7 @@ def _log(msg: str) -> None:
 def _stops_at_once(what: str):
     """Stop signals (SIGTERM, SIGINT, SIGUSR1) end a stage that has no step to finish at once, unwinding as
     Ctrl-C does (workers shut down, claims released), with one line: ``what`` was kept and what to do."""
-    from stages.core.stop import DEFAULT_STOP_SIGNALS, StopSignals, parse_signals, signal_name
+    from stages.core.runtime.stop import DEFAULT_STOP_SIGNALS, StopSignals, parse_signals, signal_name
 
     return StopSignals(parse_signals(DEFAULT_STOP_SIGNALS),
                        lambda signum: f"{signal_name(signum)}: stopped; {what}" if is_main_process() else "")
@@ -201,7 +201,7 @@ def report(
 def cache_info(cache: Annotated[str, typer.Argument(help="Cache directory or s3://bucket/prefix.", metavar="CACHE")]):
     """Samples, parts, skips by reason, fields, bytes per sample, encoders and fingerprint."""
     from cache_schema import read_manifest
-    from cache_schema.info import describe
+    from cache_schema.operations.info import describe
 
     typer.echo("\n".join(describe(read_manifest(cache))))
 
@@ -217,9 +217,9 @@ def cache_verify(
     """Check every committed part: files and sizes, crc32c of every chunk, counts, finite values, unique keys.
     Lists every bad part and exits non-zero if there is one."""
     from cache_schema import CacheError, read_manifest
-    from cache_schema.object_store import cache_root, is_s3
-    from cache_schema.verify import find_problems
-    from stages.core.progress import progress_bar
+    from cache_schema.operations.verify import find_problems
+    from cache_schema.storage.object_store import cache_root, is_s3
+    from stages.core.runtime.progress import progress_bar
 
     if is_s3(cache):
         raise CacheError(f"{cache_root(cache)}: verify reads local caches; verify the local cache before pushing it, or a copy")
@@ -257,8 +257,8 @@ def cache_push(
 ):
     """Upload a committed cache to S3-compatible object storage; each part's record goes last, with a conditional
     write. Resumable: a rerun skips the parts already there and uploads again those a crash cut short."""
-    from cache_schema.push import push_cache
-    from stages.core.progress import progress_bar
+    from cache_schema.writing.push import push_cache
+    from stages.core.runtime.progress import progress_bar
 
     bars = []  # made once the bytes to upload are known (the manifest and the records were checked)
 
@@ -368,7 +368,7 @@ def _fit_demo_model(what: str, option: str, folder: Path, steps: int, loss_name:
                     fitted: str | None = None) -> list[float]:
     """``fit(progress)`` of a tiny demo model in ``folder`` (``fitted``: what is fitted, if not that model), with a
     progress bar showing its loss."""
-    from stages.core.progress import progress_bar
+    from stages.core.runtime.progress import progress_bar
 
     if not (folder / "config.json").is_file():
         raise UsageError(f"{option} {folder}: no {what} there; write it first with `repa encoders tiny`")
@@ -424,7 +424,7 @@ def encoders_fit_rae_decoder(
 
 def main() -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank started by torchrun / accelerate launch
-        from stages.core.processes import exit_when_gone
+        from stages.core.runtime.processes import exit_when_gone
 
         exit_when_gone(os.getppid(), code=1)  # the launcher was killed: do not live on without it
     if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # one of several ranks, however launched

@@ -10,7 +10,7 @@ import typer
 
 from cache_schema import CacheError
 from stages.core.errors import UsageError
-from stages.core.stop import Interrupted
+from stages.core.runtime.stop import Interrupted
 
 
 def user_errors(fn):
@@ -32,7 +32,7 @@ def user_errors(fn):
                     if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix it and rerun the same command")
             typer.echo(f"error: {what}{e.strerror or e}; {hint}", err=True)
             raise typer.Exit(2) from None
-        except Interrupted as e:  # a stop signal (stages.core.stop): the stage said what was kept
+        except Interrupted as e:  # a stop signal (stages.core.runtime.stop): the stage said what was kept
             if e.line:
                 typer.echo(e.line, err=True)
             raise typer.Exit(e.status) from None

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import UsageError
-from stages.core.run_files import FINAL_FILE, METRICS_FILE
+from stages.core.files.run_files import FINAL_FILE, METRICS_FILE
 from stages.train.config import TrainConfig, resume_differences
 
 from .config import ConfigError, load_preset, unknown_key_error
@@ -154,7 +154,7 @@ def assess(run: PlannedRun) -> PlannedRun:
     done: finished at (or beyond) the requested steps; resume: has checkpoints; new: nothing to keep;
     conflict: holds checkpoints made with other settings (neither resumable nor safe to skip).
     """
-    from stages.core.checkpoint import checkpoint_step, list_checkpoints
+    from stages.core.files.checkpoint import checkpoint_step, list_checkpoints
 
     ckpts = list_checkpoints(run.run_dir)
     final = _read_final_step(run.run_dir)
@@ -271,7 +271,7 @@ class SweepProgress:
     def __init__(self, queue: list[PlannedRun], log: Callable[[str], None]):
         from tqdm import tqdm
 
-        from stages.core.progress import progress_bar
+        from stages.core.runtime.progress import progress_bar
 
         self.tqdm, self.bar, self.log, self.runs = tqdm, progress_bar, log, len(queue)
         self.done = 0
@@ -327,7 +327,7 @@ class _Running:
 
 
 def _start(run: PlannedRun, gpu: str | None, threads: int | None) -> _Running:
-    from cache_schema.fsutil import atomic_write_text
+    from cache_schema.storage.fsutil import atomic_write_text
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.run_dir / RUN_CONFIG, f"# repa train --config {run.run_dir / RUN_CONFIG}\n"

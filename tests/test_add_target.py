@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cache_schema import CacheReader, FastReader, read_manifest, verify_cache
-from cache_schema.layout import PARTS_DIR, RECORDS_DIR
-from cache_schema.manifest import read_records, target_dir
+from cache_schema.format.layout import PARTS_DIR, RECORDS_DIR
+from cache_schema.format.manifest import read_records, target_dir
 from stages.core.errors import UsageError
 from stages.encode.run import run_encode
 

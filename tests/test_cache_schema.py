@@ -25,13 +25,13 @@ from cache_schema import (
     start_encode,
     verify_cache,
 )
-from cache_schema.claims import Owner, claim
-from cache_schema.layout import PARTS_DIR, RECORDS_DIR, TMP_PREFIX
-from cache_schema.verify import (
+from cache_schema.format.layout import PARTS_DIR, RECORDS_DIR, TMP_PREFIX
+from cache_schema.operations.verify import (
     find_problems,
 )
-from cache_schema.writer import settle_part
-from stages.core.codec import dequantize_int8, quantize_int8
+from cache_schema.writing.claims import Owner, claim
+from cache_schema.writing.writer import settle_part
+from stages.core.data.codec import dequantize_int8, quantize_int8
 
 from .test_operations import wait_for
 
@@ -241,7 +241,7 @@ def test_parallel_verify_finds_what_the_serial_one_finds(tmp_path, monkeypatch):
     assert "non-finite" in serial["b"] and "also stored in part a" in serial["c"]
     assert {"a", "b", "c", "d"} <= set(seen)
     # parts may finish in any order: the later part in the cache is still the one named as the copy
-    import cache_schema.verify as verify
+    import cache_schema.operations.verify as verify
 
     monkeypatch.setattr(verify, "as_completed", lambda futures: list(futures)[::-1])
     assert find_problems(tmp_path, workers=2) == serial
@@ -260,7 +260,7 @@ def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_p
     import subprocess
     import sys
 
-    from cache_schema.claims import Heartbeat, LocalClaims
+    from cache_schema.writing.claims import Heartbeat, LocalClaims
 
     me = Owner.here()
     elsewhere = Owner("far-1-abc", "far-away-host", 1)
@@ -290,7 +290,7 @@ def test_claims_of_live_owners_hold_and_dead_or_silent_ones_are_taken_over(tmp_p
 def test_atomic_writes_give_the_files_the_umask_allows_not_0600(tmp_path):
     import stat
 
-    from cache_schema.fsutil import atomic_write_json
+    from cache_schema.storage.fsutil import atomic_write_json
 
     for umask, mode in ((0o027, 0o640), (0o002, 0o664), (0o077, 0o600)):
         old = os.umask(umask)

@@ -75,7 +75,7 @@ def test_the_fitted_dino_carries_the_objects_and_encodes_at_the_demo_grid(tmp_pa
 
 def test_the_demo_sweeps_hold_out_at_least_256_samples():
     from pipeline.sweep import load_sweep
-    from stages.core.split import split_ids
+    from stages.core.data.split import split_ids
     from stages.demo.data import write_demo_shards
 
     # the keys `repa data demo` writes with its defaults (4 shards of 256)

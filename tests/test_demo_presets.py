@@ -33,7 +33,7 @@ def test_demo_preset_encode_train_sample(tmp_path, tiny_models):
     sidecar = json.loads((tmp_path / "samples" / "samples.json").read_text())
     # the held-out captions, in the order reference.png shows their real images
     from cache_schema import CacheReader
-    from stages.core.split import split_ids
+    from stages.core.data.split import split_ids
 
     reader = CacheReader(tmp_path / "cache")
     _, held = split_ids(reader.keys, load_preset(ROOT / "configs" / "demo.toml", "train")["val_fraction"])

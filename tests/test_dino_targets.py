@@ -1,5 +1,5 @@
 """DINOv2 targets as official REPA: the position embedding resampled once to the patch grid (bicubic with
-antialias, as timm's resample_abs_pos_embed), or as DINOv2's own per-call interpolation (the seed project's)."""
+antialias, as timm's resample_abs_pos_embed), or as DINOv2's own per-call interpolation (repa-rf's)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from stages.core.encoders.load import ModelSource, load_dino
 from stages.encode.run import run_encode
 
 from .encode_helpers import tiny_config
-from .reference_seed import seed_interpolate_pos_encoding
+from .reference_repa_rf import seed_interpolate_pos_encoding
 
 GRID = [4, 4]  # --resolution 64 -> 56 px DINOv2 input -> 4x4 patches of 14 px; the tiny table is 16x16
 

@@ -18,7 +18,7 @@ import webdataset as wds
 import zarr
 
 from cache_schema import CacheError, CacheReader, read_manifest, verify_cache
-from cache_schema.layout import PARTS_DIR
+from cache_schema.format.layout import PARTS_DIR
 from stages.core.encoders.features import dino_preprocess
 from stages.core.encoders.images import Prepared, prepare_sample
 from stages.core.encoders.load import EncoderLoadError

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from stages.core.errors import UsageError
-from stages.core.run_files import EVAL_FILE
+from stages.core.files.run_files import EVAL_FILE
 from stages.sample.config import EvaluateConfig
 from stages.sample.evaluate import (
     fid_metric,

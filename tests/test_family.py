@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.core.family import ConvProjector, FamilySettings, dispersive_loss, spatial_zscore
-from stages.core.model_config import ModelConfig
-from stages.core.network import build_model
-from stages.core.objective import batch_loss_terms
+from stages.core.diffusion.family import ConvProjector, FamilySettings, dispersive_loss, spatial_zscore
+from stages.core.diffusion.objective import batch_loss_terms
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.network import build_model
 
 from . import reference_family as ref
 from .test_recipes import randomise

@@ -19,8 +19,8 @@ from cache_schema import (
     new_manifest,
     start_encode,
 )
-from cache_schema.fast_reader import FastReader
-from stages.core.codec import quantize_int8
+from cache_schema.reading.fast_reader import FastReader
+from stages.core.data.codec import quantize_int8
 
 LATENT_CHANNELS, LATENT_SIZE, DINO_TOKENS, DINO_DIM, TEXT_DIM, MAX_TOKENS = 2, 4, 6, 8, 5, 4
 
@@ -127,7 +127,7 @@ def test_every_per_sample_field_is_bit_identical_to_the_reference(cache, direct)
 def test_direct_reads_refuse_layouts_they_do_not_know(cache):
     import json
 
-    from cache_schema.shard_rows import ShardedRows
+    from cache_schema.reading.shard_rows import ShardedRows
 
     root = next((cache / "parts").glob("a.zarr")) / "dino"
     meta = json.loads((root / "zarr.json").read_text())

@@ -10,10 +10,10 @@ import webdataset as wds
 from PIL import Image
 
 from cache_schema import CacheError, CacheReader, read_manifest, verify_cache
-from cache_schema.info import describe
+from cache_schema.operations.info import describe
+from stages.core.data.sample_filters import SampleFilters, parse_keep
 from stages.core.encoders.images import Prepared, prepare_sample
 from stages.core.errors import UsageError
-from stages.core.sample_filters import SampleFilters, parse_keep
 from stages.encode.run import run_encode
 
 from .encode_helpers import tiny_config, write_filter_corpus

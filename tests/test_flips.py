@@ -12,8 +12,8 @@ import torch
 import webdataset as wds
 
 from cache_schema import CacheReader, FastReader, fingerprint, read_manifest, verify_cache
-from cache_schema.info import describe
-from cache_schema.layout import flip_name
+from cache_schema.format.layout import flip_name
+from cache_schema.operations.info import describe
 from stages.core.encoders.features import NONFINITE_BITS, FeatureEncoders
 from stages.core.encoders.images import prepare_sample
 from stages.core.errors import UsageError

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from stages.core.diffusion.objective import latent_normalisation, sample_latents
 from stages.core.encoders.load import EncoderLoadError, vae_geometry
-from stages.core.objective import latent_normalisation, sample_latents
 
 CHANNELS = 4
 MEAN = [0.5, -1.0, 0.25, 2.0]
@@ -36,7 +36,7 @@ def stats_cache(tmp_path_factory, tiny_models, labelled_shards):
 
 def test_the_cache_records_the_vaes_channel_statistics(stats_cache):
     from cache_schema import read_manifest
-    from cache_schema.info import describe
+    from cache_schema.operations.info import describe
 
     manifest = read_manifest(stats_cache)
     assert manifest.latent["latents_mean"] == MEAN and manifest.latent["latents_std"] == STD

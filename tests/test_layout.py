@@ -1,8 +1,12 @@
 """The architecture as a rule: who may import whom, read from the source with ast (not grep).
 
-    cache_schema          the contract: imports nothing of the project, and never torch
+    cache_schema          the contract: imports nothing of the project, and never torch; inside it, layers
+                          errors <- storage <- format <- reading, writing <- operations (reading and
+                          writing never import each other; a layer never imports one above it)
     stages.core           shared home of the stages: imports cache_schema and itself only;
-                          outside stages.core.encoders it never imports the encoders
+                          outside stages.core.encoders it never imports the encoders; inside it,
+                          runtime, data, files <- diffusion <- model, and encoders beside them
+                          (errors, options and planning are leaves anyone may use)
     stages.encode/sample  cache_schema, stages.core and themselves
     stages.train          the same minus stages.core.encoders, and no diffusers/transformers
     stages.demo           cache_schema, stages.core and itself
@@ -67,11 +71,47 @@ def within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+# cache_schema's layers, and what each may import besides itself and cache_schema.errors.
+SCHEMA_LAYERS = {
+    "storage": set(),
+    "format": {"storage"},
+    "reading": {"storage", "format"},
+    "writing": {"storage", "format"},
+    "operations": {"storage", "format", "reading"},
+}
+
+
+def schema_layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in SCHEMA_LAYERS else None
+
+
+# stages.core's subpackages, and which others each may import (its top-level modules are open to all).
+CORE_LAYERS = {
+    "runtime": set(),
+    "data": set(),
+    "files": set(),
+    "diffusion": {"runtime", "data", "files"},
+    "model": {"runtime", "data", "files", "diffusion"},
+    "encoders": {"runtime", "data", "files"},
+}
+
+
+def core_layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["stages", "core"] and parts[2] in CORE_LAYERS else None
+
+
 def allowed(importer: str, target: str) -> bool:
     """Whether ``importer`` (a project module) may import ``target`` (any module)."""
     top = target.split(".")[0]
     if within(importer, "cache_schema"):
-        return top not in ("stages", "pipeline", "torch")
+        if top in ("stages", "pipeline", "torch"):
+            return False
+        if top != "cache_schema" or importer == "cache_schema" or target in ("cache_schema", "cache_schema.errors"):
+            return True
+        mine, theirs = schema_layer(importer), schema_layer(target)
+        return mine is not None and theirs is not None and (theirs == mine or theirs in SCHEMA_LAYERS[mine])
     if top not in PACKAGES:
         return not (within(importer, "stages.train") and top in ENCODER_LIBRARIES)
     if within(target, "pipeline"):
@@ -82,7 +122,8 @@ def allowed(importer: str, target: str) -> bool:
         return within(importer, "stages.core.encoders") or any(
             within(importer, f"stages.{stage}") for stage in ("encode", "sample", "demo"))
     if within(target, "stages.core") or target == "stages":
-        return True
+        mine, theirs = core_layer(importer), core_layer(target)
+        return mine is None or theirs is None or theirs == mine or theirs in CORE_LAYERS[mine]
     own = ".".join(importer.split(".")[:2])  # stages.<stage>
     return within(target, own)
 
@@ -93,11 +134,20 @@ def test_every_import_follows_the_layout(graph):
 
 
 def test_the_rule_checker_catches_each_kind_of_bad_arrow():
-    assert not allowed("cache_schema.reader", "torch")
-    assert not allowed("cache_schema.writer", "stages.core.errors")
+    assert not allowed("cache_schema.reading.reader", "torch")
+    assert not allowed("cache_schema.storage.fsutil", "cache_schema.format.layout")
+    assert not allowed("cache_schema.format.manifest", "cache_schema.reading.reader")
+    assert not allowed("cache_schema.reading.fast_reader", "cache_schema.writing.writer")
+    assert not allowed("cache_schema.writing.writer", "cache_schema.operations.verify")
+    assert allowed("cache_schema.operations.verify", "cache_schema.reading.reader")
+    assert not allowed("cache_schema.writing.writer", "stages.core.errors")
+    assert not allowed("stages.core.files.checkpoint", "stages.core.model.sit")
+    assert not allowed("stages.core.diffusion.objective", "stages.core.model.network")
+    assert not allowed("stages.core.runtime.stop", "stages.core.data.split")
+    assert allowed("stages.core.model.sit", "stages.core.diffusion.family")
     assert not allowed("stages.train.loop", "stages.core.encoders.load")
     assert not allowed("stages.train.loop", "transformers")
-    assert not allowed("stages.core.sit", "stages.core.encoders.captions")
+    assert not allowed("stages.core.model.sit", "stages.core.encoders.captions")
     assert not allowed("stages.sample.run", "stages.train.data")
     assert not allowed("stages.train.previews", "stages.sample.decode")
     assert not allowed("stages.demo.tiny_encoders", "stages.encode.run")

@@ -183,7 +183,7 @@ REPA_E_RUN = dict(COMMON, model="SiT-XL/1", method="repa", repa_lambda=0.5, alig
 
 def test_the_repa_e_preset_is_their_stage_2_run():
     from pipeline.config import build, load_preset
-    from stages.core.model_config import ModelConfig
+    from stages.core.model.model_config import ModelConfig
 
     values = load_preset(ROOT / "configs" / "repa-e-sit-xl.toml", "train")
     cfg = build(TrainConfig, values)
@@ -233,9 +233,9 @@ def test_the_methods_sweep_trains_each_method_and_the_report_lists_them(cls_cach
 def test_a_reg_run_previews_and_samples_its_class_token_with_the_latents(cls_cache, tmp_path):
     import torch
 
-    from stages.core.family import JointState
-    from stages.core.model_config import ModelConfig
-    from stages.core.network import build_model
+    from stages.core.diffusion.family import JointState
+    from stages.core.model.model_config import ModelConfig
+    from stages.core.model.network import build_model
 
     cfg = tiny_train(cls_cache, tmp_path / "run", method="reg", steps=2, val_every=2, ckpt_every=2, preview_every=2,
                      cond="class", val_fraction=0.2)
@@ -263,8 +263,8 @@ TINY_SIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, decod
 def import_and_load(ckpt: Path, cache: Path, run: Path):
     import torch
 
-    from stages.core.model_config import ModelConfig
-    from stages.core.network import build_model
+    from stages.core.model.model_config import ModelConfig
+    from stages.core.model.network import build_model
 
     r = CliRunner().invoke(app, ["import-checkpoint", str(ckpt), "--run-dir", str(run), "--cache", str(cache),
                                  "--num-heads", "4"])

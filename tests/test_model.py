@@ -1,4 +1,4 @@
-"""Tests for the SiT diffusion transformer (stages/core/sit.py) and the REPA loss (stages/core/objective.py)."""
+"""Tests for the SiT diffusion transformer (stages/core/model/sit.py) and the REPA loss (stages/core/diffusion/objective.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.core.model_config import ModelConfig
-from stages.core.model_presets import MODEL_PRESETS
-from stages.core.network import count_parameters
-from stages.core.objective import LossTerms, repa_loss_per_sample
-from stages.core.sit import SiT
+from stages.core.diffusion.objective import LossTerms, repa_loss_per_sample
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.model_presets import MODEL_PRESETS
+from stages.core.model.network import count_parameters
+from stages.core.model.sit import SiT
 
 BATCH = 3
 TEXT_LEN = 5
@@ -322,7 +322,7 @@ def test_head_dim_override_replaces_preset_head_count() -> None:
 
 
 def test_unmasked_captions_attend_without_a_mask_and_match_an_all_true_mask(monkeypatch) -> None:
-    """The seed's unmasked cross-attention passes no mask to SDPA (so its flash kernel is eligible),
+    """repa-rf's unmasked cross-attention passes no mask to SDPA (so its flash kernel is eligible),
     with the output of an explicit all-true mask."""
     unmasked = build(cond="text", text_mask=False)
     masked = build(cond="text")

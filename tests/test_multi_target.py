@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from stages.core.checkpoint import latest_checkpoint
+from stages.core.diffusion.objective import loss_terms
 from stages.core.errors import UsageError
-from stages.core.model_config import ModelConfig
-from stages.core.objective import loss_terms
-from stages.core.sit import SiT
+from stages.core.files.checkpoint import latest_checkpoint
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.sit import SiT
 from stages.encode.run import run_encode
 from stages.train.loop import run_train
 from stages.train.report import compare_runs, format_table

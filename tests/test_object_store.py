@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cache_schema import CacheError, FastReader, read_manifest
-from cache_schema.push import push_cache
+from cache_schema.writing.push import push_cache
 from tests.encode_helpers import ROOT, assert_ranks_let_go_of_the_process_group, env, repa, two_nodes
 from tests.test_train import tiny_train, train_cli_args
 
@@ -82,7 +82,7 @@ def test_two_nodes_of_two_processes_train_from_s3_without_a_shared_cache(pushed,
     """Nodes with no shared disk: 4 ranks of two launchers read the cache from the object store."""
     import torch
 
-    from stages.core.checkpoint import latest_checkpoint
+    from stages.core.files.checkpoint import latest_checkpoint
 
     cfg = tiny_train(pushed, tmp_path / "run", steps=4, ckpt_every=4, val_every=4)
     node0, node1 = two_nodes(["train", *train_cli_args(cfg)], port=29583)
@@ -168,7 +168,7 @@ def test_a_damaged_object_is_an_error_naming_the_part(s3_endpoint, train_cache, 
 def test_an_s3_url_given_as_a_path_still_names_the_bucket_and_prefix():
     from pathlib import Path
 
-    from cache_schema.object_store import S3Path, cache_root, kvstore_spec
+    from cache_schema.storage.object_store import S3Path, cache_root, kvstore_spec
 
     # A command-line option typed as a path collapses s3:// to s3:/.
     root = cache_root(Path("s3://repa-test/some/cache"))

@@ -23,10 +23,10 @@ import zarr
 from typer.testing import CliRunner
 
 from cache_schema import CacheError, CacheReader, FastReader, read_manifest, verify_cache
-from cache_schema.layout import PARTS_DIR, RECORDS_DIR
+from cache_schema.format.layout import PARTS_DIR, RECORDS_DIR
 from pipeline.cli import app
-from stages.core.checkpoint import load_checkpoint
 from stages.core.errors import UsageError
+from stages.core.files.checkpoint import load_checkpoint
 from stages.encode.run import run_encode
 from stages.train.loop import run_train
 
@@ -263,7 +263,7 @@ def test_non_finite_features_are_skipped_and_recorded(tiny_models, shards, tmp_p
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(train_cache, tmp_path):
     import shutil
 
-    from stages.core.split import split_ids
+    from stages.core.data.split import split_ids
     from stages.train.data import EpochBatchSampler
 
     cache = tmp_path / "cache"
@@ -277,7 +277,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tra
     cfg = tiny_train(cache, tmp_path / "run", steps=30, ckpt_every=2, log_every=1, val_every=100, keep_checkpoints=2)
     with pytest.raises(UsageError, match="non-finite .* the last good checkpoint is"):
         run_train(cfg)
-    from stages.core.checkpoint import list_checkpoints, load_checkpoint
+    from stages.core.files.checkpoint import list_checkpoints, load_checkpoint
 
     kept = list_checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["step-0000002.pt", "step-0000004.pt"]
@@ -462,7 +462,7 @@ def test_a_second_training_on_a_busy_run_dir_is_refused_and_a_killed_one_does_no
     assert "is in use by process" in line
     first.kill()
     first.wait()
-    from stages.core.checkpoint import checkpoint_step, latest_checkpoint
+    from stages.core.files.checkpoint import checkpoint_step, latest_checkpoint
 
     reached = checkpoint_step(latest_checkpoint(tmp_path / "run"))
     r = cli("train", *train_cli_args(tiny_train(train_cache, tmp_path / "run", steps=reached + 2, val_every=100000,
@@ -479,7 +479,7 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_committed_work(tiny_models, s
                                                                   monkeypatch):
     cfg = config(tiny_models, pattern(shards[:2]), tmp_path / "c")
     run_encode(config(tiny_models, pattern(shards[:1]), tmp_path / "c"))
-    monkeypatch.setattr("cache_schema.writer.fsync_tree", _no_space)
+    monkeypatch.setattr("cache_schema.writing.writer.fsync_tree", _no_space)
     assert "no space left" in one_line_error(cli("encode", *cli_args(cfg)))
     assert read_manifest(tmp_path / "c").num_samples == 8  # the committed part is kept
     monkeypatch.setattr("torch.save", _no_space)

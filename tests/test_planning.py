@@ -7,7 +7,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from cache_schema import CacheReader
-from cache_schema.sizes import sample_bytes
+from cache_schema.format.sizes import sample_bytes
 from pipeline.cli import app
 from pipeline.planning import PAGE, render
 from stages.core.planning import Geometry, encode_lines

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.core.checkpoint import checkpoint_step, list_checkpoints
 from stages.core.errors import UsageError
+from stages.core.files.checkpoint import checkpoint_step, list_checkpoints
 from stages.train.loop import run_train
 from stages.train.metrics import read_metrics
 

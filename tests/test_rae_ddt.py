@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.core.ddt import DiTwDDTHead, count_ddt_parameters
-from stages.core.ddt_config import DDT_PRESETS, DDTConfig
 from stages.core.errors import UsageError
-from stages.core.lightning_dit import VisionRotaryEmbeddingFast
+from stages.core.model.ddt import DiTwDDTHead, count_ddt_parameters
+from stages.core.model.ddt_config import DDT_PRESETS, DDTConfig
+from stages.core.model.lightning_dit import VisionRotaryEmbeddingFast
 from tests import rae_reference as ref
 
 TINY = dict(input_size=4, in_channels=6, hidden_size=(32, 48), depth=(2, 2), num_heads=(2, 4), num_classes=5)
@@ -141,7 +141,7 @@ def test_bad_shapes_are_refused():
 def test_released_checkpoints_load(tmp_path):
     """The bare state dict, and a training checkpoint as src/train.py:62-69 writes it, whose EMA is taken
     (src/utils/model_utils.py:24-25); both with RAE's strict loading."""
-    from stages.core.ddt import load_ddt
+    from stages.core.model.ddt import load_ddt
 
     theirs, _ = _pair(seed=5)
     x, t, y = _inputs()

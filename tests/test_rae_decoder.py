@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stages.core.errors import UsageError
-from stages.core.rae_decoder import DECODER_PRESETS, DecoderConfig, RAEDecoder, decoder_config, load_decoder
+from stages.core.model.rae_decoder import DECODER_PRESETS, DecoderConfig, RAEDecoder, decoder_config, load_decoder
 from tests import rae_reference as ref
 
 TINY = dict(hidden_size=12, decoder_hidden_size=16, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.core.errors import UsageError
-from stages.core.token_stats import (
+from stages.core.diffusion.token_stats import (
     RAE_EPS,
     LatentStats,
     StatsAccumulator,
@@ -20,6 +19,7 @@ from stages.core.token_stats import (
     strip_layernorm_affine,
     tokens_to_latent,
 )
+from stages.core.errors import UsageError
 
 # ---- transcriptions of bytetriper/RAE@a4d18c4db766419cbe7cb8c02cd9f7ceb0ec9041 ----------------------
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.core.ddt_config import LightningDiTConfig
-from stages.core.lightning_dit_model import LightningDiT
+from stages.core.model.ddt_config import LightningDiTConfig
+from stages.core.model.lightning_dit_model import LightningDiT
 from tests import rae_reference as ref
 
 TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from stages.core.ddt import DiTwDDTHead
-from stages.core.ddt_config import DDTConfig
-from stages.core.rae_decoder import DecoderConfig, load_decoder
-from stages.core.samplers import guided
-from stages.core.time_shift import shift_factor, shifted_euler_ode
-from stages.core.token_stats import LatentStats, latent_to_tokens
+from stages.core.diffusion.samplers import guided
+from stages.core.diffusion.time_shift import shift_factor, shifted_euler_ode
+from stages.core.diffusion.token_stats import LatentStats, latent_to_tokens
+from stages.core.model.ddt import DiTwDDTHead
+from stages.core.model.ddt_config import DDTConfig
+from stages.core.model.rae_decoder import DecoderConfig, load_decoder
 from tests import rae_reference as ref
 from tests.test_rae_ddt import TINY, _randomised
 from tests.test_rae_decoder import TINY as TINY_DECODER

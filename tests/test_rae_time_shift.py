@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from stages.core.time_shift import (
+from stages.core.diffusion.time_shift import (
     euler_step,
     ode_times,
     sample_train_t,

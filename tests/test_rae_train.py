@@ -78,8 +78,8 @@ def cached_latents(cache: Path, ids, flipped: bool, weight, bias) -> np.ndarray:
 
 
 def test_statistics_are_rae_s_mean_and_variance_of_affine_free_tokens_over_both_views(rae_cache, tmp_path):
-    from stages.core.split import split_cache
-    from stages.core.token_stats import load_stats
+    from stages.core.data.split import split_cache
+    from stages.core.diffusion.token_stats import load_stats
 
     cfg = rae_train(rae_cache, tmp_path / "run", flip=True, steps=1, ckpt_every=1)
     run_train(cfg, log=lambda *_: None)
@@ -95,11 +95,11 @@ def test_statistics_are_rae_s_mean_and_variance_of_affine_free_tokens_over_both_
 
 
 def test_a_step_trains_on_normalised_tokens_at_rae_s_shifted_times(rae_cache):
-    from stages.core.conditioning import Conditioner
-    from stages.core.diffusion_variable import LayerNormAffine, TargetTokens
-    from stages.core.model_config import ModelConfig
-    from stages.core.network import build_model
-    from stages.core.token_stats import LatentStats
+    from stages.core.model.conditioning import Conditioner
+    from stages.core.diffusion.diffusion_variable import LayerNormAffine, TargetTokens
+    from stages.core.model.model_config import ModelConfig
+    from stages.core.model.network import build_model
+    from stages.core.diffusion.token_stats import LatentStats
     from stages.train.data import CacheBatchDataset
     from stages.train.draws import draw_step, step_generator
     from stages.train.loop import micro_step
@@ -169,7 +169,7 @@ def test_token_runs_that_cannot_work_are_refused_in_one_line(rae_cache, tmp_path
 
 
 def test_statistics_of_another_grid_and_int8_tokens_are_refused(rae_cache, tmp_path):
-    from stages.core.token_stats import LatentStats, save_stats
+    from stages.core.diffusion.token_stats import LatentStats, save_stats
     from tests.test_fast_reader import write_cache
 
     save_stats(tmp_path / "stat.pt", LatentStats(torch.zeros(32, 8, 8), torch.ones(32, 8, 8)))
@@ -198,11 +198,11 @@ def test_rae_s_lr_schedule_is_constant_then_linear_then_constant():
 
 
 def test_the_rae_presets_build_rae_s_networks():
-    from stages.core.ddt import DiTwDDTHead
-    from stages.core.ddt_config import DDTConfig, LightningDiTConfig
-    from stages.core.lightning_dit_model import LightningDiT
-    from stages.core.model_config import ModelConfig
-    from stages.core.network import build_model
+    from stages.core.model.ddt import DiTwDDTHead
+    from stages.core.model.ddt_config import DDTConfig, LightningDiTConfig
+    from stages.core.model.lightning_dit_model import LightningDiT
+    from stages.core.model.model_config import ModelConfig
+    from stages.core.model.network import build_model
 
     with torch.device("meta"):
         ours = build_model(ModelConfig.from_preset("DiTDH-XL", in_channels=768, input_size=16))
@@ -234,7 +234,7 @@ def tiny_decoder_folder(root: Path) -> Path:
     state dict) beside RAE's config.json."""
     import json
 
-    from stages.core.rae_decoder import DecoderConfig, RAEDecoder
+    from stages.core.model.rae_decoder import DecoderConfig, RAEDecoder
 
     shape = dict(decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
                  decoder_intermediate_size=64)
@@ -253,12 +253,12 @@ def tiny_decoder_folder(root: Path) -> Path:
 def test_sampling_a_token_run_decodes_the_shifted_euler_ode_through_the_rae_decoder(token_run, tmp_path):
     from PIL import Image
 
-    from stages.core.diffusion_variable import TargetTokens
-    from stages.core.model_config import ModelConfig
-    from stages.core.network import build_model
-    from stages.core.rae_decoder import DecoderConfig, load_decoder
-    from stages.core.seeding import generator
-    from stages.core.time_shift import shifted_euler_ode
+    from stages.core.diffusion.diffusion_variable import TargetTokens
+    from stages.core.model.model_config import ModelConfig
+    from stages.core.model.network import build_model
+    from stages.core.model.rae_decoder import DecoderConfig, load_decoder
+    from stages.core.runtime.seeding import generator
+    from stages.core.diffusion.time_shift import shifted_euler_ode
     from stages.sample.config import SampleConfig
     from stages.sample.run import run_sample
 

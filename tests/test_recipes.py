@@ -1,5 +1,5 @@
-"""Faithful recipes: official REPA's SiT and sampler, and the seed project's DiT and optimiser, compared with
-transcriptions of their code (tests/reference_repa.py, tests/reference_seed.py) on identical tensors; the
+"""Faithful recipes: official REPA's SiT and sampler, and repa-rf's DiT and optimiser, compared with
+transcriptions of their code (tests/reference_repa.py, tests/reference_repa_rf.py) on identical tensors; the
 presets named after them hold their settings."""
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import build, load_preset
 from pipeline.sweep import expand_grid, load_sweep
-from stages.core.model_config import ModelConfig
-from stages.core.network import build_model, count_parameters
-from stages.core.samplers import guided, heun_ode
+from stages.core.diffusion.samplers import guided, heun_ode
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.network import build_model, count_parameters
 from stages.sample.decode import to_pixels
-from stages.train.config import TrainConfig
+from stages.train.config import TrainConfig, resume_differences
 from stages.train.optim import lr_factor, parameter_table
 
 from . import reference_repa as repa
-from . import reference_seed as seed
+from . import reference_repa_rf as seed
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, decoder_hidden_size=64, encoder_depth=2,
@@ -105,7 +105,7 @@ def test_heun_with_a_guidance_interval_and_the_pixels_are_official_repas():
     assert torch.equal(to_pixels(images).permute(0, 2, 3, 1), repa.to_uint8(images))
 
 
-# -- the seed project's DiT and optimiser ----------------------------------------------------------------
+# -- repa-rf's DiT and optimiser ----------------------------------------------------------------
 def seed_config(width: int, depth: int = 9, head_dim: int = 64, text_dim: int = 4096, repa_dim: int = 1536,
                 input_size: int = 32, align_layer: int = 7) -> ModelConfig:
     return ModelConfig(arch="repa-rf", width=width, depth=depth, head_dim=head_dim, patch_size=2, in_channels=16,
@@ -120,7 +120,7 @@ def test_the_seed_dit_has_the_seeds_parameters(width, without, total):
         theirs = seed.seed_dit(width)
         ours = build_model(seed_config(width))
     assert count_parameters(ours) == without and count_parameters(ours, include_projector=True) == total
-    assert sum(p.numel() for p in theirs.parameters()) == total  # what the seed logs as model_parameters
+    assert sum(p.numel() for p in theirs.parameters()) == total  # what repa-rf logs as model_parameters
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
 
@@ -139,7 +139,7 @@ def test_the_seed_dit_gives_the_seeds_outputs():
     torch.testing.assert_close(f_ours[0], f_theirs[0], atol=1e-5, rtol=1e-5)
 
 
-def test_seed_mup_groups_match_the_seeds_get_mup_setup():
+def test_repa_rf_mup_groups_match_the_seeds_get_mup_setup():
     with torch.device("meta"):
         theirs = seed.seed_dit(512)
         ours = build_model(seed_config(512))
@@ -150,7 +150,7 @@ def test_seed_mup_groups_match_the_seeds_get_mup_setup():
         for name, p in theirs.named_parameters():
             if id(p) in ids:
                 expected[name] = (group["lr"], group["weight_decay"])
-    table = parameter_table(ours, "seed-mup", lr, 1e-3)
+    table = parameter_table(ours, "repa-rf-mup", lr, 1e-3)
     assert {r["name"]: (r["lr"], r["weight_decay"]) for r in table} == expected
     sizes = {}
     for r in table:
@@ -158,14 +158,22 @@ def test_seed_mup_groups_match_the_seeds_get_mup_setup():
     assert sorted(sizes.values(), reverse=True) == [100, 59, 10]
 
 
-def test_seed_cosine_is_transformers_cosine_schedule_with_warmup():
+def test_repa_rf_cosine_is_transformers_cosine_schedule_with_warmup():
     from transformers import get_cosine_schedule_with_warmup
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     hf = get_cosine_schedule_with_warmup(opt, 500, 5000).lr_lambdas[0]
-    ours = lr_factor(TrainConfig(lr_schedule="seed-cosine", steps=5000))
+    ours = lr_factor(TrainConfig(lr_schedule="repa-rf-cosine", steps=5000))
     for step in (0, 1, 250, 499, 500, 501, 2750, 4999, 5000):
         assert ours(step) == pytest.approx(hf(step), abs=1e-12)
+
+
+def test_the_old_spellings_of_repa_rfs_options_still_load_and_resume():
+    old = build(TrainConfig, {"cache": "c", "run_dir": "r", "param_groups": "seed-mup", "lr_schedule": "seed-cosine"})
+    assert (old.param_groups, old.lr_schedule) == ("repa-rf-mup", "repa-rf-cosine")
+    saved = {**old.to_json(), "param_groups": "seed-mup", "lr_schedule": "seed-cosine"}  # a config.json of before
+    assert resume_differences(saved, old.to_json()) == []
+    assert resume_differences({**saved, "lr_schedule": "cosine"}, old.to_json()) != []
 
 
 def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -351,8 +359,8 @@ def test_the_imagenet_preset_is_official_repas_run():
 
 
 SEED_TRAIN = dict(model="repa-rf-w512", head_dim=32, batch_size=512, batch_multiplicity=4, lr=1e-4, steps=5000,
-                  val_every=1000, repa_lambda=0.5, align_layer=7, time_sampling="logit-normal", param_groups="seed-mup",
-                  weight_decay=1e-3, adam_betas=(0.9, 0.95), lr_schedule="seed-cosine", grad_clip=0.0, ema_decay=0.0,
+                  val_every=1000, repa_lambda=0.5, align_layer=7, time_sampling="logit-normal", param_groups="repa-rf-mup",
+                  weight_decay=1e-3, adam_betas=(0.9, 0.95), lr_schedule="repa-rf-cosine", grad_clip=0.0, ema_decay=0.0,
                   cond_dropout=0.0, text_mask=False, mixed_precision="bf16", val_fraction=0.0)
 
 
@@ -375,10 +383,10 @@ def test_a_run_records_every_setting_that_defines_it(train_cache, tmp_path):
 
     from .test_train import tiny_train
 
-    run_train(tiny_train(train_cache, tmp_path / "run", steps=2, val_every=2, param_groups="seed-mup",
-                         lr_schedule="seed-cosine", adam_betas=(0.9, 0.95)), log=lambda m: None)
+    run_train(tiny_train(train_cache, tmp_path / "run", steps=2, val_every=2, param_groups="repa-rf-mup",
+                         lr_schedule="repa-rf-cosine", adam_betas=(0.9, 0.95)), log=lambda m: None)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["config"]["param_groups"] == "seed-mup" and config["config"]["adam_betas"] == [0.9, 0.95]
+    assert config["config"]["param_groups"] == "repa-rf-mup" and config["config"]["adam_betas"] == [0.9, 0.95]
     assert config["model_config"]["arch"] == "sit" and config["model_config"]["text_mask"] is True
     table = (tmp_path / "run" / "param_groups.tsv").read_text().splitlines()
     assert table[0] == "name\tshape\tlr\tweight_decay" and len(table) > 10

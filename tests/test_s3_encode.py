@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from cache_schema import FastReader, read_manifest
-from cache_schema.claims import Owner
-from cache_schema.object_store import S3Path
-from cache_schema.s3_claims import S3Claims
+from cache_schema.storage.object_store import S3Path
+from cache_schema.writing.claims import Owner
+from cache_schema.writing.s3_claims import S3Claims
 from stages.encode.run import run_encode
 
 from .encode_helpers import ROOT, env, tar_keys
@@ -107,7 +107,7 @@ def test_a_stale_claim_on_s3_is_taken_over_once_and_a_live_one_is_not(s3_endpoin
     assert mine.renew(["stale"], me) == ["stale"] and not mine.owns("stale", me) and rival.owns("stale", other)
     mine.release("stale", me)  # not its claim any more: left alone
     # Two takers that read the same stale claim: If-Match on its etag lets exactly one of them write.
-    from cache_schema.object_store import put_if_match
+    from cache_schema.storage.object_store import put_if_match
 
     _, etag = rival._read("stale")
     key = root / "claims" / "stale.json"
@@ -125,6 +125,7 @@ def test_flags_that_rewrite_parts_are_refused_on_s3_in_one_line(s3_endpoint, tin
     from .encode_helpers import repa
     from .test_operations import cli_args
 
-    for flag in (["--overwrite"], ["--repair"], ["--redo", "x"]):
+    for flag in (["--overwrite"], ["--repair"], ["--redo", "x"],
+                 ["--add-target", "extra", "--target-model", str(tiny_models["dino"])]):
         r = repa("encode", *cli_args(config(tiny_models, pattern(shards[:1]), fresh_prefix())), *flag)
         assert r.returncode == 2 and flag[0] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -80,7 +80,7 @@ def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_pa
         "ema": True,
     }
     # what a teammate needs to read: the files written through temporary files get the umask's mode, not 0600
-    from cache_schema.fsutil import file_mode
+    from cache_schema.storage.fsutil import file_mode
 
     for path in (result.sidecar, text_run / "config.json", text_run / "checkpoints" / "step-0000004.pt",
                  result.images[0], *(p for p in Path(load_run(text_run).cache).rglob("*.json") if "claims" not in p.parts)):
@@ -98,8 +98,8 @@ def test_class_run_cycles_the_given_classes(class_run, tmp_path):
 
 def test_held_out_conditions_pair_each_sample_with_its_real_image(class_run, tmp_path):
     from cache_schema import CacheReader
-    from stages.core.run_files import read_run_config
-    from stages.core.split import split_ids
+    from stages.core.data.split import split_ids
+    from stages.core.files.run_files import read_run_config
 
     result = run_sample(sample_cfg(class_run, tmp_path / "out", held_out=True, num_samples=4))
     entries = json.loads(result.sidecar.read_text())["images"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from stages.core.samplers import (
+from stages.core.diffusion.samplers import (
     Conditioning,
     concat_conditioning,
     euler_maruyama_sde,

@@ -1,4 +1,4 @@
-"""--text-attention: captions encoded with an attention mask (real tokens stored), or as the seed project did
+"""--text-attention: captions encoded with an attention mask (real tokens stored), or as repa-rf did
 (padded to --max-text-tokens, no mask, every position stored); sampling encodes prompts the cache's way."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stages.core.threads import intra_op_threads, set_threads
+from stages.core.runtime.threads import intra_op_threads, set_threads
 
 
 @pytest.fixture

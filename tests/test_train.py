@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.core.checkpoint import latest_checkpoint, list_checkpoints
-from stages.core.conditioning import Conditioner
-from stages.core.errors import UsageError
-from stages.core.model_config import ModelConfig
-from stages.core.objective import (
+from stages.core.diffusion.objective import (
     bin_by_t,
     denoise_loss_per_sample,
     interpolate,
     sample_latents,
     sample_t,
 )
-from stages.core.sit import SiT
+from stages.core.errors import UsageError
+from stages.core.files.checkpoint import latest_checkpoint, list_checkpoints
+from stages.core.model.conditioning import Conditioner
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.sit import SiT
 from stages.train.config import TrainConfig
 from stages.train.data import EpochBatchSampler
 from stages.train.draws import draw_step
@@ -183,7 +183,7 @@ def test_validation_is_the_same_problem_for_every_run(train_cache, tmp_path):
     """Same cache, different seeds and batch sizes: scored on identical (sample, t, noise) triples,
     so identical weights give identical validation numbers."""
     from cache_schema import read_manifest
-    from stages.core.split import split_ids
+    from stages.core.data.split import split_ids
     from stages.train.data import CacheBatchDataset
     from stages.train.validation import Validator
 

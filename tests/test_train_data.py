@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cache_schema.fast_reader import FastReader
-from stages.core.codec import features_to_device as to_device
-from stages.core.split import split_cache, split_ids, unit_hashes
+from cache_schema.reading.fast_reader import FastReader
+from stages.core.data.codec import features_to_device as to_device
+from stages.core.data.split import split_cache, split_ids, unit_hashes
 from stages.train.data import CacheBatchDataset, EpochBatchSampler, make_loader
 from tests.test_fast_reader import DINO_DIM, DINO_TOKENS, TEXT_DIM, write_cache
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cache_schema import FastReader
+from stages.core.data.split import split_ids
 from stages.core.errors import UsageError
-from stages.core.split import split_ids
 from stages.train.loop import run_train
 from stages.train.setup import select_training
 

@@ -1,6 +1,7 @@
-"""What the stages share: the network, its conditioning, the objective and REPA loss, the samplers, the
-checkpoint and run-directory formats, the validation split, option declarations, and (in
-``stages.core.encoders``) the frozen encoders and image preprocessing.
+"""What the stages share, by role: ``model`` (the networks and their shapes), ``diffusion`` (objective, REPA
+and its successors, samplers), ``data`` (codec, split, filters), ``files`` (checkpoints, run directories,
+released files, grids), ``runtime`` (threads, signals, progress, seeds), ``encoders`` (the frozen encoders and
+image preprocessing), plus ``errors``, ``options`` (declaring a command's options once) and ``planning``.
 
 Import rules (checked by tests/test_layout.py): this package imports only ``cache_schema`` and
 itself; nothing outside ``stages.core.encoders`` imports the encoders, so training never does.

@@ -36,6 +36,7 @@ class Spec:
     metavar: str | None = None
     default_text: str | None = None  # shown as the default in --help when the value is computed (or "required")
     choices: tuple[Any, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()  # (old spelling, choice): saved configs and presets still load
     gt: float | None = None  # value must be > gt
     ge: float | None = None  # value must be >= ge
     lt: float | None = None  # value must be < lt
@@ -90,6 +91,8 @@ def convert(cls: type, name: str, value: Any) -> Any:
     spec = spec_of(f)
     if spec is not None and spec.none_word and isinstance(value, str) and value.strip().lower() in ("", "none"):
         return None
+    if spec is not None and isinstance(value, str):
+        value = dict(spec.aliases).get(value, value)
     hint = base_type(field_types(cls)[name])
     origin = typing.get_origin(hint)
     if value is None:
@@ -103,6 +106,12 @@ def convert(cls: type, name: str, value: Any) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def canonical(cls: type, values: dict) -> dict:
+    """``values`` (a saved config) with every old spelling of a choice replaced by its current one."""
+    specs = {f.name: s for f, s in declared_fields(cls)}
+    return {k: dict(specs[k].aliases).get(v, v) if k in specs and isinstance(v, str) else v for k, v in values.items()}
 
 
 def _check_field(f: dataclasses.Field, spec: Spec, value: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""What a real run costs before it starts: cache bytes from the real shapes (``cache_schema.sizes``), encode and
+"""What a real run costs before it starts: cache bytes from the real shapes (``cache_schema.format.sizes``), encode and
 train time from rates measured on one H100 80GB (bf16, real architectures, random weights: the reference points
 in BENCHMARKS.md), memory from the measured anchors. `repa encode --dry-run` and docs/planning.md use
 these functions, so the two cannot disagree. Every number says what it is estimated from."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cache_schema.sizes import caption_tokens, sample_bytes, token_bytes
+from cache_schema.format.sizes import caption_tokens, sample_bytes, token_bytes
 
 # Encoder images/s on one H100 (batch 64-256, 256 px): (rate, what was measured).
 VAE_RATES = {  # by latent channels: SD-VAE has 4, FLUX's VAE 16
@@ -21,7 +21,7 @@ DINO_RATES = {768: (6724.0, "DINOv2-B/14 at 224 px"), 1024: (2404.0, "DINOv2-L/1
 TRAIN_RATES = {
     ("SiT-XL/2", True): (507.0, "SiT-XL/2 + REPA step, batch 64, torch.compile"),
     ("SiT-XL/2", False): (378.0, "SiT-XL/2 + REPA step, batch 64, eager"),
-    ("dit-512x9", False): (1534.0, "the seed-size DiT (width 512, depth 9, 101 M, cross-attention to 512 T5 tokens), eager"),
+    ("dit-512x9", False): (1534.0, "the repa-rf-size DiT (width 512, depth 9, 101 M, cross-attention to 512 T5 tokens), eager"),
 }
 TRAIN_GPU_MEMORY = {"SiT-XL/2": "52 GiB peak at batch 128 per GPU (measured; 256 per GPU does not fit in 80 GB)"}
 # The training process and each loader worker at 12 M samples (bench-scale, BENCHMARKS.md).

@@ -11,7 +11,6 @@ jobs. A target part records the cache part it was made for, so a part encoded ag
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,8 @@ import torch
 import zarr
 
 from cache_schema import CacheError, PartWriter, field_to_json, read_manifest
-from cache_schema.claims import Heartbeat, LocalClaims, Owner, claim, describe_holder, release
-from cache_schema.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
-from cache_schema.manifest import (
+from cache_schema.format.layout import FIRST_TARGET, PART_SUFFIX, PARTS_DIR, TARGET_NAME, flip_name, target_fields
+from cache_schema.format.manifest import (
     Manifest,
     read_record,
     read_records,
@@ -29,20 +27,20 @@ from cache_schema.manifest import (
     target_fingerprint,
     target_part_problem,
 )
-from cache_schema.writer import drop_part, settle_part, start_target
-from stages.core.codec import quantize_int8
+from cache_schema.writing.claims import Heartbeat, LocalClaims, Owner, claim, describe_holder, release
+from cache_schema.writing.writer import drop_part, settle_part, start_target
+from stages.core.data.codec import quantize_int8
 from stages.core.encoders.images import crop_name
-from stages.core.encoders.load import ModelSource, torch_dtype
+from stages.core.encoders.load import ModelSource
 from stages.core.encoders.targets import TargetEncoder
 from stages.core.encoders.tars import expand_source, recorded_source
 from stages.core.errors import UsageError
-from stages.core.processes import exit_with_parent
-from stages.core.progress import progress_bar
-from stages.core.threads import set_threads
+from stages.core.runtime.threads import set_threads
 
 from .config import EncodeConfig
-from .part_sink import PartSink, feeding
+from .part_sink import PartSink
 from .plan import Shard, identify
+from .skeleton import Pass, run_pass, this_process
 from .source import ShardEnd, ShardStream
 from .summary import EncodeSummary
 
@@ -145,8 +143,6 @@ def _encode_batch(enc: TargetEncoder, name: str, images: torch.Tensor, codec: st
 
 
 def run_add_target(cfg: EncodeConfig, log=print):
-    from accelerate import PartialState
-
     cache = Path(cfg.cache)
     manifest = read_manifest(cache)
     name = check_target_name(cfg.add_target, manifest)
@@ -158,12 +154,10 @@ def run_add_target(cfg: EncodeConfig, log=print):
                                     f"samples of {len(manifest.parts)} part(s) of {cache}"
                                     + (", with its tokens of the flipped crops (the cache has flips: twice the "
                                        "bytes)" if manifest.flips else "")])
-    state = PartialState(cpu=not torch.cuda.is_available())
-    device, main = state.device, state.is_main_process
-    dtype = torch_dtype(cfg.dtype, device)
-    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    process = this_process(cfg.dtype)
+    state, device, main, dtype_name = process.state, process.device, process.main, process.dtype_name
     enc = TargetEncoder(ModelSource(cfg.target_model), manifest.settings["resolution"], manifest.dino["grid"][0],
-                        device, dtype, cfg.class_tokens, cfg.target_input_size, manifest.dino.get("pos_embed",
+                        device, process.dtype, cfg.class_tokens, cfg.target_input_size, manifest.dino.get("pos_embed",
                                                                                                   "antialias-once"))
     entry = target_entry(name, enc, cfg, manifest, dtype_name)
     root = target_dir(cache, name)
@@ -206,23 +200,14 @@ def run_add_target(cfg: EncodeConfig, log=print):
     urls = [shards[p["name"]].url for p in mine]
     stream = ShardStream(urls, cfg.batch_size, manifest.settings["resolution"], cfg.max_pixels,
                          manifest.settings["crop"] == crop_name(True), wanted=wanted)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
-                                         worker_init_fn=exit_with_parent if workers else None)
     fields = target_fields(name, enc.tokens, enc.dim, manifest.codec, enc.class_tokens, manifest.flips)
     by_url = {shards[p["name"]].url: shards[p["name"]] for p in mine}
     sink = TargetSink(root, fields, manifest.shard_size, by_url, owner, heartbeat, expected=expected, target=name)
-    total = sum(p["num_samples"] for p in mine)
-    bar = progress_bar(total=total, unit="img", disable=not main, dynamic_ncols=True, desc=f"add {name}")
-    start = time.perf_counter()
-    with feeding(sink, bar, heartbeat, lambda: [release(root, p["name"], owner) for p in mine]):
-        for batch in loader:
-            feats = (_encode_batch(enc, name, torch.as_tensor(batch.images), manifest.codec, manifest.flips)
-                     if len(batch) else {})
-            sink.submit(batch, feats, None)
-            bar.update(len(batch))
-        stats = sink.close()
-    elapsed = time.perf_counter() - start
+    done = run_pass(Pass(
+        stream, workers, sink, heartbeat, lambda: [release(root, p["name"], owner) for p in mine],
+        lambda batch: (_encode_batch(enc, name, torch.as_tensor(batch.images), manifest.codec, manifest.flips), None),
+        sum(p["num_samples"] for p in mine), f"add {name}"), process)
+    stats, elapsed = done.stats, done.seconds
     state.wait_for_everyone()
     final = read_manifest(cache)
     records = {r["name"]: r for r in read_records(root, unreadable={})}

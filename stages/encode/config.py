@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_schema import DEFAULT_SHARD_SIZE, FEATURE_CODECS
+from stages.core.data.sample_filters import SampleFilters
 from stages.core.errors import UsageError
 from stages.core.options import option
-from stages.core.sample_filters import SampleFilters
 
 ENCODER_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DINO_POS_EMBED = ("antialias-once", "bicubic-per-call")
@@ -32,7 +32,7 @@ class EncodeConfig:
     dino_pos_embed: str = option(
         "antialias-once", "DINOv2 position embedding, resampled to the patch grid of --resolution: antialias-once "
         "(official REPA: bicubic with antialias, as timm's resample_abs_pos_embed), or bicubic-per-call (what "
-        "DINOv2's own forward does on every call, as the seed project runs it: bicubic without antialias at scale "
+        "DINOv2's own forward does on every call, as repa-rf runs it: bicubic without antialias at scale "
         "(grid+0.1)/n for DINOv2; with antialias for DINOv2 with registers).",
         choices=DINO_POS_EMBED,
     )
@@ -46,7 +46,7 @@ class EncodeConfig:
     max_text_tokens: int = option(128, "Truncate captions to this many tokens.", gt=0)
     text_attention: str = option(
         "masked", "Caption encoding: masked (the text encoder sees an attention mask; only real tokens are "
-        "stored), or unmasked (as the seed project: captions padded to --max-text-tokens, encoded without a "
+        "stored), or unmasked (as repa-rf: captions padded to --max-text-tokens, encoded without a "
         "mask, every position stored, pads included: --max-text-tokens tokens per sample).",
         choices=TEXT_ATTENTION,
     )
@@ -85,7 +85,7 @@ class EncodeConfig:
     )
     min_similarity: float | None = option(
         None, "Skip samples whose image-caption similarity (cosine, --similarity-model) is below this "
-        "(the seed project: 0.05 with google/siglip-large-patch16-256).", ge=-1, le=1,
+        "(repa-rf: 0.05 with google/siglip-large-patch16-256).", ge=-1, le=1,
     )
     class_tokens: bool = option(
         False, "Store the class token (and register tokens, when the model has them) of DINOv2, or with "

@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 from cache_schema import CacheError, Manifest, start_encode
-from cache_schema.claims import ClaimStore, LocalClaims, Owner
-from cache_schema.manifest import record_path
-from cache_schema.object_store import S3Path, cache_root, is_s3
-from cache_schema.writer import drop_part, settle_part
+from cache_schema.format.manifest import record_path
+from cache_schema.storage.object_store import S3Path, cache_root, is_s3
+from cache_schema.writing.claims import ClaimStore, LocalClaims, Owner
+from cache_schema.writing.writer import drop_part, settle_part
 
 from .config import EncodeConfig
 
@@ -53,7 +53,7 @@ class LocalDestination:
 
 class S3Destination:
     def __init__(self, root: S3Path, staging: Path | None, owner: Owner):
-        from cache_schema.s3_claims import S3Claims
+        from cache_schema.writing.s3_claims import S3Claims
 
         self.root = root
         self.claims: ClaimStore = S3Claims(root)
@@ -71,7 +71,7 @@ class S3Destination:
         return None  # the staging directory holds no claims; publish checks the claim on the store
 
     def start(self, template: Manifest, cfg: EncodeConfig, sources: dict, unreadable: dict[str, str]) -> Manifest:
-        from cache_schema.s3_encode import start_encode_s3
+        from stages.encode.s3_publish import start_encode_s3
 
         return start_encode_s3(self.root, template, sources, unreadable)
 
@@ -82,7 +82,7 @@ class S3Destination:
         return not record_path(self.root, part).is_file()  # committed by another job since the plan
 
     def publish(self, part: str, owner: Owner) -> bool:
-        from cache_schema.s3_encode import publish_staged
+        from stages.encode.s3_publish import publish_staged
 
         return publish_staged(self.writer_dir, self.root, part, self.claims, owner)
 
@@ -90,13 +90,20 @@ class S3Destination:
         shutil.rmtree(self.writer_dir, ignore_errors=True)
 
 
-def destination(cfg: EncodeConfig, owner: Owner) -> LocalDestination | S3Destination:
+def refuse_on_object_storage(cfg: EncodeConfig) -> None:
+    """What an encode into object storage cannot do, refused before anything runs."""
     if not is_s3(cfg.cache):
-        return LocalDestination(Path(cfg.cache))
+        return
     root = cache_root(cfg.cache)
     refused = [flag for flag, on in (("--overwrite", cfg.overwrite), ("--redo", cfg.redo), ("--repair", cfg.repair),
                                      ("--add-target", cfg.add_target is not None)) if on]
     if refused:
         raise CacheError(f"--cache {root}: {refused[0]} is not supported on object storage (committed parts there are "
                          "never rewritten); encode into a local cache, then `repa cache push DIR s3://bucket/prefix`")
-    return S3Destination(root, cfg.staging_dir, owner)
+
+
+def destination(cfg: EncodeConfig, owner: Owner) -> LocalDestination | S3Destination:
+    refuse_on_object_storage(cfg)
+    if not is_s3(cfg.cache):
+        return LocalDestination(Path(cfg.cache))
+    return S3Destination(cache_root(cfg.cache), cfg.staging_dir, owner)

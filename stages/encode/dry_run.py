@@ -10,13 +10,13 @@ from collections import Counter
 from PIL import Image
 
 from cache_schema import read_manifest
-from cache_schema.layout import FILTER_SKIP_CODES, MANIFEST_NAME
-from cache_schema.sizes import caption_tokens, sample_bytes
+from cache_schema.format.layout import FILTER_SKIP_CODES, MANIFEST_NAME
+from cache_schema.format.sizes import caption_tokens, sample_bytes
+from stages.core.data.sample_filters import SampleFilters
 from stages.core.encoders.images import IMAGE_EXTENSIONS
 from stages.core.encoders.load import dino_geometry, hf_config, text_geometry, vae_config, vae_geometry
 from stages.core.encoders.tars import is_remote, iter_tar
 from stages.core.planning import Geometry, encode_lines
-from stages.core.sample_filters import SampleFilters
 
 from .config import EncodeConfig
 from .plan import identify

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from cache_schema import CacheError, Field, PartWriter
-from cache_schema.claims import Heartbeat, Owner
-from cache_schema.fsutil import write_error
-from cache_schema.layout import FILTER_SKIP_CODES
+from cache_schema.format.layout import FILTER_SKIP_CODES
+from cache_schema.storage.fsutil import write_error
+from cache_schema.writing.claims import Heartbeat, Owner
 from stages.core.encoders.features import NONFINITE_BITS
 from stages.core.errors import UsageError
 

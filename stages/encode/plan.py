@@ -1,9 +1,9 @@
 """What an encode run does with each input shard: skip it (committed and sound), encode it (never
 committed), or redo it (cut short, named with --redo, or failing the checks of --repair).
 
-Shards are identified by content (``cache_schema.sources``), so the same tar reached by two spellings
+Shards are identified by content (``cache_schema.format.sources``), so the same tar reached by two spellings
 of its path is one shard. The plan is made once (by the main process) and dealt out; each process
-then claims its shards (``cache_schema.claims``), so two jobs given overlapping lists never encode a
+then claims its shards (``cache_schema.writing.claims``), so two jobs given overlapping lists never encode a
 shard twice and never delete each other's work.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache_schema import Manifest, part_name
-from cache_schema.claims import Owner, describe_holder
-from cache_schema.integrity import check_part_files
-from cache_schema.sources import source_id
-from cache_schema.verify import find_problems
+from cache_schema.format.integrity import check_part_files
+from cache_schema.format.sources import source_id
+from cache_schema.operations.verify import find_problems
+from cache_schema.writing.claims import Owner, describe_holder
 from stages.core.encoders.tars import SourceError
 from stages.core.errors import UsageError
 

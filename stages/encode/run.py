@@ -12,32 +12,30 @@ input shard, and --redo / --repair encode named or damaged parts again.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from cache_schema import CacheError, cache_fields, field_from_json, new_manifest, read_manifest
-from cache_schema.claims import Heartbeat, Owner
-from cache_schema.info import describe
-from cache_schema.layout import MANIFEST_NAME
-from cache_schema.object_store import cache_root, is_s3
-from stages.core.cuda_settings import fast_cuda_math
+from cache_schema.format.layout import MANIFEST_NAME
+from cache_schema.operations.info import describe
+from cache_schema.storage.object_store import cache_root, is_s3
+from cache_schema.writing.claims import Heartbeat, Owner
 from stages.core.encoders.features import EncoderSpec, FeatureEncoders, dino_preprocess_description
 from stages.core.encoders.images import crop_name
-from stages.core.encoders.load import ModelSource, torch_dtype
+from stages.core.encoders.load import ModelSource
 from stages.core.encoders.tars import expand_source
 from stages.core.options import check
-from stages.core.processes import exit_with_parent
-from stages.core.progress import progress_bar
-from stages.core.threads import available_cores, set_threads
+from stages.core.runtime.threads import available_cores, set_threads
 
+from .add_target import run_add_target
 from .config import EncodeConfig
-from .destination import destination
+from .destination import destination, refuse_on_object_storage
 from .dry_run import dry_run, samples_per_shard
 from .duplicates import SeenKeys
-from .part_sink import PartSink, SinkStats, feeding
+from .part_sink import PartSink, SinkStats
 from .plan import claim_shards, identify, make_plan
+from .skeleton import DTYPE_NAMES, Pass, run_pass, this_process
 from .source import ShardStream
 from .summary import EncodeSummary
 
@@ -78,10 +76,6 @@ def _settings(cfg: EncodeConfig, dtype_name: str, identity: dict) -> dict:
     }
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-
-
 def build_manifest(cfg: EncodeConfig, enc: FeatureEncoders):
     spec = enc.spec
     latent = {**enc.latent, "mean": None, "std": None}
@@ -105,7 +99,7 @@ def build_manifest(cfg: EncodeConfig, enc: FeatureEncoders):
         encoders["text_encoder"] = spec.text.to_json()
     if spec.similarity is not None:
         encoders["similarity_model"] = spec.similarity.to_json()
-    settings = _settings(cfg, _dtype_name(enc.dtype), enc.identity())
+    settings = _settings(cfg, DTYPE_NAMES[enc.dtype], enc.identity())
     return new_manifest(settings, latent, enc.dino_info, text, fields, encoders)
 
 
@@ -138,6 +132,10 @@ def _share(state, obj):
 
 def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     check(cfg)
+    cfg.cache = cache_root(cfg.cache)
+    refuse_on_object_storage(cfg)
+    if cfg.add_target is not None:
+        return run_add_target(cfg, log)
     owner = Owner.here()
     dest = destination(cfg, owner)
     try:
@@ -147,25 +145,17 @@ def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
 
 
 def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    cfg.cache = cache_root(cfg.cache)
-    if cfg.add_target is not None:
-        from .add_target import run_add_target
-
-        return run_add_target(cfg, log)
     urls = expand_source(cfg.source)
     if cfg.dry_run:
         return EncodeSummary(lines=dry_run(cfg, urls, encoder_spec(cfg)))
     if not is_s3(cfg.cache):
         _check_cache_dir(cfg.cache)
 
-    state = PartialState(cpu=not torch.cuda.is_available())
-    device, main = state.device, state.is_main_process
-    dtype = torch_dtype(cfg.dtype, device)
-    fast_cuda_math(device)
-    enc = FeatureEncoders(encoder_spec(cfg), device, dtype, compile=cfg.compile, batch_size=cfg.batch_size)
+    process = this_process(cfg.dtype)
+    state, device, main = process.state, process.device, process.main
+    enc = FeatureEncoders(encoder_spec(cfg), device, process.dtype, compile=cfg.compile, batch_size=cfg.batch_size)
     template = build_manifest(cfg, enc)
 
     # -- what to do: made once, by the main process -------------------------------------------
@@ -198,51 +188,38 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
     if main:
         log(f"encode: {len(plan.shards)} input shards, {len(plan.done)} already committed, {len(plan.todo)} to do, "
             f"{len(plan.redo)} to redo, on {state.num_processes} process(es) x {workers} decode worker(s), "
-            f"device {device}, {_dtype_name(dtype)}, {threads} torch thread(s)")
+            f"device {device}, {process.dtype_name}, {threads} torch thread(s)")
 
     # -- the loop: decode workers -> encoders -> background part sink -------------------------
-    stream = ShardStream([s.url for s in mine], cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit,
-                         cfg.sample_filters())
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-        pin_memory=device.type == "cuda", worker_init_fn=exit_with_parent if workers else None,
-    )
     per_shard = samples_per_shard(work[0].url) if work else None
     total = per_shard * len(work) if per_shard else None
     if cfg.max_samples is not None:
         total = min(total or cfg.max_samples, cfg.max_samples)
-    bar = progress_bar(total=total, unit="img", disable=not main, dynamic_ncols=True, desc="encode")
     sink = PartSink(dest.writer_dir, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine},
                     dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner),
                     seen=seen)
-    start = time.perf_counter()
-    first = last = None  # arrival of the first batch, submission of the last; images in between
-    steady = 0
-    with feeding(sink, bar, heartbeat, lambda: [dest.claims.release(s.part, owner) for s in mine]):
-        for batch in loader:
-            host, ready = {}, None
-            if first is None and len(batch):
-                first = time.perf_counter()
-            elif first is not None:
-                steady += len(batch)
-            if len(batch):
-                feats = enc.encode(torch.as_tensor(batch.images), batch.captions, cfg.feature_codec)
-                host = {k: v.to("cpu", non_blocking=True) for k, v in feats.items()}
-                if device.type == "cuda":
-                    ready = torch.cuda.Event()
-                    ready.record()
-            sink.submit(batch, host, ready)
-            last = time.perf_counter()
-            # Other processes run at about the same rate; scale so the bar tracks the whole job.
-            bar.update(len(batch) * state.num_processes)
-            bar.set_postfix(skipped=sum(sink.stats.skipped.values()) * state.num_processes, refresh=False)
-        stats = sink.close()
-    elapsed = time.perf_counter() - start
+
+    def encode(batch):
+        feats = enc.encode(torch.as_tensor(batch.images), batch.captions, cfg.feature_codec)
+        host = {k: v.to("cpu", non_blocking=True) for k, v in feats.items()}
+        ready = None
+        if device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return host, ready
+
+    done = run_pass(Pass(
+        ShardStream([s.url for s in mine], cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit,
+                    cfg.sample_filters()),
+        workers, sink, heartbeat, lambda: [dest.claims.release(s.part, owner) for s in mine], encode, total, "encode",
+        processes=state.num_processes,
+        postfix=lambda: {"skipped": sum(sink.stats.skipped.values()) * state.num_processes}), process)
+    stats, elapsed = done.stats, done.seconds
     all_stats: list[SinkStats] = gather_object([stats]) if state.num_processes > 1 else [stats]
     state.wait_for_everyone()
     summary = EncodeSummary(seconds=elapsed)
-    if first is not None and last > first:
-        summary.steady_rate = steady / (last - first)
+    if done.steady_rate is not None:
+        summary.steady_rate = done.steady_rate
     for s in all_stats:
         summary.encoded += s.encoded
         summary.parts += s.parts

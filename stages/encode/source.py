@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stages.core.data.sample_filters import SampleFilters
 from stages.core.encoders.images import Prepared, Skipped, prepare_sample
 from stages.core.encoders.tars import iter_tar
-from stages.core.sample_filters import SampleFilters
 
 
 @dataclass

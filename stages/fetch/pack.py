@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.errors import UsageError
-from stages.core.progress import progress_bar
+from stages.core.runtime.progress import progress_bar
 
 from .patterns import brace_patterns
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.core.options import check
-from stages.core.progress import progress_bar
+from stages.core.runtime.progress import progress_bar
 
 from .config import FetchConfig
 from .hub import FetchError, RemoteFile, download, list_files

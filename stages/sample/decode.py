@@ -20,11 +20,11 @@ from PIL import Image
 from torch import Tensor
 
 from cache_schema import CacheError, CacheReader, Manifest, read_manifest
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
+from stages.core.diffusion.objective import latent_normalisation
 from stages.core.errors import UsageError
-from stages.core.grids import tile
-from stages.core.objective import latent_normalisation
-from stages.core.run_files import PREVIEW_DIR, read_run_config
+from stages.core.files.grids import tile
+from stages.core.files.run_files import PREVIEW_DIR, read_run_config
 
 IMAGE_NAME = "{:06d}.png"
 PREVIEW_REFERENCE = "reference.png"

@@ -35,13 +35,13 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from cache_schema import FastReader
-from stages.core.codec import features_to_device
-from stages.core.conditioning import Conditioner
+from stages.core.data.codec import features_to_device
 from stages.core.errors import UsageError
+from stages.core.files.run_files import EVAL_FILE, append_jsonl, read_run_config
+from stages.core.model.conditioning import Conditioner
 from stages.core.options import check
-from stages.core.progress import progress_bar
-from stages.core.run_files import EVAL_FILE, append_jsonl, read_run_config
-from stages.core.threads import set_threads
+from stages.core.runtime.progress import progress_bar
+from stages.core.runtime.threads import set_threads
 
 from .config import EvaluateConfig
 from .decode import check_outputs, resolve_cache

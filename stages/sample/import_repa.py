@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from cache_schema import CacheError, read_manifest
-from cache_schema.fsutil import atomic_write_json
-from stages.core.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.errors import UsageError
-from stages.core.model_config import ModelConfig
-from stages.core.model_presets import MODEL_PRESETS
-from stages.core.network import build_model, count_parameters
-from stages.core.run_files import CONFIG_FILE
+from stages.core.files.checkpoint import checkpoint_contents, checkpoint_path, list_checkpoints, save_checkpoint
+from stages.core.files.run_files import CONFIG_FILE
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.model_presets import MODEL_PRESETS
+from stages.core.model.network import build_model, count_parameters
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _IREPA_PROJECTOR = re.compile(r"^projectors\.(\d+)\.projection_layer\.")
@@ -133,11 +133,10 @@ def import_repa_checkpoint(path: Path, run_dir: Path, cache: Path, num_heads: in
               "method": "reg" if mc.class_token_dim else "irepa" if mc.projector_type == "conv" else "repa",
               "repa_args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))}}
     ckpt = checkpoint_path(run_dir, step)
-    save_checkpoint(ckpt, {
-        "step": step, "model": model_sd, "ema": ema_sd, "config": config, "model_config": asdict(mc),
-        "cond": "class", "fingerprint": manifest.fingerprint, "latent": latent, "cache": str(cache),
-        "parts": {p["name"]: p["num_samples"] for p in manifest.parts},
-    })
+    save_checkpoint(ckpt, checkpoint_contents(
+        step=step, model=model_sd, ema=ema_sd, config=config, model_config=asdict(mc), cond="class",
+        fingerprint=manifest.fingerprint, latent=latent, cache=str(cache),
+        parts={p["name"]: p["num_samples"] for p in manifest.parts}))
     atomic_write_json(run_dir / CONFIG_FILE, {
         "config": config, "model_config": asdict(mc), "cond": "class", "parameters": count_parameters(model),
         "cache_fingerprint": manifest.fingerprint, "imported_from": str(path),

@@ -1,7 +1,7 @@
 """Pictures from a run that diffused a target's tokens (RAE): the RAE decoder, where its weights come from,
 and the shifted Euler ODE it is sampled with.
 
-The decoder is ``stages.core.rae_decoder.RAEDecoder``, its weights RAE's ``model.pt`` (a bare state dict,
+The decoder is ``stages.core.model.rae_decoder.RAEDecoder``, its weights RAE's ``model.pt`` (a bare state dict,
 read with ``weights_only=True``) given as a local file, a folder holding ``model.pt`` and RAE's
 ``config.json``, or ``hf://OWNER/REPO/PATH`` on the Hugging Face Hub. Its shape is RAE's decoder config
 (--rae-decoder-config: a preset ViTB/ViTL/ViTXL or a config.json; a folder's own config.json wins), with
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.core.diffusion_variable import TargetTokens
+from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.errors import UsageError
-from stages.core.rae_decoder import DECODER_PRESETS, DecoderConfig, RAEDecoder, decoder_config, load_decoder
-from stages.core.time_shift import RAE_ODE_POINTS, shifted_euler_ode
-from stages.core.token_stats import latent_to_tokens
+from stages.core.model.rae_decoder import DECODER_PRESETS, DecoderConfig, RAEDecoder, decoder_config, load_decoder
+from stages.core.diffusion.time_shift import RAE_ODE_POINTS, shifted_euler_ode
+from stages.core.diffusion.token_stats import latent_to_tokens
 
 HUB_PREFIX = "hf://"
 DECODER_FILE, DECODER_CONFIG = "model.pt", "config.json"

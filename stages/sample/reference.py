@@ -24,12 +24,12 @@ import torch
 from torch import Tensor
 
 from cache_schema import CacheReader, Manifest
-from cache_schema.sources import source_id
+from cache_schema.format.sources import source_id
+from stages.core.data.split import split_ids
 from stages.core.encoders.images import Skipped, crop_name, prepare_sample
 from stages.core.encoders.tars import expand_source, iter_tar, recorded_source
 from stages.core.errors import UsageError
-from stages.core.progress import progress_bar
-from stages.core.split import split_ids
+from stages.core.runtime.progress import progress_bar
 
 #################################################################################
 #                               The held-out split                              #

@@ -23,20 +23,20 @@ import torch
 from torch import Tensor
 
 from cache_schema import Manifest
-from cache_schema.fsutil import atomic_write_json
-from stages.core.checkpoint import latest_checkpoint, load_checkpoint
-from stages.core.codec import dequantize_int8, quantize_int8
-from stages.core.diffusion_variable import TargetTokens
+from cache_schema.storage.fsutil import atomic_write_json
+from stages.core.data.codec import dequantize_int8, quantize_int8
+from stages.core.diffusion.family import JointState
+from stages.core.diffusion.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
+from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.errors import UsageError
-from stages.core.family import JointState
-from stages.core.model_config import ModelConfig
-from stages.core.network import build_model
+from stages.core.files.checkpoint import latest_checkpoint, load_checkpoint
+from stages.core.files.run_files import CKPT_DIR
+from stages.core.model.model_config import ModelConfig
+from stages.core.model.network import build_model
 from stages.core.options import check
-from stages.core.progress import progress_bar
-from stages.core.run_files import CKPT_DIR
-from stages.core.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
-from stages.core.seeding import generator
-from stages.core.threads import set_threads
+from stages.core.runtime.progress import progress_bar
+from stages.core.runtime.seeding import generator
+from stages.core.runtime.threads import set_threads
 
 from .config import GRID_MAX_IMAGES, SampleConfig, SamplingOptions
 from .decode import (
@@ -65,7 +65,7 @@ REFERENCE = "reference.png"
 class LoadedRun:
     """A run's sampling model and everything it knows about its data."""
 
-    model: torch.nn.Module  # SiT or the seed's DiT (stages.core.network)
+    model: torch.nn.Module  # SiT or repa-rf's DiT (stages.core.model.network)
     cond: str  # "class", "text" or "none"
     checkpoint: Path
     step: int
@@ -243,7 +243,7 @@ def parse_classes(spec: str | None, num_classes: int, count: int, seed: int) -> 
 def held_out_ids(run: LoadedRun) -> np.ndarray:
     """The run's held-out samples in cache order (its first samples when it held none out)."""
     from cache_schema import CacheReader
-    from stages.core.split import split_ids
+    from stages.core.data.split import split_ids
 
     reader = CacheReader(run.cache)
     _, held = split_ids(reader.keys, float(run.train_config.get("val_fraction") or 0.0))

@@ -6,20 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_schema.layout import FIRST_TARGET
+from cache_schema.format.layout import FIRST_TARGET
+from stages.core.diffusion.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySettings
 from stages.core.errors import UsageError
-from stages.core.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySettings
-from stages.core.model_config import ARCHS
-from stages.core.model_presets import MODEL_PRESETS
-from stages.core.options import option, to_json
-from stages.core.stop import DEFAULT_STOP_SIGNALS, parse_signals
+from stages.core.model.model_config import ARCHS
+from stages.core.model.model_presets import MODEL_PRESETS
+from stages.core.options import canonical, option, to_json
+from stages.core.runtime.stop import DEFAULT_STOP_SIGNALS, parse_signals
 
 from .methods import METHODS, NEUTRAL, method_parts, method_settings
 
 CONDITIONINGS = ("auto", "class", "text", "none")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
-LR_SCHEDULES = ("constant", "cosine", "seed-cosine", "linear-decay")
-PARAM_GROUPS = ("uniform", "seed-mup")
+LR_SCHEDULES = ("constant", "cosine", "repa-rf-cosine", "linear-decay")
+PARAM_GROUPS = ("uniform", "repa-rf-mup")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 
@@ -36,13 +36,13 @@ class TrainConfig:
     )
     # -- model ------------------------------------------------------------------------------------
     model: str | None = option(
-        "SiT-XL/2", "Preset: SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), repa-rf-w512/w1024/w2048 (the seed "
-        "project's DiT), RAE's DiTDH-S, DiTDH-XL and LightningDiT-B/1, -L/1, -XL/1, or none to use --width/--depth.",
+        "SiT-XL/2", "Preset: SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), repa-rf-w512/w1024/w2048 (repa-rf's "
+        "DiT), RAE's DiTDH-S, DiTDH-XL and LightningDiT-B/1, -L/1, -XL/1, or none to use --width/--depth.",
         choices=tuple(MODEL_PRESETS), none_word=True,
     )
     arch: str | None = option(
-        None, "Network family: sit (official REPA's SiT), repa-rf (the seed project's CC12M DiT), dit-dh or "
-        "lightning-dit (RAE's, class-conditional, no REPA projector).",
+        None, "Network family: sit (official REPA's SiT), repa-rf (repa-rf's CC12M DiT), dit-dh or lightning-dit "
+        "(RAE's, class-conditional or unconditional, no REPA projector).",
         default_text="the preset's, else sit", choices=ARCHS,
     )
     width: int | None = option(None, "Hidden size (a multiple of --head-dim); overrides the preset.", gt=0)
@@ -59,8 +59,8 @@ class TrainConfig:
     )
     num_classes: int | None = option(None, "Classes for --cond class.", default_text="max label + 1", gt=0)
     text_mask: bool = option(
-        True, "Cross-attention ignores padded caption tokens (--no-text-mask: attends to every stored token, as the "
-        "seed project's DiT does).",
+        True, "Cross-attention ignores padded caption tokens (--no-text-mask: attends to every stored token, as "
+        "repa-rf's DiT does).",
     )
     # -- objective --------------------------------------------------------------------------------
     diffuse: str | None = option(
@@ -146,20 +146,20 @@ class TrainConfig:
     batch_size: int = option(256, "Global batch size (all processes and accumulation steps).", gt=0)
     batch_multiplicity: int = option(
         1, "Each sample read appears this many times in a batch: one latent drawn from its posterior, each copy "
-        "with its own t and noise (the seed project uses 4: 16 distinct images per 64).", gt=0,
+        "with its own t and noise (repa-rf uses 4: 16 distinct images per 64).", gt=0,
     )
     grad_accum: int | None = option(
         None, "Micro-batches per optimizer step; they and the processes only split --batch-size (the run is the "
         "same, to rounding, for any split).", default_text="1; resuming on another process count: the fewest that keep the "
         "checkpoint's per-process micro-batch", gt=0,
     )
-    lr: float = option(1e-4, "AdamW learning rate (the base rate of --param-groups seed-mup).", gt=0)
+    lr: float = option(1e-4, "AdamW learning rate (the base rate of --param-groups repa-rf-mup).", gt=0)
     lr_schedule: str = option(
-        "constant", "constant; cosine: decay to 0 after a linear warmup from lr/warmup; seed-cosine: transformers' "
-        "cosine schedule with warmup as the seed uses it (warmup from 0, 10% of --steps unless --warmup-steps); "
+        "constant", "constant; cosine: decay to 0 after a linear warmup from lr/warmup; repa-rf-cosine: transformers' "
+        "cosine schedule with warmup as repa-rf uses it (warmup from 0, 10% of --steps unless --warmup-steps); "
         "linear-decay: RAE's, constant, then linear to --final-lr between --lr-decay-start and --lr-decay-end, "
         "then constant.",
-        choices=LR_SCHEDULES,
+        choices=LR_SCHEDULES, aliases=(("seed-cosine", "repa-rf-cosine"),),
     )
     warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
     lr_decay_start: int = option(
@@ -170,11 +170,12 @@ class TrainConfig:
         default_text="--steps",
     )
     final_lr: float = option(0.0, "linear-decay: the lr from --lr-decay-end on (RAE: 2e-5).", ge=0)
-    weight_decay: float = option(0.0, "AdamW weight decay (the base decay of --param-groups seed-mup).", ge=0)
+    weight_decay: float = option(0.0, "AdamW weight decay (the base decay of --param-groups repa-rf-mup).", ge=0)
     adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", metavar="B1 B2")
     param_groups: str = option(
-        "uniform", "uniform: one lr and weight decay for every parameter; seed-mup: the seed project's muP-style "
+        "uniform", "uniform: one lr and weight decay for every parameter; repa-rf-mup: repa-rf's muP-style "
         "groups (per-parameter lr and decay by fan-in, written to RUN_DIR/param_groups.tsv).", choices=PARAM_GROUPS,
+        aliases=(("seed-mup", "repa-rf-mup"),),
     )
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0: off).", ge=0)
     ema_decay: float = option(0.9999, "EMA decay, updated every step.", ge=0, le=1)
@@ -347,7 +348,7 @@ LATER_SETTINGS = {"flip": False, "method": "repa", **{k: v for k, v in NEUTRAL.i
 def resume_differences(saved: dict, current: dict) -> list[str]:
     """Config fields that differ in ways that would change the training trajectory."""
     out = []
-    saved = {**LATER_SETTINGS, **saved}
+    saved = {**LATER_SETTINGS, **canonical(TrainConfig, saved)}
     for k in sorted(set(saved) | set(current)):
         if k in RESUMABLE_CHANGES:
             continue

@@ -4,7 +4,7 @@ Only the cache is read here; no encoder is ever loaded. A batch is fetched whole
 DataLoader worker (``__getitems__``) straight into shared-memory buffers, which the worker reuses
 once the training process has dropped every reference to them: collation is free, nothing is
 pickled but tensor handles, and no memory is allocated per batch. int8 features travel as int8
-and are dequantised on the training device (``stages.core.codec.features_to_device``).
+and are dequantised on the training device (``stages.core.data.codec.features_to_device``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cache_schema import CacheError, FastReader
-from cache_schema.layout import FIRST_TARGET, flip_name
-from stages.core.processes import exit_with_process
+from cache_schema.format.layout import FIRST_TARGET, flip_name
+from stages.core.runtime.processes import exit_with_process
 
 Batch = dict[str, torch.Tensor]
 

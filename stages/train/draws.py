@@ -3,7 +3,7 @@
 A step's global batch holds ``D = batch_size / K`` distinct images (``K``: --batch-multiplicity), cut into
 ``processes x grad_accum`` equal pieces; micro-batch ``m`` of rank ``r`` is piece ``m * processes + r``
 (``piece_index``, as ``EpochBatchSampler`` serves them). Row ``q = k * D + p`` of the global batch is copy ``k`` of the image at position ``p``,
-as if the whole global batch were repeated ``K`` times (the seed's ``.repeat``). Per step, one generator seeded
+as if the whole global batch were repeated ``K`` times (repa-rf's ``.repeat``). Per step, one generator seeded
 with (seed, step) draws, in this order: the posterior noise of each of the ``D`` images (one latent per image,
 shared by its copies), then ``t``, the path noise and the condition-dropout coins of each of the ``K * D`` rows,
 and with REG the path noise of each row's class token.
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.core.conditioning import Conditioner
-from stages.core.objective import sample_t
-from stages.core.seeding import generator
-from stages.core.time_shift import sample_train_t
+from stages.core.diffusion.objective import sample_t
+from stages.core.model.conditioning import Conditioner
+from stages.core.runtime.seeding import generator
+from stages.core.diffusion.time_shift import sample_train_t
 
 from .data import piece_index
 

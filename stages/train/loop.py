@@ -23,8 +23,13 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from cache_schema import read_manifest, settings_diff
-from cache_schema.fsutil import atomic_write_json
-from stages.core.checkpoint import (
+from cache_schema.storage.fsutil import atomic_write_json
+from stages.core.data.split import split_cache
+from stages.core.diffusion.family_settings import FamilySettings
+from stages.core.diffusion.objective import batch_loss_terms, latent_normalisation, sample_latents
+from stages.core.errors import UsageError
+from stages.core.files.checkpoint import (
+    checkpoint_contents,
     checkpoint_path,
     load_checkpoint,
     prune_checkpoints,
@@ -32,18 +37,14 @@ from stages.core.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from stages.core.conditioning import Conditioner
-from stages.core.cuda_settings import fast_cuda_math
-from stages.core.errors import UsageError
-from stages.core.family_settings import FamilySettings
-from stages.core.network import build_model, count_parameters
-from stages.core.diffusion_variable import TargetTokens, VaeLatents
-from stages.core.objective import batch_loss_terms
+from stages.core.files.run_files import CONFIG_FILE, FINAL_FILE
+from stages.core.model.conditioning import Conditioner
+from stages.core.model.network import build_model, count_parameters
+from stages.core.diffusion.diffusion_variable import TargetTokens, VaeLatents
 from stages.core.options import check
-from stages.core.progress import progress_bar
-from stages.core.run_files import CONFIG_FILE, FINAL_FILE
-from stages.core.split import split_cache
-from stages.core.threads import set_threads
+from stages.core.runtime.cuda_settings import fast_cuda_math
+from stages.core.runtime.progress import progress_bar
+from stages.core.runtime.threads import set_threads
 
 from .config import TrainConfig
 from .data import CacheBatchDataset, EpochBatchSampler, make_loader
@@ -107,9 +108,9 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
 
     ``batch`` holds the distinct images, ``draws`` their draws (``StepDraws.piece``): one latent is sampled per
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
-    own t, noise and dropout, as the seed samples ``latent_dist`` before its ``.repeat``. ``targets``: the
+    own t, noise and dropout, as repa-rf samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
-    the --method adds to REPA (stages.core.family); ``variable``: what is diffused (stages.core.diffusion_variable)."""
+    the --method adds to REPA (stages.core.diffusion.family); ``variable``: what is diffused (stages.core.diffusion.diffusion_variable)."""
     x = tile_rows(variable.clean(batch, draws.latent_noise), draws.multiplicity)
     batch = tile({k: v for k, v in batch.items() if k not in variable.fields}, draws.multiplicity)
     terms = batch_loss_terms(forward, batch, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop), targets,
@@ -146,7 +147,7 @@ class Trainer:
     param_table: list[dict]  # lr and weight decay of every parameter
     nonfinite: torch.Tensor | None = None  # on the device: set once a loss or gradient norm was not finite
     cls_dim: int | None = None  # REG: the width of the class token it denoises (its path noise is a step draw)
-    variable: object = None  # what is diffused (stages.core.diffusion_variable); None: the VAE latents
+    variable: object = None  # what is diffused (stages.core.diffusion.diffusion_variable); None: the VAE latents
 
     def __post_init__(self) -> None:
         if self.variable is None:
@@ -223,7 +224,7 @@ def restore(trainer: Trainer, ckpt: dict) -> int:
 
 
 def tile_rows(x: torch.Tensor, times: int) -> torch.Tensor:
-    """``x`` repeated ``times`` times along the batch axis, whole (as the seed's ``.repeat``)."""
+    """``x`` repeated ``times`` times along the batch axis, whole (as repa-rf's ``.repeat``)."""
     return x if times == 1 else x.repeat(times, *([1] * (x.dim() - 1)))
 
 
@@ -232,15 +233,14 @@ def tile(batch: dict, times: int) -> dict:
     return batch if times == 1 else {k: tile_rows(v, times) for k, v in batch.items()}
 
 
-def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int]) -> dict:
-    """Everything a checkpoint holds (see ``stages.core.checkpoint``)."""
-    return {"parts": parts,
-        "step": step, "model": trainer.raw_model.state_dict(), "ema": trainer.ema.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-        "rng": rng_state(), "config": trainer.cfg.to_json(), "processes": trainer.accelerator.num_processes, "model_config": asdict(model_cfg), "cond": cond,
-        "fingerprint": manifest.fingerprint, "latent": manifest.latent, "cache": str(trainer.cfg.cache),
-        "diffusion": trainer.variable.record() if isinstance(trainer.variable, TargetTokens) else None,
-    }
+def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest, parts: dict[str, int],
+                     window: dict) -> dict:
+    return checkpoint_contents(
+        step=step, model=trainer.raw_model.state_dict(), ema=trainer.ema.state_dict(), config=trainer.cfg.to_json(),
+        model_config=asdict(model_cfg), cond=cond, fingerprint=manifest.fingerprint, latent=manifest.latent,
+        cache=str(trainer.cfg.cache), parts=parts, optimizer=trainer.optimizer.state_dict(),
+        scheduler=trainer.scheduler.state_dict(), rng=rng_state(), processes=trainer.accelerator.num_processes,
+        window=window, diffusion=trainer.variable.record() if isinstance(trainer.variable, TargetTokens) else None)
 
 
 class Diverged(UsageError):
@@ -514,7 +514,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
                 window = trainer.window.state(logbook.sum_over_processes)
                 if main:
                     save_checkpoint(checkpoint_path(cfg.run_dir, step),
-                                    {**checkpoint_state(trainer, step, cond, model_cfg, manifest, parts), "window": window})
+                                    checkpoint_state(trainer, step, cond, model_cfg, manifest, parts, window))
                     prune_checkpoints(cfg.run_dir, cfg.keep_checkpoints)
                 last_good = stop.last_checkpoint = step
                 accelerator.wait_for_everyone()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from stages.core.objective import NUM_T_BINS, bin_by_t
-from stages.core.run_files import CONFIG_FILE, CURVES_FILE, METRICS_FILE, append_jsonl, read_jsonl
+from stages.core.diffusion.objective import NUM_T_BINS, bin_by_t
+from stages.core.files.run_files import CONFIG_FILE, CURVES_FILE, METRICS_FILE, append_jsonl, read_jsonl
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

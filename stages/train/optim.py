@@ -1,9 +1,9 @@
-"""The optimiser and its learning-rate schedule, including the seed project's recipe as named options.
+"""The optimiser and its learning-rate schedule, including repa-rf's recipe as named options.
 
-``seed-mup`` parameter groups (cloneofsimo/repa-rf, ``get_mup_setup``): parameters whose name contains
-``bias`` or ``norm``, and the model's input-side parameters (the seed's ``patch_proj``, ``context_kv``,
+``repa-rf-mup`` parameter groups (cloneofsimo/repa-rf, ``get_mup_setup``): parameters whose name contains
+``bias`` or ``norm``, and the model's input-side parameters (repa-rf's ``patch_proj``, ``context_kv``,
 ``positional_embedding``), get lr x 0.1 and no weight decay; every other parameter gets lr x 32 / fan_in
-and weight decay x fan_in / 1024, fan_in being its last dimension. ``seed-cosine`` is transformers'
+and weight decay x fan_in / 1024, fan_in being its last dimension. ``repa-rf-cosine`` is transformers'
 ``get_cosine_schedule_with_warmup``: a linear warmup from 0 (the first step runs at lr 0), then a cosine
 to 0 at the last step. ``linear-decay`` is RAE's stage-2 schedule: constant, a linear decay, constant.
 """
@@ -21,14 +21,14 @@ PARAM_TABLE_FILE = "param_groups.tsv"
 
 
 def parameter_table(model: torch.nn.Module, rule: str, lr: float, weight_decay: float) -> list[dict]:
-    """lr and weight decay of every trainable parameter under ``rule`` (uniform or seed-mup)."""
+    """lr and weight decay of every trainable parameter under ``rule`` (uniform or repa-rf-mup)."""
     inputs = getattr(model, "input_params", ())
     table = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         p_lr, p_wd = lr, weight_decay
-        if rule == "seed-mup":
+        if rule == "repa-rf-mup":
             if any(s in name for s in ("bias", "norm")) or any(s in name for s in inputs):
                 p_lr, p_wd = lr * 0.1, 0.0
             else:
@@ -43,7 +43,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
     table = parameter_table(model, cfg.param_groups, cfg.lr, cfg.weight_decay)
     params = dict(model.named_parameters())
     groups: dict[tuple[float, float], list] = {}
-    for row in table:  # groups in order of their first parameter, as the seed builds them
+    for row in table:  # groups in order of their first parameter, as repa-rf builds them
         groups.setdefault((row["lr"], row["weight_decay"]), []).append(params[row["name"]])
     optimizer = torch.optim.AdamW(
         [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
@@ -54,10 +54,10 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
 
 def lr_factor(cfg: TrainConfig):
     """The schedule as a multiple of each group's lr, by optimizer step (0-based)."""
-    warmup = cfg.warmup_steps or (cfg.steps // 10 if cfg.lr_schedule == "seed-cosine" else 0)
+    warmup = cfg.warmup_steps or (cfg.steps // 10 if cfg.lr_schedule == "repa-rf-cosine" else 0)
 
     def factor(step: int) -> float:
-        if cfg.lr_schedule == "seed-cosine":
+        if cfg.lr_schedule == "repa-rf-cosine":
             if step < warmup:
                 return step / max(1, warmup)
             progress = (step - warmup) / max(1, cfg.steps - warmup)

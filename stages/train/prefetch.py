@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from stages.core.codec import features_to_device
+from stages.core.data.codec import features_to_device
 
 
 def pad_text(batch: dict, length: int) -> dict:

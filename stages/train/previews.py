@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.core.codec import features_to_device
-from stages.core.family import JointState
-from stages.core.grids import tile
-from stages.core.run_files import PREVIEW_DIR
-from stages.core.samplers import euler_ode
-from stages.core.seeding import generator
+from stages.core.data.codec import features_to_device
+from stages.core.diffusion.family import JointState
+from stages.core.diffusion.samplers import euler_ode
+from stages.core.files.grids import tile
+from stages.core.files.run_files import PREVIEW_DIR
+from stages.core.runtime.seeding import generator
 
 from .data import CacheBatchDataset
 

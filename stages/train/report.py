@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache_schema.layout import FIRST_TARGET
+from cache_schema.format.layout import FIRST_TARGET
 from stages.core.errors import UsageError
-from stages.core.run_files import CONFIG_FILE, EVAL_FILE, FINAL_FILE, METRICS_FILE
+from stages.core.files.run_files import CONFIG_FILE, EVAL_FILE, FINAL_FILE, METRICS_FILE
 
 from .config import RESUMABLE_CHANGES
 from .methods import NEUTRAL

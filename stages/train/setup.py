@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from cache_schema import Manifest
-from stages.core.checkpoint import latest_checkpoint, list_checkpoints
 from stages.core.errors import UsageError
-from stages.core.model_config import DEFAULT_HEAD_DIM, RAE_ARCHS, ModelConfig
-from stages.core.model_presets import MODEL_PRESETS
+from stages.core.files.checkpoint import latest_checkpoint, list_checkpoints
+from stages.core.model.model_config import DEFAULT_HEAD_DIM, RAE_ARCHS, ModelConfig
+from stages.core.model.model_presets import MODEL_PRESETS
 
 from .config import TrainConfig, resume_differences
 from .methods import family_model_fields

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from stages.core.checkpoint import checkpoint_path
-from stages.core.stop import Interrupted, StopSignals, parse_signals, signal_name
+from stages.core.files.checkpoint import checkpoint_path
+from stages.core.runtime.stop import Interrupted, StopSignals, parse_signals, signal_name
 
 
 class TrainStop:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_schema.fsutil import atomic_write_json
+from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.errors import UsageError
 
 TRACKER_FILE = "trackers.json"

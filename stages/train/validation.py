@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.core.codec import features_to_device
-from stages.core.family_settings import FamilySettings
-from stages.core.diffusion_variable import VaeLatents
-from stages.core.objective import NUM_T_BINS, batch_loss_terms, bin_by_t
-from stages.core.seeding import generator
+from stages.core.data.codec import features_to_device
+from stages.core.diffusion.diffusion_variable import VaeLatents
+from stages.core.diffusion.family_settings import FamilySettings
+from stages.core.diffusion.objective import NUM_T_BINS, batch_loss_terms, bin_by_t
+from stages.core.runtime.seeding import generator
 
 from .data import CacheBatchDataset
 
@@ -25,7 +25,7 @@ class Validator:
     def __init__(self, dataset: CacheBatchDataset, val_ids: np.ndarray, max_samples: int, batch_size: int,
                  latent: dict, rank: int, world_size: int, device: torch.device, repa: bool = True,
                  targets: list[str] = ("dino",), family: FamilySettings | None = None, variable=None):
-        """``variable``: what is diffused (``stages.core.diffusion_variable``; default: the VAE latents of
+        """``variable``: what is diffused (``stages.core.diffusion.diffusion_variable``; default: the VAE latents of
         ``latent``)."""
         ids = np.asarray(val_ids)[:max_samples]
         self.n_total = len(ids)

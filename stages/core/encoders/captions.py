@@ -15,7 +15,7 @@ def encode_captions(
     truncated to ``max_tokens``.
 
     ``attention="masked"``: the encoder sees the attention mask and the mask marks the real tokens.
-    ``"unmasked"`` (the seed project's way): padded to ``max_tokens``, encoded from the ids alone, and
+    ``"unmasked"`` (repa-rf's way): padded to ``max_tokens``, encoded from the ids alone, and
     every position, pads included, is a token (the mask is all ones).
     """
     if tokenizer.padding_side != "right":

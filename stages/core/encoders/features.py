@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cache_schema.layout import flip_name
+from cache_schema.format.layout import flip_name
+from stages.core.data.codec import quantize_int8
 
-from ..codec import quantize_int8
 from ..errors import UsageError
 from .captions import encode_captions
 from .load import (

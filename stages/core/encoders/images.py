@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..sample_filters import SampleFilters
+from stages.core.data.sample_filters import SampleFilters
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Image.MAX_IMAGE_PIXELS = None  # the pixel limit is ours (max_pixels), checked before decoding

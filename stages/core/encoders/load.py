@@ -189,7 +189,7 @@ def resample_position_embedding(model, grid: list[int] | tuple[int, int], method
     ``antialias-once`` (official REPA, timm's ``resample_abs_pos_embed`` with its defaults): the patch part
     bicubic to the grid size with antialias, align_corners=False. ``bicubic-per-call``: what DINOv2's own
     forward computes on every call for an input of that grid: for DINOv2 bicubic without antialias at
-    ``scale_factor = (g + 0.1) / n`` (the seed project's ``dinov2.py``), for DINOv2 with registers bicubic
+    ``scale_factor = (g + 0.1) / n`` (repa-rf's ``dinov2.py``), for DINOv2 with registers bicubic
     with antialias to the grid size. Either way in float32 with the CLS entry kept as is (registers carry no
     position embedding), and written here rather than left to transformers, whose per-call formula changed
     between versions. transformers then adds the installed table unchanged, because its per-call

@@ -3,8 +3,8 @@
 The model sees the same centre crop as the VAE and DINOv2 (no second read of the tars), prepared on the
 device as its image processor would: resized (bicubic, antialiased) to the processor's size, centre-cropped
 when the processor crops, rescaled and normalised. Captions are padded to the model's maximum length, as
-the SigLIP processor and the seed project do. The score is the cosine of the normalised image and text
-embeddings (what the seed project compared with 0.05), not the logit-scaled one.
+the SigLIP processor and repa-rf do. The score is the cosine of the normalised image and text
+embeddings (what repa-rf compared with 0.05), not the logit-scaled one.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from cache_schema import CacheError
-from cache_schema.sources import is_remote, source_id
+from cache_schema.format.sources import is_remote, source_id
 
 from ..errors import UsageError
 

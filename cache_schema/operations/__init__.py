@@ -1,0 +1,1 @@
+"""What an operator runs on a cache: ``verify`` (every byte against its checksum) and ``info`` (what it holds)."""

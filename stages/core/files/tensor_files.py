@@ -1,0 +1,66 @@
+"""Reading released weight and statistics files without running code stored in them.
+
+Every such file (RAE's ``stat.pt``, its decoder ``model.pt``, its stage-2 ``stage2_model.pt``) is read with
+``torch.load(weights_only=True)``; anything else it could hold (a pickled object, a truncated file) ends in
+one :class:`UsageError` line naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from stages.core.errors import UsageError
+
+
+def load_tensors(path: Path | str, what: str) -> object:
+    """The file's contents (tensors and plain values only); ``what`` names the file's role in errors."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file (expected {what})") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory (expected {what}, a .pt file)") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"{path}: not a loadable {what} ({type(e).__name__}: {first[:160]}); only tensors and "
+                         "plain values are read") from None
+
+
+def load_state_dict_file(path: Path | str, what: str, prefer: tuple[str, ...] = ("ema", "model")) -> dict[str, Tensor]:
+    """A bare state dict, or the first of ``prefer`` in a training checkpoint ``{"model": ..., "ema": ...}``;
+    DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are stripped."""
+    obj = load_tensors(path, what)
+    if isinstance(obj, dict):
+        for key in prefer:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())):
+        raise UsageError(f"{path}: not a state dict of tensors (expected {what})")
+    out = {}
+    for key, value in obj.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in ("module.", "_orig_mod."):
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def check_state_dict_fits(expected: dict[str, Tensor], state: dict[str, Tensor], path: Path | str, hint: str) -> None:
+    """One error line naming the first missing, unexpected and mis-shaped keys, unless ``state`` fits exactly."""
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise UsageError(f"{path}: does not fit ({'; '.join(parts)}); {hint}")
