@@ -180,8 +180,9 @@ class CacheBatchDataset(Dataset):
         flips: bool = False,
         index: dict[str, np.ndarray] | None = None,
         class_tokens: bool = False,
+        need_moments: bool = True,
     ):
-        """``targets``: the alignment targets read with ``need_dino`` (default: the first, dino); ``flips``:
+        """``need_moments`` False: no VAE moments (a run diffusing a target's tokens); ``targets``: the alignment targets read with ``need_dino`` (default: the first, dino); ``flips``:
         serve ``~id`` flipped (the cache must hold flips); ``index``: labels or caption spans another dataset
         over the same parts has read already (not read again); ``class_tokens``: also ``{target}_cls`` of each
         target read (of the first one without ``need_dino``), for REG."""
@@ -197,7 +198,7 @@ class CacheBatchDataset(Dataset):
         cls_targets = (named if need_dino else named[:1]) if class_tokens else []
         targets = (targets or ["dino"]) if need_dino else []
         self.reader.require_targets(targets)
-        names = ["moments"] + targets + (["label"] if need_label else [])
+        names = (["moments"] if need_moments else []) + targets + (["label"] if need_label else [])
         if self.reader.manifest.codec == "int8":
             names += [f"{name}_scale" for name in targets]
         names += [f"{name}_cls" for name in cls_targets]

@@ -40,6 +40,7 @@ from stages.core.files.checkpoint import (
 from stages.core.files.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.model.conditioning import Conditioner
 from stages.core.model.network import build_model, count_parameters
+from stages.core.diffusion.diffusion_variable import TargetTokens, VaeLatents
 from stages.core.options import check
 from stages.core.runtime.cuda_settings import fast_cuda_math
 from stages.core.runtime.progress import progress_bar
@@ -51,6 +52,7 @@ from .draws import StepDraws, draw_step
 from .metrics import TrainWindow, append_metrics, tracker_values, truncate_metrics, write_curves
 from .optim import make_optimizer, write_parameter_table
 from .prefetch import DevicePrefetcher
+from .rae_tokens import diffused_target, token_variable
 from .previews import Previewer, latent_grid, preview_weights
 from .setup import (
     build_model_config,
@@ -99,7 +101,7 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws, repa_lambda: float, latent: dict,
+def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws, repa_lambda: float, variable,
                targets: list[str] = ("dino",), lambdas: list[float] | None = None,
                family: FamilySettings | None = None):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached.
@@ -108,10 +110,9 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
     own t, noise and dropout, as repa-rf samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
-    the --method adds to REPA (stages.core.diffusion.family)."""
-    x = tile_rows(sample_latents(batch["moments"], *latent_normalisation(latent), noise=draws.latent_noise),
-                  draws.multiplicity)
-    batch = tile({k: v for k, v in batch.items() if k != "moments"}, draws.multiplicity)
+    the --method adds to REPA (stages.core.diffusion.family); ``variable``: what is diffused (stages.core.diffusion.diffusion_variable)."""
+    x = tile_rows(variable.clean(batch, draws.latent_noise), draws.multiplicity)
+    batch = tile({k: v for k, v in batch.items() if k not in variable.fields}, draws.multiplicity)
     terms = batch_loss_terms(forward, batch, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop), targets,
                              family, cls_noise=draws.cls_noise)
     return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), draws.t
@@ -141,11 +142,16 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: object
     conditioner: Conditioner
-    latent: dict
+    latent: dict  # the diffused latent's shape: channels, size
     window: TrainWindow
     param_table: list[dict]  # lr and weight decay of every parameter
     nonfinite: torch.Tensor | None = None  # on the device: set once a loss or gradient norm was not finite
     cls_dim: int | None = None  # REG: the width of the class token it denoises (its path noise is a step draw)
+    variable: object = None  # what is diffused (stages.core.diffusion.diffusion_variable); None: the VAE latents
+
+    def __post_init__(self) -> None:
+        if self.variable is None:
+            self.variable = VaeLatents(self.latent)
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -164,14 +170,16 @@ class Trainer:
         cfg, device = self.cfg, self.accelerator.device
         accum, world, rank = cfg.grad_accum, self.accelerator.num_processes, self.accelerator.process_index
         family = cfg.family(step)
+        posterior = self.variable.posterior
         draws = draw_step(cfg.seed, step, cfg.batch_size // cfg.batch_multiplicity, cfg.batch_multiplicity,
                           self.latent, cfg.time_sampling, self.conditioner, device,
-                          cls_dim=self.cls_dim if family.class_token else None)
+                          cls_dim=self.cls_dim if family.class_token else None, posterior=posterior,
+                          time_shift=None if posterior else self.variable.shift)
         for m in range(accum):
             piece = draws.piece(rank, m, world, accum)
             with nullcontext() if m == accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, next(batches), piece,
-                                                   cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas(),
+                                                   cfg.repa_lambda, self.variable, cfg.target_names(), cfg.lambdas(),
                                                    family)
                 self.accelerator.backward(loss / accum)
             self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / accum)
@@ -186,9 +194,12 @@ class Trainer:
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
 
 
-def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict) -> Trainer:
+def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict, variable=None) -> Trainer:
     """A fresh model (seeded), its EMA, optimizer and schedule, prepared by accelerate. ``cfg.grad_accum``
-    None (not derived by ``split_batch``): one micro-batch per step."""
+    None (not derived by ``split_batch``): one micro-batch per step. ``variable``: what is diffused (default:
+    the VAE latents of the manifest record ``latent``)."""
+    if variable is not None:
+        latent = {"channels": variable.shape[0], "size": variable.shape[1]}
     cfg = replace(cfg, grad_accum=cfg.grad_accum or 1)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
@@ -199,7 +210,7 @@ def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: d
     forward = torch.compile(model) if cfg.compile else model
     conditioner = Conditioner(cond, accelerator.unwrap_model(model), cfg.cond_dropout)
     return Trainer(cfg, accelerator, model, forward, ema, optimizer, scheduler, conditioner, latent,
-                   TrainWindow(device), table)
+                   TrainWindow(device), table, variable=variable)
 
 
 def restore(trainer: Trainer, ckpt: dict) -> int:
@@ -229,7 +240,7 @@ def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest
         model_config=asdict(model_cfg), cond=cond, fingerprint=manifest.fingerprint, latent=manifest.latent,
         cache=str(trainer.cfg.cache), parts=parts, optimizer=trainer.optimizer.state_dict(),
         scheduler=trainer.scheduler.state_dict(), rng=rng_state(), processes=trainer.accelerator.num_processes,
-        window=window)
+        window=window, diffusion=trainer.variable.record() if isinstance(trainer.variable, TargetTokens) else None)
 
 
 class Diverged(UsageError):
@@ -251,7 +262,7 @@ def validation_cache(cfg: TrainConfig, manifest, needs: dict) -> tuple[CacheBatc
         diff = "; ".join(settings_diff(manifest.settings, val_manifest.settings)) or "fingerprint"
         raise UsageError(f"--val-cache {cfg.val_cache}: encoded with other settings than {cfg.cache} ({diff}); "
                          "encode the validation shards with the same settings")
-    for name in cfg.target_names():
+    for name in cfg.target_names() + ([cfg.diffuse] if cfg.diffuse else []):
         if name in manifest.targets and val_manifest.targets.get(name, {}).get("fingerprint") != \
                 manifest.targets[name]["fingerprint"]:
             raise UsageError(f"--val-cache {cfg.val_cache}: target {name} is missing or made with other settings than "
@@ -367,7 +378,11 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
     reader = probe.reader
     labels = reader.index_arrays()["label"]
     cond = resolve_cond(cfg, manifest, labels)
-    model_cfg = build_model_config(cfg, manifest, cond, labels)
+    shape = None
+    if cfg.diffuse:  # RAE: the model's input is the target's token grid
+        record = diffused_target(cfg, manifest)
+        shape = (record["dim"], *record["grid"])
+    model_cfg = build_model_config(cfg, manifest, cond, labels, shape)
     repa = model_cfg.repa
     cfg = replace(cfg, grad_accum=split_batch(cfg, world, ckpt))
     micro = cfg.batch_size // (world * cfg.grad_accum)  # rows per process and micro-batch, copies included
@@ -375,6 +390,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
     train_ids = select_training(cfg, reader, train_ids)
     needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names(),
                  class_tokens=cfg.class_token_weight > 0)
+    if cfg.diffuse:
+        needs.update(need_dino=True, targets=[cfg.diffuse], need_moments=False)
     dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)  # validation reads it unflipped
     val_dataset = dataset
     if cfg.val_cache is not None:
@@ -386,8 +403,15 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
     except ValueError as e:
         raise UsageError(f"--batch-size {cfg.batch_size}: {e}") from None
 
+    variable = None
+    if cfg.diffuse:
+        if ckpt is not None and ckpt.get("diffusion"):
+            variable = TargetTokens.from_record(ckpt["diffusion"])  # the statistics the run started with
+        else:
+            variable = token_variable(cfg, manifest, dataset, train_ids, accelerator, log)
+
     # -- model, optimizer, resume -----------------------------------------------------------------
-    trainer = build_trainer(cfg, accelerator, model_cfg, cond, manifest.latent)
+    trainer = build_trainer(cfg, accelerator, model_cfg, cond, manifest.latent, variable)
     if cfg.class_token_weight > 0:  # REG denoises the first target's class token
         first = cfg.target_names()[0]
         trainer.cls_dim = int((manifest.dino if first == "dino" else manifest.targets[first])["dim"])
@@ -420,7 +444,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
     validator = None
     if len(val_ids):
         validator = Validator(val_dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world,
-                              device, repa=repa, targets=cfg.target_names(), family=cfg.family())
+                              device, repa=repa, targets=cfg.target_names(), family=cfg.family(),
+                              variable=trainer.variable)
     previewer = None
     if cfg.preview_every and main and len(val_ids):
         previewer = Previewer(val_dataset, val_ids, manifest.latent)
@@ -437,6 +462,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
         write_parameter_table(cfg.run_dir, trainer.param_table)
         log(f"train: {model_cfg.preset or 'custom'} width {model_cfg.width} depth {model_cfg.depth} "
             f"({params / 1e6:.2f} M params), cond={cond}, method {cfg.method}, "
+            + (f"diffusing the tokens of {cfg.diffuse} {variable.shape} (time shift {variable.shift:.3f}), "
+               if variable else "")
             + (f"REPA lambda={cfg.target_lambdas or cfg.repa_lambda} to {cfg.targets or 'dino'} at block "
                f"{cfg.align_layers or model_cfg.align_layer}, " if repa else "no REPA, ")
             + f"{len(train_ids)} train / {len(val_ids)} val samples"
