@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +94,11 @@ def test_statistics_are_rae_s_mean_and_variance_of_affine_free_tokens_over_both_
 
 
 def test_a_step_trains_on_normalised_tokens_at_rae_s_shifted_times(rae_cache):
-    from stages.core.model.conditioning import Conditioner
     from stages.core.diffusion.diffusion_variable import LayerNormAffine, TargetTokens
+    from stages.core.diffusion.token_stats import LatentStats
+    from stages.core.model.conditioning import Conditioner
     from stages.core.model.model_config import ModelConfig
     from stages.core.model.network import build_model
-    from stages.core.diffusion.token_stats import LatentStats
     from stages.train.data import CacheBatchDataset
     from stages.train.draws import draw_step, step_generator
     from stages.train.loop import micro_step
@@ -254,11 +253,11 @@ def test_sampling_a_token_run_decodes_the_shifted_euler_ode_through_the_rae_deco
     from PIL import Image
 
     from stages.core.diffusion.diffusion_variable import TargetTokens
+    from stages.core.diffusion.time_shift import shifted_euler_ode
     from stages.core.model.model_config import ModelConfig
     from stages.core.model.network import build_model
     from stages.core.model.rae_decoder import DecoderConfig, load_decoder
     from stages.core.runtime.seeding import generator
-    from stages.core.diffusion.time_shift import shifted_euler_ode
     from stages.sample.config import SampleConfig
     from stages.sample.run import run_sample
 

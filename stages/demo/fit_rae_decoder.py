@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages.core.model.rae_decoder import IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, RAEDecoder
 from stages.core.diffusion.token_stats import strip_layernorm_affine
+from stages.core.model.rae_decoder import IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, RAEDecoder
 
 from .fit_vae import demo_images
 

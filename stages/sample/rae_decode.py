@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from stages.core.diffusion.diffusion_variable import TargetTokens
-from stages.core.errors import UsageError
-from stages.core.model.rae_decoder import DECODER_PRESETS, DecoderConfig, RAEDecoder, decoder_config, load_decoder
 from stages.core.diffusion.time_shift import RAE_ODE_POINTS, shifted_euler_ode
 from stages.core.diffusion.token_stats import latent_to_tokens
+from stages.core.errors import UsageError
+from stages.core.model.rae_decoder import DECODER_PRESETS, DecoderConfig, RAEDecoder, decoder_config, load_decoder
 
 HUB_PREFIX = "hf://"
 DECODER_FILE, DECODER_CONFIG = "model.pt", "config.json"

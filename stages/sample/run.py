@@ -25,9 +25,9 @@ from torch import Tensor
 from cache_schema import Manifest
 from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.data.codec import dequantize_int8, quantize_int8
+from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.diffusion.family import JointState
 from stages.core.diffusion.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
-from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.errors import UsageError
 from stages.core.files.checkpoint import latest_checkpoint, load_checkpoint
 from stages.core.files.run_files import CKPT_DIR

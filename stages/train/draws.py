@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from stages.core.diffusion.objective import sample_t
+from stages.core.diffusion.time_shift import sample_train_t
 from stages.core.model.conditioning import Conditioner
 from stages.core.runtime.seeding import generator
-from stages.core.diffusion.time_shift import sample_train_t
 
 from .data import piece_index
 

@@ -25,8 +25,9 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from cache_schema import read_manifest, settings_diff
 from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.data.split import split_cache
+from stages.core.diffusion.diffusion_variable import TargetTokens, VaeLatents
 from stages.core.diffusion.family_settings import FamilySettings
-from stages.core.diffusion.objective import batch_loss_terms, latent_normalisation, sample_latents
+from stages.core.diffusion.objective import batch_loss_terms
 from stages.core.errors import UsageError
 from stages.core.files.checkpoint import (
     checkpoint_contents,
@@ -40,7 +41,6 @@ from stages.core.files.checkpoint import (
 from stages.core.files.run_files import CONFIG_FILE, FINAL_FILE
 from stages.core.model.conditioning import Conditioner
 from stages.core.model.network import build_model, count_parameters
-from stages.core.diffusion.diffusion_variable import TargetTokens, VaeLatents
 from stages.core.options import check
 from stages.core.runtime.cuda_settings import fast_cuda_math
 from stages.core.runtime.progress import progress_bar
@@ -52,8 +52,8 @@ from .draws import StepDraws, draw_step
 from .metrics import TrainWindow, append_metrics, tracker_values, truncate_metrics, write_curves
 from .optim import make_optimizer, write_parameter_table
 from .prefetch import DevicePrefetcher
-from .rae_tokens import diffused_target, token_variable
 from .previews import Previewer, latent_grid, preview_weights
+from .rae_tokens import diffused_target, token_variable
 from .setup import (
     build_model_config,
     check_flip,

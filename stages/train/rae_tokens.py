@@ -18,9 +18,9 @@ import torch
 from cache_schema import Manifest
 from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.diffusion.diffusion_variable import LayerNormAffine, TargetTokens
+from stages.core.diffusion.token_stats import StatsAccumulator, load_stats, save_stats
 from stages.core.errors import UsageError
 from stages.core.runtime.progress import progress_bar
-from stages.core.diffusion.token_stats import StatsAccumulator, load_stats, save_stats
 
 from .config import TrainConfig
 from .data import CacheBatchDataset
