@@ -119,21 +119,30 @@ def decode_previews(
 @app.command("import-checkpoint")
 @user_errors
 def import_checkpoint(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint saved by the train.py of official REPA, REG or "
-                                               "iREPA, or their released SiT weights.", metavar="CHECKPOINT")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint saved by the train.py of official REPA, REG, "
+                                               "iREPA or RAE (stage 2), or their released weights.",
+                                               metavar="CHECKPOINT")],
     run_dir: Annotated[Path, typer.Option(help="New run directory to create.", metavar="DIR")],
     cache: Annotated[Path, typer.Option(help="A cache encoded with the checkpoint's VAE and resolution (names the "
-                                        "VAE and latent scaling to sample with).", metavar="DIR")],
-    num_heads: Annotated[Optional[int], typer.Option(help="Attention heads.",
+                                        "VAE and latent scaling to sample with; for RAE, holds the --diffuse "
+                                        "target).", metavar="DIR")],
+    num_heads: Annotated[Optional[int], typer.Option(help="SiT files: attention heads.",
                                                      show_default="REPA's preset for the width")] = None,
+    model: Annotated[Optional[str], typer.Option(help="RAE files: the DiT-DH preset it was trained as (DiTDH-S, "
+                                                 "DiTDH-XL).", show_default="read from the file's shapes")] = None,
+    diffuse: Annotated[Optional[str], typer.Option(help="RAE files: the cache's DINOv2-with-registers target whose "
+                                                   "tokens it generates.", metavar="TARGET")] = None,
+    diffuse_stats: Annotated[Optional[Path], typer.Option(help="RAE files: the stat.pt of latent statistics it was "
+                                                          "trained with.", metavar="FILE")] = None,
     val_fraction: Annotated[float, typer.Option(help="Held-out share of --cache that `repa evaluate` conditions on "
                                                 "and compares with.")] = 0.01,
 ):
-    """Turn an official REPA, REG or iREPA (SiT) checkpoint into a run directory that `repa sample` and `repa evaluate`
-    read."""
-    from stages.sample.import_repa import import_repa_checkpoint
+    """Turn an official REPA, REG or iREPA (SiT) checkpoint, or an RAE stage-2 (DiT-DH) one, into a run directory
+    that `repa sample` and `repa evaluate` read. The file says which it is (an RAE one holds a DiT-DH's weights)."""
+    from stages.sample.import_checkpoint import import_checkpoint as run_import
 
-    path = import_repa_checkpoint(checkpoint, run_dir, cache, num_heads, val_fraction, log=_log)
+    path = run_import(checkpoint, run_dir, cache, num_heads=num_heads, model=model, diffuse=diffuse,
+                      diffuse_stats=diffuse_stats, val_fraction=val_fraction, log=_log)
     typer.echo(f"run {run_dir} ready ({path.name}); sample it with: repa sample --run-dir {run_dir}")
 
 

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from cache_schema import CacheError, read_manifest
-from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.errors import UsageError
-from stages.core.files.checkpoint import checkpoint_contents, checkpoint_path, list_checkpoints, save_checkpoint
-from stages.core.files.run_files import CONFIG_FILE
 from stages.core.model.model_config import ModelConfig
 from stages.core.model.model_presets import MODEL_PRESETS
 from stages.core.model.network import build_model, count_parameters
+
+from .imported_run import import_cache, write_imported_run
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _IREPA_PROJECTOR = re.compile(r"^projectors\.(\d+)\.projection_layer\.")
@@ -48,16 +45,8 @@ def official_names(state: dict) -> dict:
     return out
 
 
-def read_repa_checkpoint(path: Path) -> tuple[dict, dict, dict, int]:
+def repa_states(obj: object, path: Path) -> tuple[dict, dict, dict, int]:
     """(model state dict, EMA state dict, REPA's arguments, step) from a REPA checkpoint or bare state dict."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such checkpoint") from None
-    except Exception as e:
-        raise UsageError(f"{path}: not a loadable REPA checkpoint ({type(e).__name__}); only tensors, plain values "
-                         "and REPA's argument namespace are read") from None
     if isinstance(obj, dict) and "ema" in obj and "model" in obj:
         args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else dict(obj.get("args") or {})
         return obj["model"], obj["ema"], args, int(obj.get("steps", 0))
@@ -102,17 +91,14 @@ def model_config_from(state: dict, args: dict, num_heads: int | None) -> ModelCo
         raise UsageError(f"the checkpoint's shape is not a SiT this project builds ({e})") from None
 
 
-def import_repa_checkpoint(path: Path, run_dir: Path, cache: Path, num_heads: int | None = None,
+def import_repa_checkpoint(contents: object, path: Path, run_dir: Path, cache: Path, num_heads: int | None = None,
                            val_fraction: float = 0.0, log=print) -> Path:
-    """Write ``run_dir`` (config.json and checkpoints/step-XXXXXXX.pt) from a REPA checkpoint; the cache
-    names the VAE and latent scaling to sample with. Returns the checkpoint written."""
-    model_sd, ema_sd, args, step = read_repa_checkpoint(Path(path))
+    """Write ``run_dir`` from a REPA checkpoint's ``contents`` (``load_import_file``); the cache names the VAE
+    and latent scaling to sample with. Returns the checkpoint written."""
+    model_sd, ema_sd, args, step = repa_states(contents, path)
     model_sd, ema_sd = official_names(model_sd), official_names(ema_sd)
     mc = model_config_from(ema_sd, args, num_heads)
-    try:
-        manifest = read_manifest(cache)
-    except CacheError as e:
-        raise UsageError(f"--cache: {e}") from None
+    manifest = import_cache(cache)
     latent = manifest.latent
     if (latent["channels"], latent["size"]) != (mc.in_channels, mc.input_size):
         raise UsageError(f"--cache {cache} holds {latent['channels']}x{latent['size']}x{latent['size']} latents, the "
@@ -124,23 +110,11 @@ def import_repa_checkpoint(path: Path, run_dir: Path, cache: Path, num_heads: in
         if missing or unexpected:
             raise UsageError(f"{path}: its {name} weights do not fit the SiT they describe (missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]})")
-    run_dir = Path(run_dir)
-    if list_checkpoints(run_dir):
-        raise UsageError(f"--run-dir {run_dir} already holds checkpoints; choose a new run directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"cache": str(cache), "run_dir": str(run_dir), "model": mc.preset, "cond": "class",
-              "val_fraction": val_fraction, "repa_lambda": 0.5 if mc.repa else 0.0, "imported_from": str(path),
+    config = {"repa_lambda": 0.5 if mc.repa else 0.0,
               "method": "reg" if mc.class_token_dim else "irepa" if mc.projector_type == "conv" else "repa",
               "repa_args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))}}
-    ckpt = checkpoint_path(run_dir, step)
-    save_checkpoint(ckpt, checkpoint_contents(
-        step=step, model=model_sd, ema=ema_sd, config=config, model_config=asdict(mc), cond="class",
-        fingerprint=manifest.fingerprint, latent=latent, cache=str(cache),
-        parts={p["name"]: p["num_samples"] for p in manifest.parts}))
-    atomic_write_json(run_dir / CONFIG_FILE, {
-        "config": config, "model_config": asdict(mc), "cond": "class", "parameters": count_parameters(model),
-        "cache_fingerprint": manifest.fingerprint, "imported_from": str(path),
-    })
+    ckpt = write_imported_run(path, run_dir, cache, manifest, step=step, model=model_sd, ema=ema_sd, model_config=mc,
+                              parameters=count_parameters(model), val_fraction=val_fraction, config=config)
     log(f"imported {path} (step {step}, {mc.preset or 'SiT'} width {mc.width} depth {mc.depth}, "
         f"{count_parameters(model) / 1e6:.2f} M params) as {ckpt}")
     return ckpt

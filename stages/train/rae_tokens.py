@@ -17,9 +17,9 @@ import torch
 
 from cache_schema import Manifest
 from cache_schema.storage.fsutil import atomic_write_json
-from stages.core.diffusion.diffusion_variable import LayerNormAffine, TargetTokens
+from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.diffusion.token_stats import StatsAccumulator, load_stats, save_stats
-from stages.core.errors import UsageError
+from stages.core.diffusion.token_target import target_tokens, token_target
 from stages.core.runtime.progress import progress_bar
 
 from .config import TrainConfig
@@ -28,39 +28,19 @@ from .data import CacheBatchDataset
 STATS_FILE = "stat.pt"
 STATS_INFO = "stat.json"
 STATS_BATCH = 256
-RAE_TARGET_MODEL = "facebook/dinov2-with-registers-base"
-
-
-def add_target_command(cfg: TrainConfig) -> str:
-    return f"`repa encode --cache {cfg.cache} --add-target {cfg.diffuse} --target-model {RAE_TARGET_MODEL}`"
 
 
 def diffused_target(cfg: TrainConfig, manifest: Manifest) -> dict:
     """The manifest record of --diffuse's target, after checking RAE's latent can be made from it."""
-    name = cfg.diffuse
-    if name not in manifest.target_names():
-        raise UsageError(f"--diffuse {name}: cache {cfg.cache} holds no target {name!r} (it has "
-                         f"{', '.join(manifest.target_names())}); add its tokens with {add_target_command(cfg)}")
-    if manifest.codec != "fp16":
-        raise UsageError(f"--diffuse {name}: cache {cfg.cache} stores its tokens as {manifest.codec} (per-token "
-                         "scales), not the fp16 tokens RAE's latent is made of; encode a cache with `repa encode "
-                         f"--feature-codec fp16` and add the target to it with {add_target_command(cfg)}")
-    record = manifest.target(name)
-    rows, cols = record["grid"]
-    if rows != cols or rows * cols != record["tokens"]:
-        raise UsageError(f"--diffuse {name}: target {name} of cache {cfg.cache} has a {rows}x{cols} token grid; "
-                         "RAE's latent is a square grid of patch tokens: add a DINOv2 target with "
-                         f"{add_target_command(cfg)}")
-    return record
+    return token_target(manifest, cfg.cache, cfg.diffuse)
 
 
 def token_variable(cfg: TrainConfig, manifest: Manifest, dataset: CacheBatchDataset, train_ids: np.ndarray,
                    accelerator, log) -> TargetTokens:
     """RAE's variable for this run, its statistics loaded or computed (see the module docstring)."""
     record = diffused_target(cfg, manifest)
-    layernorm = LayerNormAffine.from_record(record.get("layernorm"))
-    variable = TargetTokens(cfg.diffuse, record["dim"], record["grid"][0], layernorm=layernorm)
-    if accelerator.is_main_process and layernorm is None:
+    variable = target_tokens(cfg.diffuse, record)
+    if accelerator.is_main_process and variable.layernorm is None:
         log(f"--diffuse {cfg.diffuse}: the cache records no final-LayerNorm vectors for this target, so its tokens "
             "are diffused as stored (with statistics of these tokens that is RAE's variable up to each channel's "
             "sign; RAE's released stat.pt and decoders expect affine-free tokens: add the target again to record them)")

@@ -33,7 +33,12 @@ def load_tensors(path: Path | str, what: str) -> object:
 def load_state_dict_file(path: Path | str, what: str, prefer: tuple[str, ...] = ("ema", "model")) -> dict[str, Tensor]:
     """A bare state dict, or the first of ``prefer`` in a training checkpoint ``{"model": ..., "ema": ...}``;
     DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are stripped."""
-    obj = load_tensors(path, what)
+    return state_dict_in(load_tensors(path, what), path, what, prefer)
+
+
+def state_dict_in(obj: object, path: Path | str, what: str, prefer: tuple[str, ...] = ("ema", "model")
+                  ) -> dict[str, Tensor]:
+    """:func:`load_state_dict_file` on contents already loaded, so one file read can give several entries."""
     if isinstance(obj, dict):
         for key in prefer:
             if isinstance(obj.get(key), dict):
