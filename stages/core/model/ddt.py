@@ -15,7 +15,7 @@ Label dropout for classifier-free guidance is the caller's job (as for the proje
 ``class_dropout_prob``; the project's conditioning draws the same Bernoulli from its own seeded generator.
 
 Where this plugs in: ``stages.core.model.network.build_model`` can build it from a :class:`DDTConfig`, and
-``repa import-checkpoint`` can read RAE's files with :func:`load_ddt`. Its forward returns the velocity only
+``repa import-checkpoint`` reads RAE's files with the checks of :func:`load_ddt`. Its forward returns the velocity only
 (no REPA projector), so the training objective's REPA term is absent.
 """
 
