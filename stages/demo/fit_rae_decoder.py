@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from stages.core.diffusion.token_stats import strip_layernorm_affine
 from stages.core.model.rae_decoder import IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, RAEDecoder
 
+from .adam_fit import adam_fit
 from .fit_vae import demo_images
 
 DEMO_DECODER = dict(decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
@@ -50,19 +51,10 @@ def fit_decoder(decoder: RAEDecoder, tokens: torch.Tensor, images: torch.Tensor,
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     target = (images.float() / 255 - mean) / std
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     decoder.train()
-    losses = []
-    for step in range(steps):
-        idx = torch.randint(0, len(tokens), (batch_size,), generator=g)
-        loss = F.mse_loss(decoder.unpatchify(decoder(tokens[idx])), target[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress:
-            progress(step, losses[-1])
+    losses = adam_fit(decoder.parameters(),
+                      lambda idx, g: F.mse_loss(decoder.unpatchify(decoder(tokens[idx])), target[idx]),
+                      len(tokens), steps, batch_size, lr, seed, progress)
     decoder.eval()
     return losses
 

@@ -24,6 +24,15 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """--targets, --target-lambdas and --align-layers, parsed and checked once (``TrainConfig.alignment``)."""
+
+    targets: tuple[str, ...]  # the projectors' order
+    lambdas: tuple[float, ...] | None  # one REPA weight per target; None: --repa-lambda for all
+    layers: tuple[int, ...]  # one block per target; empty: --align-layer for all
+
+
 @dataclass
 class TrainConfig:
     cache: Path = option(
@@ -261,6 +270,7 @@ class TrainConfig:
 
     def check(self) -> None:
         method_parts(self.method)
+        self.alignment()
         if self.dispersive_lambda > 0 and not self.dispersive_layer:
             raise UsageError(f"--dispersive-lambda {self.dispersive_lambda}: give --dispersive-layer, the block whose "
                              "output it spreads")
@@ -326,6 +336,10 @@ class TrainConfig:
             raise UsageError(f"--align-layers {self.align_layers}: one block per target of --targets "
                              f"({', '.join(self.target_names())})")
         return values
+
+    def alignment(self) -> Alignment:
+        lambdas = self.lambdas()
+        return Alignment(tuple(self.target_names()), None if lambdas is None else tuple(lambdas), self.layers())
 
     def to_json(self) -> dict:
         return to_json(self)
