@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -103,7 +103,7 @@ config_command(app, "evaluate", EvaluateConfig, _evaluate, "FID and Inception Sc
 @user_errors
 def decode_previews(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `repa train --preview-every N`.", metavar="RUN_DIR")],
-    cache: Annotated[Optional[Path], typer.Option(help="Cache whose manifest names the VAE.", metavar="DIR",
+    cache: Annotated[Path | None, typer.Option(help="Cache whose manifest names the VAE.", metavar="DIR",
                                                   show_default="the one the run trained on")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Decode steps decoded before again.")] = False,
 ):
@@ -124,7 +124,7 @@ def import_checkpoint(
     run_dir: Annotated[Path, typer.Option(help="New run directory to create.", metavar="DIR")],
     cache: Annotated[Path, typer.Option(help="A cache encoded with the checkpoint's VAE and resolution (names the "
                                         "VAE and latent scaling to sample with).", metavar="DIR")],
-    num_heads: Annotated[Optional[int], typer.Option(help="Attention heads.",
+    num_heads: Annotated[int | None, typer.Option(help="Attention heads.",
                                                      show_default="REPA's preset for the width")] = None,
     val_fraction: Annotated[float, typer.Option(help="Held-out share of --cache that `repa evaluate` conditions on "
                                                 "and compares with.")] = 0.01,
@@ -143,7 +143,7 @@ def import_checkpoint(
 def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep file: a train table of shared settings and a sweep table with "
                                            "out, name and grid (see configs/sweep-demo.toml).", metavar="CONFIG.toml")],
-    parallel: Annotated[Optional[int], typer.Option(help="Runs trained at once.",
+    parallel: Annotated[int | None, typer.Option(help="Runs trained at once.",
                                                     show_default="one per GPU, else 1")] = None,
     gpus: Annotated[str, typer.Option(help="GPU ids to spread runs over, one run per GPU (0,1,...), auto (every "
                                       "visible GPU) or none.")] = "auto",
@@ -174,7 +174,7 @@ def sweep(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories, or a sweep's output directory (stands for the "
                                                "runs in it).", metavar="RUN_DIR...")],
-    plot: Annotated[Optional[Path], typer.Option(help="PNG of validation curves, final losses against the settings "
+    plot: Annotated[Path | None, typer.Option(help="PNG of validation curves, final losses against the settings "
                                                  "that differ and per-t losses.", metavar="FILE",
                                                  show_default="report.png in the sweep or run directory, else in the runs' common parent")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
@@ -252,7 +252,7 @@ def cache_push(
     dest: Annotated[str, typer.Argument(help="Where to publish it: s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL).",
                                         metavar="S3_URL")],
     threads: Annotated[int, typer.Option(min=1, help="Parallel uploads.")] = 8,
-    max_rate: Annotated[Optional[float], typer.Option(min=0.001, help="Upload at most this many MiB/s per thread.",
+    max_rate: Annotated[float | None, typer.Option(min=0.001, help="Upload at most this many MiB/s per thread.",
                                                       metavar="MIB_S")] = None,
 ):
     """Upload a committed cache to S3-compatible object storage; each part's record goes last, with a conditional
@@ -301,12 +301,12 @@ def data_pack(
                                              "with --labels a flat folder of images (ILSVRC2012 val/).", metavar="SRC")],
     out: Annotated[Path, typer.Option(help="Output folder for the tar shards.", metavar="DIR")],
     shard_size: Annotated[int, typer.Option(help="Samples per shard.", min=1)] = 1000,
-    prefix: Annotated[Optional[str], typer.Option(help="Shard name prefix: PREFIX-000000.tar, ...",
+    prefix: Annotated[str | None, typer.Option(help="Shard name prefix: PREFIX-000000.tar, ...",
                                                   show_default="SRC's folder name")] = None,
-    labels: Annotated[Optional[Path], typer.Option(
+    labels: Annotated[Path | None, typer.Option(
         help="For a flat folder: `NAME CLASS` per line (CLASS a number, or a class folder name of --classes).",
         metavar="FILE")] = None,
-    classes: Annotated[Optional[Path], typer.Option(
+    classes: Annotated[Path | None, typer.Option(
         help="Image-folder tree whose sorted folder names number the class names in --labels (e.g. train/).",
         metavar="DIR")] = None,
     workers: Annotated[int, typer.Option(help="Shards written at once.", min=1)] = 4,

@@ -15,9 +15,9 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 from cache_schema.errors import CacheError
 from cache_schema.format.layout import (

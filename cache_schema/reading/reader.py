@@ -8,9 +8,9 @@ serves ~10x slower. The training hot path uses ``fast_reader`` (tensorstore) on 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import zarr

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cache_schema.errors import CacheError
 from cache_schema.format.layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, RECORD_SUFFIX, RECORDS_DIR

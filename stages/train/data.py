@@ -15,8 +15,8 @@ import math
 import multiprocessing
 import os
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
