@@ -60,7 +60,7 @@ def real_models(out: Path) -> dict[str, Path]:
 def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> str:
     """JPEG shards of smooth random images (decode cost like photos of that size); distinct per sample."""
     out.mkdir(parents=True, exist_ok=True)
-    pattern = str(out / ("bench-{0000..%04d}.tar" % (shards - 1)))
+    pattern = str(out / f"bench-{{0000..{shards - 1:04d}}}.tar")
     if (out / f"bench-{shards - 1:04d}.tar").exists():
         return pattern
     rng = np.random.default_rng(seed)

@@ -137,7 +137,7 @@ def expand_grid(spec: SweepSpec) -> list[PlannedRun]:
     keys = list(spec.grid)
     runs: dict[str, PlannedRun] = {}
     for point in itertools.product(*(spec.grid[k] for k in keys)):
-        varied = dict(zip(keys, point))
+        varied = dict(zip(keys, point, strict=True))
         name = run_name(varied, spec.name)
         if name in runs:
             raise ConfigError(f"sweep file {spec.path}: grid points {runs[name].varied} and {varied} "

@@ -194,7 +194,7 @@ def two_nodes(args: list[str], port: int, timeout: int = 600) -> list[subprocess
                 if p.poll() is None:
                     p.kill()
         results = []
-        for p, code, (out, err), probe in zip(procs, codes, outs, probes):
+        for p, code, (out, err), probe in zip(procs, codes, outs, probes, strict=True):
             result = subprocess.CompletedProcess(p.args, code, out.read_text(), err.read_text())
             result.rank_exits = [f.read_text() for f in sorted(probe.glob("rank-*.txt"))]
             results.append(result)

@@ -108,7 +108,7 @@ def test_every_field_round_trips(tmp_path, codec):
     reader = CacheReader(tmp_path)
     assert len(reader) == 10
     i = 0
-    for rows, truth in zip(rows_all, truths):
+    for rows, truth in zip(rows_all, truths, strict=True):
         for j in range(len(rows["key"])):
             s = reader.sample(i)
             assert s["key"] == rows["key"][j] and s["caption"] == rows["caption"][j]

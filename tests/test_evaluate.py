@@ -189,6 +189,6 @@ def test_reference_images_are_read_in_parallel_in_shard_order_with_progress(text
     assert len(urls) > 1
     serial = list(source_images(held, urls, read_manifest(cache), where, workers=1))
     parallel = list(source_images(held, urls, read_manifest(cache), where, workers=len(urls), progress=True))
-    assert len(serial) == len(held) and all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+    assert len(serial) == len(held) and all(np.array_equal(a, b) for a, b in zip(serial, parallel, strict=True))
     err = capsys.readouterr().err
     assert "reference images: 100%" in err and f"{len(held)}/{len(held)} [" in err and "img/s" in err

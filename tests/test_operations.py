@@ -379,7 +379,7 @@ def test_killing_an_encode_with_kill_9_or_sigterm_leaves_no_process_behind(tiny_
         procs[sig] = subprocess.Popen(encode_cmd(cfg), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL)
     for sig, proc in procs.items():
-        wait_for(lambda: len(workers(descendants(proc.pid))) >= 2, proc=proc)  # both decode workers
+        wait_for(lambda pid=proc.pid: len(workers(descendants(pid))) >= 2, proc=proc)  # both decode workers
         children = descendants(proc.pid)
         os.kill(proc.pid, sig)
         proc.wait(timeout=60)

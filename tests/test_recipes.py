@@ -269,7 +269,7 @@ def test_batch_multiplicity_samples_one_latent_per_image_and_gives_each_copy_its
     assert all(not torch.allclose(noise[i], noise[j]) for i in range(8) for j in range(i))  # and its own noise
     kept = y != trainer.raw_model.null_class  # each copy its own dropout coin; the rest keep their image's label
     assert torch.equal(y[kept], batch["label"].repeat(4)[kept]) and 0 < int(kept.sum()) < 8
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters()))  # the step trained
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters(), strict=True))  # the step trained
 
 
 def test_batch_multiplicity_resumes_exactly(train_cache, tmp_path):

@@ -119,7 +119,7 @@ def test_image_depends_on_seed_and_index_not_on_batch_size(class_run, tmp_path, 
     one = run_sample(sample_cfg(class_run, tmp_path / "b1", num_samples=3, batch_size=1, seed=5, **kw))
     three = run_sample(sample_cfg(class_run, tmp_path / "b3", num_samples=3, batch_size=3, seed=5, **kw))
     other = run_sample(sample_cfg(class_run, tmp_path / "s6", num_samples=1, seed=6, **kw))
-    for a, b in zip(one.images, three.images):
+    for a, b in zip(one.images, three.images, strict=True):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1  # float rounding of batched matmuls at most
     assert np.abs(pixels(one.images[0]) - pixels(other.images[0])).max() > 10
 

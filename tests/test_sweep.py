@@ -186,7 +186,7 @@ def test_report_shows_each_runs_final_loss_sorted_and_plots(finished_sweep, tmp_
     rows = [line for line in r.stdout.splitlines() if line.startswith("repa_lambda=")]
     expected = sorted(runs, key=final_val)
     assert [row.split()[0] for row in rows] == [p.name for p in expected]
-    for row, run in zip(rows, expected):
+    for row, run in zip(rows, expected, strict=True):
         assert f"{final_val(run):.4f}" in row.split()
     assert "settings that differ: repa_lambda" in r.stdout
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -233,8 +233,8 @@ def test_report_colours_and_dashes_stand_for_the_settings_that_differ():
                for lam in (0.0, 0.5, 1.0) for w in (64, 128)]
     look = RunStyles.of(reports, ["repa_lambda", "width"])
     assert look.axes == ["repa_lambda", "width"] and look.values["repa_lambda"] == ["0.0", "0.5", "1.0"]
-    for a, sa in zip(reports, look.styles):
-        for b, sb in zip(reports, look.styles):
+    for a, sa in zip(reports, look.styles, strict=True):
+        for b, sb in zip(reports, look.styles, strict=True):
             assert (sa["color"] == sb["color"]) == (a.config["repa_lambda"] == b.config["repa_lambda"])
             assert (sa["ls"] == sb["ls"]) == (a.config["width"] == b.config["width"])
     assert [label for label, _ in look.legend] == ["repa_lambda = 0.0", "repa_lambda = 0.5", "repa_lambda = 1.0",

@@ -209,11 +209,11 @@ class Manifest:
         s, ss, n = [0.0] * c, [0.0] * c, 0
         for p in self.parts:
             if p.get("latent_count"):
-                s = [a + b for a, b in zip(s, p["latent_sum"])]
-                ss = [a + b for a, b in zip(ss, p["latent_sumsq"])]
+                s = [a + b for a, b in zip(s, p["latent_sum"], strict=False)]
+                ss = [a + b for a, b in zip(ss, p["latent_sumsq"], strict=False)]
                 n += p["latent_count"]
         mean = [a / n for a in s] if n else None
-        std = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean)] if n else None
+        std = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean, strict=True)] if n else None
         self.latent = {**self.latent, "mean": mean, "std": std}
         return self
 

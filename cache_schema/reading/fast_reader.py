@@ -206,7 +206,7 @@ class FastReader:
             for i in rest:
                 out[i] = self._read_whole(parts[i], name)
         elif rest:
-            for i, values in zip(rest, self._read_parts_tensorstore(name, [parts[i] for i in rest])):
+            for i, values in zip(rest, self._read_parts_tensorstore(name, [parts[i] for i in rest]), strict=True):
                 out[i] = values
         return out
 
@@ -230,13 +230,13 @@ class FastReader:
         opening = [ts.open({**spec, "kvstore": kvstore_spec(self._array_path(p, name))},
                            read=True, context=context) for p in parts]
         reading = []
-        for p, future in zip(parts, opening):
+        for p, future in zip(parts, opening, strict=True):
             try:
                 reading.append(future.result().read())
             except ValueError as e:
                 raise damaged(self.manifest.parts[p], f"{name} cannot be opened ({e})") from None
         out = []
-        for p, future in zip(parts, reading):
+        for p, future in zip(parts, reading, strict=True):
             try:
                 out.append(future.result())
             except ValueError as e:
@@ -410,7 +410,7 @@ class FastReader:
             flat = target.reshape((-1,) + target.shape[len(lead) :])
             others = []  # samples whose part has a layout direct reads do not know
             for i, (p, start, n, first) in enumerate(zip(part.tolist(), starts.tolist(), lengths.tolist(),
-                                                         firsts.tolist())):
+                                                         firsts.tolist(), strict=True)):
                 rows = self._direct_rows(p, name) if n else None
                 if rows is None:
                     others.append(i)
@@ -478,7 +478,7 @@ class FastReader:
         """Rows ``row`` of parts ``part`` into ``out``: directly where the layout allows, the rest
         started through tensorstore (returned as pending reads)."""
         others = []
-        for i, (p, r) in enumerate(zip(part.tolist(), row.tolist())):
+        for i, (p, r) in enumerate(zip(part.tolist(), row.tolist(), strict=True)):
             rows = self._direct_rows(p, name)
             if rows is None:
                 others.append(i)

@@ -91,7 +91,7 @@ def push_cache(src: str | Path, dest: str | S3Path, threads: int = 8,
     todo, skipped = [], []
     with ThreadPoolExecutor(threads) as pool:
         there = list(pool.map(lambda u: _read_existing(_record_key(u[2], u[0])), units))
-    for unit, existing in zip(units, there):
+    for unit, existing in zip(units, there, strict=True):
         label = unit[0]
         if existing is None:
             todo.append(unit)

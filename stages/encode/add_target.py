@@ -102,7 +102,7 @@ class TargetSink(PartSink):
     def _finish(self, writer: PartWriter, end: ShardEnd) -> None:
         keys, base = self.expected[writer.name]
         got = writer._plain["key"]
-        if len(got) != len(keys) or any(a != b for a, b in zip(got, keys.tolist())):
+        if len(got) != len(keys) or any(a != b for a, b in zip(got, keys.tolist(), strict=True)):
             raise CacheError(f"--add-target {self.target}: part {writer.name} holds {len(keys)} samples but "
                              f"{writer.source} gave {len(got)} others; rerun after restoring the original input shard")
         writer.base = base

@@ -154,7 +154,7 @@ def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], pad: i
     line_h = CAPTION_FONT + 3
     text_h = line_h * max(len(lines) for lines in wrapped) + pad
     cells = []
-    for image, lines in zip(images, wrapped):
+    for image, lines in zip(images, wrapped, strict=True):
         cell = Image.new("RGB", (w, h + text_h), (255, 255, 255))
         cell.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (0, 0))
         draw = ImageDraw.Draw(cell)
@@ -230,7 +230,7 @@ def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = 
         atomic_write_json(path.with_suffix(".json"), {
             "step": preview["step"], "image": png.name,
             "images": [{"key": k, "caption": c, "label": lab}
-                       for k, c, lab in zip(preview["keys"], preview["captions"], preview["labels"])],
+                       for k, c, lab in zip(preview["keys"], preview["captions"], preview["labels"], strict=True)],
         })
         written.append(png)
         log(f"decoded {path.name} -> {png}")

@@ -114,7 +114,7 @@ def source_images(held: HeldOut, urls: list[str], manifest: Manifest, where: dic
     resolution = int(manifest.settings["resolution"])
     draft = manifest.settings["crop"] == crop_name(True)
     wanted: dict[str, set[str]] = defaultdict(set)
-    for url, key in zip(held.sources, held.keys):
+    for url, key in zip(held.sources, held.keys, strict=True):
         wanted[url].add(key)
     workers = max(1, min(workers or os.cpu_count() or 1, len(urls)))
     with ThreadPoolExecutor(workers) as pool, progress_bar(

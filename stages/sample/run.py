@@ -410,7 +410,7 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     mine = process_indices(cfg.num_samples, state.process_index, state.num_processes)
     with progress_bar(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="sample") as bar:
         for batch in chunks(mine, cfg.batch_size):
-            for i, image in zip(batch, sampler.images(batch).cpu()):
+            for i, image in zip(batch, sampler.images(batch).cpu(), strict=True):
                 save_png(image, files[i])
             bar.update(len(batch))
     state.wait_for_everyone()

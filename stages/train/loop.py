@@ -76,7 +76,7 @@ from .validation import Validator
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, every parameter in one fused call (torch's own EMA update)."""
     ema_params = list(ema.parameters())
-    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
     get_ema_multi_avg_fn(decay)(ema_params, params, None)
 
 

@@ -57,7 +57,7 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _intervals(times: list[float]) -> list[tuple[float, float]]:
-    return list(zip(times[:-1], times[1:]))
+    return list(zip(times[:-1], times[1:], strict=True))
 
 
 def _ode_times(steps: int) -> list[float]:
@@ -189,7 +189,7 @@ def concat_conditioning(first: Conditioning, second: Conditioning) -> dict[str, 
         b = second[key]
         if a.dim() != b.dim():
             raise ValueError(f"conditioning {key!r} has {a.dim()} dims vs {b.dim()} dims")
-        shape = tuple(max(m, n) for m, n in zip(a.shape[1:], b.shape[1:]))
+        shape = tuple(max(m, n) for m, n in zip(a.shape[1:], b.shape[1:], strict=True))
         out[key] = torch.cat([_pad_to(a, shape), _pad_to(b, shape)])
     return out
 
