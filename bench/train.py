@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="samples in the synthetic cache")
     ap.add_argument("--methods", default="sit,repa,reg,irepa,dispersive,reg+irepa",
                     help="--method values timed in memory against repa, comma-separated ('' for none)")
-    ap.add_argument("--s3", default=None, metavar="URL", help="also train from the cache pushed to this s3://bucket/prefix "
+    ap.add_argument("--s3", default=None, metavar="URL",
+                    help="also train from the cache pushed to this s3://bucket/prefix "
                     "(credentials and AWS_ENDPOINT_URL from the environment)")
     args = ap.parse_args()
 

@@ -225,7 +225,8 @@ class Manifest:
         """dim, tokens, grid and fields of target ``name``; KeyError naming the targets there are."""
         if name == FIRST_TARGET:
             names = [n for n in self.fields if n == FIRST_TARGET or n.startswith(f"{FIRST_TARGET}_")]
-            return {**self.dino, "fields": {n: self.fields[n] for n in names}, "settings": {"model": self.settings.get("dino")}}
+            return {**self.dino, "fields": {n: self.fields[n] for n in names},
+                    "settings": {"model": self.settings.get("dino")}}
         if name not in self.targets:
             raise KeyError(f"cache has no alignment target {name!r}; it has {', '.join(self.target_names())}")
         return self.targets[name]
@@ -249,7 +250,8 @@ class Manifest:
 
 
 def field_to_json(f: Field) -> dict:
-    return {"dtype": f.dtype, "shape": list(f.inner_shape), "per_sample": f.per_sample, "sharded": f.sharded, "doc": f.doc}
+    return {"dtype": f.dtype, "shape": list(f.inner_shape), "per_sample": f.per_sample, "sharded": f.sharded,
+            "doc": f.doc}
 
 
 def field_from_json(name: str, spec: dict) -> Field:

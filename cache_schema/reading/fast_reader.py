@@ -61,7 +61,8 @@ class _ProcessState:
     small: dict[str, np.ndarray] = field(default_factory=dict)
     small_parts: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (name, part) -> its values
     rows: dict[tuple[int, str], ShardedRows | None] = field(default_factory=dict)  # direct-read geometry
-    checked: set[tuple[int, str | None]] = field(default_factory=set)  # (part, added target or None) checked against its record
+    # (part, added target or None) checked against its record
+    checked: set[tuple[int, str | None]] = field(default_factory=set)
 
 
 class FastReader:
@@ -154,8 +155,8 @@ class FastReader:
                 check_part_files(self.cache_dir, self.manifest.parts[part])
             else:
                 self.require_targets([target])
-                check_part_files(target_dir(self.cache_dir, target), self._target_records[target][self.part_names[part]],
-                                 hint=target_hint(target))
+                check_part_files(target_dir(self.cache_dir, target),
+                                 self._target_records[target][self.part_names[part]], hint=target_hint(target))
             state.checked.add((part, target))
 
     def _store(self, part: int, name: str) -> ts.TensorStore:
@@ -198,7 +199,8 @@ class FastReader:
         if len(parts) > 1:
             # The first alone: it sets up this process's state and an added target's records.
             with ThreadPoolExecutor(READ_THREADS) as pool:
-                out = [self._read_plain(parts[0], name)] + list(pool.map(lambda p: self._read_plain(p, name), parts[1:]))
+                out = [self._read_plain(parts[0], name)]
+                out += pool.map(lambda p: self._read_plain(p, name), parts[1:])
         else:
             out = [self._read_plain(p, name) for p in parts]
         rest = [i for i, values in enumerate(out) if values is None]

@@ -247,7 +247,8 @@ def write_tiny_encoders(out_dir: Path, seed: int = 0) -> dict[str, Path]:
             if name in tokenizers:
                 tokenizers[name].save_pretrained(path)
             if name == "siglip":
-                siglip_image_processor()(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}).save_pretrained(path)
+                size = {"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}
+                siglip_image_processor()(size=size).save_pretrained(path)
             paths[name] = path
     return paths
 

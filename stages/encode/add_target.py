@@ -144,7 +144,8 @@ def run_add_target(cfg: EncodeConfig, log=print):
     name = check_target_name(cfg.add_target, manifest)
     if cfg.flips and not manifest.flips:
         raise UsageError(f"--add-target {name} --flips: {cache} was encoded without --flips; an added target stores "
-                         "flipped tokens exactly when the cache does: drop --flips, or re-encode the cache with --flips")
+                         "flipped tokens exactly when the cache does: drop --flips, or re-encode the cache with "
+                         "--flips")
     if cfg.dry_run:
         return EncodeSummary(lines=[f"would add target {name} ({cfg.target_model}) to the {manifest.num_samples} "
                                     f"samples of {len(manifest.parts)} part(s) of {cache}"

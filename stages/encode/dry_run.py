@@ -28,7 +28,8 @@ def samples_per_shard(url: str) -> int | None:
         return None
     try:
         with tarfile.open(url) as tf:
-            keys = {m.name.rsplit(".", 1)[0] for m in tf if m.isreg() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
+            keys = {m.name.rsplit(".", 1)[0] for m in tf
+                    if m.isreg() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
         return len(keys)
     except (OSError, tarfile.TarError):
         return None

@@ -200,8 +200,8 @@ def load_preview(path: Path) -> dict:
         raise UsageError(f"{path}: not a loadable preview file ({type(e).__name__}); delete it or retrain") from None
 
 
-def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = False, device: torch.device | None = None,
-                    log=print) -> list[Path]:
+def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = False,
+                    device: torch.device | None = None, log=print) -> list[Path]:
     """Decode each ``previews/step-XXXXXXX.pt`` into ``step-XXXXXXX.png`` (a grid) and a ``.json`` sidecar
     with the keys, captions and labels of its images. Steps decoded earlier are kept unless ``overwrite``."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

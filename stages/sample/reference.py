@@ -162,7 +162,8 @@ class FeatureStats:
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "mu" not in data or "sigma" not in data:
-                    raise UsageError(f"--reference {path}: no mu and sigma arrays in it (found {', '.join(data.files)})")
+                    raise UsageError(f"--reference {path}: no mu and sigma arrays in it "
+                                     f"(found {', '.join(data.files)})")
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 n = int(data["n"]) if "n" in data and int(data["n"]) > 0 else None
         except FileNotFoundError:

@@ -144,7 +144,8 @@ class TextEncoder:
 
 
 class Conditions:
-    """The conditioning of image ``i``: entry ``i % len(entries)`` (prompts or class ids), or nothing (unconditional runs)."""
+    """The conditioning of image ``i``: entry ``i % len(entries)`` (prompts or class ids), or nothing
+    (unconditional runs)."""
 
     def __init__(self, entries: list | None = None):
         self.entries = entries or [None]
@@ -265,7 +266,8 @@ def sample_conditions(cfg: SampleConfig, run: LoadedRun, device: torch.device) -
     has_prompts = cfg.prompts is not None or bool(cfg.prompt)
     if run.cond == "text":
         if cfg.classes is not None:
-            raise UsageError(f"--classes: {run.checkpoint} is a text-conditioned run; pass --prompts FILE or --prompt TEXT")
+            raise UsageError(f"--classes: {run.checkpoint} is a text-conditioned run; "
+                             "pass --prompts FILE or --prompt TEXT")
         if not has_prompts:
             raise UsageError(f"{run.checkpoint} is a text-conditioned run: pass --prompts FILE or --prompt TEXT")
         return PromptConditions(read_prompts(cfg), run.model, TextEncoder(run.manifest, device))

@@ -42,9 +42,10 @@ class EpochBatchSampler:
     ``[k * G, (k + 1) * G)`` of it, ``G = batch_size * world_size * grad_accum`` (the global batch, in distinct
     ids), whatever the number of processes; the ``len(ids) % G`` ids after the last whole global batch sit out
     that epoch (different ones every epoch). The global batch is cut into ``world_size * grad_accum`` pieces of
-    ``batch_size`` (``piece_index``): micro-batch ``m`` of rank ``r`` is piece ``m * world_size + r``. So which id sits at which
-    position of which step's global batch is a function of (seed, step, position) alone: a run resumed on
-    another number of processes, or with other accumulation, but the same global batch, reads the same data.
+    ``batch_size`` (``piece_index``): micro-batch ``m`` of rank ``r`` is piece ``m * world_size + r``. So which
+    id sits at which position of which step's global batch is a function of (seed, step, position) alone: a run
+    resumed on another number of processes, or with other accumulation, but the same global batch, reads the
+    same data.
     Iteration never ends: it runs through epochs from ``start = (epoch, step_in_epoch)``, so a run resumed at
     ``position_after(steps done)`` continues exactly where the interrupted one stopped.
 
@@ -159,8 +160,8 @@ class CacheBatchDataset(Dataset):
     """Batches of cached features, fetched whole through ``__getitems__``.
 
     A batch is a dict of tensors: ``index`` (B,) int64 global ids; ``moments`` (B, 2C, h, w) fp16;
-    ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8 (each of ``targets`` likewise, by name); ``label`` (B,) int64 (-1:
-    none); with ``need_text``: ``text`` (B, Lmax, Dt) as stored and zero-padded, ``text_mask``
+    ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8 (each of ``targets`` likewise, by name);
+    ``label`` (B,) int64 (-1: none); with ``need_text``: ``text`` (B, Lmax, Dt) as stored and zero-padded, ``text_mask``
     (B, Lmax) bool, and ``text_scale`` (B, Lmax) for int8. Fields not asked for are not read.
 
     With ``flips``, an id given as ``~id`` (negative, see ``EpochBatchSampler``) is served with the moments

@@ -289,8 +289,8 @@ class Logbook:
         self.run_dir, self.accelerator = Path(cfg.run_dir), accelerator
         self.main = accelerator.is_main_process
         self.repa = cfg.repa_lambda > 0
-        self.bar = progress_bar(total=cfg.steps, initial=start_step, unit="step", disable=not self.main, dynamic_ncols=True,
-                        desc="train")
+        self.bar = progress_bar(total=cfg.steps, initial=start_step, unit="step", disable=not self.main,
+                                dynamic_ncols=True, desc="train")
 
     def sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t
@@ -375,7 +375,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
     train_ids = select_training(cfg, reader, train_ids)
     needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names(),
                  class_tokens=cfg.class_token_weight > 0)
-    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)  # validation reads it unflipped
+    # validation reads it unflipped
+    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)
     val_dataset = dataset
     if cfg.val_cache is not None:
         val_dataset, val_ids = validation_cache(cfg, manifest, needs)
@@ -472,8 +473,8 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
             if step % cfg.log_every == 0 or step == cfg.steps:
                 stop_if_diverged(trainer, step, last_good, cfg.run_dir)
                 logbook.train(step, {**trainer.window.record(logbook.sum_over_processes),
-                                     "lr": trainer.scheduler.get_last_lr()[0], "img_per_s": clock.rate(step, cfg.batch_size),
-                                     **peak_memory(device)})
+                                     "lr": trainer.scheduler.get_last_lr()[0],
+                                     "img_per_s": clock.rate(step, cfg.batch_size), **peak_memory(device)})
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val_metrics = validate(step)
             if previewer is not None and step % cfg.preview_every == 0:

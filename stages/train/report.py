@@ -157,7 +157,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(reports: list[RunReport], differ: list[str]) -> str:
     """A fixed-width comparison table, one row per run, best final validation loss first."""
-    evals = [(key, title, spec) for key, title, spec in EVAL_COLUMNS if any((r.evaluation or {}).get(key) is not None for r in reports)]
+    evals = [(key, title, spec) for key, title, spec in EVAL_COLUMNS
+             if any((r.evaluation or {}).get(key) is not None for r in reports)]
     header = ["run", "params", "steps", "val final", "val best", *(f"t {lo:.1f}-{hi:.1f}" for lo, hi in T_RANGES),
               "REPA cos", "targets", "method", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
     rows = []
@@ -179,7 +180,8 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded).rstrip()
 
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     if differ:
@@ -309,7 +311,8 @@ def _plot_bins_absolute(ax, report: RunReport, style: dict) -> None:
     pts = [((j + 0.5) / len(report.final_bins), b) for j, b in enumerate(report.final_bins) if b is not None]
     if pts:
         ax.plot(*zip(*pts, strict=True), ms=3, lw=1.2, **style)
-    ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="final validation denoising loss", title="final validation loss by t")
+    ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="final validation denoising loss",
+           title="final validation loss by t")
 
 
 def _plot_finals(finals, reports: list[RunReport], look: RunStyles) -> None:

@@ -50,7 +50,8 @@ def split_cache(reader: FastReader, val_fraction: float, salt: str = "val",
         # spawn: the training process has used tensorstore, whose forked children abort
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             hashed = list(pool.map(_hash_parts, groups, [salt] * len(groups)))
-    by_path = {path: u for group, us in zip(groups, hashed, strict=True) for (path, _), u in zip(group, us, strict=True)}
+    by_path = {path: u for group, us in zip(groups, hashed, strict=True)
+               for (path, _), u in zip(group, us, strict=True)}
     u = np.concatenate([by_path[path] for path, _ in paths] + [np.zeros(0)])
     return _split(u, val_fraction)
 
