@@ -46,7 +46,8 @@ def env() -> dict:
 
 def repa(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT, **kw
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT,
+        **kw
     )
 
 

@@ -62,7 +62,8 @@ def test_fitted_demo_vae_keeps_each_shapes_colour_where_a_random_one_does_not(ti
     samples = [make_sample(7, 0, i) for i in range(48)]  # images it was not fitted on
     truth, crop_said, fitted_said = shape_colours(fitted, samples)
     _, _, random_said = shape_colours(random_vae, samples)
-    visible = [i for i, (t, c) in enumerate(zip(truth, crop_said, strict=True)) if t == c]  # large enough to survive 64 px
+    # large enough to survive 64 px
+    visible = [i for i, (t, c) in enumerate(zip(truth, crop_said, strict=True)) if t == c]
     assert len(visible) > 30
 
     def agreement(said):

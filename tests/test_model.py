@@ -1,4 +1,5 @@
-"""Tests for the SiT diffusion transformer (stages/core/model/sit.py) and the REPA loss (stages/core/diffusion/objective.py)."""
+"""Tests for the SiT diffusion transformer (stages/core/model/sit.py) and the REPA loss
+(stages/core/diffusion/objective.py)."""
 
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def gated(paths: list[Path], gate: Path) -> str:
     """The shards as pipe: sources, the last of which waits until ``gate`` exists: the job stays alive,
     holding its claim on that shard, for as long as the test needs."""
     *first, last = paths
-    return "::".join([f"pipe:cat {p}" for p in first] + [f"pipe:while [ ! -e {gate} ]; do sleep 0.05; done; cat {last}"])
+    return "::".join([f"pipe:cat {p}" for p in first]
+                     + [f"pipe:while [ ! -e {gate} ]; do sleep 0.05; done; cat {last}"])
 
 
 def config(models, source: str, cache: Path, **kw):

@@ -115,7 +115,8 @@ def test_grid_matches_rae(num_points):
     theirs = rae_ode_grid(num_points, s)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert float(ours[0]) == 1.0
-    assert float(ours[-1]) == pytest.approx(s * 0.001 / (1 + (s - 1) * 0.001), rel=1e-4)  # stops short of 0 (float32 1 - 0.999)
+    # stops short of 0 (float32 1 - 0.999)
+    assert float(ours[-1]) == pytest.approx(s * 0.001 / (1 + (s - 1) * 0.001), rel=1e-4)
 
 
 def _velocity_model():
