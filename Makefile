@@ -7,9 +7,12 @@
 #   make train  PRESET=imagenet256 | make train CACHE=... MODEL=SiT-XL/2 ...
 #   make sweep | make report   a 6-run REPA ablation over the demo cache, and its comparison table
 #   make add-targets     demo: add DINOv2-with-registers and SigLIP targets to the demo cache
+#   make encode PRESET=rae-demo | make train PRESET=rae-demo | make sample PRESET=rae-demo
+#                        RAE on the demo cache: a DiT-DH on DINOv2-with-registers tokens, a fitted tiny decoder
 #   make sweep SWEEP=configs/sweep-targets.toml   the same SiT against each target and a pair
 #   make sweep SWEEP=configs/sweep-methods.toml   SiT, REPA, REG, iREPA, dispersive loss over the demo cache
-#   make test | make bench-encode | make bench-reader | make bench-train | make bench-scale
+#   make test | make test-fast | make bench-encode | make bench-reader | make bench-train | make bench-scale
+#   make docs           regenerate docs/cli.md and docs/planning.md from the code
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch
@@ -31,6 +34,10 @@ PRESET ?= demo
 ENCODE_DEPS := demo-assets
 TRAIN_DEPS := cache/demo/manifest.json
 endif
+# rae-demo adds its target to the demo cache: that cache first.
+ifeq ($(PRESET),rae-demo)
+ENCODE_DEPS += cache/demo/manifest.json
+endif
 CONFIG_ARG = $(if $(PRESET),--config configs/$(PRESET).toml)
 opt = $(if $(2),$(1) '$(2)')
 ENCODE_ARGS = $(CONFIG_ARG) $(call opt,--source,$(SOURCE)) $(call opt,--cache,$(CACHE)) $(call opt,--vae,$(VAE)) \
@@ -40,7 +47,7 @@ TRAIN_ARGS = $(CONFIG_ARG) $(call opt,--cache,$(CACHE)) $(call opt,--run-dir,$(R
 	$(call opt,--steps,$(STEPS)) $(call opt,--batch-size,$(BATCH)) $(ARGS)
 SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
 
-.PHONY: install encode add-targets demo-assets train sample test bench-encode bench-reader bench-train bench-scale clean help
+.PHONY: install encode add-targets demo-assets train sample test test-fast bench-encode bench-reader bench-train bench-scale docs clean help
 
 help:
 	@sed -n '/^#/p;/^PYTHON/q' Makefile
@@ -59,11 +66,14 @@ $(DEMO_DATA)/.done: | $(STAMP)
 	touch $@
 
 # The demo VAE is fitted to the demo images (about half a minute on 2 cores), so samples show shapes; the demo
-# DINOv2 too, so that its tokens say which shape, colour and place each patch shows and REPA has a target.
+# DINOv2 too, so that its tokens say which shape, colour and place each patch shows and REPA has a target; and a
+# tiny RAE decoder to the DINOv2-with-registers tokens (about 40 s), for configs/rae-demo.toml.
 $(TINY)/.done: $(DEMO_DATA)/.done | $(STAMP)
 	$(VENV)/bin/repa encoders tiny --out $(TINY)
 	$(VENV)/bin/repa encoders fit-vae --vae $(TINY)/vae-demo --source '$(DEMO_DATA)/cc12m-train-{0000..0003}.tar'
 	$(VENV)/bin/repa encoders fit-dino --dino $(TINY)/dino --source '$(DEMO_DATA)/cc12m-train-{0000..0003}.tar'
+	$(VENV)/bin/repa encoders fit-rae-decoder --dino $(TINY)/dino-reg --out $(TINY)/rae-decoder \
+		--source '$(DEMO_DATA)/cc12m-train-{0000..0003}.tar'
 	touch $@
 
 demo-assets: $(DEMO_DATA)/.done $(TINY)/.done
@@ -72,7 +82,7 @@ encode: $(STAMP) $(ENCODE_DEPS)
 	$(LAUNCH) encode $(ENCODE_ARGS)
 
 cache/demo/manifest.json:
-	$(MAKE) encode
+	$(MAKE) encode PRESET=demo
 
 # Alignment targets beside the demo cache's DINOv2. Every target must see the cache's token grid (the demo's
 # 64 px crop gives a 4x4 grid; the tiny SigLIP, 32 px with 8 px patches, has it natively): tests/test_demo_presets.py
@@ -91,6 +101,9 @@ sample: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests $(ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc
+
 bench-encode: $(STAMP)
 	$(PY) bench/encode.py $(ARGS)
 
@@ -103,8 +116,12 @@ bench-train: $(STAMP)
 bench-scale: $(STAMP)
 	$(PY) bench/scale.py $(ARGS)
 
+docs: $(STAMP)
+	$(PY) -m pipeline.docs --write
+	$(PY) -m pipeline.planning --write
+
 clean:
-	rm -rf cache/demo runs/demo samples/demo $(DEMO_DATA) $(TINY) bench/out
+	rm -rf cache/demo runs/demo samples/demo runs/rae-demo samples/rae-demo $(DEMO_DATA) $(TINY) bench/out
 
 # make sweep: the demo ablation (configs/sweep-demo.toml, 6 runs) over the demo cache, encoded first if
 # missing; make report: its comparison table and runs/sweep-demo/report.png. SWEEP=FILE SWEEP_OUT=DIR for others.

@@ -1,7 +1,7 @@
 """The feature-cache contract between `repa encode` (writer) and `repa train` (reader).
 
 Depends on numpy, zarr and tensorstore only, never on torch or on anything else in the project.
-See README "Cache layout". Importing the package is cheap (manifest and layout); the codec, the zarr writer and
+See docs/cache-format.md. Importing the package is cheap (manifest and layout); the codec, the zarr writer and
 the readers load on first use, so `repa cache info` and `repa --help` import neither numpy nor zarr.
 """
 

@@ -373,13 +373,15 @@ def encoders_fit_vae(
     typer.echo(f"fitted {vae}" + (f": reconstruction MSE {losses[-1]:.4f}" if losses else ""))
 
 
-def _fit_demo_model(what: str, option: str, folder: Path, steps: int, loss_name: str, fit) -> list[float]:
-    """``fit(progress)`` of a tiny demo model in ``folder``, with a progress bar showing its loss."""
+def _fit_demo_model(what: str, option: str, folder: Path, steps: int, loss_name: str, fit,
+                    fitted: str | None = None) -> list[float]:
+    """``fit(progress)`` of a tiny demo model in ``folder`` (``fitted``: what is fitted, if not that model), with a
+    progress bar showing its loss."""
     from stages.core.runtime.progress import progress_bar
 
     if not (folder / "config.json").is_file():
         raise UsageError(f"{option} {folder}: no {what} there; write it first with `repa encoders tiny`")
-    with progress_bar(total=steps, unit="step", desc=f"fit {what}", dynamic_ncols=True) as bar:
+    with progress_bar(total=steps, unit="step", desc=f"fit {fitted or what}", dynamic_ncols=True) as bar:
         def progress(step: int, loss: float) -> None:
             bar.set_postfix({loss_name: f"{loss:.4f}"}, refresh=False)
             bar.update(1)
@@ -405,6 +407,28 @@ def encoders_fit_dino(
     losses = _fit_demo_model("DINOv2", "--dino", dino, steps, "loss", lambda progress: fit_demo_dino(
         dino, source, resolution, steps, batch_size, seed=seed, progress=progress))
     typer.echo(f"fitted {dino}" + (f": loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""))
+
+
+@encoders_app.command("fit-rae-decoder")
+@user_errors
+def encoders_fit_rae_decoder(
+    source: Annotated[str, typer.Option(help="Demo shards to fit on (brace pattern).", metavar="PATTERN")],
+    dino: Annotated[Path, typer.Option(help="The DINOv2 (with registers) whose tokens it decodes, as `repa encode "
+                                       "--add-target` reads them.", metavar="DIR")] = Path("models/tiny/dino-reg"),
+    out: Annotated[Path, typer.Option(help="Folder to write model.pt and config.json to.", metavar="DIR")] = Path(
+        "models/tiny/rae-decoder"),
+    resolution: Annotated[int, typer.Option(help="Crop size, as the cache is encoded.")] = 64,
+    steps: Annotated[int, typer.Option(help="Fitting steps.")] = 400,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same weights).")] = 0,
+):
+    """Fit a tiny RAE decoder to the demo images (tokens of --dino in, pixels out), so that samples of a run
+    trained with --diffuse on the demo cache decode to shapes."""
+    from stages.demo.fit_rae_decoder import fit_demo_rae_decoder
+
+    losses = _fit_demo_model("DINOv2", "--dino", dino, steps, "mse", lambda progress: fit_demo_rae_decoder(
+        out, dino, source, resolution, steps, batch_size, seed=seed, progress=progress), fitted="RAE decoder")
+    typer.echo(f"fitted {out}" + (f": MSE {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""))
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""The README's CLI reference, generated from the commands themselves.
+"""docs/cli.md, the CLI reference, generated from the commands themselves.
 
     python -m pipeline.docs            print the reference (Markdown)
-    python -m pipeline.docs --write    replace the block between the markers in README.md
+    python -m pipeline.docs --write    replace the block between the markers in docs/cli.md
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import typer
 
 START = "<!-- cli-reference:start -->"
 END = "<!-- cli-reference:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 
 def _walk(cmd, prefix: str):
@@ -40,9 +40,11 @@ def reference() -> str:
     from .cli import app
 
     root = typer.main.get_command(app)
-    out = []
-    for name, cmd in _walk(root, "repa"):
-        out.append(f"#### `{name}`\n\n{(cmd.help or '').strip().splitlines()[0]}\n")
+    commands = list(_walk(root, "repa"))
+    # GitHub's anchor for a heading "`repa cache info`" is "repa-cache-info"
+    out = ["\n".join(f"- [`{name}`](#{name.replace(' ', '-')})" for name, _ in commands) + "\n"]
+    for name, cmd in commands:
+        out.append(f"## `{name}`\n\n{(cmd.help or '').strip().splitlines()[0]}\n")
         args = [p for p in cmd.params if p.param_type_name == "argument"]
         if args:
             names = (f"`{(a.metavar or a.name).upper()}` ({a.help or ''})" for a in args)
@@ -58,7 +60,7 @@ def reference() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_readme(path: Path = README) -> None:
+def write_page(path: Path = PAGE) -> None:
     text = path.read_text()
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
@@ -67,6 +69,6 @@ def write_readme(path: Path = README) -> None:
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        write_readme()
+        write_page()
     else:
         sys.stdout.write(reference())

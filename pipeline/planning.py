@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages.core.planning import encode_lines, geometry_of, train_lines
+from stages.core.planning import encode_lines, geometry_of, target_lines, train_lines
 
 from .config import load_preset
 
@@ -22,7 +22,7 @@ PAGE = ROOT / "docs" / "planning.md"
 VAE_SHAPES = {"stabilityai/sd-vae-ft-mse": (4, 8), "stabilityai/sd-vae-ft-ema": (4, 8), "REPA-E/e2e-vavae-hf": (32, 16),
               "black-forest-labs/FLUX.1-dev": (16, 8), "black-forest-labs/FLUX.1-schnell": (16, 8)}
 DINO_SHAPES = {"facebook/dinov2-base": (768, 14), "facebook/dinov2-large": (1024, 14),
-               "facebook/dinov2-giant": (1536, 14)}
+               "facebook/dinov2-giant": (1536, 14), "facebook/dinov2-with-registers-base": (768, 14)}
 TEXT_DIMS = {"google/t5-v1_1-xxl": 4096, "black-forest-labs/FLUX.1-dev": 4096}  # FLUX's text_encoder_2 is T5-XXL
 
 # (preset, samples, where the count comes from)
@@ -38,12 +38,13 @@ PRESETS = [
      f"2 152 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
     ("cc12m", 2176 * CC12M_PER_SHARD,
      f"2 176 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
+    ("rae-dit-xl", IMAGENET, "ILSVRC2012 train, the imagenet256 cache encoded with --flips"),
 ]
 
 
 def train_model(train: dict) -> str:
     """The measured training anchor a preset's network is estimated from."""
-    if str(train.get("model", "")).startswith("SiT-"):
+    if str(train.get("model", "")).startswith(("SiT-", "DiTDH-", "LightningDiT-")):
         return train["model"]
     width = {"repa-rf-w512": 512}.get(train.get("model"), train.get("width"))
     return f"dit-{width}x{train.get('depth', 9)}"
@@ -52,8 +53,12 @@ def train_model(train: dict) -> str:
 def preset_rows(name: str, samples: int) -> list[tuple[str, str, str]]:
     path = ROOT / "configs" / f"{name}.toml"
     train = load_preset(path, "train")
-    # a preset without an [encode] table trains from the official REPA cache
-    enc = load_preset(path, "encode") or load_preset(ROOT / "configs" / "imagenet256.toml", "encode")
+    # a preset without an [encode] table trains from the official REPA cache; one that adds a target, from that
+    # cache with flips and the target beside it
+    enc = load_preset(path, "encode")
+    added = enc.get("target_model") if enc.get("add_target") else None
+    if not enc or added:
+        enc = {**load_preset(ROOT / "configs" / "imagenet256.toml", "encode"), **({"flips": True} if added else {})}
     channels, down = VAE_SHAPES[enc["vae"]]
     dim, patch = DINO_SHAPES[enc["dino"]]
     text = TEXT_DIMS.get(enc.get("text_encoder")) if enc.get("text_encoder") else None
@@ -61,6 +66,10 @@ def preset_rows(name: str, samples: int) -> list[tuple[str, str, str]]:
                            enc.get("text_attention") == "unmasked", 1 if enc.get("class_tokens") else 0)
     rows = encode_lines(geometry, samples, enc.get("feature_codec", "fp16"), bool(enc.get("flips")),
                         bool(enc.get("compile")))
+    if added:
+        tdim, tpatch = DINO_SHAPES[added]
+        grid = (224 * enc["resolution"] // 256) // tpatch
+        rows += target_lines(added, grid * grid, tdim, samples)
     trains = train_lines(train_model(train), bool(train.get("compile")), train["steps"], train["batch_size"],
                          train.get("num_workers", 4))
     method = train.get("method", "repa")

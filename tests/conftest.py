@@ -11,6 +11,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# What makes a test an integration test (`make test-fast` leaves these out): it builds tiny models, shards or
+# caches, or starts an object-storage server (fixtures that use these count too), or its module says so.
+INTEGRATION_FIXTURES = {"tiny_models", "demo_shards", "labelled_shards", "train_cache", "s3_endpoint"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:

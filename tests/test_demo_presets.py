@@ -75,3 +75,39 @@ def test_make_add_targets_commands_fit_the_demo_geometry(tmp_path, tiny_models, 
     targets = read_manifest(cache).targets
     assert sorted(targets) == ["dino-reg", "siglip"]
     assert all(t["grid"] == read_manifest(cache).dino["grid"] for t in targets.values())
+
+
+def test_rae_demo_preset_encode_train_sample(tmp_path, tiny_models):
+    """configs/rae-demo.toml as `make encode/train/sample PRESET=rae-demo` run it after the demo's encode: the
+    target added to the demo cache, a DiT-DH on its tokens, samples through a fitted tiny decoder."""
+    import numpy as np
+    from PIL import Image
+
+    rae = str(ROOT / "configs" / "rae-demo.toml")
+    runner = CliRunner()
+    data = tmp_path / "data" / "cc12m-train-{0000..0001}.tar"
+    r = runner.invoke(app, ["data", "demo", "--out", str(tmp_path / "data"), "--shards", "2",
+                            "--samples-per-shard", "24"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["encode", "--config", DEMO, "--source", str(data), "--cache", str(tmp_path / "cache"),
+                            "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
+                            "--text-encoder", str(tiny_models["text"]), "--num-workers", "0"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["encode", "--config", rae, "--cache", str(tmp_path / "cache"),
+                            "--target-model", str(tiny_models["dino-reg"]), "--num-workers", "0"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["encoders", "fit-rae-decoder", "--source", str(data),
+                            "--dino", str(tiny_models["dino-reg"]), "--out", str(tmp_path / "decoder"), "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--config", rae, "--cache", str(tmp_path / "cache"),
+                            "--run-dir", str(tmp_path / "run"), "--steps", "4", "--batch-size", "8",
+                            "--num-workers", "0", "--val-every", "2", "--ckpt-every", "4", "--report-to", "none"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "stat.pt").is_file()
+    r = runner.invoke(app, ["sample", "--config", rae, "--run-dir", str(tmp_path / "run"),
+                            "--out", str(tmp_path / "samples"), "--rae-decoder", str(tmp_path / "decoder"),
+                            "--num-samples", "3", "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    grid = np.asarray(Image.open(tmp_path / "samples" / "grid.png"))
+    assert grid.ndim == 3 and grid.std() > 0 and (tmp_path / "samples" / "reference.png").exists()
+    assert len(list((tmp_path / "samples").glob("0*.png"))) == 3

@@ -142,3 +142,23 @@ def test_brace_patterns_cover_exactly_the_files():
     from braceexpand import braceexpand
 
     assert sorted(u for p in patterns for piece in p.split("::") for u in braceexpand(piece)) == sorted(paths)
+
+
+def test_imagenet_from_timm_fetches_as_cc12m_does_gated_first_then_shards_ready_to_encode(tmp_path, online):
+    """timm/imagenet-1k-wds (gated) in its file naming: the login line, then after access the shards and one
+    brace pattern per split, which names exactly what was fetched."""
+    repo, root = "timm/imagenet-1k-wds", tmp_path / "hub"
+    write_demo_shards(root, num_shards=3, samples_per_shard=2, labels=True, prefix="imagenet1k-train")
+    write_demo_shards(root, num_shards=2, samples_per_shard=2, labels=True, prefix="imagenet1k-validation")
+    with LocalHub({repo: root}) as hub:
+        hub.gated.add(repo)
+        with pytest.raises(FetchError, match=f"{repo} is gated: accept its terms .* `hf auth login` or set HF_TOKEN"):
+            run_fetch(FetchConfig(repo=repo, out=tmp_path / "gated", endpoint=hub.url))
+        assert not (tmp_path / "gated").exists()
+        hub.gated.clear()
+        out = tmp_path / "imagenet-wds"
+        summary = run_fetch(FetchConfig(repo=repo, out=out, endpoint=hub.url), log=lambda m: None)
+    assert _shards(out) == _shards(root)
+    patterns = [line.split("=", 1)[1].strip("'") for line in summary.lines if "make encode SOURCE=" in line]
+    assert patterns == [f"{out}/imagenet1k-train-{{0000..0002}}.tar", f"{out}/imagenet1k-validation-{{0000..0001}}.tar"]
+    assert sorted(os.path.basename(u) for p in patterns for u in expand_source(p)) == _shards(root)

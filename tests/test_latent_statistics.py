@@ -96,7 +96,7 @@ def test_malformed_channel_statistics_are_refused_in_one_line(mean, std):
 def test_training_and_validation_draw_their_latents_with_the_channel_statistics(stats_cache, tmp_path, monkeypatch):
     import math
 
-    from stages.train import loop, validation
+    from stages.core.diffusion import diffusion_variable
     from stages.train.loop import run_train
 
     from .test_train import tiny_train
@@ -107,8 +107,7 @@ def test_training_and_validation_draw_their_latents_with_the_channel_statistics(
         factors.append((scale, shift))
         return sample_latents(moments, scale, shift, **kw)
 
-    monkeypatch.setattr(loop, "sample_latents", recording)
-    monkeypatch.setattr(validation, "sample_latents", recording)
+    monkeypatch.setattr(diffusion_variable, "sample_latents", recording)  # training and validation both draw here
     result = run_train(tiny_train(stats_cache, tmp_path / "run", batch_size=4))
     assert math.isfinite(result.final_val["denoise"])
     assert len(factors) > 6  # every step and every validation batch

@@ -245,6 +245,17 @@ def test_report_colours_and_dashes_stand_for_the_settings_that_differ():
                                                    "width = 64", "width = 128"]
 
 
+def test_final_losses_are_joined_by_a_line_over_numbers_never_between_named_methods():
+    from stages.train.report import RunReport, ordered_axis
+
+    def runs(key, values):
+        return [RunReport(run=str(v), path=Path("."), config={key: v}) for v in values]
+
+    assert ordered_axis(runs("repa_lambda", [0.0, 0.5, 1]), "repa_lambda")
+    assert not ordered_axis(runs("method", ["sit", "repa", "dispersive"]), "method")
+    assert not ordered_axis(runs("flip", [True, False]), "flip") and not ordered_axis(runs("x", [1]), None)
+
+
 def test_a_report_is_written_beside_its_runs_not_in_the_working_directory(finished_sweep, tmp_path, monkeypatch):
     _, out, _ = finished_sweep
     monkeypatch.chdir(tmp_path)

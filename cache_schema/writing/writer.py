@@ -301,7 +301,8 @@ def start_encode(cache_dir: Path, template: Manifest, overwrite: bool, sources: 
 def start_target(cache_dir: Path, name: str, entry: dict) -> Manifest:
     """Register added target ``name`` (its manifest entry: settings, fingerprint, geometry, fields) in the
     manifest of an existing cache and create its directories. A target of that name made with other
-    settings is refused; the same settings resume it. Nothing else in the manifest changes."""
+    settings is refused; the same settings resume it (and record the encoder's final LayerNorm if the entry
+    lacked it). Nothing else in the manifest changes."""
     cache_dir = Path(cache_dir)
     root = target_dir(cache_dir, name)
     try:
@@ -321,6 +322,8 @@ def start_target(cache_dir: Path, name: str, entry: dict) -> Manifest:
                              "choose another target name")
         if old is None:
             m.targets = {**m.targets, name: {**entry, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+        elif "layernorm" in entry and "layernorm" not in old:  # added before the LayerNorm was recorded
+            m.targets = {**m.targets, name: {**old, "layernorm": entry["layernorm"]}}
         return m
 
     return update_manifest(cache_dir, merge).with_parts(read_records(cache_dir))

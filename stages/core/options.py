@@ -2,7 +2,7 @@
 
 A stage's config is a dataclass whose fields are made with :func:`option`. From that single
 declaration the CLI builds the typer command (``pipeline.commands``), TOML presets are checked and
-converted (``pipeline.config``), the README reference is generated (``pipeline.docs``) and values
+converted (``pipeline.config``), the CLI reference, docs/cli.md, is generated (``pipeline.docs``) and values
 are checked (:func:`check`), so a flag, a preset key and its error message cannot drift apart.
 
     @dataclass

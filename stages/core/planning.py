@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cache_schema.format.sizes import caption_tokens, sample_bytes
+from cache_schema.format.sizes import caption_tokens, sample_bytes, token_bytes
 
 # Encoder images/s on one H100 (batch 64-256, 256 px): (rate, what was measured).
 VAE_RATES = {  # by latent channels: SD-VAE has 4, FLUX's VAE 16
@@ -98,6 +98,17 @@ def encode_lines(geometry: Geometry, samples: int | None, codec: str, flips: boo
                      f"{rate:.0f} img/s per GPU ({basis})"))
     else:
         rows.append(("encode", "not estimated", basis))
+    return rows
+
+
+def target_lines(name: str, tokens: int, dim: int, samples: int | None) -> list[tuple[str, str, str]]:
+    """Rows for an added alignment target's patch tokens (fp16, as RAE's latent needs), with and without flips."""
+    one = token_bytes(tokens, dim, "fp16")
+    rows = [(f"bytes/sample of target {name}", f"{_size(one)} fp16; with flips {_size(2 * one)}",
+             f"{tokens} tokens x {dim} x 2 B")]
+    if samples:
+        rows.append((f"target {name} for all samples", f"{_size(one * samples)}; with flips {_size(2 * one * samples)}",
+                     f"{samples:,} samples"))
     return rows
 
 

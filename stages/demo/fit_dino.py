@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .adam_fit import adam_fit
 from .data import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, DrawnShape, class_id, draw_shape
 from .fit_vae import prepared_demo_samples
 
@@ -107,29 +108,22 @@ def fit_dino(model, data: DemoPatches, resolution: int, steps: int, batch_size: 
     from stages.core.encoders.features import dino_preprocess
 
     dim = model.config.hidden_size
-    g = torch.Generator().manual_seed(seed)
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, n) for k, n in TARGETS.items()})
     heads["class"] = torch.nn.Linear(dim, CLASSES)
     params = [p for p in model.parameters()] + list(heads.parameters())
     model.embeddings.position_embeddings.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2)
     labels = {k: torch.from_numpy(v).reshape(len(v), -1) for k, v in data.labels.items()}
     classes = torch.from_numpy(data.classes)
-    model.train()
-    losses = []
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         hidden = model(pixel_values=dino_preprocess(images[idx], resolution)).last_hidden_state
         patches, cls = hidden[:, 1:], hidden[:, 0]
         loss = sum(F.cross_entropy(heads[k](patches).flatten(0, 1), labels[k][idx].flatten()) for k in TARGETS)
-        loss = loss + F.cross_entropy(heads["class"](cls), classes[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress:
-            progress(step, losses[-1])
+        return loss + F.cross_entropy(heads["class"](cls), classes[idx])
+
+    model.train()
+    losses = adam_fit(params, batch_loss, len(images), steps, batch_size, lr, seed, progress)
     model.eval()
     return losses
 

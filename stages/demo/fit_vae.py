@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from .adam_fit import adam_fit
+
 CONSTANT = 20.0  # the constant channel: GroupNorm's scale then varies by < 1% with the image
 LOGVAR = -10.0  # posterior std exp(-5) ~ 0.007: the block colours, barely blurred by sampling
 SIGNALS = 4  # carried channels: R, G, B and the constant; each also negated
@@ -130,20 +132,14 @@ def fit_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: int 
     reconstruction error of posterior samples, then set its ``shift_factor`` and ``scaling_factor``; returns
     the losses."""
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    vae.train()
-    losses = []
-    for step in range(steps):
-        x = x_all[torch.randint(0, len(x_all), (batch_size,), generator=g)]
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        x = x_all[idx]
         posterior = vae.encode(x).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress:
-            progress(step, losses[-1])
+        return F.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x)
+
+    vae.train()
+    losses = adam_fit(vae.parameters(), batch_loss, len(x_all), steps, batch_size, lr, seed, progress)
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(x_all[i : i + 64]).latent_dist.mean for i in range(0, len(x_all), 64)])

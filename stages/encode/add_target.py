@@ -65,9 +65,13 @@ def target_entry(name: str, enc: TargetEncoder, cfg: EncodeConfig, manifest: Man
     if manifest.flips:
         settings["flips"] = True
     fields = target_fields(name, enc.tokens, enc.dim, codec, enc.class_tokens, manifest.flips)
-    return {"settings": settings, "fingerprint": target_fingerprint(settings), **enc.info(),
-            "fields": {n: field_to_json(f) for n, f in fields.items()},
-            "encoder": ModelSource(cfg.target_model).to_json()}
+    entry = {"settings": settings, "fingerprint": target_fingerprint(settings), **enc.info(),
+             "fields": {n: field_to_json(f) for n, f in fields.items()},
+             "encoder": ModelSource(cfg.target_model).to_json()}
+    layernorm = enc.final_layernorm()
+    if layernorm is not None:  # RAE's latent is DINOv2's tokens without this affine part (docs/rae.md)
+        entry["layernorm"] = layernorm
+    return entry
 
 
 def locate_sources(cfg: EncodeConfig, parts: list[dict]) -> dict[str, Shard]:

@@ -34,13 +34,25 @@ class SamplingOptions:
     sampler: str = option(
         "euler", "euler or heun (ODE), sde (Euler-Maruyama, as REPA's paper numbers).", choices=SAMPLER_NAMES,
     )
-    steps: int | None = option(None, "Sampling steps.", default_text="50 for euler/heun, 250 for sde", gt=0)
+    steps: int | None = option(
+        None, "Sampling steps (--diffuse runs: points of RAE's shifted Euler grid, one step fewer).",
+        default_text="50 for euler/heun, 250 for sde", gt=0,
+    )
     seed: int = option(0, "Image i starts from noise seeded with (seed, i).", ge=0)
     guidance_scale: float = option(
         1.0, "Classifier-free guidance scale (1: none).", flags=("--guidance-scale", "--cfg"), ge=0,
     )
     guidance_low: float = option(0.0, "Guidance only for t >= this (t = 1 is noise, 0 is data).")
     guidance_high: float = option(1.0, "Guidance only for t <= this (REPA: scale 1.8 with 0.7).")
+    rae_decoder: str | None = option(
+        None, "Runs trained with --diffuse (RAE): the RAE decoder's weights, RAE's model.pt (read with "
+        "weights_only=True), a folder holding model.pt and config.json, or hf://OWNER/REPO/PATH/model.pt.",
+        metavar="FILE|DIR|hf://...",
+    )
+    rae_decoder_config: str = option(
+        "ViTXL", "The RAE decoder's shape: ViTB, ViTL, ViTXL or RAE's config.json (a --rae-decoder folder's own "
+        "config.json is used first).", metavar="PRESET|FILE",
+    )
     batch_size: int = option(64, "Images per sampling batch on each process.", gt=0)
     num_samples: int = option(16, "Images to generate (prompts or classes are cycled).", gt=0)
     threads: int | None = option(

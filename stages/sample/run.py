@@ -25,6 +25,7 @@ from torch import Tensor
 from cache_schema import Manifest
 from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.data.codec import dequantize_int8, quantize_int8
+from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.diffusion.family import JointState
 from stages.core.diffusion.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sample
 from stages.core.errors import UsageError
@@ -48,6 +49,7 @@ from .decode import (
     save_png,
     write_grid,
 )
+from .rae_decode import TokenDecoder, check_sampler, load_run_decoder, real_token_images, sample_tokens
 
 REFERENCE_MAX_IMAGES = 16
 SIDECAR = "samples.json"
@@ -71,6 +73,7 @@ class LoadedRun:
     cache: Path
     manifest: Manifest
     train_config: dict  # the TrainConfig the run was trained with, as JSON
+    variable: TargetTokens | None = None  # a --diffuse run's variable (RAE); None: VAE latents
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -101,7 +104,9 @@ def load_run(
     model.load_state_dict(ckpt["ema" if ema else "model"])
     del model.projectors[:]  # REPA's projectors only serve the training loss
     model.to(device).eval().requires_grad_(False)
-    return LoadedRun(model, ckpt["cond"], Path(checkpoint), int(ckpt["step"]), ema, cache_dir, manifest, ckpt["config"])
+    variable = TargetTokens.from_record(ckpt["diffusion"]) if ckpt.get("diffusion") else None
+    return LoadedRun(model, ckpt["cond"], Path(checkpoint), int(ckpt["step"]), ema, cache_dir, manifest, ckpt["config"],
+                     variable)
 
 
 #################################################################################
@@ -316,7 +321,12 @@ class ImageSampler:
             raise UsageError(f"--guidance-scale {options.guidance_scale}: {run.checkpoint} is unconditional; "
                              "guidance needs a conditional run")
         self.run, self.options, self.conditions, self.device = run, options, conditions, device
-        self.decoder = LatentDecoder(run.manifest, device)
+        if run.variable is not None:
+            check_sampler(options.sampler, run.variable)
+            decoder = load_run_decoder(options.rae_decoder, options.rae_decoder_config, run.variable, device)
+            self.decoder = TokenDecoder(run.variable, decoder, device)
+        else:
+            self.decoder = LatentDecoder(run.manifest, device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
         cls_dim = getattr(run.model.config, "class_token_dim", 0)
         self.joint = JointState(run.latent_shape, cls_dim) if cls_dim else None  # REG: the class token too
@@ -339,6 +349,8 @@ class ImageSampler:
         generators = None
         if o.sampler in STOCHASTIC:
             generators = [generator(o.seed, i, 1, device=self.device) for i in indices]
+        if self.run.variable is not None:
+            return sample_tokens(fn, noise, self.run.variable, o.sampler, o.steps)
         out = sample(fn, noise, o.sampler, o.steps, generator=generators)
         return out if self.joint is None else self.joint.unpack(out)[0]
 
@@ -349,7 +361,9 @@ class ImageSampler:
 
 def reference_images(run: LoadedRun, decoder: LatentDecoder, count: int) -> tuple[np.ndarray, list[str]]:
     """Real images of the cache through the same VAE (the run's held-out samples, else its first ones),
-    uint8 (N, H, W, 3), and their captions: the best the samples can look with this VAE."""
+    uint8 (N, H, W, 3), and their captions: the best the samples can look with this VAE (or RAE decoder)."""
+    if isinstance(decoder, TokenDecoder):
+        return real_token_images(run.cache, held_out_ids(run)[:count], decoder)
     return real_images(run.cache, held_out_ids(run)[:count], decoder)
 
 
@@ -423,6 +437,7 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
         grid_picture(list(real), real_captions).save(reference)
         atomic_write_json(sidecar, {"images": sidecar_entries(cfg, run, conditions), "grid": grid.name,
                                     "reference": reference.name})
-        log(f"wrote {len(files)} images, {grid.name}, {reference.name} (real images through the same VAE) and "
+        through = "RAE decoder" if run.variable is not None else "VAE"
+        log(f"wrote {len(files)} images, {grid.name}, {reference.name} (real images through the same {through}) and "
             f"{sidecar.name} to {out}")
     return SampleResult(out, files, grid, sidecar, reference)

@@ -18,10 +18,19 @@ from .methods import METHODS, NEUTRAL, method_parts, method_settings
 
 CONDITIONINGS = ("auto", "class", "text", "none")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
-LR_SCHEDULES = ("constant", "cosine", "repa-rf-cosine")
+LR_SCHEDULES = ("constant", "cosine", "repa-rf-cosine", "linear-decay")
 PARAM_GROUPS = ("uniform", "repa-rf-mup")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """--targets, --target-lambdas and --align-layers, parsed and checked once (``TrainConfig.alignment``)."""
+
+    targets: tuple[str, ...]  # the projectors' order
+    lambdas: tuple[float, ...] | None  # one REPA weight per target; None: --repa-lambda for all
+    layers: tuple[int, ...]  # one block per target; empty: --align-layer for all
 
 
 @dataclass
@@ -37,16 +46,22 @@ class TrainConfig:
     # -- model ------------------------------------------------------------------------------------
     model: str | None = option(
         "SiT-XL/2", "Preset: SiT-B/2, SiT-L/2, SiT-XL/2 (and /4, /8), repa-rf-w512/w1024/w2048 (repa-rf's "
-        "DiT), or none to use --width/--depth.", choices=tuple(MODEL_PRESETS), none_word=True,
+        "DiT), RAE's DiTDH-S, DiTDH-XL and LightningDiT-B/1, -L/1, -XL/1, or none to use --width/--depth.",
+        choices=tuple(MODEL_PRESETS), none_word=True,
     )
     arch: str | None = option(
-        None, "Network family: sit (official REPA's SiT) or repa-rf (repa-rf's CC12M DiT).",
+        None, "Network family: sit (official REPA's SiT), repa-rf (repa-rf's CC12M DiT), dit-dh or lightning-dit "
+        "(RAE's, class-conditional or unconditional, no REPA projector).",
         default_text="the preset's, else sit", choices=ARCHS,
     )
     width: int | None = option(None, "Hidden size (a multiple of --head-dim); overrides the preset.", gt=0)
     depth: int | None = option(None, "Number of blocks; overrides the preset.", gt=0)
     head_dim: int | None = option(None, "Channels per attention head; overrides the preset's heads.", gt=0)
     patch_size: int | None = option(None, "Latent pixels per token side; overrides the preset.", gt=0)
+    head_width: int | None = option(
+        None, "DiT-DH: hidden size of the wide head (its heads: --head-dim each); overrides the preset.", gt=0,
+    )
+    head_depth: int | None = option(None, "DiT-DH: blocks of the wide head; overrides the preset.", gt=0)
     cond: str = option(
         "auto", "Conditioning: auto (text if the cache has captions, else class if labelled, else none), "
         "class, text, none.", choices=CONDITIONINGS,
@@ -57,7 +72,22 @@ class TrainConfig:
         "repa-rf's DiT does).",
     )
     # -- objective --------------------------------------------------------------------------------
-    time_sampling: str = option("uniform", "t distribution: uniform or logit-normal.", choices=TIME_SAMPLINGS)
+    diffuse: str | None = option(
+        None, "Diffuse this alignment target's patch tokens instead of the VAE latents (RAE, docs/rae.md): the "
+        "cached fp16 tokens as a (dim, grid, grid) latent, final-LayerNorm affine removed where the cache records "
+        "it, normalised per element by statistics over the training split (RUN_DIR/stat.pt, RAE's format), t "
+        "shifted by sqrt(dim·grid²/4096); no REPA term (--method sit).", metavar="TARGET", none_word=True,
+        default_text="none: the VAE latents",
+    )
+    diffuse_stats: Path | None = option(
+        None, "--diffuse: normalise with these statistics (RAE's stat.pt, {mean, var} of shape (dim, grid, grid)) "
+        "instead of computing them over the cache.", metavar="FILE",
+        default_text="RUN_DIR/stat.pt, computed once and reused on resume",
+    )
+    time_sampling: str = option(
+        "uniform", "t distribution: uniform or logit-normal (with --diffuse: RAE's, drawn on [0, 0.999], the "
+        "logit-normal truncated there, then shifted).", choices=TIME_SAMPLINGS,
+    )
     method: str = option(
         "repa", f"Objective, as its official code sets it (docs/methods.md): {', '.join(METHODS)}, or several joined "
         "by + (e.g. reg+irepa). The options below that it sets take its values unless given.", metavar="NAME",
@@ -136,10 +166,20 @@ class TrainConfig:
     lr: float = option(1e-4, "AdamW learning rate (the base rate of --param-groups repa-rf-mup).", gt=0)
     lr_schedule: str = option(
         "constant", "constant; cosine: decay to 0 after a linear warmup from lr/warmup; repa-rf-cosine: transformers' "
-        "cosine schedule with warmup as repa-rf uses it (warmup from 0, 10% of --steps unless --warmup-steps).",
+        "cosine schedule with warmup as repa-rf uses it (warmup from 0, 10% of --steps unless --warmup-steps); "
+        "linear-decay: RAE's, constant, then linear to --final-lr between --lr-decay-start and --lr-decay-end, "
+        "then constant.",
         choices=LR_SCHEDULES, aliases=(("seed-cosine", "repa-rf-cosine"),),
     )
     warmup_steps: int = option(0, "Linear warmup steps.", ge=0)
+    lr_decay_start: int = option(
+        0, "linear-decay: the step after which the lr falls linearly from --lr (RAE: 40 epochs).", ge=0,
+    )
+    lr_decay_end: int | None = option(
+        None, "linear-decay: the step at which it reaches --final-lr, kept from there on (RAE: 800 epochs).", gt=0,
+        default_text="--steps",
+    )
+    final_lr: float = option(0.0, "linear-decay: the lr from --lr-decay-end on (RAE: 2e-5).", ge=0)
     weight_decay: float = option(0.0, "AdamW weight decay (the base decay of --param-groups repa-rf-mup).", ge=0)
     adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.", metavar="B1 B2")
     param_groups: str = option(
@@ -232,6 +272,7 @@ class TrainConfig:
 
     def check(self) -> None:
         method_parts(self.method)
+        self.alignment()
         if self.dispersive_lambda > 0 and not self.dispersive_layer:
             raise UsageError(f"--dispersive-lambda {self.dispersive_lambda}: give --dispersive-layer, the block whose "
                              "output it spreads")
@@ -247,6 +288,21 @@ class TrainConfig:
         parse_signals(self.stop_signals)
         if not 0 < self.adam_betas[0] < 1 or not 0 < self.adam_betas[1] < 1:
             raise UsageError(f"--adam-betas {self.adam_betas[0]} {self.adam_betas[1]}: both must be in (0, 1)")
+        if self.lr_schedule == "linear-decay" and (self.lr_decay_end or self.steps) <= self.lr_decay_start:
+            raise UsageError(f"--lr-decay-end {self.lr_decay_end or self.steps} must come after --lr-decay-start "
+                             f"{self.lr_decay_start}")
+        if self.diffuse_stats is not None and not self.diffuse:
+            raise UsageError("--diffuse-stats normalises the tokens of --diffuse TARGET; give --diffuse or drop it")
+        if self.diffuse:
+            extras = {"--repa-lambda": self.repa_lambda, "--class-token-weight": self.class_token_weight,
+                      "--dispersive-lambda": self.dispersive_lambda}
+            given = next((flag for flag, value in extras.items() if value > 0), None)
+            if given:
+                raise UsageError(f"--diffuse {self.diffuse}: the model diffuses the target itself, so there is no "
+                                 f"alignment term ({given} is {extras[given]}); pass --method sit")
+            if self.preview_every:
+                raise UsageError(f"--diffuse {self.diffuse}: previews are decoded with the VAE; pass --preview-every "
+                                 "0 and draw images with `repa sample`, which decodes with the RAE decoder")
 
     def target_names(self) -> list[str]:
         """--targets as a list: the projectors' order (default: the cache's first target)."""
@@ -284,6 +340,10 @@ class TrainConfig:
                              f"({', '.join(self.target_names())})")
         return values
 
+    def alignment(self) -> Alignment:
+        lambdas = self.lambdas()
+        return Alignment(tuple(self.target_names()), None if lambdas is None else tuple(lambdas), self.layers())
+
     def to_json(self) -> dict:
         return to_json(self)
 
@@ -298,7 +358,9 @@ RESUMABLE_CHANGES = frozenset(
 
 
 # Settings added after runs existed: a checkpoint without one was made with this value.
-LATER_SETTINGS = {"flip": False, "method": "repa", **{k: v for k, v in NEUTRAL.items() if k != "repa_lambda"}}
+LATER_SETTINGS = {"flip": False, "method": "repa", **{k: v for k, v in NEUTRAL.items() if k != "repa_lambda"},
+                  "diffuse": None, "diffuse_stats": None, "head_width": None, "head_depth": None, "lr_decay_start": 0,
+                  "lr_decay_end": None, "final_lr": 0.0}
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

@@ -181,11 +181,13 @@ class CacheBatchDataset(Dataset):
         flips: bool = False,
         index: dict[str, np.ndarray] | None = None,
         class_tokens: bool = False,
+        need_moments: bool = True,
     ):
-        """``targets``: the alignment targets read with ``need_dino`` (default: the first, dino); ``flips``:
-        serve ``~id`` flipped (the cache must hold flips); ``index``: labels or caption spans another dataset
-        over the same parts has read already (not read again); ``class_tokens``: also ``{target}_cls`` of each
-        target read (of the first one without ``need_dino``), for REG."""
+        """``need_moments`` False: no VAE moments (a run diffusing a target's tokens); ``targets``: the alignment
+        targets read with ``need_dino`` (default: the first, dino); ``flips``: serve ``~id`` flipped (the cache
+        must hold flips); ``index``: labels or caption spans another dataset over the same parts has read already
+        (not read again); ``class_tokens``: also ``{target}_cls`` of each target read (of the first one without
+        ``need_dino``), for REG."""
         self.reader = FastReader(cache_dir, parts)
         wanted = ({"label"} if need_label else set()) | ({"text_start", "text_count"} if need_text else set())
         self.reader.adopt_index({k: v for k, v in (index or {}).items() if k in wanted})
@@ -198,7 +200,7 @@ class CacheBatchDataset(Dataset):
         cls_targets = (named if need_dino else named[:1]) if class_tokens else []
         targets = (targets or ["dino"]) if need_dino else []
         self.reader.require_targets(targets)
-        names = ["moments"] + targets + (["label"] if need_label else [])
+        names = (["moments"] if need_moments else []) + targets + (["label"] if need_label else [])
         if self.reader.manifest.codec == "int8":
             names += [f"{name}_scale" for name in targets]
         names += [f"{name}_cls" for name in cls_targets]

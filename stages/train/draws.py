@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.core.diffusion.objective import sample_t
+from stages.core.diffusion.time_shift import sample_train_t
 from stages.core.model.conditioning import Conditioner
 from stages.core.runtime.seeding import generator
 
@@ -36,7 +37,7 @@ from .data import piece_index
 class StepDraws:
     """The draws of one global batch (``latent_noise``: one per distinct image; the rest: one per row)."""
 
-    latent_noise: torch.Tensor  # (D, C, h, w)
+    latent_noise: torch.Tensor | None  # (D, C, h, w); None: nothing to sample (a target's tokens, RAE)
     t: torch.Tensor  # (K * D,)
     noise: torch.Tensor  # (K * D, C, h, w)
     drop: torch.Tensor | None  # (K * D,) bool: the row's condition is replaced by the null one; None: no dropout
@@ -45,7 +46,7 @@ class StepDraws:
 
     @property
     def distinct(self) -> int:
-        return self.latent_noise.shape[0]
+        return self.t.shape[0] // self.multiplicity
 
     def piece(self, rank: int, micro: int, world_size: int, grad_accum: int) -> StepDraws:
         """The draws of micro-batch ``micro`` of rank ``rank``: piece ``index = piece_index(...)`` of the global
@@ -54,8 +55,8 @@ class StepDraws:
         index, d = piece_index(rank, micro, world_size), self.distinct // (world_size * grad_accum)
         images = torch.arange(index * d, (index + 1) * d, device=self.t.device)
         rows = (torch.arange(self.multiplicity, device=self.t.device)[:, None] * self.distinct + images).reshape(-1)
-        return StepDraws(self.latent_noise[images], self.t[rows], self.noise[rows],
-                         None if self.drop is None else self.drop[rows], self.multiplicity,
+        return StepDraws(None if self.latent_noise is None else self.latent_noise[images], self.t[rows],
+                         self.noise[rows], None if self.drop is None else self.drop[rows], self.multiplicity,
                          None if self.cls_noise is None else self.cls_noise[rows])
 
 
@@ -65,15 +66,20 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 
 
 def draw_step(seed: int, step: int, distinct: int, multiplicity: int, latent: dict, time_sampling: str,
-              conditioner: Conditioner, device: torch.device, cls_dim: int | None = None) -> StepDraws:
+              conditioner: Conditioner, device: torch.device, cls_dim: int | None = None, posterior: bool = True,
+              time_shift: float | None = None) -> StepDraws:
     """Every random draw of step ``step``'s global batch of ``distinct`` images x ``multiplicity`` copies;
-    ``latent``: the manifest's latent shape (``channels``, ``size``); ``cls_dim``: with REG, the class token's
-    width, whose path noise per row is drawn last."""
+    ``latent``: the diffused latent's shape (``channels``, ``size``); ``cls_dim``: with REG, the class token's
+    width, whose path noise per row is drawn last. ``posterior`` False (a target's tokens, RAE): no posterior
+    noise is drawn; ``time_shift``: t drawn as RAE draws it (``time_shift.sample_train_t``) with that shift."""
     gen = step_generator(seed, step, device)
     shape = (latent["channels"], latent["size"], latent["size"])
     rows = distinct * multiplicity
-    latent_noise = torch.randn((distinct, *shape), generator=gen, device=device)
-    t = sample_t(rows, time_sampling, gen, device)
+    latent_noise = torch.randn((distinct, *shape), generator=gen, device=device) if posterior else None
+    if time_shift is None:
+        t = sample_t(rows, time_sampling, gen, device)
+    else:
+        t = sample_train_t(rows, time_shift, gen, device, dist=time_sampling)
     noise = torch.randn((rows, *shape), generator=gen, device=device)
     drop = conditioner.drops(rows, gen, device)
     cls_noise = torch.randn((rows, cls_dim), generator=gen, device=device) if cls_dim else None

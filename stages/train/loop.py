@@ -1,6 +1,7 @@
 """`repa train`: SiT + rectified flow + REPA under accelerate, fed only by the feature cache.
 
-Reads top to bottom: helpers, then ``run_train`` (set-up, then the loop, each step a named call).
+Reads top to bottom: helpers, then ``run_train`` and ``train``: set-up calls (``stages.train.start``), then
+``run_loop``, each step a named call.
 Progress is counted in optimizer steps. The data of step ``s`` and all its randomness (latent sampling,
 t, noise, label/caption dropout, flips) are functions of (seed, s, position in the global batch), never of
 the rank or the number of processes (``EpochBatchSampler``, ``stages.train.draws``): a run resumed from a
@@ -18,15 +19,13 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from cache_schema import read_manifest, settings_diff
-from cache_schema.storage.fsutil import atomic_write_json
-from stages.core.data.split import split_cache
+from cache_schema import read_manifest
+from stages.core.diffusion.diffusion_variable import TargetTokens, VaeLatents
 from stages.core.diffusion.family_settings import FamilySettings
-from stages.core.diffusion.objective import batch_loss_terms, latent_normalisation, sample_latents
+from stages.core.diffusion.objective import batch_loss_terms
 from stages.core.errors import UsageError
 from stages.core.files.checkpoint import (
     checkpoint_contents,
@@ -37,35 +36,23 @@ from stages.core.files.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from stages.core.files.run_files import CONFIG_FILE, FINAL_FILE
+from stages.core.files.run_files import FINAL_FILE
 from stages.core.model.conditioning import Conditioner
-from stages.core.model.network import build_model, count_parameters
+from stages.core.model.network import build_model
 from stages.core.options import check
 from stages.core.runtime.cuda_settings import fast_cuda_math
 from stages.core.runtime.progress import progress_bar
 from stages.core.runtime.threads import set_threads
 
-from .config import TrainConfig
-from .data import CacheBatchDataset, EpochBatchSampler, make_loader
+from .config import Alignment, TrainConfig
 from .draws import StepDraws, draw_step
-from .metrics import TrainWindow, append_metrics, tracker_values, truncate_metrics, write_curves
-from .optim import make_optimizer, write_parameter_table
-from .prefetch import DevicePrefetcher
-from .previews import Previewer, latent_grid, preview_weights
-from .setup import (
-    build_model_config,
-    check_flip,
-    check_resume,
-    lock_run_dir,
-    prepare_run_dir,
-    resolve_cond,
-    select_training,
-    split_batch,
-    training_parts,
-)
+from .metrics import TrainWindow, append_metrics, tracker_values, write_curves
+from .optim import make_optimizer
+from .previews import latent_grid, preview_weights
+from .setup import check_flip, lock_run_dir, prepare_run_dir
+from .start import Feeds, RunData, diffusion_variable, feeds, plan_data, record_start, resume
 from .stopping import TrainStop
 from .trackers import check_trackers, log_image, make_trackers, start_trackers, tracker_config
-from .validation import Validator
 
 #################################################################################
 #                                    Helpers                                    #
@@ -99,7 +86,7 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws, repa_lambda: float, latent: dict,
+def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws, repa_lambda: float, variable,
                targets: list[str] = ("dino",), lambdas: list[float] | None = None,
                family: FamilySettings | None = None):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached.
@@ -108,10 +95,10 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
     own t, noise and dropout, as repa-rf samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
-    the --method adds to REPA (stages.core.diffusion.family)."""
-    x = tile_rows(sample_latents(batch["moments"], *latent_normalisation(latent), noise=draws.latent_noise),
-                  draws.multiplicity)
-    batch = tile({k: v for k, v in batch.items() if k != "moments"}, draws.multiplicity)
+    the --method adds to REPA (stages.core.diffusion.family); ``variable``: what is diffused
+    (stages.core.diffusion.diffusion_variable)."""
+    x = tile_rows(variable.clean(batch, draws.latent_noise), draws.multiplicity)
+    batch = tile({k: v for k, v in batch.items() if k not in variable.fields}, draws.multiplicity)
     terms = batch_loss_terms(forward, batch, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop), targets,
                              family, cls_noise=draws.cls_noise)
     return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), draws.t
@@ -141,11 +128,19 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: object
     conditioner: Conditioner
-    latent: dict
+    latent: dict  # the diffused latent's shape: channels, size
     window: TrainWindow
     param_table: list[dict]  # lr and weight decay of every parameter
     nonfinite: torch.Tensor | None = None  # on the device: set once a loss or gradient norm was not finite
     cls_dim: int | None = None  # REG: the width of the class token it denoises (its path noise is a step draw)
+    variable: object = None  # what is diffused (stages.core.diffusion.diffusion_variable); None: the VAE latents
+    alignment: Alignment | None = None  # the config's, parsed once (None: parsed here)
+
+    def __post_init__(self) -> None:
+        if self.variable is None:
+            self.variable = VaeLatents(self.latent)
+        if self.alignment is None:
+            self.alignment = self.cfg.alignment()
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -164,15 +159,17 @@ class Trainer:
         cfg, device = self.cfg, self.accelerator.device
         accum, world, rank = cfg.grad_accum, self.accelerator.num_processes, self.accelerator.process_index
         family = cfg.family(step)
+        posterior = self.variable.posterior
         draws = draw_step(cfg.seed, step, cfg.batch_size // cfg.batch_multiplicity, cfg.batch_multiplicity,
                           self.latent, cfg.time_sampling, self.conditioner, device,
-                          cls_dim=self.cls_dim if family.class_token else None)
+                          cls_dim=self.cls_dim if family.class_token else None, posterior=posterior,
+                          time_shift=None if posterior else self.variable.shift)
         for m in range(accum):
             piece = draws.piece(rank, m, world, accum)
             with nullcontext() if m == accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, next(batches), piece,
-                                                   cfg.repa_lambda, self.latent, cfg.target_names(), cfg.lambdas(),
-                                                   family)
+                                                   cfg.repa_lambda, self.variable, list(self.alignment.targets),
+                                                   self.alignment.lambdas, family)
                 self.accelerator.backward(loss / accum)
             self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / accum)
             self._flag(loss)
@@ -186,9 +183,13 @@ class Trainer:
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
 
 
-def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict) -> Trainer:
+def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict, variable=None,
+                  alignment: Alignment | None = None) -> Trainer:
     """A fresh model (seeded), its EMA, optimizer and schedule, prepared by accelerate. ``cfg.grad_accum``
-    None (not derived by ``split_batch``): one micro-batch per step."""
+    None (not derived by ``split_batch``): one micro-batch per step. ``variable``: what is diffused (default:
+    the VAE latents of the manifest record ``latent``)."""
+    if variable is not None:
+        latent = {"channels": variable.shape[0], "size": variable.shape[1]}
     cfg = replace(cfg, grad_accum=cfg.grad_accum or 1)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
@@ -199,7 +200,7 @@ def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: d
     forward = torch.compile(model) if cfg.compile else model
     conditioner = Conditioner(cond, accelerator.unwrap_model(model), cfg.cond_dropout)
     return Trainer(cfg, accelerator, model, forward, ema, optimizer, scheduler, conditioner, latent,
-                   TrainWindow(device), table)
+                   TrainWindow(device), table, variable=variable, alignment=alignment)
 
 
 def restore(trainer: Trainer, ckpt: dict) -> int:
@@ -229,7 +230,7 @@ def checkpoint_state(trainer: Trainer, step: int, cond: str, model_cfg, manifest
         model_config=asdict(model_cfg), cond=cond, fingerprint=manifest.fingerprint, latent=manifest.latent,
         cache=str(trainer.cfg.cache), parts=parts, optimizer=trainer.optimizer.state_dict(),
         scheduler=trainer.scheduler.state_dict(), rng=rng_state(), processes=trainer.accelerator.num_processes,
-        window=window)
+        window=window, diffusion=trainer.variable.record() if isinstance(trainer.variable, TargetTokens) else None)
 
 
 class Diverged(UsageError):
@@ -242,22 +243,6 @@ def stop_if_diverged(trainer: Trainer, step: int, last_good: int | None, run_dir
                  "it, and meets the same data)" if last_good else "no checkpoint was written yet")
         raise Diverged(f"step {step}: the loss or gradient became non-finite (NaN/inf) since the last check; {where}; "
                        "check the cache with `repa cache verify`, or start over with a lower --lr in a new --run-dir")
-
-
-def validation_cache(cfg: TrainConfig, manifest, needs: dict) -> tuple[CacheBatchDataset, np.ndarray]:
-    """The --val-cache dataset and its ids; it must hold features made exactly as the training cache's."""
-    val_manifest = read_manifest(cfg.val_cache)
-    if val_manifest.fingerprint != manifest.fingerprint:
-        diff = "; ".join(settings_diff(manifest.settings, val_manifest.settings)) or "fingerprint"
-        raise UsageError(f"--val-cache {cfg.val_cache}: encoded with other settings than {cfg.cache} ({diff}); "
-                         "encode the validation shards with the same settings")
-    for name in cfg.target_names():
-        if name in manifest.targets and val_manifest.targets.get(name, {}).get("fingerprint") != \
-                manifest.targets[name]["fingerprint"]:
-            raise UsageError(f"--val-cache {cfg.val_cache}: target {name} is missing or made with other settings than "
-                             f"in {cfg.cache}; add it with the same `repa encode --add-target {name}` command")
-    dataset = CacheBatchDataset(cfg.val_cache, **needs)
-    return dataset, np.arange(len(dataset), dtype=np.int64)
 
 
 class RateClock:
@@ -354,102 +339,38 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
 
 
 def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None = None) -> TrainResult:
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
     set_threads(cfg.threads, cfg.num_workers)
     check_flip(cfg, manifest)
-    resume_path = prepare_run_dir(cfg, main)
+    resume_path = prepare_run_dir(cfg, accelerator.is_main_process)
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
-    parts = training_parts(cfg, manifest, ckpt)
-
-    # -- data: conditioning, model shape and split come from the cache ---------------------------
-    probe = CacheBatchDataset(cfg.cache, need_dino=False, need_text=False, need_label=True, parts=list(parts))
-    reader = probe.reader
-    labels = reader.index_arrays()["label"]
-    cond = resolve_cond(cfg, manifest, labels)
-    model_cfg = build_model_config(cfg, manifest, cond, labels)
-    repa = model_cfg.repa
-    cfg = replace(cfg, grad_accum=split_batch(cfg, world, ckpt))
-    micro = cfg.batch_size // (world * cfg.grad_accum)  # rows per process and micro-batch, copies included
-    train_ids, val_ids = split_cache(reader, cfg.val_fraction)
-    train_ids = select_training(cfg, reader, train_ids)
-    needs = dict(need_dino=repa, need_text=cond == "text", need_label=cond == "class", targets=cfg.target_names(),
-                 class_tokens=cfg.class_token_weight > 0)
-    # validation reads it unflipped
-    dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)
-    val_dataset = dataset
-    if cfg.val_cache is not None:
-        val_dataset, val_ids = validation_cache(cfg, manifest, needs)
-    try:
-        first_epoch = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
-                                        name=f"the training split of {cfg.cache}", flip=cfg.flip,
-                                        grad_accum=cfg.grad_accum)
-    except ValueError as e:
-        raise UsageError(f"--batch-size {cfg.batch_size}: {e}") from None
-
-    # -- model, optimizer, resume -----------------------------------------------------------------
-    trainer = build_trainer(cfg, accelerator, model_cfg, cond, manifest.latent)
+    data = plan_data(cfg, manifest, accelerator, ckpt)
+    cfg = data.cfg
+    variable = diffusion_variable(data, manifest, ckpt, accelerator, log)
+    trainer = build_trainer(cfg, accelerator, data.model_cfg, data.cond, manifest.latent, variable, data.alignment)
     if cfg.class_token_weight > 0:  # REG denoises the first target's class token
-        first = cfg.target_names()[0]
+        first = data.alignment.targets[0]
         trainer.cls_dim = int((manifest.dino if first == "dino" else manifest.targets[first])["dim"])
-    start_step = 0
-    if ckpt is not None:
-        start_step = restore(trainer, check_resume(ckpt, resume_path, cfg, manifest, model_cfg))
-        if "window" in ckpt:
-            trainer.window.load(ckpt["window"], main)
-        old_draws = "processes" not in ckpt
-        del ckpt
-        if start_step >= cfg.steps:  # a finished run, rerun: nothing to do, nothing touched
-            if main:
-                log(f"{cfg.run_dir} is already trained to step {start_step} (--steps {cfg.steps}); nothing to do "
-                    "(raise --steps to train further)")
-            return TrainResult(steps=start_step, final_val=None, run_dir=Path(cfg.run_dir))
-        if main:
-            log(f"resumed from {resume_path} at step {start_step}")
-            if old_draws:
-                log(f"{resume_path} was written by a version whose data order and noise depended on the rank: the "
-                    "run goes on from its weights and optimizer state with draws keyed by position in the global "
-                    "batch, so it is not the step-for-step continuation an earlier version would have run")
-    if main:  # a resumed run logs the steps after its checkpoint again; a fresh one starts from nothing
-        truncate_metrics(cfg.run_dir, start_step)
-    sampler = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, rank, world,
-                                start=first_epoch.position_after(start_step), flip=cfg.flip, grad_accum=cfg.grad_accum)
-    # Under torch.compile captions are padded to the cache's maximum, so every step has the same shapes.
-    text_length = manifest.settings.get("max_text_tokens") if cfg.compile and cond == "text" else None
-    batches = DevicePrefetcher(iter(make_loader(dataset, sampler, cfg.num_workers, pin_memory=device.type == "cuda")),
-                               device, text_length)
-    validator = None
-    if len(val_ids):
-        validator = Validator(val_dataset, val_ids, cfg.max_val_samples, max(micro, 1), manifest.latent, rank, world,
-                              device, repa=repa, targets=cfg.target_names(), family=cfg.family())
-    previewer = None
-    if cfg.preview_every and main and len(val_ids):
-        previewer = Previewer(val_dataset, val_ids, manifest.latent)
-
-    # -- bookkeeping: config.json, trackers, progress ---------------------------------------------
-    params = count_parameters(trainer.raw_model)
-    if main:
-        atomic_write_json(Path(cfg.run_dir) / CONFIG_FILE, {
-            "config": cfg.to_json(), "model_config": asdict(model_cfg), "cond": cond, "parameters": params,
-            "cache_fingerprint": manifest.fingerprint, "train_samples": len(train_ids), "val_samples": len(val_ids),
-            "parts": len(parts), "cache_status": manifest.completeness(),
-            "val_cache": str(cfg.val_cache) if cfg.val_cache else None,
-        })
-        write_parameter_table(cfg.run_dir, trainer.param_table)
-        log(f"train: {model_cfg.preset or 'custom'} width {model_cfg.width} depth {model_cfg.depth} "
-            f"({params / 1e6:.2f} M params), cond={cond}, method {cfg.method}, "
-            + (f"REPA lambda={cfg.target_lambdas or cfg.repa_lambda} to {cfg.targets or 'dino'} at block "
-               f"{cfg.align_layers or model_cfg.align_layer}, " if repa else "no REPA, ")
-            + f"{len(train_ids)} train / {len(val_ids)} val samples"
-            + (f" (from {cfg.val_cache})" if cfg.val_cache else "" if len(val_ids) else " (no validation)")
-            + f", batch {cfg.batch_size} = {world} proc x {cfg.grad_accum} accum x {micro}"
-            + (f" ({micro // cfg.batch_multiplicity} distinct x {cfg.batch_multiplicity})"
-               if cfg.batch_multiplicity > 1 else "") + f", device {device}")
+    start_step = resume(trainer, ckpt, resume_path, data, manifest, restore, log) if ckpt is not None else 0
+    del ckpt
+    if start_step >= cfg.steps:  # a finished run, rerun: nothing to do, nothing touched
+        if accelerator.is_main_process:
+            log(f"{cfg.run_dir} is already trained to step {start_step} (--steps {cfg.steps}); nothing to do "
+                "(raise --steps to train further)")
+        return TrainResult(steps=start_step, final_val=None, run_dir=Path(cfg.run_dir))
+    feed = feeds(data, trainer, manifest, start_step)
+    params = record_start(data, trainer, manifest, log)
     start_trackers(accelerator, cfg, tracker_config(cfg, params, manifest.fingerprint), start_step)
     stop = stop or TrainStop(cfg)
     stop.join(accelerator)
     stop.last_checkpoint = start_step or None
+    return run_loop(data, trainer, feed, manifest, start_step, stop)
 
+
+def run_loop(data: RunData, trainer: Trainer, feed: Feeds, manifest, start_step: int, stop: TrainStop) -> TrainResult:
+    """Steps from ``start_step`` to the end (or a stop signal): logging, validation, previews, checkpoints."""
+    cfg, accelerator, cond, model_cfg, parts = data.cfg, trainer.accelerator, data.cond, data.model_cfg, data.parts
+    device, main = accelerator.device, accelerator.is_main_process
+    batches, validator, previewer = feed.batches, feed.validator, feed.previewer
     # -- the loop ---------------------------------------------------------------------------------
     with Logbook(cfg, accelerator, start_step) as logbook:
         def validate(step: int) -> dict | None:

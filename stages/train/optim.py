@@ -5,7 +5,7 @@
 ``positional_embedding``), get lr x 0.1 and no weight decay; every other parameter gets lr x 32 / fan_in
 and weight decay x fan_in / 1024, fan_in being its last dimension. ``repa-rf-cosine`` is transformers'
 ``get_cosine_schedule_with_warmup``: a linear warmup from 0 (the first step runs at lr 0), then a cosine
-to 0 at the last step.
+to 0 at the last step. ``linear-decay`` is RAE's stage-2 schedule: constant, a linear decay, constant.
 """
 
 from __future__ import annotations
@@ -64,12 +64,24 @@ def lr_factor(cfg: TrainConfig):
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
         if warmup and step < warmup:
             return (step + 1) / warmup
+        if cfg.lr_schedule == "linear-decay":
+            return linear_decay(step, cfg.lr_decay_start, cfg.lr_decay_end or cfg.steps, cfg.final_lr / cfg.lr)
         if cfg.lr_schedule == "cosine":
             progress = (step - warmup) / max(cfg.steps - warmup, 1)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return 1.0
 
     return factor
+
+
+def linear_decay(step: int, start: int, end: int, final: float) -> float:
+    """RAE's schedule (``utils/optim_utils.py``, LinearWarmupDecayScheduler without warmup) as a factor of the
+    lr: 1 up to ``start``, then linearly down to ``final`` at ``end``, ``final`` after."""
+    if step <= start:
+        return 1.0
+    if step >= end:
+        return final
+    return 1.0 + (final - 1.0) * (step - start) / (end - start)
 
 
 def write_parameter_table(run_dir: Path, table: list[dict]) -> Path:

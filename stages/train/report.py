@@ -315,8 +315,16 @@ def _plot_bins_absolute(ax, report: RunReport, style: dict) -> None:
            title="final validation loss by t")
 
 
+def ordered_axis(reports: list[RunReport], setting: str | None) -> bool:
+    """Whether ``setting``'s values are numbers, so points in their order may be joined by a line; names (a
+    method, a target) are categories, and a line between two of them would read as a trend."""
+    values = [r.config.get(setting) for r in reports] if setting else []
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def _plot_finals(finals, reports: list[RunReport], look: RunStyles) -> None:
-    """Final validation loss against the first setting that differs, a line per value of the second."""
+    """Final validation loss against the first setting that differs, a line per value of the second when that
+    setting is numeric (points only for categories)."""
     first = look.axes[0] if look.axes else None
     xs = look.values[first] if first else [r.run for r in reports]
     lines: dict[tuple, list] = {}
@@ -326,9 +334,12 @@ def _plot_finals(finals, reports: list[RunReport], look: RunStyles) -> None:
         x = xs.index(_value_text(r.config.get(first))) if first else xs.index(r.run)
         rest = tuple(_value_text(r.config.get(k)) for k in look.axes[1:])
         lines.setdefault(rest, []).append((x, r.final_val, style))
+    joined = ordered_axis(reports, first)
     for points in lines.values():
         points.sort()
-        finals.plot([p[0] for p in points], [p[1] for p in points], color="0.6", ls=points[0][2]["ls"], lw=1, zorder=1)
+        if joined:
+            finals.plot([p[0] for p in points], [p[1] for p in points], color="0.6", ls=points[0][2]["ls"], lw=1,
+                        zorder=1)
         for x, y, style in points:
             finals.plot([x], [y], ls="", ms=7, zorder=2, **{k: v for k, v in style.items() if k != "ls"})
     finals.set_xticks(range(len(xs)), xs, rotation=0 if first else 30, ha="center" if first else "right", fontsize=8)

@@ -19,7 +19,7 @@ import numpy as np
 from cache_schema import Manifest
 from stages.core.errors import UsageError
 from stages.core.files.checkpoint import latest_checkpoint, list_checkpoints
-from stages.core.model.model_config import ModelConfig
+from stages.core.model.model_config import DEFAULT_HEAD_DIM, RAE_ARCHS, ModelConfig
 from stages.core.model.model_presets import MODEL_PRESETS
 
 from .config import TrainConfig, resume_differences
@@ -46,8 +46,11 @@ def resolve_cond(cfg: TrainConfig, manifest: Manifest, labels: np.ndarray) -> st
     return cond
 
 
-def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: np.ndarray) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: np.ndarray,
+                       shape: tuple[int, int, int] | None = None) -> ModelConfig:
+    """``shape``: (C, h, w) of what the model diffuses (default: the cache's VAE latent)."""
     check_targets(cfg, manifest)
+    channels, size = shape[:2] if shape else (manifest.latent["channels"], manifest.latent["size"])
     preset = dict(MODEL_PRESETS[cfg.model]) if cfg.model else {}
     num_classes = cfg.num_classes if cfg.num_classes is not None else int(labels.max(initial=-1)) + 1
     if cond == "class" and labels.size and labels.max() >= num_classes:
@@ -57,16 +60,17 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
     else:
         heads, head_dim = preset.get("num_heads"), preset.get("head_dim")
     align = cfg.align_layer or preset.get("align_layer") or 8
+    arch = cfg.arch or preset.get("arch", "sit")
     kw = dict(
         preset=cfg.model,
-        arch=cfg.arch or preset.get("arch", "sit"),
+        arch=arch,
         width=cfg.width or preset.get("width"),
         depth=cfg.depth or preset.get("depth"),
         head_dim=head_dim if heads is None else None,
         num_heads=heads,
-        patch_size=cfg.patch_size or preset.get("patch_size") or 2,
-        in_channels=manifest.latent["channels"],
-        input_size=manifest.latent["size"],
+        patch_size=cfg.patch_size or preset.get("patch_size") or (1 if arch in RAE_ARCHS else 2),
+        in_channels=channels,
+        input_size=size,
         cond=cond,
         num_classes=max(num_classes, 1),
         text_dim=manifest.text["dim"] if cond == "text" else None,
@@ -75,13 +79,14 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         align_layer=align,
         align_layers=cfg.layers() if repa_on(cfg) else (),
         projector_dim=cfg.projector_dim,
+        **ddt_head(cfg, preset, head_dim),
         **family_model_fields(cfg, manifest, repa_on(cfg)),
     )
     try:
         mc = ModelConfig(**kw)
     except ValueError as e:
         flag = (("--align-layers" if cfg.align_layers else "--align-layer") if "align_layer" in str(e)
-                else "--cond" if "cond=" in str(e) else "--width/--depth/--head-dim")
+                else "--cond" if "cond=" in str(e) else "--model" if "arch" in str(e) else "--width/--depth/--head-dim")
         raise UsageError(f"{flag}: {e}") from None
     if mc.repa:
         grid = mc.input_size // mc.patch_size
@@ -94,6 +99,17 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
                     f"{mc.input_size // target_grid} or --repa-lambda 0"
                 )
     return mc
+
+
+def ddt_head(cfg: TrainConfig, preset: dict, head_dim: int | None) -> dict:
+    """DiT-DH's wide head: the preset's, or --head-width/--head-depth with heads of --head-dim (default 64)."""
+    if (cfg.arch or preset.get("arch")) != "dit-dh":
+        return {}
+    width = cfg.head_width or preset.get("head_width", 0)
+    heads = preset.get("head_heads", 0)
+    if cfg.head_width or cfg.head_dim:
+        heads = width // (head_dim or DEFAULT_HEAD_DIM)
+    return {"head_width": width, "head_depth": cfg.head_depth or preset.get("head_depth", 0), "head_heads": heads}
 
 
 def repa_on(cfg: TrainConfig) -> bool:

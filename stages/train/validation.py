@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from stages.core.data.codec import features_to_device
+from stages.core.diffusion.diffusion_variable import VaeLatents
 from stages.core.diffusion.family_settings import FamilySettings
-from stages.core.diffusion.objective import NUM_T_BINS, batch_loss_terms, bin_by_t, latent_normalisation, sample_latents
+from stages.core.diffusion.objective import NUM_T_BINS, batch_loss_terms, bin_by_t
 from stages.core.runtime.seeding import generator
 
 from .data import CacheBatchDataset
@@ -23,7 +24,9 @@ VAL_SEED = 20241009
 class Validator:
     def __init__(self, dataset: CacheBatchDataset, val_ids: np.ndarray, max_samples: int, batch_size: int,
                  latent: dict, rank: int, world_size: int, device: torch.device, repa: bool = True,
-                 targets: list[str] = ("dino",), family: FamilySettings | None = None):
+                 targets: list[str] = ("dino",), family: FamilySettings | None = None, variable=None):
+        """``variable``: what is diffused (``stages.core.diffusion.diffusion_variable``; default: the VAE latents of
+        ``latent``)."""
         ids = np.asarray(val_ids)[:max_samples]
         self.n_total = len(ids)
         positions = np.arange(len(ids))[rank::world_size]
@@ -31,10 +34,13 @@ class Validator:
         self.dataset, self.batch_size, self.device, self.repa = dataset, batch_size, device, repa
         self.targets = targets
         self.family = family or FamilySettings()
-        self.scale, self.shift = latent_normalisation(latent)
-        c, s = latent["channels"], latent["size"]
-        noise = [torch.randn(2, c, s, s, generator=generator(VAL_SEED, int(i))) for i in self.ids]
-        self.noise = torch.stack(noise) if noise else torch.zeros(0, 2, c, s, s)
+        self.variable = variable or VaeLatents(latent)
+
+    def noise(self, ids) -> torch.Tensor:
+        """(B, 2, C, h, w): each sample's fixed posterior and path noise, drawn per batch (a token latent's
+        noise for every held-out sample at once would take gigabytes)."""
+        shape = self.variable.shape
+        return torch.stack([torch.randn(2, *shape, generator=generator(VAL_SEED, int(i))) for i in ids])
 
     def class_token_noise(self, batch: dict, ids) -> torch.Tensor | None:
         """REG's fixed path noise of each sample's class token, drawn apart from the latents' noise."""
@@ -57,8 +63,8 @@ class Validator:
             sl = slice(start, start + self.batch_size)
             batch = features_to_device(self.dataset.__getitems__(self.ids[sl]), self.device)
             t = self.t[sl].to(self.device)
-            eps_latent, eps_path = self.noise[sl].to(self.device).unbind(1)
-            x = sample_latents(batch["moments"], self.scale, self.shift, noise=eps_latent)
+            eps_latent, eps_path = self.noise(self.ids[sl]).to(self.device).unbind(1)
+            x = self.variable.clean(batch, eps_latent)
             terms = batch_loss_terms(model, batch, x, eps_path, t, cond_inputs(batch), self.targets, self.family,
                                      cls_noise=self.class_token_noise(batch, self.ids[sl]))
             denoise_sum, counts = bin_by_t(terms.denoise, t)

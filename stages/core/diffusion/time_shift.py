@@ -60,13 +60,14 @@ def sample_train_t(batch: int, shift: float, generator: torch.Generator | None =
     """(batch,) training times: drawn on [0, 0.999] as RAE draws them, then shifted.
 
     ``dist`` "uniform" is RAE's original ImageNet recipe; "logit-normal" (``mu``, ``sigma``) is what its
-    current config names (``logit-normal_0_1``). The uniform draws come from ``generator`` on the CPU.
+    current config names (``logit-normal_0_1``). The uniform draws come from ``generator``, on its device (the CPU
+    without one).
     """
     if dist not in T_DISTS:
         raise ValueError(f"unknown time distribution {dist!r}; choose one of {T_DISTS}")
     if dist == "logit-normal" and sigma <= 0:
         raise ValueError(f"logit-normal time distribution needs sigma > 0, got {sigma}")
-    u = torch.rand(batch, generator=generator)
+    u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else "cpu")
     t = u * TRAIN_T_MAX if dist == "uniform" else _truncated_logit_normal(u, mu, sigma, TRAIN_T_MAX)
     return shift_time(t.to(device), shift)
 

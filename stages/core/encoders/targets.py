@@ -111,6 +111,15 @@ class TargetEncoder:
         tower = getattr(self.model, "vision_model", self.model)  # transformers 4 nests it, 5 does not
         self.norm = tower.post_layernorm if self.kind == "clip" else None
 
+    def final_layernorm(self) -> dict | None:
+        """DINOv2's final LayerNorm ``{"weight", "bias"}`` as float lists (what the cached tokens went through
+        last), None for the other kinds."""
+        if self.kind != "dinov2":
+            return None
+        norm = self.model.layernorm
+        return {"weight": norm.weight.detach().float().cpu().tolist(),
+                "bias": norm.bias.detach().float().cpu().tolist()}
+
     def identity(self) -> dict:
         return {"class": type(self.model).__name__, "weights": weights_hash(self.model)}
 

@@ -8,6 +8,9 @@ builds it (training and ``repa import-checkpoint`` both call it), with these ent
   ``cond`` (``class``, ``text`` or ``none``);
 - the cache it trained on: its ``fingerprint``, its ``latent`` statistics, its path ``cache``, and ``parts``
   (part name -> samples: the parts the run trains on, fixed at its start, so a resumed run reads the same data);
+- ``diffusion``: None for a run on the VAE latents; for one on a target's tokens (RAE, ``repa train --diffuse``)
+  the target, its token size and grid, the latent statistics ``mean``/``var``/``eps`` and the final LayerNorm's
+  vectors when known (``stages.core.diffusion.diffusion_variable.TargetTokens.record``);
 - written by training only: ``optimizer`` and ``scheduler`` states, ``rng`` (torch and CUDA generator
   states), ``processes`` (how many it ran on; absent from checkpoints written while a step's draws still
   depended on the rank) and ``window`` (the partial sums of the metrics since the last log line).
@@ -73,13 +76,15 @@ TRAINING_ENTRIES = ("optimizer", "scheduler", "rng", "processes", "window")
 
 
 def checkpoint_contents(*, step: int, model: dict, ema: dict, config: dict, model_config: dict, cond: str,
-                        fingerprint: str, latent: dict, cache: str, parts: dict[str, int], **training) -> dict:
+                        fingerprint: str, latent: dict, cache: str, parts: dict[str, int],
+                        diffusion: dict | None = None, **training) -> dict:
     """A checkpoint's entries (see the module docstring); ``training`` takes only ``TRAINING_ENTRIES``."""
     unknown = set(training) - set(TRAINING_ENTRIES)
     if unknown:
         raise TypeError(f"not checkpoint entries: {sorted(unknown)}")
     return {"step": step, "model": model, "ema": ema, "config": config, "model_config": model_config, "cond": cond,
-            "fingerprint": fingerprint, "latent": latent, "cache": cache, "parts": dict(parts), **training}
+            "fingerprint": fingerprint, "latent": latent, "cache": cache, "parts": dict(parts), "diffusion": diffusion,
+            **training}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

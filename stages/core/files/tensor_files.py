@@ -7,10 +7,11 @@ one :class:`UsageError` line naming the file and what was expected.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from stages.core.errors import UsageError
 
@@ -65,3 +66,17 @@ def check_state_dict_fits(expected: dict[str, Tensor], state: dict[str, Tensor],
         parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise UsageError(f"{path}: does not fit ({'; '.join(parts)}); {hint}")
+
+
+def load_released_weights(build: Callable[[], nn.Module], path: Path | str, what: str, hint: str,
+                          device: torch.device | str = "cpu") -> nn.Module:
+    """A released state dict (``load_state_dict_file``) in the network ``build()`` makes, which is built on the
+    meta device first, so a file that does not fit is refused (``check_state_dict_fits``) before any memory is
+    spent on it; every key must match, as the releases load with ``strict=True``."""
+    state = load_state_dict_file(path, what)
+    with torch.device("meta"):
+        model = build()
+    check_state_dict_fits(model.state_dict(), state, path, hint)
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()

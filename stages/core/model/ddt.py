@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from stages.core.files.tensor_files import check_state_dict_fits, load_state_dict_file
+from stages.core.files.tensor_files import load_released_weights
 from stages.core.model.ddt_config import DDTConfig
 from stages.core.model.dit_init import zero_modulations_and_output
 from stages.core.model.lightning_dit import (
+    DroppableLabels,
     FinalLayer,
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -41,7 +42,9 @@ from stages.core.model.lightning_dit import (
 from stages.core.model.sit import sincos_pos_embed_2d
 
 
-class DiTwDDTHead(nn.Module):
+class DiTwDDTHead(DroppableLabels, nn.Module):
+    family = "DiT-DH"  # as named in its errors
+
     # Where inputs enter: muP-style parameter groups keep their lr unscaled.
     input_params = ("x_embedder.", "s_embedder.", "y_embedder.")
 
@@ -74,13 +77,6 @@ class DiTwDDTHead(nn.Module):
             + [LightningBlock(head, heads_head, **block) for _ in range(config.depth[1])]
         )
         self.initialize_weights()
-
-    @property
-    def null_class(self) -> int:
-        """Label id of the null class that classifier-free guidance substitutes for dropped labels."""
-        if self.config.class_dropout_prob <= 0:
-            raise ValueError("this DiT-DH has no null class (class_dropout_prob is 0)")
-        return self.config.num_classes
 
     def initialize_weights(self) -> None:
         """RAE's initialisation: PyTorch's defaults except xavier patch embeddings, N(0, 0.02) label table and
@@ -129,11 +125,7 @@ def load_ddt(path: Path | str, config: DDTConfig, device: torch.device | str = "
     """A released RAE stage-2 file in a DiT-DH of ``config``: the bare state dict, or a training checkpoint
     ``{"model", "ema", ...}`` of which the EMA is taken (as RAE's ``instantiate_from_config`` does); every key
     and shape must match (RAE loads with ``strict=True``), else one error line."""
-    state = load_state_dict_file(path, "an RAE stage-2 state dict or checkpoint (stage2_model.pt)")
-    with torch.device("meta"):
-        model = DiTwDDTHead(config)
-    check_state_dict_fits(model.state_dict(), state, path, "pick the DiT-DH preset the weights were trained as "
-                          "(DiTDH-S, DiTDH-XL) and the latent's channels and grid")
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.eval()
+    return load_released_weights(lambda: DiTwDDTHead(config), path,
+                                 "an RAE stage-2 state dict or checkpoint (stage2_model.pt)",
+                                 "pick the DiT-DH preset the weights were trained as (DiTDH-S, DiTDH-XL) and the "
+                                 "latent's channels and grid", device)

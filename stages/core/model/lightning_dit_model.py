@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from stages.core.model.ddt_config import LightningDiTConfig
 from stages.core.model.dit_init import zero_modulations_and_output
 from stages.core.model.lightning_dit import (
+    DroppableLabels,
     FinalLayer,
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -26,7 +27,9 @@ from stages.core.model.lightning_dit import (
 from stages.core.model.sit import sincos_pos_embed_2d
 
 
-class LightningDiT(nn.Module):
+class LightningDiT(DroppableLabels, nn.Module):
+    family = "LightningDiT"  # as named in its errors
+
     input_params = ("x_embedder.", "y_embedder.")
 
     def __init__(self, config: LightningDiTConfig):
@@ -47,12 +50,6 @@ class LightningDiT(nn.Module):
         )
         self.final_layer = FinalLayer(width, p * p * config.in_channels, use_rmsnorm=config.use_rmsnorm)
         self.initialize_weights()
-
-    @property
-    def null_class(self) -> int:
-        if self.config.class_dropout_prob <= 0:
-            raise ValueError("this LightningDiT has no null class (class_dropout_prob is 0)")
-        return self.config.num_classes
 
     def initialize_weights(self) -> None:
         for module in self.modules():

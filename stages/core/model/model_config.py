@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stages.core.model.ddt_config import DDTConfig, LightningDiTConfig
 from stages.core.model.model_presets import MODEL_PRESETS
 
 COND_MODES = ("class", "text", "none")
-ARCHS = ("sit", "repa-rf")  # official REPA's SiT; repa-rf's (cloneofsimo/repa-rf) CC12M DiT
+# official REPA's SiT; repa-rf's (cloneofsimo/repa-rf) CC12M DiT; RAE's DiT-DH and LightningDiT
+ARCHS = ("sit", "repa-rf", "dit-dh", "lightning-dit")
+RAE_ARCHS = ("dit-dh", "lightning-dit")
+# Any value > 0 gives RAE's networks their null-class row; dropping labels is the conditioner's job.
+RAE_NULL_ROW = 0.1
 DEFAULT_HEAD_DIM = 64
 
 
@@ -41,6 +46,10 @@ class ModelConfig:
     projector_type: str = "mlp"  # "conv": iREPA's Conv2d projector over the token grid
     projector_kernel: int = 1  # its kernel size (odd)
     hidden_layer: int = 0  # 1-based block whose output forward also returns (the dispersive loss); 0: none
+    # DiT-DH's wide head (RAE), dit-dh only: its width, blocks and heads (width/depth/num_heads are the body's)
+    head_width: int = 0
+    head_depth: int = 0
+    head_heads: int = 0
 
     def __post_init__(self) -> None:
         self.repa_dims = tuple(int(d) for d in self.repa_dims)
@@ -126,6 +135,28 @@ class ModelConfig:
         if self.arch != "sit" and (self.class_token_dim or self.hidden_layer or self.projector_type != "mlp"):
             raise ValueError(f"arch={self.arch!r}: the class token, conv projector and hidden-state output are "
                              "those of the sit family")
+        if self.arch in RAE_ARCHS:
+            if self.cond == "text" or self.repa_dims:
+                raise ValueError(f"arch={self.arch!r} is RAE's network, class-conditional or unconditional, without a "
+                                 f"REPA projector (cond={self.cond!r}, {len(self.repa_dims)} projector(s)); train it "
+                                 "with --method sit and --cond class or none")
+            self.rae_config()  # its own checks (patch size, head sizes for RoPE)
+        elif self.head_width or self.head_depth or self.head_heads:
+            raise ValueError(f"head_width/head_depth/head_heads belong to arch 'dit-dh', not {self.arch!r}")
+
+    def rae_config(self) -> DDTConfig | LightningDiTConfig:
+        """The DDTConfig / LightningDiTConfig of an RAE network (``stages.core.model.network`` builds it)."""
+        common = dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                      mlp_ratio=self.mlp_ratio, class_dropout_prob=RAE_NULL_ROW,
+                      num_classes=self.num_classes if self.cond == "class" else 1)  # unconditional: one label, 0
+        if self.arch == "dit-dh":
+            if min(self.head_width, self.head_depth, self.head_heads) < 1:
+                raise ValueError("arch 'dit-dh' needs its head's width, depth and heads (a DiTDH-* preset sets them)")
+            return DDTConfig(hidden_size=(self.width, self.head_width), depth=(self.depth, self.head_depth),
+                             num_heads=(self.num_heads, self.head_heads), preset=self.preset, **common)
+        if self.arch == "lightning-dit":
+            return LightningDiTConfig(hidden_size=self.width, depth=self.depth, num_heads=self.num_heads, **common)
+        raise ValueError(f"arch={self.arch!r} is not one of RAE's networks {RAE_ARCHS}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.core.files.tensor_files import check_state_dict_fits, load_state_dict_file
+from stages.core.files.tensor_files import load_released_weights
 from stages.core.model.sit import sincos_pos_embed_2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's image processor, which RAE reads its pixel statistics from
@@ -178,11 +178,6 @@ def decoder_config(preset: str = "ViTXL", **overrides) -> DecoderConfig:
 def load_decoder(path: Path | str, config: DecoderConfig, device: torch.device | str = "cpu") -> RAEDecoder:
     """RAE's released decoder weights (a bare state dict, or a training checkpoint's ``ema``/``model``) in a
     decoder of ``config``; every key must match, else one error line naming the first differences."""
-    state = load_state_dict_file(path, "an RAE decoder state dict (model.pt)")
-    with torch.device("meta"):
-        model = RAEDecoder(config)
-    check_state_dict_fits(model.state_dict(), state, path, "pick the decoder preset the weights were trained as "
-                          "(ViTB, ViTL, ViTXL) and the encoder's token size and grid")
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.eval()
+    return load_released_weights(lambda: RAEDecoder(config), path, "an RAE decoder state dict (model.pt)",
+                                 "pick the decoder preset the weights were trained as (ViTB, ViTL, ViTXL) and the "
+                                 "encoder's token size and grid", device)
