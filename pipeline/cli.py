@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -264,7 +264,7 @@ def cache_push(
     from cache_schema.writing.push import push_cache
     from stages.core.runtime.progress import progress_bar
 
-    bars = []  # made once the bytes to upload are known (the manifest and the records were checked)
+    bars: list[Any] = []  # made once the bytes to upload are known (the manifest and the records were checked)
 
     def progress(total: int, done: int) -> None:
         if not bars:
@@ -446,4 +446,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -325,6 +325,7 @@ def read_records(cache_dir: Path | S3Path, unreadable: dict[str, str] | None = N
     it as never committed and encodes it again, which is what ``fix`` says to do.
     """
     root = cache_root(cache_dir)
+    folder: Path | S3Path
     if isinstance(root, S3Path):
         folder = root / RECORDS_DIR
         names = [n for n in folder.list_sizes() if n.endswith(RECORD_SUFFIX) and "/" not in n

@@ -192,7 +192,7 @@ def _builders(vocab_size: int) -> dict:
         feed_forward_proj="gated-gelu",  # T5 v1.1, the variant diffusion models use
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
+        decoder_start_token_id=0,  # type: ignore[call-arg]  # taken by PretrainedConfig through **kwargs
     )
     clip = CLIPTextConfig(
         vocab_size=vocab_size,

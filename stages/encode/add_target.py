@@ -204,8 +204,12 @@ def run_add_target(cfg: EncodeConfig, log=print):
     fields = target_fields(name, enc.tokens, enc.dim, manifest.codec, enc.class_tokens, manifest.flips)
     by_url = {shards[p["name"]].url: shards[p["name"]] for p in mine}
     sink = TargetSink(root, fields, manifest.shard_size, by_url, owner, heartbeat, expected=expected, target=name)
+    def release_mine() -> None:
+        for p in mine:
+            release(root, p["name"], owner)
+
     done = run_pass(Pass(
-        stream, workers, sink, heartbeat, lambda: [release(root, p["name"], owner) for p in mine],
+        stream, workers, sink, heartbeat, release_mine,
         lambda batch: (_encode_batch(enc, name, torch.as_tensor(batch.images), manifest.codec, manifest.flips), None),
         sum(p["num_samples"] for p in mine), f"add {name}"), process)
     stats, elapsed = done.stats, done.seconds

@@ -57,7 +57,7 @@ def _key(path: Path) -> str:
 
 def _files(folder: Path) -> list[Path]:
     """Every file under ``folder``, sorted by relative path (symlinks followed, as ImageFolder does)."""
-    out = []
+    out: list[Path] = []
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs.sort()
         out.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))

@@ -148,7 +148,8 @@ def _shared_tensor(
         return torch.empty(shape, dtype=dtype)
     if storage is None:
         storage = torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    # torch takes set_(storage, offset, size) with a contiguous stride; its stubs list only the 4-argument form
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
 
 def _share(values: np.ndarray) -> torch.Tensor:
@@ -357,7 +358,7 @@ class RecyclingLoader(DataLoader):
         self.copy_out = not storage_lifetime_is_observable() if copy_out is None else copy_out
         self._lent: dict[tuple[int, int], list[weakref.ref]] = {}
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]  # serves batches, not DataLoader's iterator
         batches = super().__iter__()
         while True:
             # Release before asking: receiving a batch lets the DataLoader hand its worker the next task.

@@ -186,7 +186,7 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     if differ:
         out.append(f"settings that differ: {', '.join(differ)}")
-    implied = {}
+    implied: dict[str, str] = {}
     for r in reports:
         if r.method:
             implied.setdefault(r.method, ", ".join(f"{k} {r.config[k]}" for k in NEUTRAL
