@@ -11,6 +11,7 @@
 #                        RAE on the demo cache: a DiT-DH on DINOv2-with-registers tokens, a fitted tiny decoder
 #   make sweep SWEEP=configs/sweep-targets.toml   the same SiT against each target and a pair
 #   make sweep SWEEP=configs/sweep-methods.toml   SiT, REPA, REG, iREPA, dispersive loss over the demo cache
+#   make lint            ruff and mypy over the code, as CI and pre-commit run them
 #   make test | make test-fast | make bench-encode | make bench-reader | make bench-train | make bench-scale
 #   make docs           regenerate docs/cli.md and docs/planning.md from the code
 PYTHON ?= python3
@@ -47,7 +48,7 @@ TRAIN_ARGS = $(CONFIG_ARG) $(call opt,--cache,$(CACHE)) $(call opt,--run-dir,$(R
 	$(call opt,--steps,$(STEPS)) $(call opt,--batch-size,$(BATCH)) $(ARGS)
 SAMPLE_ARGS = $(CONFIG_ARG) $(call opt,--run-dir,$(RUN)) $(ARGS)
 
-.PHONY: install encode add-targets demo-assets train sample test test-fast bench-encode bench-reader bench-train bench-scale docs clean help
+.PHONY: install encode add-targets demo-assets train sample lint test test-fast bench-encode bench-reader bench-train bench-scale docs clean help
 
 help:
 	@sed -n '/^#/p;/^PYTHON/q' Makefile
@@ -97,6 +98,10 @@ train: $(STAMP) $(TRAIN_DEPS)
 
 sample: $(STAMP)
 	$(LAUNCH) sample $(SAMPLE_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS); rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && rc=0; exit $$rc

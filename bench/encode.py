@@ -60,7 +60,7 @@ def real_models(out: Path) -> dict[str, Path]:
 def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> str:
     """JPEG shards of smooth random images (decode cost like photos of that size); distinct per sample."""
     out.mkdir(parents=True, exist_ok=True)
-    pattern = str(out / ("bench-{0000..%04d}.tar" % (shards - 1)))
+    pattern = str(out / f"bench-{{0000..{shards - 1:04d}}}.tar")
     if (out / f"bench-{shards - 1:04d}.tar").exists():
         return pattern
     rng = np.random.default_rng(seed)
@@ -72,7 +72,8 @@ def synthetic_shards(out: Path, shards: int, per_shard: int, size: tuple[int, in
                 img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=90)
-                tw.write({"__key__": f"{s:05d}{i:04d}", "jpg": buf.getvalue(), "txt": f"image {i} of shard {s}".encode()})
+                tw.write({"__key__": f"{s:05d}{i:04d}", "jpg": buf.getvalue(),
+                          "txt": f"image {i} of shard {s}".encode()})
     return pattern
 
 
@@ -142,8 +143,9 @@ def writer_cost(out: Path, samples: int = 4096, batch: int = 128, per_part: int 
     cpu0, done = time.process_time(), 0
     for i in range(0, samples, batch):
         url = urls[i // per_part]
-        b = Batch(images=torch.empty(0, dtype=torch.uint8), keys=[f"{i + j:08d}" for j in range(batch)], urls=[url] * batch,
-                  indices=list(range(i % per_part, i % per_part + batch)), captions=[""] * batch, labels=[0] * batch)
+        b = Batch(images=torch.empty(0, dtype=torch.uint8), keys=[f"{i + j:08d}" for j in range(batch)],
+                  urls=[url] * batch, indices=list(range(i % per_part, i % per_part + batch)), captions=[""] * batch,
+                  labels=[0] * batch)
         if (i + batch) % per_part == 0:
             b.ended.append(ShardEnd(url, per_part))
         sink.submit(b, features, None)  # the sink only reads them
@@ -167,7 +169,8 @@ def main() -> None:
     fast_cuda_math(device)  # what run_encode applies, here before anything is timed
     if args.real:
         models = real_models(OUT / "models-real")
-        batch, workers, compile_ = args.batch_size or 128, args.workers or 14, True if args.compile is None else args.compile
+        batch, workers = args.batch_size or 128, args.workers or 14
+        compile_ = True if args.compile is None else args.compile
         # Whole shards per worker, two each: no worker idles while another finishes a shard alone.
         shards, per_shard, res, size = args.shards or 2 * workers, args.per_shard or 512, 256, (500, 375)
     else:
@@ -182,8 +185,9 @@ def main() -> None:
     if shards % workers:
         print(f"note: {shards} shards over {workers} workers: the last shards are decoded by fewer workers")
     pattern = synthetic_shards(OUT / f"shards-{shards}x{per_shard}-{size[0]}x{size[1]}", shards, per_shard, size)
-    cfg = EncodeConfig(source=pattern, cache=OUT / "cache", resolution=res, vae=str(models["vae"]), dino=str(models["dino"]),
-                       batch_size=batch, num_workers=workers, compile=compile_, feature_codec=args.codec, overwrite=True)
+    cfg = EncodeConfig(source=pattern, cache=OUT / "cache", resolution=res, vae=str(models["vae"]),
+                       dino=str(models["dino"]), batch_size=batch, num_workers=workers, compile=compile_,
+                       feature_codec=args.codec, overwrite=True)
 
     cold_ms, _ = writer_cost(OUT)  # first use: shard buffers are allocated and faulted in
     writer_ms, writer_parts = writer_cost(OUT)  # steady state: an encode reuses its buffers for every part

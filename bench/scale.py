@@ -42,7 +42,8 @@ def tiny_cache(path: Path) -> dict:
         text_encoder=None, max_text_tokens=0, dtype="fp16", feature_codec="fp16", shard_size=1024,
     )
     latent = dict(channels=4, size=2, scaling_factor=0.18215, shift_factor=0.0, mean=None, std=None)
-    start_encode(path, new_manifest(settings, latent, dict(tokens=4, dim=8, grid=[2, 2]), None, fields), overwrite=False)
+    start_encode(path, new_manifest(settings, latent, dict(tokens=4, dim=8, grid=[2, 2]), None, fields),
+                 overwrite=False)
     return fields
 
 

@@ -75,10 +75,12 @@ def synthetic_cache(path: Path, samples: int, parts: int, latent: tuple[int, int
     start_encode(path, manifest, overwrite=False)
     rng = np.random.default_rng(0)
     bounds = np.linspace(0, samples, parts + 1).astype(int)
-    for p, (lo, hi) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), desc=f"writing {path.name}", unit="part")):
+    spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+    for p, (lo, hi) in enumerate(tqdm(spans, desc=f"writing {path.name}", unit="part")):
         writer = PartWriter(path, f"part{p:05d}", f"synthetic-{p:05d}.tar", fields, SHARD)
         for start in range(lo, hi, 256):
             n = min(256, hi - start)
-            writer.append(dict(source_index=np.arange(start - lo, start - lo + n), **rows(rng, start, n, fields, classes)))
+            writer.append(dict(source_index=np.arange(start - lo, start - lo + n),
+                               **rows(rng, start, n, fields, classes)))
         writer.commit()
     return path

@@ -107,7 +107,8 @@ def main() -> None:
     ap.add_argument("--dit-dh", action=argparse.BooleanOptionalAction, default=True,
                     help="also time RAE's DiT-DH (DiTDH-XL with --real) in memory on the cache's DINOv2 tokens "
                     "(--diffuse dino) against the SiT without REPA; class conditioning only")
-    ap.add_argument("--s3", default=None, metavar="URL", help="also train from the cache pushed to this s3://bucket/prefix "
+    ap.add_argument("--s3", default=None, metavar="URL",
+                    help="also train from the cache pushed to this s3://bucket/prefix "
                     "(credentials and AWS_ENDPOINT_URL from the environment)")
     args = ap.parse_args()
 
@@ -160,9 +161,10 @@ def main() -> None:
         name = dit_dh["model"] or (f"DiT-DH {dit_dh['width']}/{dit_dh['head_width']} x "
                                    f"{dit_dh['depth']}/{dit_dh['head_depth']}")
         print(f"\n{'RAE, in memory (no REPA)':<40}{'img/s':>10}  vs sit")
-        print(f"{'sit on the VAE latents (%dx%dx%d)' % (latent['channels'], latent['size'], latent['size']):<40}"
-              f"{sit:10.1f}  {1:6.2f}")
-        print(f"{name + ' on dino (%dx%dx%d)' % (tokens['dim'], *tokens['grid']):<40}{rae:10.1f}  {rae / sit:6.2f}")
+        vae_shape = f"{latent['channels']}x{latent['size']}x{latent['size']}"
+        token_shape = "x".join(str(n) for n in (tokens["dim"], *tokens["grid"]))
+        print(f"{f'sit on the VAE latents ({vae_shape})':<40}{sit:10.1f}  {1:6.2f}")
+        print(f"{f'{name} on dino ({token_shape})':<40}{rae:10.1f}  {rae / sit:6.2f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -31,7 +31,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
 cache_app = typer.Typer(help="Inspect and check a feature cache.", no_args_is_help=True, rich_markup_mode=None)
-data_app = typer.Typer(help="Corpora: fetch one from the Hub, pack an image folder, or write the demo's.", no_args_is_help=True, rich_markup_mode=None)
+data_app = typer.Typer(help="Corpora: fetch one from the Hub, pack an image folder, or write the demo's.",
+                       no_args_is_help=True, rich_markup_mode=None)
 encoders_app = typer.Typer(help="Example encoders.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
@@ -102,9 +103,10 @@ config_command(app, "evaluate", EvaluateConfig, _evaluate, "FID and Inception Sc
 @app.command("decode-previews")
 @user_errors
 def decode_previews(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `repa train --preview-every N`.", metavar="RUN_DIR")],
-    cache: Annotated[Optional[Path], typer.Option(help="Cache whose manifest names the VAE.", metavar="DIR",
-                                                  show_default="the one the run trained on")] = None,
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `repa train --preview-every N`.",
+                                            metavar="RUN_DIR")],
+    cache: Annotated[Path | None, typer.Option(help="Cache whose manifest names the VAE.", metavar="DIR",
+                                               show_default="the one the run trained on")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Decode steps decoded before again.")] = False,
 ):
     """Decode the preview latents saved during training (RUN_DIR/previews/step-*.pt) into PNG grids."""
@@ -126,13 +128,13 @@ def import_checkpoint(
     cache: Annotated[Path, typer.Option(help="A cache encoded with the checkpoint's VAE and resolution (names the "
                                         "VAE and latent scaling to sample with; for RAE, holds the --diffuse "
                                         "target).", metavar="DIR")],
-    num_heads: Annotated[Optional[int], typer.Option(help="SiT files: attention heads.",
-                                                     show_default="REPA's preset for the width")] = None,
-    model: Annotated[Optional[str], typer.Option(help="RAE files: the DiT-DH preset it was trained as (DiTDH-S, "
+    num_heads: Annotated[int | None, typer.Option(help="SiT files: attention heads.",
+                                                  show_default="REPA's preset for the width")] = None,
+    model: Annotated[str | None, typer.Option(help="RAE files: the DiT-DH preset it was trained as (DiTDH-S, "
                                                  "DiTDH-XL).", show_default="read from the file's shapes")] = None,
-    diffuse: Annotated[Optional[str], typer.Option(help="RAE files: the cache's DINOv2-with-registers target whose "
+    diffuse: Annotated[str | None, typer.Option(help="RAE files: the cache's DINOv2-with-registers target whose "
                                                    "tokens it generates.", metavar="TARGET")] = None,
-    diffuse_stats: Annotated[Optional[Path], typer.Option(help="RAE files: the stat.pt of latent statistics it was "
+    diffuse_stats: Annotated[Path | None, typer.Option(help="RAE files: the stat.pt of latent statistics it was "
                                                           "trained with.", metavar="FILE")] = None,
     val_fraction: Annotated[float, typer.Option(help="Held-out share of --cache that `repa evaluate` conditions on "
                                                 "and compares with.")] = 0.01,
@@ -152,8 +154,8 @@ def import_checkpoint(
 def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep file: a train table of shared settings and a sweep table with "
                                            "out, name and grid (see configs/sweep-demo.toml).", metavar="CONFIG.toml")],
-    parallel: Annotated[Optional[int], typer.Option(help="Runs trained at once.",
-                                                    show_default="one per GPU, else 1")] = None,
+    parallel: Annotated[int | None, typer.Option(help="Runs trained at once.",
+                                                 show_default="one per GPU, else 1")] = None,
     gpus: Annotated[str, typer.Option(help="GPU ids to spread runs over, one run per GPU (0,1,...), auto (every "
                                       "visible GPU) or none.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned runs and what each would do; "
@@ -183,9 +185,10 @@ def sweep(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories, or a sweep's output directory (stands for the "
                                                "runs in it).", metavar="RUN_DIR...")],
-    plot: Annotated[Optional[Path], typer.Option(help="PNG of validation curves, final losses against the settings "
-                                                 "that differ and per-t losses.", metavar="FILE",
-                                                 show_default="report.png in the sweep or run directory, else in the runs' common parent")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG of validation curves, final losses against the settings "
+                                              "that differ and per-t losses.", metavar="FILE",
+                                              show_default="report.png in the sweep or run directory, else in the "
+                                              "runs' common parent")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ):
     """Compare runs: final and best validation loss, loss by t, REPA cosine, FID/IS when evaluated."""
@@ -231,7 +234,8 @@ def cache_verify(
     from stages.core.runtime.progress import progress_bar
 
     if is_s3(cache):
-        raise CacheError(f"{cache_root(cache)}: verify reads local caches; verify the local cache before pushing it, or a copy")
+        raise CacheError(f"{cache_root(cache)}: verify reads local caches; verify the local cache before pushing it, "
+                         "or a copy")
 
     manifest = read_manifest(cache)
     seen: set[str] = set()
@@ -261,19 +265,20 @@ def cache_push(
     dest: Annotated[str, typer.Argument(help="Where to publish it: s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL).",
                                         metavar="S3_URL")],
     threads: Annotated[int, typer.Option(min=1, help="Parallel uploads.")] = 8,
-    max_rate: Annotated[Optional[float], typer.Option(min=0.001, help="Upload at most this many MiB/s per thread.",
-                                                      metavar="MIB_S")] = None,
+    max_rate: Annotated[float | None, typer.Option(min=0.001, help="Upload at most this many MiB/s per thread.",
+                                                   metavar="MIB_S")] = None,
 ):
     """Upload a committed cache to S3-compatible object storage; each part's record goes last, with a conditional
     write. Resumable: a rerun skips the parts already there and uploads again those a crash cut short."""
     from cache_schema.writing.push import push_cache
     from stages.core.runtime.progress import progress_bar
 
-    bars = []  # made once the bytes to upload are known (the manifest and the records were checked)
+    bars: list[Any] = []  # made once the bytes to upload are known (the manifest and the records were checked)
 
     def progress(total: int, done: int) -> None:
         if not bars:
-            bars.append(progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="push", dynamic_ncols=True))
+            bars.append(progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="push",
+                                     dynamic_ncols=True))
         bars[0].update(done)
 
     try:
@@ -294,7 +299,8 @@ def data_demo(
     shards: Annotated[int, typer.Option(help="Number of tar shards.")] = 4,
     samples_per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 256,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data).")] = 0,
-    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Also write a class id (cls) per sample.")] = False,
+    labels: Annotated[bool, typer.Option("--labels/--no-labels",
+                                         help="Also write a class id (cls) per sample.")] = False,
 ):
     """Write synthetic captioned images (shapes, colours, positions) as CC12M-layout webdataset shards."""
     from stages.demo.data import write_demo_shards
@@ -307,15 +313,16 @@ def data_demo(
 @user_errors
 def data_pack(
     src: Annotated[Path, typer.Argument(help="Image-folder tree (one folder per class, e.g. ILSVRC2012 train/), or "
-                                             "with --labels a flat folder of images (ILSVRC2012 val/).", metavar="SRC")],
+                                             "with --labels a flat folder of images (ILSVRC2012 val/).",
+                                        metavar="SRC")],
     out: Annotated[Path, typer.Option(help="Output folder for the tar shards.", metavar="DIR")],
     shard_size: Annotated[int, typer.Option(help="Samples per shard.", min=1)] = 1000,
-    prefix: Annotated[Optional[str], typer.Option(help="Shard name prefix: PREFIX-000000.tar, ...",
-                                                  show_default="SRC's folder name")] = None,
-    labels: Annotated[Optional[Path], typer.Option(
+    prefix: Annotated[str | None, typer.Option(help="Shard name prefix: PREFIX-000000.tar, ...",
+                                               show_default="SRC's folder name")] = None,
+    labels: Annotated[Path | None, typer.Option(
         help="For a flat folder: `NAME CLASS` per line (CLASS a number, or a class folder name of --classes).",
         metavar="FILE")] = None,
-    classes: Annotated[Optional[Path], typer.Option(
+    classes: Annotated[Path | None, typer.Option(
         help="Image-folder tree whose sorted folder names number the class names in --labels (e.g. train/).",
         metavar="DIR")] = None,
     workers: Annotated[int, typer.Option(help="Shards written at once.", min=1)] = 4,
@@ -325,8 +332,9 @@ def data_pack(
     from stages.fetch.pack import pack_folder
 
     s = pack_folder(src, out, shard_size, prefix, labels, classes, workers, log=_log)
+    skipped = f"; skipped {len(s.skipped)} other files" if s.skipped else ""
     typer.echo(f"packed {s.samples} images of {s.classes} classes into {s.shards} shards ({s.written} written now, "
-               f"{s.shards - s.written} already there)" + (f"; skipped {len(s.skipped)} other files" if s.skipped else ""))
+               f"{s.shards - s.written} already there){skipped}")
     typer.echo(f"encode them with: repa encode --source '{s.pattern}' ...")
 
 
@@ -343,7 +351,8 @@ config_command(data_app, "fetch", FetchConfig, _fetch, "Download a webdataset co
 @encoders_app.command("tiny")
 @user_errors
 def encoders_tiny(
-    out: Annotated[Path, typer.Option(help="Output folder; one sub-folder per model.", metavar="DIR")] = Path("models/tiny"),
+    out: Annotated[Path, typer.Option(help="Output folder; one sub-folder per model.",
+                                      metavar="DIR")] = Path("models/tiny"),
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
 ):
     """Write tiny random-init models of the real encoder classes (save_pretrained), for offline runs and tests."""
@@ -446,4 +455,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -21,7 +22,7 @@ from .config import from_context
 from .errors import user_errors
 
 ConfigOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", help="TOML preset (see configs/); options given on the command line override it.",
                  metavar="FILE"),
 ]
@@ -36,7 +37,7 @@ def _cli_type(hint: Any) -> Any:
         base, optional = typing.List[typing.get_args(base)[0]], True  # noqa: UP006 - typer's form
     elif typing.get_origin(base) is tuple:
         base = typing.Tuple[typing.get_args(base)]  # noqa: UP006
-    return Optional[base] if optional else base
+    return Optional[base] if optional else base  # noqa: UP045 - typer's form, as above
 
 
 def option_parameters(cls: type) -> list[inspect.Parameter]:
@@ -65,7 +66,7 @@ def config_command(app: typer.Typer, name: str, cls: type, run: Callable[[Any], 
     """Add ``name`` to ``app``: options from ``cls``'s declaration, then ``run(config)``."""
     section = section or name
 
-    def command(ctx: typer.Context, config: Optional[Path] = None, **values: Any) -> None:
+    def command(ctx: typer.Context, config: Path | None = None, **values: Any) -> None:
         run(from_context(cls, ctx, values, config, section))
 
     params = [

@@ -37,7 +37,8 @@ def user_errors(fn):
                 typer.echo(e.line, err=True)
             raise typer.Exit(e.status) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: committed parts and checkpoints are kept; rerun the same command to resume", err=True)
+            typer.echo("interrupted: committed parts and checkpoints are kept; rerun the same command to resume",
+                       err=True)
             raise typer.Exit(130) from None
         finally:
             _teardown_distributed()

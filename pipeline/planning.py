@@ -34,8 +34,10 @@ PRESETS = [
     ("irepa-sit-xl", IMAGENET, "ILSVRC2012 train, from the imagenet256 cache"),
     ("dispersive-sit-xl", IMAGENET, "ILSVRC2012 train, from the imagenet256 cache"),
     ("repa-e-sit-xl", IMAGENET, "ILSVRC2012 train"),
-    ("repa-rf", 2152 * CC12M_PER_SHARD, f"2 152 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
-    ("cc12m", 2176 * CC12M_PER_SHARD, f"2 176 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
+    ("repa-rf", 2152 * CC12M_PER_SHARD,
+     f"2 152 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
+    ("cc12m", 2176 * CC12M_PER_SHARD,
+     f"2 176 CC12M shards x ~{CC12M_PER_SHARD:,} (check with `repa encode --dry-run`)"),
     ("rae-dit-xl", IMAGENET, "ILSVRC2012 train, the imagenet256 cache encoded with --flips"),
 ]
 
@@ -62,7 +64,8 @@ def preset_rows(name: str, samples: int) -> list[tuple[str, str, str]]:
     text = TEXT_DIMS.get(enc.get("text_encoder")) if enc.get("text_encoder") else None
     geometry = geometry_of(channels, down, enc["resolution"], dim, patch, text, enc.get("max_text_tokens", 0),
                            enc.get("text_attention") == "unmasked", 1 if enc.get("class_tokens") else 0)
-    rows = encode_lines(geometry, samples, enc.get("feature_codec", "fp16"), bool(enc.get("flips")), bool(enc.get("compile")))
+    rows = encode_lines(geometry, samples, enc.get("feature_codec", "fp16"), bool(enc.get("flips")),
+                        bool(enc.get("compile")))
     if added:
         tdim, tpatch = DINO_SHAPES[added]
         grid = (224 * enc["resolution"] // 256) // tpatch

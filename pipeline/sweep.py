@@ -87,7 +87,8 @@ def load_sweep(path: Path) -> SweepSpec:
     sweep = load_preset(path, "sweep")
     where = f"sweep file {path}"
     if not sweep:
-        raise ConfigError(f"{where}: no [sweep] table; add one with out = \"runs/NAME\" and grid = {{ KEY = [VALUES] }}")
+        raise ConfigError(f"{where}: no [sweep] table; add one with out = \"runs/NAME\" and "
+                          "grid = { KEY = [VALUES] }")
     unknown = sorted(set(sweep) - set(SWEEP_KEYS))
     if unknown:
         raise unknown_key_error(where, unknown[0], set(SWEEP_KEYS), "[sweep]")
@@ -105,7 +106,8 @@ def load_sweep(path: Path) -> SweepSpec:
             raise ConfigError(f"{where}: {table} sets {managed[0]!r}, which the sweep manages; set [sweep] out instead")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}: [sweep] grid.{key} must be a non-empty list of values, e.g. {key} = [{values!r}]")
+            raise ConfigError(f"{where}: [sweep] grid.{key} must be a non-empty list of values, "
+                              f"e.g. {key} = [{values!r}]")
     for key in ("out", "name"):
         if key in sweep and (not isinstance(sweep[key], str) or not sweep[key]):
             raise ConfigError(f"{where}: [sweep] {key} must be a non-empty string")
@@ -137,7 +139,7 @@ def expand_grid(spec: SweepSpec) -> list[PlannedRun]:
     keys = list(spec.grid)
     runs: dict[str, PlannedRun] = {}
     for point in itertools.product(*(spec.grid[k] for k in keys)):
-        varied = dict(zip(keys, point))
+        varied = dict(zip(keys, point, strict=True))
         name = run_name(varied, spec.name)
         if name in runs:
             raise ConfigError(f"sweep file {spec.path}: grid points {runs[name].varied} and {varied} "
@@ -347,7 +349,8 @@ def _start(run: PlannedRun, gpu: str | None, threads: int | None) -> _Running:
                   + (f" (CUDA_VISIBLE_DEVICES={gpu})" if gpu is not None else "") + "\n")
         log.flush()
         offset = log.tell()
-        proc = subprocess.Popen(train_command(run), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(train_command(run), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env)
     return _Running(run, proc, gpu, offset, time.monotonic())
 
 
@@ -361,11 +364,13 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
     if parallel < 1:
         raise UsageError(f"--parallel {parallel}: must be at least 1")
     if gpus and parallel > len(gpus):
-        raise UsageError(f"--parallel {parallel}: only {len(gpus)} GPU(s) ({','.join(gpus)}) and each run gets its own; "
-                         "lower --parallel or pass --gpus none")
-    for cache in sorted({str(r.train["cache"]) for r in runs if r.state in ("new", "resume") and r.train.get("cache")}):
+        raise UsageError(f"--parallel {parallel}: only {len(gpus)} GPU(s) ({','.join(gpus)}) and each run gets its "
+                         "own; lower --parallel or pass --gpus none")
+    starting = [r for r in runs if r.state in ("new", "resume")]
+    for cache in sorted({str(r.train["cache"]) for r in starting if r.train.get("cache")}):
         if not Path(cache).exists():
-            raise UsageError(f"cache {cache} does not exist; encode it first with `repa encode` (`make encode` for the demo)")
+            raise UsageError(f"cache {cache} does not exist; encode it first with `repa encode` "
+                             "(`make encode` for the demo)")
     outcome = SweepOutcome()
     queue = []
     for run in runs:

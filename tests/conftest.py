@@ -40,7 +40,8 @@ def demo_shards(tmp_path_factory) -> list[Path]:
 def labelled_shards(tmp_path_factory) -> list[Path]:
     from stages.demo.data import write_demo_shards
 
-    return write_demo_shards(tmp_path_factory.mktemp("demo-labelled"), num_shards=2, samples_per_shard=48, seed=3, labels=True)
+    return write_demo_shards(tmp_path_factory.mktemp("demo-labelled"), num_shards=2, samples_per_shard=48, seed=3,
+                             labels=True)
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def env() -> dict:
 
 def repa(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT, **kw
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT,
+        **kw
     )
 
 
@@ -194,7 +195,7 @@ def two_nodes(args: list[str], port: int, timeout: int = 600) -> list[subprocess
                 if p.poll() is None:
                     p.kill()
         results = []
-        for p, code, (out, err), probe in zip(procs, codes, outs, probes):
+        for p, code, (out, err), probe in zip(procs, codes, outs, probes, strict=True):
             result = subprocess.CompletedProcess(p.args, code, out.read_text(), err.read_text())
             result.rank_exits = [f.read_text() for f in sorted(probe.glob("rank-*.txt"))]
             results.append(result)

@@ -26,7 +26,7 @@ def modulate(x, shift, scale):
 
 # model_utils.py:20-35, broadcat for the two-tensor case it is used for
 def broadcat(tensors, dim=-1):
-    shape = [max(s) for s in zip(*(t.shape for t in tensors))]
+    shape = [max(s) for s in zip(*(t.shape for t in tensors), strict=True)]
     expanded = []
     for t in tensors:
         target = list(shape)
@@ -476,10 +476,10 @@ class GeneralDecoder(nn.Module):
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, decoder_config.hidden_size))
 
     def interpolate_latent(self, x):
-        b, l, c = x.shape
-        if l == self.num_patches:
+        b, seq_len, c = x.shape
+        if seq_len == self.num_patches:
             return x
-        h, w = int(l ** 0.5), int(l ** 0.5)
+        h, w = int(seq_len ** 0.5), int(seq_len ** 0.5)
         x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
         target_size = (int(self.num_patches ** 0.5), int(self.num_patches ** 0.5))
         x = F.interpolate(x, size=target_size, mode="bilinear", align_corners=False)

@@ -114,8 +114,8 @@ def reg_loss(model, images, y, zs, cls_token, time_input, noises, noises_cls, pr
     denoising_loss_cls = mean_flat((cls_output - cls_target) ** 2)
     proj_loss = 0.0
     bsz = zs[0].shape[0]
-    for z, z_tilde in zip(zs, zs_tilde):
-        for z_j, z_tilde_j in zip(z, z_tilde):
+    for z, z_tilde in zip(zs, zs_tilde, strict=True):
+        for z_j, z_tilde_j in zip(z, z_tilde, strict=True):
             z_tilde_j = F.normalize(z_tilde_j, dim=-1)
             z_j = F.normalize(z_j, dim=-1)
             proj_loss += mean_flat(-(z_j * z_tilde_j).sum(dim=-1))

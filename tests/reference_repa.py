@@ -187,7 +187,7 @@ def euler_sampler(model, latents, y, num_steps=20, heun=False, cfg_scale=1.0, gu
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     x_next = latents.to(torch.float64)
     y_null = torch.tensor([null_class] * y.size(0))
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):
         x_cur = x_next
         if cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high:
             model_input, y_cur = torch.cat([x_cur] * 2), torch.cat([y, y_null])

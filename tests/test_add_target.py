@@ -25,7 +25,7 @@ from .test_operations import one_line_error, wait_for
 
 
 def _pattern(shards) -> str:
-    return str(Path(shards[0]).parent / ("cc12m-train-{0000..%04d}.tar" % (len(shards) - 1)))
+    return str(Path(shards[0]).parent / f"cc12m-train-{{0000..{len(shards) - 1:04d}}}.tar")
 
 
 def _hashes(cache: Path) -> dict[str, str]:

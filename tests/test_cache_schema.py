@@ -108,7 +108,7 @@ def test_every_field_round_trips(tmp_path, codec):
     reader = CacheReader(tmp_path)
     assert len(reader) == 10
     i = 0
-    for rows, truth in zip(rows_all, truths):
+    for rows, truth in zip(rows_all, truths, strict=True):
         for j in range(len(rows["key"])):
             s = reader.sample(i)
             assert s["key"] == rows["key"][j] and s["caption"] == rows["caption"][j]
@@ -119,7 +119,8 @@ def test_every_field_round_trips(tmp_path, codec):
             np.testing.assert_array_equal(s["text"], truth["text"][j])
             i += 1
     man = read_manifest(tmp_path)
-    assert man.skipped == [{"key": "broken-key", "source": "/data/part-a.tar", "index": 99, "reason": "decode-error: test"}]
+    assert man.skipped == [{"key": "broken-key", "source": "/data/part-a.tar", "index": 99,
+                            "reason": "decode-error: test"}]
     # latent statistics are those of the posterior means over every stored sample
     means = np.concatenate([r["moments"][:, :C].astype(np.float64) for r in rows_all])
     np.testing.assert_allclose(man.latent["mean"], means.mean(axis=(0, 2, 3)), rtol=1e-6)

@@ -17,18 +17,22 @@ DEMO = str(ROOT / "configs" / "demo.toml")
 
 def test_demo_preset_encode_train_sample(tmp_path, tiny_models):
     runner = CliRunner()
-    r = runner.invoke(app, ["data", "demo", "--out", str(tmp_path / "data"), "--shards", "2", "--samples-per-shard", "24"])
+    r = runner.invoke(app, ["data", "demo", "--out", str(tmp_path / "data"), "--shards", "2",
+                            "--samples-per-shard", "24"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["encode", "--config", DEMO, "--source", str(tmp_path / "data" / "cc12m-train-{0000..0001}.tar"),
+    r = runner.invoke(app, ["encode", "--config", DEMO,
+                            "--source", str(tmp_path / "data" / "cc12m-train-{0000..0001}.tar"),
                             "--cache", str(tmp_path / "cache"), "--vae", str(tiny_models["vae"]),
-                            "--dino", str(tiny_models["dino"]), "--text-encoder", str(tiny_models["text"]), "--num-workers", "0"])
+                            "--dino", str(tiny_models["dino"]), "--text-encoder", str(tiny_models["text"]),
+                            "--num-workers", "0"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["train", "--config", DEMO, "--cache", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
-                            "--steps", "4", "--batch-size", "8", "--num-workers", "0", "--val-every", "2",
-                            "--ckpt-every", "4", "--preview-every", "4", "--report-to", "none"])
+    r = runner.invoke(app, ["train", "--config", DEMO, "--cache", str(tmp_path / "cache"),
+                            "--run-dir", str(tmp_path / "run"), "--steps", "4", "--batch-size", "8",
+                            "--num-workers", "0", "--val-every", "2", "--ckpt-every", "4", "--preview-every", "4",
+                            "--report-to", "none"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["sample", "--config", DEMO, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "samples"),
-                            "--num-samples", "3", "--steps", "2"])
+    r = runner.invoke(app, ["sample", "--config", DEMO, "--run-dir", str(tmp_path / "run"),
+                            "--out", str(tmp_path / "samples"), "--num-samples", "3", "--steps", "2"])
     assert r.exit_code == 0, r.output
     sidecar = json.loads((tmp_path / "samples" / "samples.json").read_text())
     # the held-out captions, in the order reference.png shows their real images
@@ -59,8 +63,9 @@ def test_make_add_targets_commands_fit_the_demo_geometry(tmp_path, tiny_models, 
                             "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
                             "--text-encoder", str(tiny_models["text"]), "--num-workers", "0"])
     assert r.exit_code == 0, r.output
-    dry = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "-o", f"{cache}/manifest.json", "add-targets",
-                          f"DEMO_CACHE={cache}", f"TINY={tiny_models['dino'].parent}"],
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed",
+                          "-o", f"{cache}/manifest.json", "add-targets", f"DEMO_CACHE={cache}",
+                          f"TINY={tiny_models['dino'].parent}"],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     commands = [shlex.split(line) for line in dry.stdout.splitlines() if " encode " in line]
     assert len(commands) == 2
@@ -81,7 +86,8 @@ def test_rae_demo_preset_encode_train_sample(tmp_path, tiny_models):
     rae = str(ROOT / "configs" / "rae-demo.toml")
     runner = CliRunner()
     data = tmp_path / "data" / "cc12m-train-{0000..0001}.tar"
-    r = runner.invoke(app, ["data", "demo", "--out", str(tmp_path / "data"), "--shards", "2", "--samples-per-shard", "24"])
+    r = runner.invoke(app, ["data", "demo", "--out", str(tmp_path / "data"), "--shards", "2",
+                            "--samples-per-shard", "24"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["encode", "--config", DEMO, "--source", str(data), "--cache", str(tmp_path / "cache"),
                             "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
@@ -90,16 +96,17 @@ def test_rae_demo_preset_encode_train_sample(tmp_path, tiny_models):
     r = runner.invoke(app, ["encode", "--config", rae, "--cache", str(tmp_path / "cache"),
                             "--target-model", str(tiny_models["dino-reg"]), "--num-workers", "0"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["encoders", "fit-rae-decoder", "--source", str(data), "--dino", str(tiny_models["dino-reg"]),
-                            "--out", str(tmp_path / "decoder"), "--steps", "3"])
+    r = runner.invoke(app, ["encoders", "fit-rae-decoder", "--source", str(data),
+                            "--dino", str(tiny_models["dino-reg"]), "--out", str(tmp_path / "decoder"), "--steps", "3"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["train", "--config", rae, "--cache", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
-                            "--steps", "4", "--batch-size", "8", "--num-workers", "0", "--val-every", "2",
-                            "--ckpt-every", "4", "--report-to", "none"])
+    r = runner.invoke(app, ["train", "--config", rae, "--cache", str(tmp_path / "cache"),
+                            "--run-dir", str(tmp_path / "run"), "--steps", "4", "--batch-size", "8",
+                            "--num-workers", "0", "--val-every", "2", "--ckpt-every", "4", "--report-to", "none"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "stat.pt").is_file()
-    r = runner.invoke(app, ["sample", "--config", rae, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "samples"),
-                            "--rae-decoder", str(tmp_path / "decoder"), "--num-samples", "3", "--steps", "3"])
+    r = runner.invoke(app, ["sample", "--config", rae, "--run-dir", str(tmp_path / "run"),
+                            "--out", str(tmp_path / "samples"), "--rae-decoder", str(tmp_path / "decoder"),
+                            "--num-samples", "3", "--steps", "3"])
     assert r.exit_code == 0, r.output
     grid = np.asarray(Image.open(tmp_path / "samples" / "grid.png"))
     assert grid.ndim == 3 and grid.std() > 0 and (tmp_path / "samples" / "reference.png").exists()

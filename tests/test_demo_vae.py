@@ -62,13 +62,14 @@ def test_fitted_demo_vae_keeps_each_shapes_colour_where_a_random_one_does_not(ti
     samples = [make_sample(7, 0, i) for i in range(48)]  # images it was not fitted on
     truth, crop_said, fitted_said = shape_colours(fitted, samples)
     _, _, random_said = shape_colours(random_vae, samples)
-    visible = [i for i, (t, c) in enumerate(zip(truth, crop_said)) if t == c]  # large enough to survive 64 px
+    # large enough to survive 64 px
+    visible = [i for i, (t, c) in enumerate(zip(truth, crop_said, strict=True)) if t == c]
     assert len(visible) > 30
 
     def agreement(said):
         return sum(said[i] == truth[i] for i in visible) / len(visible)
 
-    assert agreement(fitted_said) >= 0.8, list(zip(truth, fitted_said))
+    assert agreement(fitted_said) >= 0.8, list(zip(truth, fitted_said, strict=True))
     assert agreement(random_said) < 0.4  # the property is not free
 
 

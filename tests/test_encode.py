@@ -41,7 +41,7 @@ from .test_operations import gated, wait_for
 
 
 def _pattern(shards) -> str:
-    return str(Path(shards[0]).parent / ("cc12m-train-{0000..%04d}.tar" % (len(shards) - 1)))
+    return str(Path(shards[0]).parent / f"cc12m-train-{{0000..{len(shards) - 1:04d}}}.tar")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def test_demo_encodes_every_sample_with_the_right_contents(demo_cache, demo_shar
                                                mode="bicubic", antialias=True, align_corners=False)
         dino_model.embeddings.position_embeddings.data = torch.cat([table[:, :1], grid.flatten(2).transpose(1, 2)], 1)
         dino = dino_model(pixel_values=dino_preprocess(x, 64)).last_hidden_state[:, 1:]
-        tok = AutoTokenizer.from_pretrained(tiny_models["text"])(got["caption"], max_length=16, truncation=True, return_tensors="pt")
+        tok = AutoTokenizer.from_pretrained(tiny_models["text"])(got["caption"], max_length=16, truncation=True,
+                                                                 return_tensors="pt")
         text = T5EncoderModel.from_pretrained(tiny_models["text"])(**tok).last_hidden_state[0]
     np.testing.assert_allclose(got["moments"], torch.cat([dist.mean, dist.std], 1)[0].numpy(), atol=2e-3, rtol=2e-3)
     np.testing.assert_allclose(got["dino"].astype(np.float32), dino[0].numpy(), atol=2e-3, rtol=2e-3)
@@ -137,7 +138,8 @@ def test_bad_input_is_skipped_with_reasons_and_nothing_else_is_lost(tmp_path, ti
     by_key = {s["key"]: s["reason"].split(":")[0] for s in man.skipped if s["key"]}
     assert by_key == expected
     breaks = [s for s in man.skipped if s["key"] is None]
-    assert len(breaks) == 1 and breaks[0]["reason"].startswith("truncated-tar") and breaks[0]["source"] == str(shards[1])
+    assert len(breaks) == 1
+    assert breaks[0]["reason"].startswith("truncated-tar") and breaks[0]["source"] == str(shards[1])
     assert summary.skipped["truncated-tar"] == 1 and summary.skipped["decode-error"] == 1
     captions = {reader.sample(i)["key"]: reader.sample(i)["caption"] for i in range(len(reader))}
     assert captions["a008"] == "sixteen bit" and captions["a010"] == "unicode caption \u00e9\u4e2d"
@@ -332,4 +334,5 @@ def test_pipe_urls_are_read_through_webdataset(tmp_path, tiny_models, demo_shard
     summary = run_encode(tiny_config(tiny_models, f"pipe:cat {demo_shards[2]}", tmp_path / "c"))
     reader = CacheReader(tmp_path / "c")
     assert summary.encoded == len(reader) == 24
-    assert reader.parts[0]["source"] == f"pipe:cat {demo_shards[2]}" and reader.parts[0]["name"].startswith("cc12m-train-0002-")
+    assert reader.parts[0]["source"] == f"pipe:cat {demo_shards[2]}"
+    assert reader.parts[0]["name"].startswith("cc12m-train-0002-")

@@ -75,7 +75,8 @@ def tiny_clip(tmp_path_factory) -> Path:
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clip") / "clip"
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
@@ -113,11 +114,13 @@ def test_fid_is_zero_for_identical_sets_and_positive_for_different_ones(inceptio
     assert abs(fid_against(stats, random_images(0))) < 1e-4 * different
     assert different > 0
     stats.save(tmp_path / "ref.npz")
-    assert fid_against(FeatureStats.load(tmp_path / "ref.npz"), random_images(1, low=100, high=200)) == pytest.approx(different)
+    got = fid_against(FeatureStats.load(tmp_path / "ref.npz"), random_images(1, low=100, high=200))
+    assert got == pytest.approx(different)
     # statistics made by another tool: only mu and sigma
     np.savez(tmp_path / "other.npz", mu=stats.mu, sigma=stats.sigma)
     other = FeatureStats.load(tmp_path / "other.npz")
-    assert other.n is None and fid_against(other, random_images(1, low=100, high=200)) == pytest.approx(different, rel=1e-6)
+    assert other.n is None
+    assert fid_against(other, random_images(1, low=100, high=200)) == pytest.approx(different, rel=1e-6)
 
 
 # -- `repa evaluate` --------------------------------------------------------------------------------
@@ -137,7 +140,8 @@ def test_make_reference_then_reference_matches_on_the_fly_and_eval_jsonl_grows(t
     record = lines[0]
     assert {k: record[k] for k in ("step", "ema", "n", "sampler", "steps", "cfg", "interval")} == {
         "step": 3, "ema": True, "n": 6, "sampler": "euler", "steps": 2, "cfg": 1.0, "interval": [0.0, 1.0]}
-    assert record["checkpoint"].endswith("step-0000003.pt") and record["is_mean"] >= 1.0 - 1e-6 and record["is_std"] >= 0  # IS >= 1, up to rounding
+    assert record["checkpoint"].endswith("step-0000003.pt")
+    assert record["is_mean"] >= 1.0 - 1e-6 and record["is_std"] >= 0  # IS >= 1, up to rounding
     assert "clip_score" not in record
 
 
@@ -171,7 +175,8 @@ def test_evaluate_cli_errors_are_one_line_with_exit_status_2(text_run, inception
     cases = {
         ("--inception-weights", str(tmp_path / "missing.pt")): "--inception-weights",
         ("--inception-weights", str(inception), "--reference", str(tmp_path / "bad.npz")): "no mu and sigma",
-        ("--inception-weights", str(inception), "--guidance-low", "0.5", "--guidance-high", "0.1"): "below --guidance-low",
+        ("--inception-weights", str(inception), "--guidance-low", "0.5", "--guidance-high", "0.1"):
+            "below --guidance-low",
     }
     for args, message in cases.items():
         result = CliRunner().invoke(app, ["evaluate", "--run-dir", str(text_run), "--num-samples", "4", *args])
@@ -189,6 +194,6 @@ def test_reference_images_are_read_in_parallel_in_shard_order_with_progress(text
     assert len(urls) > 1
     serial = list(source_images(held, urls, read_manifest(cache), where, workers=1))
     parallel = list(source_images(held, urls, read_manifest(cache), where, workers=len(urls), progress=True))
-    assert len(serial) == len(held) and all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+    assert len(serial) == len(held) and all(np.array_equal(a, b) for a, b in zip(serial, parallel, strict=True))
     err = capsys.readouterr().err
     assert "reference images: 100%" in err and f"{len(held)}/{len(held)} [" in err and "img/s" in err

@@ -182,5 +182,5 @@ def test_without_alignment_the_loss_is_the_denoising_loss_with_its_gradient():
     grads = [p.grad.clone() for p in model.blocks.parameters()]
     model.zero_grad()
     stopped.denoise.mean().backward()
-    for got, want in zip(grads, (p.grad for p in model.blocks.parameters())):
+    for got, want in zip(grads, (p.grad for p in model.blocks.parameters()), strict=True):
         torch.testing.assert_close(got, want)

@@ -71,7 +71,7 @@ def filtered(tmp_path_factory, tiny_models):
     shard, expected, passing = write_filter_corpus(root / "data")
     ref = _reference_similarity(tiny_models["siglip"], shard, set(passing))
     ordered = sorted(ref.values())
-    gaps = [(b - a, (a + b) / 2) for a, b in zip(ordered[1:-2], ordered[2:-1])]  # keep 2+ on each side
+    gaps = [(b - a, (a + b) / 2) for a, b in zip(ordered[1:-2], ordered[2:-1], strict=True)]  # keep 2+ on each side
     threshold = round(max(gaps)[1], 6)
     cfg = tiny_config(tiny_models, str(shard), root / "cache", keep=["aesthetic_score>3"], min_size=100,
                       similarity_model=str(tiny_models["siglip"]), min_similarity=threshold)

@@ -97,7 +97,7 @@ def test_the_cache_stores_the_mirrored_crop_and_says_so(flip_cache, tiny_models,
     reader = FastReader(flip_cache.cache)
     keys = reader.keys.tolist()
     enc = _encoders(tiny_models, feature_codec="int8")
-    raws = [s for _, s in zip(range(4), wds.WebDataset(str(labelled_shards[0]), shardshuffle=False))]
+    raws = [s for _, s in zip(range(4), wds.WebDataset(str(labelled_shards[0]), shardshuffle=False), strict=False)]
     crops = np.stack([np.flip(prepare_sample(r, 64, 10**9, draft=False).image, axis=1) for r in raws])
     direct = enc.encode(torch.from_numpy(np.ascontiguousarray(crops)), [""] * 4, "int8")
     ids = np.array([keys.index(r["__key__"]) for r in raws])

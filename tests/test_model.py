@@ -1,4 +1,5 @@
-"""Tests for the SiT diffusion transformer (stages/core/model/sit.py) and the REPA loss (stages/core/diffusion/objective.py)."""
+"""Tests for the SiT diffusion transformer (stages/core/model/sit.py) and the REPA loss
+(stages/core/diffusion/objective.py)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def test_forward_shapes(cond: str, repa_dims: tuple) -> None:
     assert velocity.shape == kwargs["x"].shape
     assert torch.isfinite(velocity).all()
     assert len(projected) == len(model.projectors) == len(repa_dims)
-    for tokens, dim in zip(projected, repa_dims):
+    for tokens, dim in zip(projected, repa_dims, strict=True):
         assert tokens.shape == (BATCH, model.num_patches, dim)
     assert model.num_patches == (8 // 2) ** 2
 

@@ -40,7 +40,7 @@ def test_two_target_loss_is_the_mean_of_the_single_target_losses_on_the_same_ten
     x, noise, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
     targets = [torch.randn(3, 16, 24, generator=g), torch.randn(3, 16, 40, generator=g)]
     both = loss_terms(two, x, noise, t, {}, targets)
-    each = [loss_terms(m, x, noise, t, {}, [tgt]) for m, tgt in zip(singles, targets)]
+    each = [loss_terms(m, x, noise, t, {}, [tgt]) for m, tgt in zip(singles, targets, strict=True)]
     torch.testing.assert_close(both.repa, (each[0].repa + each[1].repa) / 2)
     torch.testing.assert_close(both.denoise, each[0].denoise)
     torch.testing.assert_close(both.total(0.5), each[0].denoise.mean() + 0.5 * (each[0].repa + each[1].repa).mean() / 2)

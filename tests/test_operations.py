@@ -51,7 +51,8 @@ def gated(paths: list[Path], gate: Path) -> str:
     """The shards as pipe: sources, the last of which waits until ``gate`` exists: the job stays alive,
     holding its claim on that shard, for as long as the test needs."""
     *first, last = paths
-    return "::".join([f"pipe:cat {p}" for p in first] + [f"pipe:while [ ! -e {gate} ]; do sleep 0.05; done; cat {last}"])
+    return "::".join([f"pipe:cat {p}" for p in first]
+                     + [f"pipe:while [ ! -e {gate} ]; do sleep 0.05; done; cat {last}"])
 
 
 def config(models, source: str, cache: Path, **kw):
@@ -379,7 +380,7 @@ def test_killing_an_encode_with_kill_9_or_sigterm_leaves_no_process_behind(tiny_
         procs[sig] = subprocess.Popen(encode_cmd(cfg), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL)
     for sig, proc in procs.items():
-        wait_for(lambda: len(workers(descendants(proc.pid))) >= 2, proc=proc)  # both decode workers
+        wait_for(lambda pid=proc.pid: len(workers(descendants(pid))) >= 2, proc=proc)  # both decode workers
         children = descendants(proc.pid)
         os.kill(proc.pid, sig)
         proc.wait(timeout=60)

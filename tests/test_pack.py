@@ -62,8 +62,8 @@ def test_a_flat_folder_packs_with_a_label_list_and_class_names(tmp_path, tree):
     data = {name: _image(val / f"{name}.JPEG", 10 + i) for i, name in enumerate(["v_3", "v_1", "v_2"])}
     labels = tmp_path / "labels.csv"
     labels.write_text("ImageId,PredictionString\nv_1,n03 1 2 3 4\nv_2,0\nv_3.JPEG n02\n")
-    r = CliRunner().invoke(app, ["data", "pack", str(val), "--out", str(tmp_path / "val-shards"), "--labels", str(labels),
-                                 "--classes", str(tmp_path / "train")])
+    r = CliRunner().invoke(app, ["data", "pack", str(val), "--out", str(tmp_path / "val-shards"),
+                                 "--labels", str(labels), "--classes", str(tmp_path / "train")])
     assert r.exit_code == 0, r.output
     samples = _read(str(tmp_path / "val-shards" / "val-000000.tar"))
     assert [(s["__key__"], int(s["cls"])) for s in samples] == [("v_1", 2), ("v_2", 0), ("v_3", 1)]
@@ -96,10 +96,12 @@ def test_bad_inputs_end_in_one_line(tmp_path, tree):
     _image(flat / "a.jpg", 1)
     _image(flat / "b.jpg", 2)
     (tmp_path / "l.txt").write_text("a 3\n")
-    r = runner.invoke(app, ["data", "pack", str(flat), "--out", str(tmp_path / "o2"), "--labels", str(tmp_path / "l.txt")])
+    r = runner.invoke(app, ["data", "pack", str(flat), "--out", str(tmp_path / "o2"),
+                            "--labels", str(tmp_path / "l.txt")])
     assert r.exit_code == 2 and "no label for 1 image(s)" in r.output and "b.jpg" in r.output
     (tmp_path / "l.txt").write_text("a 3\nb n99\n")
-    r = runner.invoke(app, ["data", "pack", str(flat), "--out", str(tmp_path / "o2"), "--labels", str(tmp_path / "l.txt")])
+    r = runner.invoke(app, ["data", "pack", str(flat), "--out", str(tmp_path / "o2"),
+                            "--labels", str(tmp_path / "l.txt")])
     assert r.exit_code == 2 and "l.txt:2" in r.output
     assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").glob("*.tar"))
 
@@ -108,12 +110,13 @@ def test_packed_shards_encode_with_their_labels(tmp_path, tree, tiny_models):
     from cache_schema import CacheReader
 
     runner = CliRunner()
-    r = runner.invoke(app, ["data", "pack", str(tmp_path / "train"), "--out", str(tmp_path / "shards"), "--shard-size", "3"])
+    r = runner.invoke(app, ["data", "pack", str(tmp_path / "train"), "--out", str(tmp_path / "shards"),
+                            "--shard-size", "3"])
     assert r.exit_code == 0, r.output
     pattern = r.output.split("--source '")[1].split("'")[0]
     r = runner.invoke(app, ["encode", "--source", pattern, "--cache", str(tmp_path / "cache"), "--resolution", "64",
-                            "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]), "--text-encoder", "none",
-                            "--num-workers", "0", "--batch-size", "4"])
+                            "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
+                            "--text-encoder", "none", "--num-workers", "0", "--batch-size", "4"])
     assert r.exit_code == 0, r.output
     reader = CacheReader(tmp_path / "cache")
     labels = {str(reader.keys[i]): int(reader.sample(i)["label"]) for i in range(len(reader))}

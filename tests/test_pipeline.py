@@ -45,7 +45,8 @@ def test_command_line_overrides_the_preset_which_overrides_defaults(tmp_path, mo
 
     monkeypatch.setattr("stages.encode.run.run_encode", fake_run)
     preset = tmp_path / "p.toml"
-    preset.write_text('[encode]\nsource = "a.tar"\ncache = "c"\nresolution = 512\nbatch_size = 7\ntext_encoder = "none"\n')
+    preset.write_text('[encode]\nsource = "a.tar"\ncache = "c"\nresolution = 512\nbatch_size = 7\n'
+                      'text_encoder = "none"\n')
     r = CliRunner().invoke(cli.app, ["encode", "--config", str(preset), "--batch-size", "9"])
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
@@ -97,7 +98,8 @@ def test_help_keeps_every_default_text(command, option, default):
 
 
 def test_a_bad_choice_lists_none_where_none_is_accepted(tmp_path):
-    r = CliRunner().invoke(cli.app, ["train", "--cache", str(tmp_path), "--run-dir", str(tmp_path / "r"), "--model", "SiT-Z"])
+    r = CliRunner().invoke(cli.app, ["train", "--cache", str(tmp_path), "--run-dir", str(tmp_path / "r"),
+                                     "--model", "SiT-Z"])
     assert r.exit_code == 2 and "--model 'SiT-Z': choose one of SiT-B/" in r.output
     assert "repa-rf-w2048, " in r.output and r.output.rstrip().endswith(", or none")  # the last preset comes before
     r = CliRunner().invoke(cli.app, ["train", "--cache", str(tmp_path), "--run-dir", str(tmp_path / "r"),

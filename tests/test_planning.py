@@ -39,8 +39,9 @@ def test_bytes_per_sample_are_the_stored_arrays_bytes(tmp_path, tiny_models, dem
         assert {k: v // rows for k, v in stored.items()} == want
 
         dry = runner.invoke(app, ["encode", "--source", str(demo_shards[0]), "--cache", str(tmp_path / "new"),
-                                  "--resolution", "64", "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
-                                  "--text-encoder", "none", "--feature-codec", codec, "--flips", "--dry-run"])
+                                  "--resolution", "64", "--vae", str(tiny_models["vae"]),
+                                  "--dino", str(tiny_models["dino"]), "--text-encoder", "none",
+                                  "--feature-codec", codec, "--flips", "--dry-run"])
         assert dry.exit_code == 0, dry.output
         total = sum(want.values())
         assert f"bytes/sample   {'total':<8}{total / 1024:10.1f} KiB" in dry.output
@@ -53,8 +54,8 @@ def test_the_dry_run_prints_the_planning_encode_estimate(monkeypatch, tmp_path, 
     monkeypatch.setitem(planning.VAE_RATES, (4, False), (100.0, "test VAE"))
     monkeypatch.setitem(planning.DINO_RATES, 32, (400.0, "test DINOv2"))
     r = CliRunner().invoke(app, ["encode", "--source", str(demo_shards[0]), "--cache", str(tmp_path / "c"),
-                                 "--resolution", "64", "--vae", str(tiny_models["vae"]), "--dino", str(tiny_models["dino"]),
-                                 "--text-encoder", "none", "--dry-run"])
+                                 "--resolution", "64", "--vae", str(tiny_models["vae"]),
+                                 "--dino", str(tiny_models["dino"]), "--text-encoder", "none", "--dry-run"])
     assert r.exit_code == 0, r.output
     samples = int(r.output.split("samples        ~")[1].split()[0])
     rows = dict((w, (v, b)) for w, v, b in encode_lines(Geometry(4, 8, 16, 32), samples, "fp16", False, False))

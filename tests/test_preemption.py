@@ -232,7 +232,8 @@ def test_sigterm_of_a_sample_is_one_line_and_the_line_tells_the_truth(train_cach
     kept = len(list((tmp_path / "s").glob("*.png")))
     assert kept >= 2 and not list((tmp_path / "s").glob(".*tmp*"))
     again = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert "pass --overwrite to replace it" in one_line_error(again)  # without it the rerun is refused, as the line says
+    # without it the rerun is refused, as the line says
+    assert "pass --overwrite to replace it" in one_line_error(again)
     assert len(list((tmp_path / "s").glob("*.png"))) == kept
 
 
@@ -253,8 +254,8 @@ def no_wandb_login(tmp_path, monkeypatch):
 
 
 def wandb_run(train_cache, run: Path, report_to: str = "wandb", extra=()) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(tiny_train(train_cache, run, steps=2, val_every=2, report_to=report_to)) + list(extra),
-                          env={**os.environ, **env()}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = train_cmd(tiny_train(train_cache, run, steps=2, val_every=2, report_to=report_to)) + list(extra)
+    return subprocess.run(cmd, env={**os.environ, **env()}, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_wandb_without_a_login_or_a_server_is_refused_before_the_run_directory_exists(train_cache, tmp_path,

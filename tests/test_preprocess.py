@@ -107,7 +107,8 @@ def test_bad_samples_are_skipped_with_their_reason(sample, reason):
 def test_caption_from_txt_or_json_and_label_from_cls():
     data = _encode(Image.new("RGB", (80, 80), (1, 2, 3)), "PNG")
     a = prepare_sample({"__key__": "a", "png": data, "txt": b" a red circle \n"}, 64, 10**8, True)
-    b = prepare_sample({"__key__": "b", "png": data, "json": b'{"caption": "a blue square"}', "cls": b"7"}, 64, 10**8, True)
+    b = prepare_sample({"__key__": "b", "png": data, "json": b'{"caption": "a blue square"}', "cls": b"7"}, 64, 10**8,
+                       True)
     assert isinstance(a, Prepared) and a.caption == "a red circle" and a.label == -1
     assert isinstance(b, Prepared) and b.caption == "a blue square" and b.label == 7
     assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8

@@ -69,7 +69,7 @@ def torchdiffeq_euler(func, y0, t):
         return -func(-s, y)
     solution = [y0]
     y = y0
-    for s0, s1 in zip(t[:-1], t[1:]):
+    for s0, s1 in zip(t[:-1], t[1:], strict=True):
         dt = s1 - s0
         y = y + dt * f(s0, y)
         solution.append(y)
@@ -115,7 +115,8 @@ def test_grid_matches_rae(num_points):
     theirs = rae_ode_grid(num_points, s)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert float(ours[0]) == 1.0
-    assert float(ours[-1]) == pytest.approx(s * 0.001 / (1 + (s - 1) * 0.001), rel=1e-4)  # stops short of 0 (float32 1 - 0.999)
+    # stops short of 0 (float32 1 - 0.999)
+    assert float(ours[-1]) == pytest.approx(s * 0.001 / (1 + (s - 1) * 0.001), rel=1e-4)
 
 
 def _velocity_model():
@@ -139,7 +140,7 @@ def test_sampler_matches_rae_ode_sample():
     theirs = rae_ode_sample(noise, theirs_model, 50, s)[-1]  # src/sample.py:102 keeps the last state
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     assert len(seen_ours) == len(seen_theirs) == 49
-    for a, b in zip(seen_ours, seen_theirs):
+    for a, b in zip(seen_ours, seen_theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

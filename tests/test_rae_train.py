@@ -51,8 +51,8 @@ def rae_cache(tmp_path_factory, tiny_models, labelled_shards, reg_model) -> Path
 
 def rae_train(cache: Path, run_dir: Path, **kw) -> TrainConfig:
     base = dict(cache=cache, run_dir=run_dir, diffuse=TARGET, method="sit", model=None, arch="dit-dh", width=32,
-                depth=2, head_dim=16, head_width=48, head_depth=1, batch_size=8, lr=1e-3, steps=6, val_fraction=0.1, num_workers=0,
-                log_every=2, val_every=3, ckpt_every=3, report_to="none", ema_decay=0.9, cond="class")
+                depth=2, head_dim=16, head_width=48, head_depth=1, batch_size=8, lr=1e-3, steps=6, val_fraction=0.1,
+                num_workers=0, log_every=2, val_every=3, ckpt_every=3, report_to="none", ema_decay=0.9, cond="class")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -298,5 +298,6 @@ def test_sampling_a_token_run_without_a_decoder_or_with_another_sampler_is_refus
                                 rae_decoder=str(folder)), log=lambda *_: None)
     with pytest.raises(UsageError, match="not a loadable"):
         (tmp_path / "bad.pt").write_bytes(b"not a torch file")
-        run_sample(SampleConfig(run_dir=token_run, out=tmp_path / "c", num_samples=1, rae_decoder=str(tmp_path / "bad.pt"),
-                                rae_decoder_config=str(folder / "config.json")), log=lambda *_: None)
+        run_sample(SampleConfig(run_dir=token_run, out=tmp_path / "c", num_samples=1,
+                                rae_decoder=str(tmp_path / "bad.pt"), rae_decoder_config=str(folder / "config.json")),
+                   log=lambda *_: None)

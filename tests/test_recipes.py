@@ -269,7 +269,8 @@ def test_batch_multiplicity_samples_one_latent_per_image_and_gives_each_copy_its
     assert all(not torch.allclose(noise[i], noise[j]) for i in range(8) for j in range(i))  # and its own noise
     kept = y != trainer.raw_model.null_class  # each copy its own dropout coin; the rest keep their image's label
     assert torch.equal(y[kept], batch["label"].repeat(4)[kept]) and 0 < int(kept.sum()) < 8
-    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters()))  # the step trained
+    # the step trained
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.raw_model.parameters(), strict=True))
 
 
 def test_batch_multiplicity_resumes_exactly(train_cache, tmp_path):
@@ -298,7 +299,8 @@ def test_validation_from_a_separate_cache_of_the_same_encoding(train_cache, tmp_
     run_train(tiny_train(train_cache, tmp_path / "run", val_fraction=0.0, val_cache=tmp_path / "val", steps=2,
                          val_every=2), log=lambda m: None)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train_samples"] == 96 and config["val_samples"] == 96 and config["val_cache"] == str(tmp_path / "val")
+    assert config["train_samples"] == 96 and config["val_samples"] == 96
+    assert config["val_cache"] == str(tmp_path / "val")
     manifest = json.loads((tmp_path / "val" / "manifest.json").read_text())
     manifest["fingerprint"], manifest["settings"]["resolution"] = "0" * 16, 128
     (tmp_path / "val" / "manifest.json").write_text(json.dumps(manifest))
@@ -359,9 +361,10 @@ def test_the_imagenet_preset_is_official_repas_run():
 
 
 SEED_TRAIN = dict(model="repa-rf-w512", head_dim=32, batch_size=512, batch_multiplicity=4, lr=1e-4, steps=5000,
-                  val_every=1000, repa_lambda=0.5, align_layer=7, time_sampling="logit-normal", param_groups="repa-rf-mup",
-                  weight_decay=1e-3, adam_betas=(0.9, 0.95), lr_schedule="repa-rf-cosine", grad_clip=0.0, ema_decay=0.0,
-                  cond_dropout=0.0, text_mask=False, mixed_precision="bf16", val_fraction=0.0)
+                  val_every=1000, repa_lambda=0.5, align_layer=7, time_sampling="logit-normal",
+                  param_groups="repa-rf-mup", weight_decay=1e-3, adam_betas=(0.9, 0.95), lr_schedule="repa-rf-cosine",
+                  grad_clip=0.0, ema_decay=0.0, cond_dropout=0.0, text_mask=False, mixed_precision="bf16",
+                  val_fraction=0.0)
 
 
 def test_the_seed_presets_are_the_seeds_command_and_sweep():

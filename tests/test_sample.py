@@ -62,7 +62,8 @@ def cli(*args: str):
 def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square on the left\n")
-    result = run_sample(sample_cfg(text_run, tmp_path / "out", prompts=prompts, num_samples=5, batch_size=2, guidance_scale=2.0))
+    result = run_sample(sample_cfg(text_run, tmp_path / "out", prompts=prompts, num_samples=5, batch_size=2,
+                                   guidance_scale=2.0))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i:06d}.png" for i in range(5)] + [
         "grid.png", "reference.png", "samples.json"]
     assert all(Image.open(p).size == (RESOLUTION, RESOLUTION) for p in result.images)
@@ -75,20 +76,22 @@ def test_text_run_writes_one_png_per_image_a_grid_and_a_sidecar(text_run, tmp_pa
     entries = json.loads(result.sidecar.read_text())["images"]
     assert [e["prompt"] for e in entries] == ["a red circle", "a blue square on the left"] * 2 + ["a red circle"]
     assert entries[3] == {
-        "file": "000003.png", "index": 3, "prompt": "a blue square on the left", "seed": 0, "sampler": "euler", "steps": 2,
-        "cfg": 2.0, "interval": [0.0, 1.0], "checkpoint": str(text_run / "checkpoints" / "step-0000004.pt"), "step": 4,
-        "ema": True,
+        "file": "000003.png", "index": 3, "prompt": "a blue square on the left", "seed": 0, "sampler": "euler",
+        "steps": 2, "cfg": 2.0, "interval": [0.0, 1.0], "checkpoint": str(text_run / "checkpoints" / "step-0000004.pt"),
+        "step": 4, "ema": True,
     }
     # what a teammate needs to read: the files written through temporary files get the umask's mode, not 0600
     from cache_schema.storage.fsutil import file_mode
 
+    records = (p for p in Path(load_run(text_run).cache).rglob("*.json") if "claims" not in p.parts)
     for path in (result.sidecar, text_run / "config.json", text_run / "checkpoints" / "step-0000004.pt",
-                 result.images[0], *(p for p in Path(load_run(text_run).cache).rglob("*.json") if "claims" not in p.parts)):
+                 result.images[0], *records):
         assert (path.stat().st_mode & 0o777) == file_mode(), path
 
 
 def test_class_run_cycles_the_given_classes(class_run, tmp_path):
-    result = run_sample(sample_cfg(class_run, tmp_path / "out", classes="1,2,3", num_samples=5, ema=False, sampler="heun"))
+    result = run_sample(sample_cfg(class_run, tmp_path / "out", classes="1,2,3", num_samples=5, ema=False,
+                                   sampler="heun"))
     entries = json.loads(result.sidecar.read_text())["images"]
     assert [e["class"] for e in entries] == [1, 2, 3, 1, 2]
     assert {(e["sampler"], e["steps"], e["ema"]) for e in entries} == {("heun", 2, False)}
@@ -119,7 +122,7 @@ def test_image_depends_on_seed_and_index_not_on_batch_size(class_run, tmp_path, 
     one = run_sample(sample_cfg(class_run, tmp_path / "b1", num_samples=3, batch_size=1, seed=5, **kw))
     three = run_sample(sample_cfg(class_run, tmp_path / "b3", num_samples=3, batch_size=3, seed=5, **kw))
     other = run_sample(sample_cfg(class_run, tmp_path / "s6", num_samples=1, seed=6, **kw))
-    for a, b in zip(one.images, three.images):
+    for a, b in zip(one.images, three.images, strict=True):
         assert np.abs(pixels(a) - pixels(b)).max() <= 1  # float rounding of batched matmuls at most
     assert np.abs(pixels(one.images[0]) - pixels(other.images[0])).max() > 10
 
@@ -144,7 +147,8 @@ def test_guidance_applies_only_inside_its_interval(class_run):
     # Euler with 4 steps evaluates t = 1, 0.75, 0.5, 0.25: none lies in [0.6, 0.7]
     assert torch.equal(latents(guidance_scale=4.0, guidance_low=0.6, guidance_high=0.7), plain)
     assert not torch.allclose(latents(guidance_scale=4.0), plain, atol=1e-4)
-    assert not torch.allclose(latents(guidance_scale=4.0, guidance_low=0.0, guidance_high=0.3), latents(guidance_scale=4.0), atol=1e-4)
+    assert not torch.allclose(latents(guidance_scale=4.0, guidance_low=0.0, guidance_high=0.3),
+                              latents(guidance_scale=4.0), atol=1e-4)
 
 
 # -- previews -----------------------------------------------------------------------------------------
@@ -177,7 +181,8 @@ def test_cli_errors_are_one_line_with_exit_status_2(class_run, tmp_path):
     (tmp_path / "empty-run").mkdir()
     cases = {
         ("--run-dir", str(tmp_path / "empty-run")): "no checkpoint",
-        ("--run-dir", str(class_run), "--guidance-low", "0.8", "--guidance-high", "0.2"): "--guidance-high 0.2 is below",
+        ("--run-dir", str(class_run), "--guidance-low", "0.8", "--guidance-high", "0.2"):
+            "--guidance-high 0.2 is below",
         ("--run-dir", str(class_run), "--steps", "0"): "--steps 0",
         ("--run-dir", str(class_run), "--prompt", "a cat", "--out", str(tmp_path / "o")): "not a text one",
     }
@@ -237,5 +242,6 @@ def test_prompts_are_encoded_as_the_cache_stored_captions(train_cache):
     hidden, mask = TextEncoder(reader.manifest, torch.device("cpu"))([stored["caption"], "a"])
     assert int(mask[0].sum()) == len(stored["text"])
     # same tokens and encoder; only float rounding differs (other batch, other padding length)
-    np.testing.assert_allclose(hidden[0, : len(stored["text"])].numpy(), stored["text"].astype(np.float32), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(hidden[0, : len(stored["text"])].numpy(), stored["text"].astype(np.float32),
+                               rtol=1e-2, atol=1e-3)
     assert not hidden[0, int(mask[0].sum()):].any()  # padding is zero

@@ -58,10 +58,12 @@ def test_grid_expands_to_the_cartesian_product_with_safe_names(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s.replace("[sweep.grid]\n", "[sweep.grid]\nrepa_lamda = [0.1]\n"), "unknown key 'repa_lamda' in \\[sweep\\] grid"),
+    (lambda s: s.replace("[sweep.grid]\n", "[sweep.grid]\nrepa_lamda = [0.1]\n"),
+     "unknown key 'repa_lamda' in \\[sweep\\] grid"),
     (lambda s: s.replace("[train]\n", "[train]\nlearning_rate = 0.1\n"), "unknown key 'learning_rate' in \\[train\\]"),
     (lambda s: s.replace("[sweep]\n", "[sweep]\nouts = 'x'\n"), "unknown key 'outs' in \\[sweep\\]"),
-    (lambda s: s.replace("[sweep.grid]\n", "[sweep.grid]\nrun_dir = ['a']\n"), "sets 'run_dir', which the sweep manages"),
+    (lambda s: s.replace("[sweep.grid]\n", "[sweep.grid]\nrun_dir = ['a']\n"),
+     "sets 'run_dir', which the sweep manages"),
     (lambda s: s.replace("lr = [0.001, 0.002]", "lr = 0.001"), "grid.lr must be a non-empty list"),
     (lambda s: s.replace("lr = [0.001, 0.002]", "model = ['a/b', 'a-b']"), "both map to run name 'model=a-b'"),
 ])
@@ -75,7 +77,8 @@ def test_bad_sweep_files_name_the_key(tmp_path, edit, message):
 
 
 def test_run_config_toml_round_trips():
-    table = {"cache": 'c/"odd" dir', "lr": 5e-05, "steps": 4, "compile": False, "adam_betas": [0.9, 0.95], "model": "none"}
+    table = {"cache": 'c/"odd" dir', "lr": 5e-05, "steps": 4, "compile": False, "adam_betas": [0.9, 0.95],
+             "model": "none"}
     assert tomllib.loads(to_toml(table, "train"))["train"] == table
 
 
@@ -186,7 +189,7 @@ def test_report_shows_each_runs_final_loss_sorted_and_plots(finished_sweep, tmp_
     rows = [line for line in r.stdout.splitlines() if line.startswith("repa_lambda=")]
     expected = sorted(runs, key=final_val)
     assert [row.split()[0] for row in rows] == [p.name for p in expected]
-    for row, run in zip(rows, expected):
+    for row, run in zip(rows, expected, strict=True):
         assert f"{final_val(run):.4f}" in row.split()
     assert "settings that differ: repa_lambda" in r.stdout
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -194,7 +197,8 @@ def test_report_shows_each_runs_final_loss_sorted_and_plots(finished_sweep, tmp_
     data = json.loads(repa("report", *runs, "--json", "--plot", tmp_path / "r.png").stdout)
     assert [d["final_val"] for d in data] == [final_val(p) for p in expected]
     assert all(d["steps"] == 4 and d["finished"] and len(d["final_bins"]) == 10 for d in data)
-    assert {d["run"]: d["settings"] for d in data} == {"repa_lambda=0.0": {"repa_lambda": 0.0}, "repa_lambda=0.5": {"repa_lambda": 0.5}}
+    assert {d["run"]: d["settings"] for d in data} == {"repa_lambda=0.0": {"repa_lambda": 0.0},
+                                                       "repa_lambda=0.5": {"repa_lambda": 0.5}}
     assert next(d for d in data if d["run"] == "repa_lambda=0.0")["repa_cos"] is None  # no REPA, no cosine
 
 
@@ -209,8 +213,8 @@ def test_report_shows_the_newest_evaluation(finished_sweep, tmp_path):
     _, out, _ = finished_sweep
     run = tmp_path / "evaluated"
     shutil.copytree(out / "repa_lambda=0.5", run)
-    (run / "eval.jsonl").write_text(json.dumps({"step": 2, "fid": 99.0, "is_mean": 1.5}) + "\n"
-                                    + json.dumps({"step": 4, "fid": 12.25, "is_mean": 7.25, "clip_score": 0.3125}) + "\n"
+    evals = [{"step": 2, "fid": 99.0, "is_mean": 1.5}, {"step": 4, "fid": 12.25, "is_mean": 7.25, "clip_score": 0.3125}]
+    (run / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals)
                                     + '{"step": 6, "fid"')  # cut short by a kill
     r = repa("report", run, out / "repa_lambda=0.0", "--plot", tmp_path / "r.png")
     header, _, *rows = r.stdout.splitlines()
@@ -233,8 +237,8 @@ def test_report_colours_and_dashes_stand_for_the_settings_that_differ():
                for lam in (0.0, 0.5, 1.0) for w in (64, 128)]
     look = RunStyles.of(reports, ["repa_lambda", "width"])
     assert look.axes == ["repa_lambda", "width"] and look.values["repa_lambda"] == ["0.0", "0.5", "1.0"]
-    for a, sa in zip(reports, look.styles):
-        for b, sb in zip(reports, look.styles):
+    for a, sa in zip(reports, look.styles, strict=True):
+        for b, sb in zip(reports, look.styles, strict=True):
             assert (sa["color"] == sb["color"]) == (a.config["repa_lambda"] == b.config["repa_lambda"])
             assert (sa["ls"] == sb["ls"]) == (a.config["width"] == b.config["width"])
     assert [label for label, _ in look.legend] == ["repa_lambda = 0.0", "repa_lambda = 0.5", "repa_lambda = 1.0",

@@ -30,7 +30,8 @@ def caches(tmp_path_factory, tiny_models, demo_shards) -> dict[str, CacheReader]
 def t5(tiny_models):
     from transformers import AutoTokenizer, T5EncoderModel
 
-    return AutoTokenizer.from_pretrained(tiny_models["text"]), T5EncoderModel.from_pretrained(tiny_models["text"]).eval()
+    return (AutoTokenizer.from_pretrained(tiny_models["text"]),
+            T5EncoderModel.from_pretrained(tiny_models["text"]).eval())
 
 
 def _samples(reader: CacheReader) -> list[dict]:

@@ -80,7 +80,7 @@ def test_split_of_a_tiny_cache_leaves_neither_side_empty():
 def test_sampler_is_deterministic_per_seed_and_epoch_and_reshuffles_every_epoch():
     ids = np.arange(100, 160)
     a = take(EpochBatchSampler(ids, 10, seed=3), 12)
-    assert all(np.array_equal(x, y) for x, y in zip(a, take(EpochBatchSampler(ids, 10, seed=3), 12)))
+    assert all(np.array_equal(x, y) for x, y in zip(a, take(EpochBatchSampler(ids, 10, seed=3), 12), strict=True))
     epochs = [np.concatenate(a[:6]), np.concatenate(a[6:])]
     assert all(np.array_equal(np.sort(e), ids) for e in epochs)  # each epoch is a permutation of ids
     assert not np.array_equal(epochs[0], epochs[1])
@@ -178,7 +178,7 @@ def test_loader_workers_serve_the_sampler_order_and_kept_batches_stay_intact(int
     assert 0 < loader.unrecycled_batches < 20  # batches beyond the slots had to use fresh memory
 
     loader = make_loader(dataset, sampler, num_workers=2)
-    assert all(same(g, e) for g, e in zip(loader, expected))  # each batch dropped before the next
+    assert all(same(g, e) for g, e in zip(loader, expected, strict=False))  # each batch dropped before the next
     assert loader.unrecycled_batches == 0
 
 

@@ -26,7 +26,8 @@ def damaged(rec: dict, what: str, hint: str = REPAIR_HINT) -> CacheError:
     return CacheError(f"{part_where(rec)}: {what}; {hint.format(name=rec['name'])}")
 
 
-def check_part_files(cache_dir: Path | S3Path, rec: dict, arrays: list[str] | None = None, hint: str = REPAIR_HINT) -> None:
+def check_part_files(cache_dir: Path | S3Path, rec: dict, arrays: list[str] | None = None,
+                     hint: str = REPAIR_HINT) -> None:
     """Raise CacheError naming the first listed file (of ``arrays``, default all) that is missing or has
     another size than recorded; ``hint`` says how to fix it ({name}: the part)."""
     root = cache_root(cache_dir) / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}"

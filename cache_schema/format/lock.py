@@ -4,8 +4,8 @@ committing and dropping parts), so two encoders of one cache never interleave th
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cache_schema.format.layout import LOCK_NAME
 from cache_schema.storage.fsutil import exclusive_lock

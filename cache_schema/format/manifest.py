@@ -15,9 +15,9 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 from cache_schema.errors import CacheError
 from cache_schema.format.layout import (
@@ -209,11 +209,11 @@ class Manifest:
         s, ss, n = [0.0] * c, [0.0] * c, 0
         for p in self.parts:
             if p.get("latent_count"):
-                s = [a + b for a, b in zip(s, p["latent_sum"])]
-                ss = [a + b for a, b in zip(ss, p["latent_sumsq"])]
+                s = [a + b for a, b in zip(s, p["latent_sum"], strict=False)]
+                ss = [a + b for a, b in zip(ss, p["latent_sumsq"], strict=False)]
                 n += p["latent_count"]
         mean = [a / n for a in s] if n else None
-        std = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean)] if n else None
+        std = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean, strict=True)] if n else None
         self.latent = {**self.latent, "mean": mean, "std": std}
         return self
 
@@ -225,7 +225,8 @@ class Manifest:
         """dim, tokens, grid and fields of target ``name``; KeyError naming the targets there are."""
         if name == FIRST_TARGET:
             names = [n for n in self.fields if n == FIRST_TARGET or n.startswith(f"{FIRST_TARGET}_")]
-            return {**self.dino, "fields": {n: self.fields[n] for n in names}, "settings": {"model": self.settings.get("dino")}}
+            return {**self.dino, "fields": {n: self.fields[n] for n in names},
+                    "settings": {"model": self.settings.get("dino")}}
         if name not in self.targets:
             raise KeyError(f"cache has no alignment target {name!r}; it has {', '.join(self.target_names())}")
         return self.targets[name]
@@ -249,7 +250,8 @@ class Manifest:
 
 
 def field_to_json(f: Field) -> dict:
-    return {"dtype": f.dtype, "shape": list(f.inner_shape), "per_sample": f.per_sample, "sharded": f.sharded, "doc": f.doc}
+    return {"dtype": f.dtype, "shape": list(f.inner_shape), "per_sample": f.per_sample, "sharded": f.sharded,
+            "doc": f.doc}
 
 
 def field_from_json(name: str, spec: dict) -> Field:
@@ -323,6 +325,7 @@ def read_records(cache_dir: Path | S3Path, unreadable: dict[str, str] | None = N
     it as never committed and encodes it again, which is what ``fix`` says to do.
     """
     root = cache_root(cache_dir)
+    folder: Path | S3Path
     if isinstance(root, S3Path):
         folder = root / RECORDS_DIR
         names = [n for n in folder.list_sizes() if n.endswith(RECORD_SUFFIX) and "/" not in n

@@ -61,7 +61,8 @@ class _ProcessState:
     small: dict[str, np.ndarray] = field(default_factory=dict)
     small_parts: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (name, part) -> its values
     rows: dict[tuple[int, str], ShardedRows | None] = field(default_factory=dict)  # direct-read geometry
-    checked: set[tuple[int, str | None]] = field(default_factory=set)  # (part, added target or None) checked against its record
+    # (part, added target or None) checked against its record
+    checked: set[tuple[int, str | None]] = field(default_factory=set)
 
 
 class FastReader:
@@ -154,8 +155,8 @@ class FastReader:
                 check_part_files(self.cache_dir, self.manifest.parts[part])
             else:
                 self.require_targets([target])
-                check_part_files(target_dir(self.cache_dir, target), self._target_records[target][self.part_names[part]],
-                                 hint=target_hint(target))
+                check_part_files(target_dir(self.cache_dir, target),
+                                 self._target_records[target][self.part_names[part]], hint=target_hint(target))
             state.checked.add((part, target))
 
     def _store(self, part: int, name: str) -> ts.TensorStore:
@@ -198,7 +199,8 @@ class FastReader:
         if len(parts) > 1:
             # The first alone: it sets up this process's state and an added target's records.
             with ThreadPoolExecutor(READ_THREADS) as pool:
-                out = [self._read_plain(parts[0], name)] + list(pool.map(lambda p: self._read_plain(p, name), parts[1:]))
+                out = [self._read_plain(parts[0], name)]
+                out += pool.map(lambda p: self._read_plain(p, name), parts[1:])
         else:
             out = [self._read_plain(p, name) for p in parts]
         rest = [i for i, values in enumerate(out) if values is None]
@@ -206,7 +208,7 @@ class FastReader:
             for i in rest:
                 out[i] = self._read_whole(parts[i], name)
         elif rest:
-            for i, values in zip(rest, self._read_parts_tensorstore(name, [parts[i] for i in rest])):
+            for i, values in zip(rest, self._read_parts_tensorstore(name, [parts[i] for i in rest]), strict=True):
                 out[i] = values
         return out
 
@@ -230,13 +232,13 @@ class FastReader:
         opening = [ts.open({**spec, "kvstore": kvstore_spec(self._array_path(p, name))},
                            read=True, context=context) for p in parts]
         reading = []
-        for p, future in zip(parts, opening):
+        for p, future in zip(parts, opening, strict=True):
             try:
                 reading.append(future.result().read())
             except ValueError as e:
                 raise damaged(self.manifest.parts[p], f"{name} cannot be opened ({e})") from None
         out = []
-        for p, future in zip(parts, reading):
+        for p, future in zip(parts, reading, strict=True):
             try:
                 out.append(future.result())
             except ValueError as e:
@@ -410,7 +412,7 @@ class FastReader:
             flat = target.reshape((-1,) + target.shape[len(lead) :])
             others = []  # samples whose part has a layout direct reads do not know
             for i, (p, start, n, first) in enumerate(zip(part.tolist(), starts.tolist(), lengths.tolist(),
-                                                         firsts.tolist())):
+                                                         firsts.tolist(), strict=True)):
                 rows = self._direct_rows(p, name) if n else None
                 if rows is None:
                     others.append(i)
@@ -478,7 +480,7 @@ class FastReader:
         """Rows ``row`` of parts ``part`` into ``out``: directly where the layout allows, the rest
         started through tensorstore (returned as pending reads)."""
         others = []
-        for i, (p, r) in enumerate(zip(part.tolist(), row.tolist())):
+        for i, (p, r) in enumerate(zip(part.tolist(), row.tolist(), strict=True)):
             rows = self._direct_rows(p, name)
             if rows is None:
                 others.append(i)

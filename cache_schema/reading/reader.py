@@ -8,9 +8,9 @@ serves ~10x slower. The training hot path uses ``fast_reader`` (tensorstore) on 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import zarr
@@ -31,8 +31,8 @@ class CacheReader:
     def __init__(self, cache_dir: str | Path, unreadable: dict[str, str] | None = None):
         """``unreadable``: see ``read_records`` (given, parts whose record cannot be read are left out)."""
         if is_s3(cache_dir):  # zarr-python opens local groups only
-            raise CacheError(f"{cache_root(cache_dir)}: this command reads the cache's arrays from a local disk; copy the cache "
-                             "there (e.g. `aws s3 sync`) and pass that directory")
+            raise CacheError(f"{cache_root(cache_dir)}: this command reads the cache's arrays from a local disk; "
+                             "copy the cache there (e.g. `aws s3 sync`) and pass that directory")
         self.cache_dir = Path(cache_dir)
         self.manifest: Manifest = read_manifest(self.cache_dir, unreadable)
         self.parts: list[dict] = list(self.manifest.parts)

@@ -135,7 +135,7 @@ class _ShardFile:
             raise RowReadError(f"{self.name}: chunk {slot} is missing or has the wrong size in its shard")
         data = dest.reshape(-1).view(np.uint8)  # google_crc32c takes arrays, not writable memoryviews
         crc = bytearray(_CRC)
-        if os.preadv(self.fd, [data, crc], offset) != nbytes:
+        if os.preadv(self.fd, [data, crc], offset) != nbytes:  # type: ignore[list-item]  # ndarray is a buffer
             raise RowReadError(f"{self.name}: chunk {slot} ends early")
         _check_crc(data, crc, f"{self.name}: chunk {slot}")
 

@@ -12,8 +12,8 @@ import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cache_schema.errors import CacheError
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cache_schema.errors import CacheError
 from cache_schema.format.layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, RECORD_SUFFIX, RECORDS_DIR
@@ -91,7 +91,7 @@ def push_cache(src: str | Path, dest: str | S3Path, threads: int = 8,
     todo, skipped = [], []
     with ThreadPoolExecutor(threads) as pool:
         there = list(pool.map(lambda u: _read_existing(_record_key(u[2], u[0])), units))
-    for unit, existing in zip(units, there):
+    for unit, existing in zip(units, there, strict=True):
         label = unit[0]
         if existing is None:
             todo.append(unit)

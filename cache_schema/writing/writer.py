@@ -4,8 +4,8 @@ A part is written into ``parts/.tmp-<name>-<owner>.zarr`` by the one process tha
 (``cache_schema.writing.claims``). Sharded arrays are written one whole shard file at a time (a partial write
 rewrites a shard, and concurrent partial writers lose data): rows are copied once into a buffer the size
 of one shard, which tensorstore writes when it is full (zarr-python creates the arrays and writes the
-small ones; tensorstore's writer costs half its CPU per sample). ``commit`` flushes the rest, lists every file with its size, stores
-the record in the group attributes, fsyncs everything, and then, under the cache lock and only if
+small ones; tensorstore's writer costs half its CPU per sample). ``commit`` flushes the rest, lists every file
+with its size, stores the record in the group attributes, fsyncs everything, and then, under the cache lock and only if
 the writer still owns its claim, renames the directory to ``parts/<name>.zarr`` and writes
 ``records/<name>.json``: the record is the commit. A crash leaves a ``.tmp-`` directory (deleted by
 the next claimer of that part) or, between the rename and the record, a published directory whose

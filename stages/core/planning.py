@@ -21,7 +21,8 @@ DINO_RATES = {768: (6724.0, "DINOv2-B/14 at 224 px"), 1024: (2404.0, "DINOv2-L/1
 TRAIN_RATES = {
     ("SiT-XL/2", True): (507.0, "SiT-XL/2 + REPA step, batch 64, torch.compile"),
     ("SiT-XL/2", False): (378.0, "SiT-XL/2 + REPA step, batch 64, eager"),
-    ("dit-512x9", False): (1534.0, "the repa-rf-size DiT (width 512, depth 9, 101 M, cross-attention to 512 T5 tokens), eager"),
+    ("dit-512x9", False): (1534.0, "the repa-rf-size DiT (width 512, depth 9, 101 M, cross-attention to 512 T5 "
+                                   "tokens), eager"),
 }
 TRAIN_GPU_MEMORY = {"SiT-XL/2": "52 GiB peak at batch 128 per GPU (measured; 256 per GPU does not fit in 80 GB)"}
 # The training process and each loader worker at 12 M samples (bench-scale, BENCHMARKS.md).
@@ -117,8 +118,8 @@ def train_lines(model: str, compiled: bool, steps: int, batch_size: int, workers
     rows = []
     if rate:
         seconds = steps * batch_size / (rate * gpus)
-        rows.append(("train", f"{rate:.0f} img/s per GPU; {steps:,} steps x {batch_size} in {_hours(seconds)} on {gpus} "
-                              f"GPUs ({seconds * gpus / 3600:.1f} GPU-hours)", basis))
+        rows.append(("train", f"{rate:.0f} img/s per GPU; {steps:,} steps x {batch_size} in {_hours(seconds)} on "
+                              f"{gpus} GPUs ({seconds * gpus / 3600:.1f} GPU-hours)", basis))
     else:
         rows.append(("train", "not estimated", basis))
     rows.append(("GPU memory", TRAIN_GPU_MEMORY.get(model, "not measured"), "bench/train_gpu.sh"))

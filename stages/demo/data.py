@@ -124,7 +124,7 @@ class DrawnShape:
 def _polygon(cx: float, cy: float, radii: list[float]) -> list[tuple[float, float]]:
     """Vertices at equal angles around (cx, cy), the first pointing up, with the given radii in turn."""
     angles = np.deg2rad(-90.0 + 360.0 * np.arange(len(radii)) / len(radii))
-    return [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles)]
+    return [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles, strict=True)]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, s: DrawnShape, fill=None) -> None:

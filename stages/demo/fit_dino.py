@@ -91,7 +91,8 @@ def patch_labels(meta: dict, resolution: int, grid: int) -> dict[str, np.ndarray
 
 def demo_patches(sources: Iterable[str], resolution: int, grid: int, limit: int) -> DemoPatches:
     """Up to ``limit`` demo samples cropped as `repa encode` crops them (full JPEG decode), with their labels."""
-    images, labels, classes = [], {k: [] for k in TARGETS}, []
+    labels: dict[str, list] = {k: [] for k in TARGETS}
+    images, classes = [], []
     for sample, image in prepared_demo_samples(sources, resolution, limit):
         meta = json.loads(sample["json"])
         images.append(image)

@@ -192,7 +192,7 @@ def _builders(vocab_size: int) -> dict:
         feed_forward_proj="gated-gelu",  # T5 v1.1, the variant diffusion models use
         pad_token_id=0,
         eos_token_id=1,
-        decoder_start_token_id=0,
+        decoder_start_token_id=0,  # type: ignore[call-arg]  # taken by PretrainedConfig through **kwargs
     )
     clip = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -247,7 +247,8 @@ def write_tiny_encoders(out_dir: Path, seed: int = 0) -> dict[str, Path]:
             if name in tokenizers:
                 tokenizers[name].save_pretrained(path)
             if name == "siglip":
-                siglip_image_processor()(size={"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}).save_pretrained(path)
+                size = {"height": SIGLIP_IMAGE_SIZE, "width": SIGLIP_IMAGE_SIZE}
+                siglip_image_processor()(size=size).save_pretrained(path)
             paths[name] = path
     return paths
 

@@ -106,7 +106,7 @@ class TargetSink(PartSink):
     def _finish(self, writer: PartWriter, end: ShardEnd) -> None:
         keys, base = self.expected[writer.name]
         got = writer._plain["key"]
-        if len(got) != len(keys) or any(a != b for a, b in zip(got, keys.tolist())):
+        if len(got) != len(keys) or any(a != b for a, b in zip(got, keys.tolist(), strict=True)):
             raise CacheError(f"--add-target {self.target}: part {writer.name} holds {len(keys)} samples but "
                              f"{writer.source} gave {len(got)} others; rerun after restoring the original input shard")
         writer.base = base
@@ -148,7 +148,8 @@ def run_add_target(cfg: EncodeConfig, log=print):
     name = check_target_name(cfg.add_target, manifest)
     if cfg.flips and not manifest.flips:
         raise UsageError(f"--add-target {name} --flips: {cache} was encoded without --flips; an added target stores "
-                         "flipped tokens exactly when the cache does: drop --flips, or re-encode the cache with --flips")
+                         "flipped tokens exactly when the cache does: drop --flips, or re-encode the cache with "
+                         "--flips")
     if cfg.dry_run:
         return EncodeSummary(lines=[f"would add target {name} ({cfg.target_model}) to the {manifest.num_samples} "
                                     f"samples of {len(manifest.parts)} part(s) of {cache}"
@@ -203,8 +204,12 @@ def run_add_target(cfg: EncodeConfig, log=print):
     fields = target_fields(name, enc.tokens, enc.dim, manifest.codec, enc.class_tokens, manifest.flips)
     by_url = {shards[p["name"]].url: shards[p["name"]] for p in mine}
     sink = TargetSink(root, fields, manifest.shard_size, by_url, owner, heartbeat, expected=expected, target=name)
+    def release_mine() -> None:
+        for p in mine:
+            release(root, p["name"], owner)
+
     done = run_pass(Pass(
-        stream, workers, sink, heartbeat, lambda: [release(root, p["name"], owner) for p in mine],
+        stream, workers, sink, heartbeat, release_mine,
         lambda batch: (_encode_batch(enc, name, torch.as_tensor(batch.images), manifest.codec, manifest.flips), None),
         sum(p["num_samples"] for p in mine), f"add {name}"), process)
     stats, elapsed = done.stats, done.seconds

@@ -21,7 +21,8 @@ class EncodeConfig:
         "", "Webdataset shards: path, brace pattern (data/cc12m-train-{0000..2175}.tar), glob or pipe: URL.",
         metavar="PATTERN",
     )
-    cache: Path = option(None, "Output cache directory, or s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL).", metavar="DIR", required=True, default_text="required")
+    cache: Path = option(None, "Output cache directory, or s3://bucket/prefix (endpoint: AWS_ENDPOINT_URL).",
+                         metavar="DIR", required=True, default_text="required")
     resolution: int = option(256, "Centre-crop size in pixels (multiple of 16).", gt=0, multiple_of=16)
     vae: str = option("stabilityai/sd-vae-ft-ema", "AutoencoderKL: Hub id or local folder.", metavar="ID|DIR")
     vae_subfolder: str | None = option(None, "Subfolder of --vae holding the VAE (e.g. vae for FLUX.1).")
@@ -55,8 +56,8 @@ class EncodeConfig:
         None, "Decode processes per GPU process.", default_text="CPU cores / processes", ge=0,
     )
     threads: int | None = option(
-        None, "torch intra-op threads per process.", default_text="cores per process minus decode workers, or OMP_NUM_THREADS",
-        gt=0,
+        None, "torch intra-op threads per process.",
+        default_text="cores per process minus decode workers, or OMP_NUM_THREADS", gt=0,
     )
     dtype: str = option(
         "auto", "Encoder precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.", choices=ENCODER_DTYPES,

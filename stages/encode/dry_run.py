@@ -28,7 +28,8 @@ def samples_per_shard(url: str) -> int | None:
         return None
     try:
         with tarfile.open(url) as tf:
-            keys = {m.name.rsplit(".", 1)[0] for m in tf if m.isreg() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
+            keys = {m.name.rsplit(".", 1)[0] for m in tf
+                    if m.isreg() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS}
         return len(keys)
     except (OSError, tarfile.TarError):
         return None
@@ -39,7 +40,7 @@ FILTER_PROBE_SAMPLES = 2000  # enough for a share to within ~1%; reads json and 
 
 def filter_estimate(url: str, filters: SampleFilters, limit: int = FILTER_PROBE_SAMPLES) -> tuple[int, Counter]:
     """(samples looked at, how many of them each filter removes) over the start of a local shard."""
-    seen, removed = 0, Counter()
+    seen, removed = 0, Counter[str]()
     for sample in iter_tar(url):
         if seen >= limit:
             break
@@ -71,7 +72,8 @@ def similarity_estimate(cfg: EncodeConfig, url: str, source, limit: int = SIMILA
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = SimilarityModel(source, torch_dtype(cfg.dtype, device), device)
     filters = cfg.sample_filters()
-    images, captions = [], []
+    images: list[torch.Tensor] = []
+    captions: list[str] = []
     for sample in iter_tar(url):
         if len(images) >= limit:
             break

@@ -35,7 +35,7 @@ class SeenKeys:
         if not parts:
             return cls({})
         keys = FastReader(cache, parts=parts, unreadable={}).keys_by_part()
-        return cls({name: k for name, k in zip(parts, keys) if k is not None})
+        return cls({name: k for name, k in zip(parts, keys, strict=True) if k is not None})
 
     def holder(self, key: str, part: str) -> str | None:
         """The part that already holds ``key``, or None, in which case ``part`` now does."""

@@ -31,7 +31,8 @@ class Shard:
 
 def identify(urls: list[str]) -> list[Shard]:
     """Each URL with its content identity and part name; two spellings of one file are refused."""
-    shards, seen = [], {}
+    shards: list[Shard] = []
+    seen: dict[str, str] = {}
     for url in urls:
         sid = source_id(url)
         if sid in seen:

@@ -196,8 +196,8 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
     if cfg.max_samples is not None:
         total = min(total or cfg.max_samples, cfg.max_samples)
     sink = PartSink(dest.writer_dir, _fields_of(manifest), cfg.shard_size, {s.url: s for s in mine},
-                    dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity, publish=lambda part: dest.publish(part, owner),
-                    seen=seen)
+                    dest.writer_owner(owner), heartbeat, min_similarity=cfg.min_similarity,
+                    publish=lambda part: dest.publish(part, owner), seen=seen)
 
     def encode(batch):
         feats = enc.encode(torch.as_tensor(batch.images), batch.captions, cfg.feature_codec)

@@ -42,7 +42,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread (pin_memory=True): page-locked images copy to the
         GPU asynchronously, so the next batch's upload overlaps the current batch's encoding."""
         self.images = self.images.pin_memory()

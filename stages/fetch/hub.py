@@ -90,6 +90,7 @@ def describe_error(e: Exception, repo: str, repo_type: str, revision: str, endpo
     if isinstance(e, errors.OfflineModeIsEnabled):
         return FetchError(f"{what}: HF_HUB_OFFLINE is set; unset it to download")
     if isinstance(e, (OSError, errors.LocalEntryNotFoundError)) or "connect" in type(e).__name__.lower():
-        return FetchError(f"{what}: cannot reach {endpoint} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+        first_line = str(e).splitlines()[0][:160] if str(e) else ""
+        return FetchError(f"{what}: cannot reach {endpoint} ({type(e).__name__}: {first_line}); "
                           "check the network, --endpoint or HF_ENDPOINT, then rerun (finished files are kept)")
     return e

@@ -57,7 +57,7 @@ def _key(path: Path) -> str:
 
 def _files(folder: Path) -> list[Path]:
     """Every file under ``folder``, sorted by relative path (symlinks followed, as ImageFolder does)."""
-    out = []
+    out: list[Path] = []
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs.sort()
         out.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
@@ -88,8 +88,10 @@ def read_labels(labels: Path, classes: dict[str, int]) -> dict[str, int]:
         if label is None:
             if number == 1 and not out:
                 continue  # a header such as "ImageId,PredictionString"
-            known = "a class id or one of the class folders of --classes" if classes else "a class id (or pass --classes)"
-            raise UsageError(f"--labels {labels}:{number}: {line.strip()[:80]!r} is not `NAME CLASS` with CLASS {known}")
+            known = ("a class id or one of the class folders of --classes" if classes
+                     else "a class id (or pass --classes)")
+            raise UsageError(f"--labels {labels}:{number}: {line.strip()[:80]!r} is not `NAME CLASS` with CLASS "
+                             f"{known}")
         out[_key(Path(fields[0]))] = label
     return out
 
@@ -154,7 +156,8 @@ def _write_shard(path: Path, items: list[Item], src: Path) -> None:
             for item in items:
                 sample = {"__key__": item.key, PACKED_EXTENSIONS[item.path.suffix.lower()]: item.path.read_bytes(),
                           "cls": str(item.label).encode(),
-                          "json": json.dumps({"class": item.class_name, "path": str(item.path.relative_to(src))}).encode()}
+                          "json": json.dumps({"class": item.class_name,
+                                              "path": str(item.path.relative_to(src))}).encode()}
                 tar.write(sample)
             stream.flush()
             os.fsync(stream.fileno())

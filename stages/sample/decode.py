@@ -154,7 +154,7 @@ def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], pad: i
     line_h = CAPTION_FONT + 3
     text_h = line_h * max(len(lines) for lines in wrapped) + pad
     cells = []
-    for image, lines in zip(images, wrapped):
+    for image, lines in zip(images, wrapped, strict=True):
         cell = Image.new("RGB", (w, h + text_h), (255, 255, 255))
         cell.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (0, 0))
         draw = ImageDraw.Draw(cell)
@@ -200,8 +200,8 @@ def load_preview(path: Path) -> dict:
         raise UsageError(f"{path}: not a loadable preview file ({type(e).__name__}); delete it or retrain") from None
 
 
-def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = False, device: torch.device | None = None,
-                    log=print) -> list[Path]:
+def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = False,
+                    device: torch.device | None = None, log=print) -> list[Path]:
     """Decode each ``previews/step-XXXXXXX.pt`` into ``step-XXXXXXX.png`` (a grid) and a ``.json`` sidecar
     with the keys, captions and labels of its images. Steps decoded earlier are kept unless ``overwrite``."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -230,7 +230,7 @@ def decode_previews(run_dir: Path, cache: Path | None = None, overwrite: bool = 
         atomic_write_json(path.with_suffix(".json"), {
             "step": preview["step"], "image": png.name,
             "images": [{"key": k, "caption": c, "label": lab}
-                       for k, c, lab in zip(preview["keys"], preview["captions"], preview["labels"])],
+                       for k, c, lab in zip(preview["keys"], preview["captions"], preview["labels"], strict=True)],
         })
         written.append(png)
         log(f"decoded {path.name} -> {png}")

@@ -161,7 +161,8 @@ class ClipScore(Metric):
             self.model = CLIPModel.from_pretrained(source).to(device).eval().requires_grad_(False)
             self.processor = CLIPProcessor.from_pretrained(source)
         except Exception as e:
-            raise EncoderLoadError(f"--clip-model {source}: cannot load a CLIP model and processor ({e})"[:400]) from None
+            raise EncoderLoadError(
+                f"--clip-model {source}: cannot load a CLIP model and processor ({e})"[:400]) from None
         self.max_tokens = self.model.config.text_config.max_position_embeddings
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")

@@ -134,7 +134,8 @@ def import_rae_checkpoint(contents: object, path: Path, run_dir: Path, cache: Pa
     variable = target_tokens(diffuse, record, load_stats(stats, (mc.in_channels, mc.input_size, mc.input_size)))
     if variable.layernorm is None:
         log(f"--diffuse {diffuse}: the cache records no final-LayerNorm vectors for this target, so reference.png "
-            "decodes its tokens as stored, not affine-free as RAE's decoder expects (add the target again to record them)")
+            "decodes its tokens as stored, not affine-free as RAE's decoder expects (add the target again to record "
+            "them)")
     config = {"method": "sit", "diffuse": diffuse, "diffuse_stats": str(stats), "repa_lambda": 0.0}
     parameters = count_parameters(network)
     ckpt = write_imported_run(path, run_dir, cache, manifest, step=step, model=model_sd, ema=ema_sd, model_config=mc,

@@ -114,5 +114,6 @@ def real_token_images(cache: Path, ids, decoder: TokenDecoder) -> tuple[np.ndarr
     meta = reader.read_many(ids, {decoder.variable.name: None, "caption": None, "label": None})
     batch = {decoder.variable.name: torch.from_numpy(np.ascontiguousarray(meta[decoder.variable.name]))}
     images = decoder.pixels(latent_to_tokens(decoder.variable.raw(batch)))
-    captions = [str(c) or (f"class {int(lab)}" if int(lab) >= 0 else "") for c, lab in zip(meta["caption"], meta["label"])]
+    captions = [str(c) or (f"class {int(lab)}" if int(lab) >= 0 else "")
+                for c, lab in zip(meta["caption"], meta["label"], strict=True)]
     return images.permute(0, 2, 3, 1).cpu().numpy(), captions

@@ -114,7 +114,7 @@ def source_images(held: HeldOut, urls: list[str], manifest: Manifest, where: dic
     resolution = int(manifest.settings["resolution"])
     draft = manifest.settings["crop"] == crop_name(True)
     wanted: dict[str, set[str]] = defaultdict(set)
-    for url, key in zip(held.sources, held.keys):
+    for url, key in zip(held.sources, held.keys, strict=True):
         wanted[url].add(key)
     workers = max(1, min(workers or os.cpu_count() or 1, len(urls)))
     with ThreadPoolExecutor(workers) as pool, progress_bar(
@@ -162,7 +162,8 @@ class FeatureStats:
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "mu" not in data or "sigma" not in data:
-                    raise UsageError(f"--reference {path}: no mu and sigma arrays in it (found {', '.join(data.files)})")
+                    raise UsageError(f"--reference {path}: no mu and sigma arrays in it "
+                                     f"(found {', '.join(data.files)})")
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 n = int(data["n"]) if "n" in data and int(data["n"]) > 0 else None
         except FileNotFoundError:

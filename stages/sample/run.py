@@ -149,7 +149,8 @@ class TextEncoder:
 
 
 class Conditions:
-    """The conditioning of image ``i``: entry ``i % len(entries)`` (prompts or class ids), or nothing (unconditional runs)."""
+    """The conditioning of image ``i``: entry ``i % len(entries)`` (prompts or class ids), or nothing
+    (unconditional runs)."""
 
     def __init__(self, entries: list | None = None):
         self.entries = entries or [None]
@@ -270,7 +271,8 @@ def sample_conditions(cfg: SampleConfig, run: LoadedRun, device: torch.device) -
     has_prompts = cfg.prompts is not None or bool(cfg.prompt)
     if run.cond == "text":
         if cfg.classes is not None:
-            raise UsageError(f"--classes: {run.checkpoint} is a text-conditioned run; pass --prompts FILE or --prompt TEXT")
+            raise UsageError(f"--classes: {run.checkpoint} is a text-conditioned run; "
+                             "pass --prompts FILE or --prompt TEXT")
         if not has_prompts:
             raise UsageError(f"{run.checkpoint} is a text-conditioned run: pass --prompts FILE or --prompt TEXT")
         return PromptConditions(read_prompts(cfg), run.model, TextEncoder(run.manifest, device))
@@ -424,7 +426,7 @@ def run_sample(cfg: SampleConfig, log=print) -> SampleResult:
     mine = process_indices(cfg.num_samples, state.process_index, state.num_processes)
     with progress_bar(total=len(mine), unit="img", disable=not main, dynamic_ncols=True, desc="sample") as bar:
         for batch in chunks(mine, cfg.batch_size):
-            for i, image in zip(batch, sampler.images(batch).cpu()):
+            for i, image in zip(batch, sampler.images(batch).cpu(), strict=True):
                 save_png(image, files[i])
             bar.update(len(batch))
     state.wait_for_everyone()

@@ -159,8 +159,9 @@ class TrainConfig:
     )
     grad_accum: int | None = option(
         None, "Micro-batches per optimizer step; they and the processes only split --batch-size (the run is the "
-        "same, to rounding, for any split).", default_text="1; resuming on another process count: the fewest that keep the "
-        "checkpoint's per-process micro-batch", gt=0,
+        "same, to rounding, for any split).",
+        default_text="1; resuming on another process count: the fewest that keep the checkpoint's per-process "
+        "micro-batch", gt=0,
     )
     lr: float = option(1e-4, "AdamW learning rate (the base rate of --param-groups repa-rf-mup).", gt=0)
     lr_schedule: str = option(
@@ -217,8 +218,8 @@ class TrainConfig:
     )
     num_workers: int = option(4, "DataLoader workers per process.", ge=0)
     threads: int | None = option(
-        None, "torch intra-op threads per process.", default_text="cores per process minus loader workers, or OMP_NUM_THREADS",
-        gt=0,
+        None, "torch intra-op threads per process.",
+        default_text="cores per process minus loader workers, or OMP_NUM_THREADS", gt=0,
     )
     # -- bookkeeping ------------------------------------------------------------------------------
     log_every: int = option(50, "Steps between logged training metrics.", gt=0)
@@ -238,7 +239,8 @@ class TrainConfig:
                                   default_text="the run directory's name")
     resume: bool | None = option(
         None, "--resume: continue from the newest checkpoint in --run-dir (refused if there is none); --no-resume: "
-        "start a new run (refused if --run-dir holds checkpoints, unless --overwrite).", flags=("--resume/--no-resume",),
+        "start a new run (refused if --run-dir holds checkpoints, unless --overwrite).",
+        flags=("--resume/--no-resume",),
         default_text="continue from the newest checkpoint when --run-dir holds one (same settings), else start",
     )
     resume_from: Path | None = option(None, "Continue from this checkpoint file.", metavar="FILE")
@@ -308,7 +310,8 @@ class TrainConfig:
             return [FIRST_TARGET]
         names = [n.strip() for n in self.targets.split(",")]
         if "" in names or len(set(names)) != len(names):
-            raise UsageError(f"--targets {self.targets}: give each target name once, comma-separated (e.g. dino,clip-l)")
+            raise UsageError(f"--targets {self.targets}: give each target name once, comma-separated "
+                             "(e.g. dino,clip-l)")
         return names
 
     def lambdas(self) -> list[float] | None:
@@ -356,7 +359,8 @@ RESUMABLE_CHANGES = frozenset(
 
 # Settings added after runs existed: a checkpoint without one was made with this value.
 LATER_SETTINGS = {"flip": False, "method": "repa", **{k: v for k, v in NEUTRAL.items() if k != "repa_lambda"},
-                  "diffuse": None, "diffuse_stats": None, "head_width": None, "head_depth": None, "lr_decay_start": 0, "lr_decay_end": None, "final_lr": 0.0}
+                  "diffuse": None, "diffuse_stats": None, "head_width": None, "head_depth": None, "lr_decay_start": 0,
+                  "lr_decay_end": None, "final_lr": 0.0}
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:

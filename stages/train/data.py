@@ -15,8 +15,8 @@ import math
 import multiprocessing
 import os
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,9 +42,10 @@ class EpochBatchSampler:
     ``[k * G, (k + 1) * G)`` of it, ``G = batch_size * world_size * grad_accum`` (the global batch, in distinct
     ids), whatever the number of processes; the ``len(ids) % G`` ids after the last whole global batch sit out
     that epoch (different ones every epoch). The global batch is cut into ``world_size * grad_accum`` pieces of
-    ``batch_size`` (``piece_index``): micro-batch ``m`` of rank ``r`` is piece ``m * world_size + r``. So which id sits at which
-    position of which step's global batch is a function of (seed, step, position) alone: a run resumed on
-    another number of processes, or with other accumulation, but the same global batch, reads the same data.
+    ``batch_size`` (``piece_index``): micro-batch ``m`` of rank ``r`` is piece ``m * world_size + r``. So which
+    id sits at which position of which step's global batch is a function of (seed, step, position) alone: a run
+    resumed on another number of processes, or with other accumulation, but the same global batch, reads the
+    same data.
     Iteration never ends: it runs through epochs from ``start = (epoch, step_in_epoch)``, so a run resumed at
     ``position_after(steps done)`` continues exactly where the interrupted one stopped.
 
@@ -147,7 +148,8 @@ def _shared_tensor(
         return torch.empty(shape, dtype=dtype)
     if storage is None:
         storage = torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    # torch takes set_(storage, offset, size) with a contiguous stride; its stubs list only the 4-argument form
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
 
 def _share(values: np.ndarray) -> torch.Tensor:
@@ -159,8 +161,8 @@ class CacheBatchDataset(Dataset):
     """Batches of cached features, fetched whole through ``__getitems__``.
 
     A batch is a dict of tensors: ``index`` (B,) int64 global ids; ``moments`` (B, 2C, h, w) fp16;
-    ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8 (each of ``targets`` likewise, by name); ``label`` (B,) int64 (-1:
-    none); with ``need_text``: ``text`` (B, Lmax, Dt) as stored and zero-padded, ``text_mask``
+    ``dino`` (B, T, D) as stored, with ``dino_scale`` (B, T) for int8 (each of ``targets`` likewise, by name);
+    ``label`` (B,) int64 (-1: none); with ``need_text``: ``text`` (B, Lmax, Dt) as stored and zero-padded, ``text_mask``
     (B, Lmax) bool, and ``text_scale`` (B, Lmax) for int8. Fields not asked for are not read.
 
     With ``flips``, an id given as ``~id`` (negative, see ``EpochBatchSampler``) is served with the moments
@@ -182,10 +184,11 @@ class CacheBatchDataset(Dataset):
         class_tokens: bool = False,
         need_moments: bool = True,
     ):
-        """``need_moments`` False: no VAE moments (a run diffusing a target's tokens); ``targets``: the alignment targets read with ``need_dino`` (default: the first, dino); ``flips``:
-        serve ``~id`` flipped (the cache must hold flips); ``index``: labels or caption spans another dataset
-        over the same parts has read already (not read again); ``class_tokens``: also ``{target}_cls`` of each
-        target read (of the first one without ``need_dino``), for REG."""
+        """``need_moments`` False: no VAE moments (a run diffusing a target's tokens); ``targets``: the alignment
+        targets read with ``need_dino`` (default: the first, dino); ``flips``: serve ``~id`` flipped (the cache
+        must hold flips); ``index``: labels or caption spans another dataset over the same parts has read already
+        (not read again); ``class_tokens``: also ``{target}_cls`` of each target read (of the first one without
+        ``need_dino``), for REG."""
         self.reader = FastReader(cache_dir, parts)
         wanted = ({"label"} if need_label else set()) | ({"text_start", "text_count"} if need_text else set())
         self.reader.adopt_index({k: v for k, v in (index or {}).items() if k in wanted})
@@ -355,7 +358,7 @@ class RecyclingLoader(DataLoader):
         self.copy_out = not storage_lifetime_is_observable() if copy_out is None else copy_out
         self._lent: dict[tuple[int, int], list[weakref.ref]] = {}
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]  # serves batches, not DataLoader's iterator
         batches = super().__iter__()
         while True:
             # Release before asking: receiving a batch lets the DataLoader hand its worker the next task.

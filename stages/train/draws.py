@@ -2,11 +2,11 @@
 
 A step's global batch holds ``D = batch_size / K`` distinct images (``K``: --batch-multiplicity), cut into
 ``processes x grad_accum`` equal pieces; micro-batch ``m`` of rank ``r`` is piece ``m * processes + r``
-(``piece_index``, as ``EpochBatchSampler`` serves them). Row ``q = k * D + p`` of the global batch is copy ``k`` of the image at position ``p``,
-as if the whole global batch were repeated ``K`` times (repa-rf's ``.repeat``). Per step, one generator seeded
-with (seed, step) draws, in this order: the posterior noise of each of the ``D`` images (one latent per image,
-shared by its copies), then ``t``, the path noise and the condition-dropout coins of each of the ``K * D`` rows,
-and with REG the path noise of each row's class token.
+(``piece_index``, as ``EpochBatchSampler`` serves them). Row ``q = k * D + p`` of the global batch is copy ``k``
+of the image at position ``p``, as if the whole global batch were repeated ``K`` times (repa-rf's ``.repeat``).
+Per step, one generator seeded with (seed, step) draws, in this order: the posterior noise of each of the ``D``
+images (one latent per image, shared by its copies), then ``t``, the path noise and the condition-dropout coins of
+each of the ``K * D`` rows, and with REG the path noise of each row's class token.
 Every process draws the whole global batch and keeps its rows, so what row ``q`` gets depends on neither the
 number of processes nor on gradient accumulation: those only change how the global batch is split.
 
@@ -55,8 +55,8 @@ class StepDraws:
         index, d = piece_index(rank, micro, world_size), self.distinct // (world_size * grad_accum)
         images = torch.arange(index * d, (index + 1) * d, device=self.t.device)
         rows = (torch.arange(self.multiplicity, device=self.t.device)[:, None] * self.distinct + images).reshape(-1)
-        return StepDraws(None if self.latent_noise is None else self.latent_noise[images], self.t[rows], self.noise[rows],
-                         None if self.drop is None else self.drop[rows], self.multiplicity,
+        return StepDraws(None if self.latent_noise is None else self.latent_noise[images], self.t[rows],
+                         self.noise[rows], None if self.drop is None else self.drop[rows], self.multiplicity,
                          None if self.cls_noise is None else self.cls_noise[rows])
 
 

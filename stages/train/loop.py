@@ -63,7 +63,7 @@ from .trackers import check_trackers, log_image, make_trackers, start_trackers, 
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, every parameter in one fused call (torch's own EMA update)."""
     ema_params = list(ema.parameters())
-    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
     get_ema_multi_avg_fn(decay)(ema_params, params, None)
 
 
@@ -95,7 +95,8 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
     image and repeated ``draws.multiplicity`` times with the rest of the batch (``tile``), each copy with its
     own t, noise and dropout, as repa-rf samples ``latent_dist`` before its ``.repeat``. ``targets``: the
     alignment targets in projector order; ``lambdas``: their weights (else ``repa_lambda``); ``family``: what
-    the --method adds to REPA (stages.core.diffusion.family); ``variable``: what is diffused (stages.core.diffusion.diffusion_variable)."""
+    the --method adds to REPA (stages.core.diffusion.family); ``variable``: what is diffused
+    (stages.core.diffusion.diffusion_variable)."""
     x = tile_rows(variable.clean(batch, draws.latent_noise), draws.multiplicity)
     batch = tile({k: v for k, v in batch.items() if k not in variable.fields}, draws.multiplicity)
     terms = batch_loss_terms(forward, batch, x, draws.noise, draws.t, conditioner(batch, drop=draws.drop), targets,
@@ -273,8 +274,8 @@ class Logbook:
         self.run_dir, self.accelerator = Path(cfg.run_dir), accelerator
         self.main = accelerator.is_main_process
         self.repa = cfg.repa_lambda > 0
-        self.bar = progress_bar(total=cfg.steps, initial=start_step, unit="step", disable=not self.main, dynamic_ncols=True,
-                        desc="train")
+        self.bar = progress_bar(total=cfg.steps, initial=start_step, unit="step", disable=not self.main,
+                                dynamic_ncols=True, desc="train")
 
     def sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t
@@ -393,8 +394,8 @@ def run_loop(data: RunData, trainer: Trainer, feed: Feeds, manifest, start_step:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 stop_if_diverged(trainer, step, last_good, cfg.run_dir)
                 logbook.train(step, {**trainer.window.record(logbook.sum_over_processes),
-                                     "lr": trainer.scheduler.get_last_lr()[0], "img_per_s": clock.rate(step, cfg.batch_size),
-                                     **peak_memory(device)})
+                                     "lr": trainer.scheduler.get_last_lr()[0],
+                                     "img_per_s": clock.rate(step, cfg.batch_size), **peak_memory(device)})
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val_metrics = validate(step)
             if previewer is not None and step % cfg.preview_every == 0:

@@ -147,7 +147,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "", time_sampling:
     reweighted = time_sampling != "uniform" and any(r.get("denoise_uniform_t") is not None for r in train)
     if reweighted:
         pts = [(r["step"], r["denoise_uniform_t"]) for r in train if r.get("denoise_uniform_t") is not None]
-        loss_ax.plot(*zip(*pts), color="tab:blue", alpha=0.6,
+        loss_ax.plot(*zip(*pts, strict=True), color="tab:blue", alpha=0.6,
                      label=f"train (t {time_sampling}, t-bins reweighted to uniform t)")
     elif train:
         loss_ax.plot([r["step"] for r in train], [r["denoise"] for r in train], color="tab:blue", alpha=0.6,
@@ -166,7 +166,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "", time_sampling:
             cos_ax.plot([r["step"] for r in train], [r["repa_cos"] for r in train], color="tab:blue", alpha=0.6,
                         label="train")
         pts = [(r["step"], r["repa_cos"]) for r in val if "repa_cos" in r]
-        cos_ax.plot(*zip(*pts), "o-", color="tab:orange", ms=4, label="validation")
+        cos_ax.plot(*zip(*pts, strict=True), "o-", color="tab:orange", ms=4, label="validation")
         _legend(cos_ax)
     else:
         cos_ax.text(0.5, 0.5, "REPA off (--repa-lambda 0)", ha="center", va="center", transform=cos_ax.transAxes)
@@ -177,12 +177,12 @@ def plot_curves(records: list[dict], path: Path, title: str = "", time_sampling:
     for k, r in enumerate(shown):
         colour = colours(k / max(len(shown) - 1, 1) * 0.9)
         centres = _t_bin_centres(len(r["denoise_bins"]))
-        bins = [(c, b) for c, b in zip(centres, r["denoise_bins"]) if b != 0.0]  # 0.0: an empty bin
+        bins = [(c, b) for c, b in zip(centres, r["denoise_bins"], strict=True) if b != 0.0]  # 0.0: an empty bin
         if bins:
-            bins_ax.plot(*zip(*bins), "o-", ms=3, color=colour, label=f"step {r['step']}")
-        cos_bins = [(c, b) for c, b in zip(centres, r.get("repa_cos_bins") or []) if b != 0.0]
+            bins_ax.plot(*zip(*bins, strict=True), "o-", ms=3, color=colour, label=f"step {r['step']}")
+        cos_bins = [(c, b) for c, b in zip(centres, r.get("repa_cos_bins") or [], strict=False) if b != 0.0]
         if cos_bins:
-            bins_cos_ax.plot(*zip(*cos_bins), "o-", ms=3, color=colour, label=f"step {r['step']}")
+            bins_cos_ax.plot(*zip(*cos_bins, strict=True), "o-", ms=3, color=colour, label=f"step {r['step']}")
     if shown:
         _log_y(bins_ax)  # the loss falls by an order of magnitude from t = 0 to t = 1
     bins_ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="validation denoising loss", title="validation loss by t")

@@ -8,7 +8,7 @@ an event only when it needs the batch. Where there is no CUDA device the batches
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -157,7 +157,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(reports: list[RunReport], differ: list[str]) -> str:
     """A fixed-width comparison table, one row per run, best final validation loss first."""
-    evals = [(key, title, spec) for key, title, spec in EVAL_COLUMNS if any((r.evaluation or {}).get(key) is not None for r in reports)]
+    evals = [(key, title, spec) for key, title, spec in EVAL_COLUMNS
+             if any((r.evaluation or {}).get(key) is not None for r in reports)]
     header = ["run", "params", "steps", "val final", "val best", *(f"t {lo:.1f}-{hi:.1f}" for lo, hi in T_RANGES),
               "REPA cos", "targets", "method", *(title for _, title, _ in evals), *(["eval step"] if evals else [])]
     rows = []
@@ -179,12 +180,13 @@ def format_table(reports: list[RunReport], differ: list[str]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded).rstrip()
 
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     if differ:
         out.append(f"settings that differ: {', '.join(differ)}")
-    implied = {}
+    implied: dict[str, str] = {}
     for r in reports:
         if r.method:
             implied.setdefault(r.method, ", ".join(f"{k} {r.config[k]}" for k in NEUTRAL
@@ -231,7 +233,7 @@ class RunStyles:
         if not axes:
             cmap = plt.get_cmap("tab10" if len(reports) <= 10 else "tab20")
             styles = [dict(color=cmap(i % cmap.N), ls="-", marker="o") for i in range(len(reports))]
-            return cls([], {}, styles, [(r.run, s) for r, s in zip(reports, styles)])
+            return cls([], {}, styles, [(r.run, s) for r, s in zip(reports, styles, strict=True)])
         values = {k: sorted({_value_text(r.config.get(k)) for r in reports}, key=_value_order) for k in axes}
         cmap = plt.get_cmap("viridis")
         n = len(values[axes[0]])
@@ -278,10 +280,10 @@ def plot_report(reports: list[RunReport], path: Path, differ: list[str] | None =
 
     trained = []
     step0 = [loss for r in reports for step, loss in r.val_curve if step == 0]
-    for r, style in zip(reports, look.styles):
+    for r, style in zip(reports, look.styles, strict=True):
         points = [(s, v) for s, v in r.val_curve if s > 0]
         if points:
-            curves.plot(*zip(*points), ms=3, lw=1.3, **style)
+            curves.plot(*zip(*points, strict=True), ms=3, lw=1.3, **style)
             trained += [v for _, v in points]
     _zoom(curves, trained)
     curves.set(xlabel="step", ylabel="validation denoising loss", title="validation loss"
@@ -308,8 +310,9 @@ def plot_report(reports: list[RunReport], path: Path, differ: list[str] | None =
 def _plot_bins_absolute(ax, report: RunReport, style: dict) -> None:
     pts = [((j + 0.5) / len(report.final_bins), b) for j, b in enumerate(report.final_bins) if b is not None]
     if pts:
-        ax.plot(*zip(*pts), ms=3, lw=1.2, **style)
-    ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="final validation denoising loss", title="final validation loss by t")
+        ax.plot(*zip(*pts, strict=True), ms=3, lw=1.2, **style)
+    ax.set(xlabel="t (0 = data, 1 = noise)", ylabel="final validation denoising loss",
+           title="final validation loss by t")
 
 
 def ordered_axis(reports: list[RunReport], setting: str | None) -> bool:
@@ -325,7 +328,7 @@ def _plot_finals(finals, reports: list[RunReport], look: RunStyles) -> None:
     first = look.axes[0] if look.axes else None
     xs = look.values[first] if first else [r.run for r in reports]
     lines: dict[tuple, list] = {}
-    for r, style in zip(reports, look.styles):
+    for r, style in zip(reports, look.styles, strict=True):
         if r.final_val is None:
             continue
         x = xs.index(_value_text(r.config.get(first))) if first else xs.index(r.run)
@@ -352,11 +355,11 @@ def _plot_bins_relative(bins, reports: list[RunReport], look: RunStyles) -> None
         vals = [r.final_bins[j] for r in reports if j < len(r.final_bins) and r.final_bins[j] is not None]
         means.append(sum(vals) / len(vals) if vals else None)
     ratios = []
-    for r, style in zip(reports, look.styles):
+    for r, style in zip(reports, look.styles, strict=True):
         pts = [((j + 0.5) / len(r.final_bins), b / means[j]) for j, b in enumerate(r.final_bins)
                if b is not None and means[j]]
         if pts:
-            bins.plot(*zip(*pts), ms=3, lw=1.2, **style)
+            bins.plot(*zip(*pts, strict=True), ms=3, lw=1.2, **style)
             ratios += [y for _, y in pts]
     bins.axhline(1.0, color="0.5", lw=0.8)
     _zoom(bins, ratios + [1.0])

@@ -34,7 +34,8 @@ def resolve_cond(cfg: TrainConfig, manifest: Manifest, labels: np.ndarray) -> st
         cond = "text" if has_text else "class" if has_labels else "none"
     if cond == "text" and not has_text:
         raise UsageError(
-            f"--cond text: cache {cfg.cache} has no caption features; re-encode with --text-encoder or use --cond class/none"
+            f"--cond text: cache {cfg.cache} has no caption features; re-encode with --text-encoder or use "
+            "--cond class/none"
         )
     if cond == "class" and not has_labels:
         missing = int((labels < 0).sum())
@@ -84,8 +85,8 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
     try:
         mc = ModelConfig(**kw)
     except ValueError as e:
-        flag = (("--align-layers" if cfg.align_layers else "--align-layer") if "align_layer" in str(e) else "--cond" if "cond=" in str(e)
-                else "--model" if "arch" in str(e) else "--width/--depth/--head-dim")
+        flag = (("--align-layers" if cfg.align_layers else "--align-layer") if "align_layer" in str(e)
+                else "--cond" if "cond=" in str(e) else "--model" if "arch" in str(e) else "--width/--depth/--head-dim")
         raise UsageError(f"{flag}: {e}") from None
     if mc.repa:
         grid = mc.input_size // mc.patch_size
@@ -93,8 +94,8 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
             target_grid = manifest.target(name)["grid"][0]
             if grid != target_grid:
                 raise UsageError(
-                    f"the model sees a {grid}x{grid} token grid (latent {mc.input_size} / patch {mc.patch_size}) but the "
-                    f"cache holds a {target_grid}x{target_grid} grid for target {name}; use --patch-size "
+                    f"the model sees a {grid}x{grid} token grid (latent {mc.input_size} / patch {mc.patch_size}) but "
+                    f"the cache holds a {target_grid}x{target_grid} grid for target {name}; use --patch-size "
                     f"{mc.input_size // target_grid} or --repa-lambda 0"
                 )
     return mc
@@ -287,7 +288,8 @@ def check_resume(ckpt: dict, path: Path, cfg: TrainConfig, manifest: Manifest, m
     if _saved_model_config(ckpt["model_config"]) != asdict(model_cfg):
         diff.append("model shape (from the cache manifest)")
     if diff:
-        raise UsageError(f"cannot resume from {path}: settings differ ({'; '.join(diff)}); use the original settings or a new --run-dir")
+        raise UsageError(f"cannot resume from {path}: settings differ ({'; '.join(diff)}); use the original settings "
+                         "or a new --run-dir")
     if ckpt["fingerprint"] != manifest.fingerprint:
         raise UsageError(
             f"cannot resume from {path}: it was trained on cache fingerprint {ckpt['fingerprint']}, "

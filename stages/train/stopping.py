@@ -54,8 +54,8 @@ class TrainStop:
         """The end of a training stopped by ``signum`` after ``step``."""
         name = signal_name(signum)
         if step > start_step:
-            line = (f"{name}: stopped after step {step} of {self.steps}, checkpoint {checkpoint_path(self.run_dir, step)} "
-                    "written; rerun the same command to resume from it")
+            line = (f"{name}: stopped after step {step} of {self.steps}, checkpoint "
+                    f"{checkpoint_path(self.run_dir, step)} written; rerun the same command to resume from it")
         elif step:
             line = f"{name}: stopped before training on from step {step}; rerun the same command to resume from it"
         else:

@@ -40,7 +40,7 @@ def split_cache(reader: FastReader, val_fraction: float, salt: str = "val",
     (default: the cores this process may use, one per ``PARTS_PER_WORKER`` parts)."""
     _check_fraction(val_fraction)
     paths = list(zip(reader.array_paths("key"), ({"name": p["name"], "source": p["source"]}
-                                                  for p in reader.manifest.parts)))
+                                                  for p in reader.manifest.parts), strict=True))
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), len(paths) // PARTS_PER_WORKER)
     if workers <= 1:
@@ -50,7 +50,8 @@ def split_cache(reader: FastReader, val_fraction: float, salt: str = "val",
         # spawn: the training process has used tensorstore, whose forked children abort
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             hashed = list(pool.map(_hash_parts, groups, [salt] * len(groups)))
-    by_path = {path: u for group, us in zip(groups, hashed) for (path, _), u in zip(group, us)}
+    by_path = {path: u for group, us in zip(groups, hashed, strict=True)
+               for (path, _), u in zip(group, us, strict=True)}
     u = np.concatenate([by_path[path] for path, _ in paths] + [np.zeros(0)])
     return _split(u, val_fraction)
 

@@ -50,7 +50,8 @@ class LayerNormAffine:
     def from_record(cls, record: dict | None) -> LayerNormAffine | None:
         if not record:
             return None
-        return cls(torch.tensor(record["weight"], dtype=torch.float32), torch.tensor(record["bias"], dtype=torch.float32))
+        return cls(torch.tensor(record["weight"], dtype=torch.float32),
+                   torch.tensor(record["bias"], dtype=torch.float32))
 
 
 class TargetTokens:

@@ -149,7 +149,7 @@ def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets
     if projected:
         if len(projected) != len(targets):
             raise ValueError(f"{len(projected)} projectors but {len(targets)} alignment targets")
-        per_target = torch.stack([repa_loss_per_sample(p, tgt) for p, tgt in zip(projected, targets)])
+        per_target = torch.stack([repa_loss_per_sample(p, tgt) for p, tgt in zip(projected, targets, strict=True)])
         repa = per_target.mean(dim=0)
     extra = None
     if family.class_token:

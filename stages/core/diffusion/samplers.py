@@ -57,7 +57,7 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _intervals(times: list[float]) -> list[tuple[float, float]]:
-    return list(zip(times[:-1], times[1:]))
+    return list(zip(times[:-1], times[1:], strict=True))
 
 
 def _ode_times(steps: int) -> list[float]:
@@ -113,7 +113,8 @@ def heun_ode(fn: VelocityFn, noise: Tensor, steps: int = ODE_STEPS) -> Tensor:
         if t_next == 0.0:
             x = x_euler
         else:
-            v_next = corrector(x_euler, _times(x, t_next), _times(x, t_cur)) if corrector else fn(x_euler, _times(x, t_next))
+            v_next = (corrector(x_euler, _times(x, t_next), _times(x, t_cur)) if corrector
+                      else fn(x_euler, _times(x, t_next)))
             x = x + dt * 0.5 * (v + v_next)
     return x
 
@@ -128,7 +129,8 @@ def _gaussian(like: Tensor, generator: torch.Generator | Sequence[torch.Generato
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     if len(generator) != like.shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
-    return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype, device=like.device) for g in generator])
+    return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype, device=like.device)
+                        for g in generator])
 
 
 @torch.no_grad()
@@ -189,7 +191,7 @@ def concat_conditioning(first: Conditioning, second: Conditioning) -> dict[str, 
         b = second[key]
         if a.dim() != b.dim():
             raise ValueError(f"conditioning {key!r} has {a.dim()} dims vs {b.dim()} dims")
-        shape = tuple(max(m, n) for m, n in zip(a.shape[1:], b.shape[1:]))
+        shape = tuple(max(m, n) for m, n in zip(a.shape[1:], b.shape[1:], strict=True))
         out[key] = torch.cat([_pad_to(a, shape), _pad_to(b, shape)])
     return out
 

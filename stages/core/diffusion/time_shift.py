@@ -60,7 +60,8 @@ def sample_train_t(batch: int, shift: float, generator: torch.Generator | None =
     """(batch,) training times: drawn on [0, 0.999] as RAE draws them, then shifted.
 
     ``dist`` "uniform" is RAE's original ImageNet recipe; "logit-normal" (``mu``, ``sigma``) is what its
-    current config names (``logit-normal_0_1``). The uniform draws come from ``generator``, on its device (the CPU without one).
+    current config names (``logit-normal_0_1``). The uniform draws come from ``generator``, on its device (the CPU
+    without one).
     """
     if dist not in T_DISTS:
         raise ValueError(f"unknown time distribution {dist!r}; choose one of {T_DISTS}")

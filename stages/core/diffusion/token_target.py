@@ -24,7 +24,8 @@ def token_target(manifest: Manifest, cache: Path | str, name: str) -> dict:
     """The manifest record of target ``name`` (--diffuse), after checking RAE's latent can be made from it."""
     if name not in manifest.target_names():
         raise UsageError(f"--diffuse {name}: cache {cache} holds no target {name!r} (it has "
-                         f"{', '.join(manifest.target_names())}); add its tokens with {add_target_command(cache, name)}")
+                         f"{', '.join(manifest.target_names())}); add its tokens with "
+                         f"{add_target_command(cache, name)}")
     if manifest.codec != "fp16":
         raise UsageError(f"--diffuse {name}: cache {cache} stores its tokens as {manifest.codec} (per-token "
                          "scales), not the fp16 tokens RAE's latent is made of; encode a cache with `repa encode "

@@ -59,7 +59,8 @@ def dino_preprocess_description(pos_embed: str) -> str:
         return DINO_PREPROCESS_DESCRIPTION + ("; position embedding as DINOv2 interpolates it per call (bicubic, "
                                               "scale (grid+0.1)/n; with registers: antialias, to the grid)")
     if pos_embed == "antialias-once":
-        return DINO_PREPROCESS_DESCRIPTION + "; position embedding resampled once to the patch grid (bicubic, antialias)"
+        return (DINO_PREPROCESS_DESCRIPTION
+                + "; position embedding resampled once to the patch grid (bicubic, antialias)")
     raise UsageError(f"unknown --dino-pos-embed {pos_embed!r}; choose antialias-once or bicubic-per-call")
 
 
@@ -90,7 +91,8 @@ class FeatureEncoders:
         self.vae = load_vae(spec.vae, dtype, device).to(memory_format=torch.channels_last)
         self.latent = vae_geometry(self.vae.config)
         self.dino_info = dino_geometry(hf_config("DINOv2", spec.dino), spec.resolution)
-        self.dino = load_dino(spec.dino, dtype, device, pos_embed_grid=self.dino_info["grid"], pos_embed=spec.dino_pos_embed)
+        self.dino = load_dino(spec.dino, dtype, device, pos_embed_grid=self.dino_info["grid"],
+                              pos_embed=spec.dino_pos_embed)
         self.dino_info["pos_embed"] = spec.dino_pos_embed
         if spec.class_tokens:
             self.dino_info["class_tokens"] = 1 + self.dino_info["registers"]

@@ -18,8 +18,8 @@ _DEFAULT_SIGLIP_TEXT_IDS = ("(between 0 and 31999), got 49406.", "(between 0 and
 class _DropDefaultSiglipTokenIds(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("must be `None` or an integer within the vocabulary" in message
-                    and message.endswith(tuple(m + " This may result in unexpected behavior." for m in _DEFAULT_SIGLIP_TEXT_IDS)))
+        endings = tuple(m + " This may result in unexpected behavior." for m in _DEFAULT_SIGLIP_TEXT_IDS)
+        return not ("must be `None` or an integer within the vocabulary" in message and message.endswith(endings))
 
 
 _FILTER = _DropDefaultSiglipTokenIds()

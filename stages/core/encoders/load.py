@@ -166,7 +166,8 @@ def load_dino(src: ModelSource, dtype: torch.dtype, device: torch.device, pos_em
 
     cfg = hf_config("DINOv2", src)
     if cfg.model_type not in DINO_MODEL_TYPES:
-        raise EncoderLoadError(f"'{src.describe()}' is a {cfg.model_type} model, not DINOv2; pass e.g. facebook/dinov2-base")
+        raise EncoderLoadError(f"'{src.describe()}' is a {cfg.model_type} model, not DINOv2; "
+                               "pass e.g. facebook/dinov2-base")
     try:
         # Resample from the checkpoint's float32 table, as official REPA does, before casting to ``dtype``.
         model = AutoModel.from_pretrained(src.id, dtype=torch.float32 if pos_embed_grid else dtype, **src.kwargs())

@@ -43,8 +43,8 @@ class ProcessorPixels:
 
     def describe(self) -> str:
         crop = f", centre crop {self.crop}" if self.crop else ""
-        return (f"encode crop, bicubic antialias resize to {self.resize}{crop}, x{self.scale:.8g}, "
-                f"mean {[round(float(m), 6) for m in self.mean.flatten()]} std {[round(float(s), 6) for s in self.std.flatten()]}")
+        mean, std = ([round(float(v), 6) for v in t.flatten()] for t in (self.mean, self.std))
+        return f"encode crop, bicubic antialias resize to {self.resize}{crop}, x{self.scale:.8g}, mean {mean} std {std}"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, res, res) -> normalised pixel values (B, 3, input_size, input_size)."""

@@ -69,10 +69,11 @@ class TargetEncoder:
             self._load_tower(src, input_size)
         self.grid = self.size // self.patch
         if self.grid != grid:
-            fix = (f"pass --target-input-size {grid * self.patch} to resize its input to the cache's grid (its position "
-                   "embedding is then interpolated)" if self.kind != "dinov2" else "encode the cache at another --resolution")
-            raise UsageError(f"--target-model '{src.describe()}' sees a {self.grid}x{self.grid} token grid ({self.size} px, "
-                             f"patch {self.patch}) but the cache's token grid is {grid}x{grid}; {fix}")
+            fix = (f"pass --target-input-size {grid * self.patch} to resize its input to the cache's grid (its "
+                   "position embedding is then interpolated)" if self.kind != "dinov2"
+                   else "encode the cache at another --resolution")
+            raise UsageError(f"--target-model '{src.describe()}' sees a {self.grid}x{self.grid} token grid "
+                             f"({self.size} px, patch {self.patch}) but the cache's token grid is {grid}x{grid}; {fix}")
         self.tokens = self.grid * self.grid
         self.dim = int(self.model.config.hidden_size)
         self.class_tokens = self.extra if class_tokens else 0
@@ -92,10 +93,12 @@ class TargetEncoder:
             raise _fail("target encoder", src, e) from e
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
-            raise EncoderLoadError(f"--target-model '{src.describe()}' lacks {len(missing)} weight(s) of its {self.kind} "
-                                   f"vision tower (first: {missing[0]}); pass a trained CLIP or SigLIP checkpoint")
+            raise EncoderLoadError(f"--target-model '{src.describe()}' lacks {len(missing)} weight(s) of its "
+                                   f"{self.kind} vision tower (first: {missing[0]}); pass a trained CLIP or SigLIP "
+                                   "checkpoint")
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.pixels = ProcessorPixels(processor, self.device, self.dtype, f"--target-model '{src.describe()}'", input_size)
+        self.pixels = ProcessorPixels(processor, self.device, self.dtype, f"--target-model '{src.describe()}'",
+                                      input_size)
         self.size = self.pixels.input_size
         self.patch = int(self.model.config.patch_size)
         native = int(self.model.config.image_size)
@@ -114,7 +117,8 @@ class TargetEncoder:
         if self.kind != "dinov2":
             return None
         norm = self.model.layernorm
-        return {"weight": norm.weight.detach().float().cpu().tolist(), "bias": norm.bias.detach().float().cpu().tolist()}
+        return {"weight": norm.weight.detach().float().cpu().tolist(),
+                "bias": norm.bias.detach().float().cpu().tolist()}
 
     def identity(self) -> dict:
         return {"class": type(self.model).__name__, "weights": weights_hash(self.model)}

@@ -10,7 +10,7 @@ import glob
 import os
 import re
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from braceexpand import braceexpand
 from webdataset.gopen import gopen

@@ -76,8 +76,8 @@ TRAINING_ENTRIES = ("optimizer", "scheduler", "rng", "processes", "window")
 
 
 def checkpoint_contents(*, step: int, model: dict, ema: dict, config: dict, model_config: dict, cond: str,
-                        fingerprint: str, latent: dict, cache: str, parts: dict[str, int], diffusion: dict | None = None,
-                        **training) -> dict:
+                        fingerprint: str, latent: dict, cache: str, parts: dict[str, int],
+                        diffusion: dict | None = None, **training) -> dict:
     """A checkpoint's entries (see the module docstring); ``training`` takes only ``TRAINING_ENTRIES``."""
     unknown = set(training) - set(TRAINING_ENTRIES)
     if unknown:

@@ -45,7 +45,8 @@ def state_dict_in(obj: object, path: Path | str, what: str, prefer: tuple[str, .
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())):
+    if not (isinstance(obj, dict) and obj
+            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())):
         raise UsageError(f"{path}: not a state dict of tensors (expected {what})")
     out = {}
     for key, value in obj.items():

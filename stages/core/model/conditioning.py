@@ -18,7 +18,8 @@ class Conditioner:
             raise ValueError(f"unknown conditioning {cond!r}; choose one of {CONDITIONINGS}")
         self.cond, self.model, self.dropout = cond, model, dropout
 
-    def drops(self, n: int, generator: torch.Generator | None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    def drops(self, n: int, generator: torch.Generator | None,
+              device: torch.device | str = "cpu") -> torch.Tensor | None:
         """Which of ``n`` samples get the null condition (None: no dropout, and nothing drawn)."""
         if generator is None or self.dropout == 0 or self.cond == "none":
             return None

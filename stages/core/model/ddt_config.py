@@ -51,7 +51,7 @@ class DDTConfig:
             value = getattr(self, name)
             if len(value) != 2 or min(value) < 1:
                 raise ValueError(f"{name}={value} must be two positive ints (body, head)")
-        for width, heads in zip(self.hidden_size, self.num_heads):
+        for width, heads in zip(self.hidden_size, self.num_heads, strict=True):
             if width % heads or (width // heads) % 4:
                 raise ValueError(f"hidden size {width} with {heads} heads: the head size must be a multiple of 4 "
                                  "(2-D RoPE rotates channel pairs in two halves)")

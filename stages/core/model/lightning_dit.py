@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from stages.core.model.repa_rf import RMSNorm
 
-__all__ = ["PatchEmbed", "LabelEmbedder", "RMSNorm", "SwiGLUFFN", "GeluMlp", "VisionRotaryEmbeddingFast", "NormAttention",
-           "GaussianFourierEmbedding", "LightningBlock", "FinalLayer", "modulate", "swiglu_hidden"]
+__all__ = ["PatchEmbed", "LabelEmbedder", "RMSNorm", "SwiGLUFFN", "GeluMlp", "VisionRotaryEmbeddingFast",
+           "NormAttention", "GaussianFourierEmbedding", "LightningBlock", "FinalLayer", "modulate", "swiglu_hidden"]
 
 
 def swiglu_hidden(width: int, mlp_ratio: float) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from stages.core.errors import UsageError
 
