@@ -28,6 +28,7 @@ from cache_schema import FastReader, PartWriter, cache_fields, new_manifest, rea
 from cache_schema.operations.info import describe
 from cache_schema.operations.verify import find_problems
 from stages.core.data.split import split_cache
+from stages.core.runtime.progress import progress_bar
 
 OUT = Path(__file__).resolve().parent / "out"
 REAL_PART_SAMPLES = 5_500  # CC12M: ~12 M samples over 2 176 shards
@@ -130,7 +131,7 @@ def main() -> None:
     tqdm.write(HEADER)
     done = 0
     for target in report:
-        for p in tqdm(range(done, target), desc=f"parts to {target}", unit="part"):
+        for p in progress_bar(range(done, target), desc=f"parts to {target}", unit="part"):
             write_part(args.cache, fields, p, args.samples_per_part, skips, rng)
         done = target
         big, small = [], []

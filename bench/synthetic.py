@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from cache_schema import CacheError, PartWriter, cache_fields, new_manifest, read_manifest, start_encode
+from stages.core.runtime.progress import progress_bar
 
 SHARD = 1024
 TEXT_TOKENS = (8, 60)  # caption lengths drawn uniformly: mean ~34 T5 tokens, like CC12M's captions
@@ -76,7 +76,7 @@ def synthetic_cache(path: Path, samples: int, parts: int, latent: tuple[int, int
     rng = np.random.default_rng(0)
     bounds = np.linspace(0, samples, parts + 1).astype(int)
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-    for p, (lo, hi) in enumerate(tqdm(spans, desc=f"writing {path.name}", unit="part")):
+    for p, (lo, hi) in enumerate(progress_bar(spans, desc=f"writing {path.name}", unit="part")):
         writer = PartWriter(path, f"part{p:05d}", f"synthetic-{p:05d}.tar", fields, SHARD)
         for start in range(lo, hi, 256):
             n = min(256, hi - start)
