@@ -35,6 +35,7 @@ from cache_schema.writing.push import push_cache
 from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.diffusion.token_stats import LatentStats
 from stages.core.diffusion.token_target import target_tokens
+from stages.core.runtime.threads import set_threads
 from stages.train.config import TrainConfig
 from stages.train.data import CacheBatchDataset
 from stages.train.loop import build_trainer, make_accelerator, run_train
@@ -49,7 +50,8 @@ OUT = Path(__file__).resolve().parent / "out"
 
 def in_memory_rate(cfg: TrainConfig, steps: int, warmup: int) -> float:
     """img/s of the loop's own step (``Trainer.step``) on one batch resident on the device: the upper
-    bound for cache-fed training."""
+    bound for cache-fed training, with the torch threads the loop gives itself beside its loader workers."""
+    set_threads(cfg.threads, cfg.num_workers)
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     manifest = read_manifest(cfg.cache)
