@@ -28,6 +28,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import tensorstore as ts
@@ -186,7 +187,7 @@ class FastReader:
             raise damaged(self.manifest.parts[part], f"{name} has a layout that is read from local disk only; "
                           "copy the cache to a local disk")
         try:
-            return zarr.open_array(str(self._array_path(part, name)), mode="r")[:]
+            return np.asarray(zarr.open_array(str(self._array_path(part, name)), mode="r")[:])
         except Exception as e:  # a crc32c mismatch, undecodable bytes
             raise damaged(self.manifest.parts[part], f"{name} cannot be read ({type(e).__name__}: {e})") from None
 
@@ -210,7 +211,7 @@ class FastReader:
         elif rest:
             for i, values in zip(rest, self._read_parts_tensorstore(name, [parts[i] for i in rest]), strict=True):
                 out[i] = values
-        return out
+        return cast(list[np.ndarray], out)  # every None was just replaced
 
     def _read_plain(self, p: int, name: str) -> np.ndarray | None:
         """Part ``p``'s array ``name`` checked and decoded here, or None for a layout ``read_plain`` does not know."""
@@ -238,9 +239,9 @@ class FastReader:
             except ValueError as e:
                 raise damaged(self.manifest.parts[p], f"{name} cannot be opened ({e})") from None
         out = []
-        for p, future in zip(parts, reading, strict=True):
+        for p, read in zip(parts, reading, strict=True):
             try:
-                out.append(future.result())
+                out.append(read.result())
             except ValueError as e:
                 raise damaged(self.manifest.parts[p], f"{name} cannot be read ({e})") from None
         return out
@@ -315,9 +316,9 @@ class FastReader:
     def keys_by_part(self) -> list[np.ndarray | None]:
         """Each part's keys, in part order; None for a part whose keys cannot be read (verify names it)."""
         try:
-            return self._read_parts("key")
+            return list(self._read_parts("key"))
         except CacheError:
-            out = []
+            out: list[np.ndarray | None] = []
             for p in range(len(self.part_names)):
                 try:
                     out.append(self._read_parts("key", [p])[0])
@@ -449,7 +450,7 @@ class FastReader:
             raise ValueError(f"out for {name}: got {out.dtype}{out.shape}, want a C-contiguous {np_dtype}{shape}")
         return out
 
-    def _wait(self, pending: list[tuple[ts.Future, int, str]]) -> None:
+    def _wait(self, pending: list[tuple[ts.WriteFutures, int, str]]) -> None:
         """Wait for every read; a failed one (missing chunk, crc32c mismatch) names its part and field."""
         error = None
         for future, part, name in pending:
@@ -496,7 +497,7 @@ class FastReader:
 
     def _scatter(
         self, name: str, part: np.ndarray, src: np.ndarray, dest: np.ndarray, out: np.ndarray
-    ) -> list[tuple[ts.Future, int, str]]:
+    ) -> list[tuple[ts.WriteFutures, int, str]]:
         """Start reading rows ``src`` (of parts ``part``) of a sharded array into ``out[dest]``.
 
         One orthogonal-index read per part, written through an array view of ``out``: tensorstore

@@ -76,7 +76,7 @@ class CacheReader:
         """Rows [start, stop) of one field of one part, as stored (int8 stays int8)."""
         arr = self.group(part)[field]
         try:
-            return arr[start:stop]
+            return np.asarray(arr[start:stop])
         except ValueError as e:  # a chunk whose crc32c does not match, or undecodable bytes
             raise damaged(self.record(part), f"{field} rows {start}:{stop} cannot be read ({e})") from None
 

@@ -114,7 +114,7 @@ class TargetSink(PartSink):
 
 def _part_keys(cache: Path, part: dict) -> tuple[np.ndarray, np.ndarray]:
     group = zarr.open_group(str(cache / PARTS_DIR / f"{part['name']}{PART_SUFFIX}"), mode="r")
-    return group["key"][:], group["source_index"][:]
+    return np.asarray(group["key"][:]), np.asarray(group["source_index"][:])
 
 
 def _target_features(enc: TargetEncoder, name: str, x: torch.Tensor, codec: str) -> dict:

@@ -48,7 +48,8 @@ def official_names(state: dict) -> dict:
 def repa_states(obj: object, path: Path) -> tuple[dict, dict, dict, int]:
     """(model state dict, EMA state dict, REPA's arguments, step) from a REPA checkpoint or bare state dict."""
     if isinstance(obj, dict) and "ema" in obj and "model" in obj:
-        args = vars(obj["args"]) if isinstance(obj.get("args"), argparse.Namespace) else dict(obj.get("args") or {})
+        raw = obj.get("args")
+        args = vars(raw) if isinstance(raw, argparse.Namespace) else dict(raw or {})
         return obj["model"], obj["ema"], args, int(obj.get("steps", 0))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, obj, {}, 0  # the released weights: one state dict (the EMA)

@@ -17,6 +17,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from stages.core.diffusion.samplers import DEFAULT_STEPS, STOCHASTIC, guided, sa
 from stages.core.errors import UsageError
 from stages.core.files.checkpoint import latest_checkpoint, load_checkpoint
 from stages.core.files.run_files import CKPT_DIR
+from stages.core.model.ddt_config import DDTConfig, LightningDiTConfig
 from stages.core.model.model_config import ModelConfig
 from stages.core.model.network import build_model
 from stages.core.options import check
@@ -77,7 +79,8 @@ class LoadedRun:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        c = self.model.config
+        # The network's own config: ModelConfig (SiT, repa-rf) or an RAE network's, all naming the shape alike.
+        c = cast("ModelConfig | DDTConfig | LightningDiTConfig", self.model.config)
         return c.in_channels, c.input_size, c.input_size
 
     def record(self) -> dict:

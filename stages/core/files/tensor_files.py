@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -73,8 +74,11 @@ def check_state_dict_fits(expected: dict[str, Tensor], state: dict[str, Tensor],
         raise UsageError(f"{path}: does not fit ({'; '.join(parts)}); {hint}")
 
 
-def load_released_weights(build: Callable[[], nn.Module], path: Path | str, what: str, hint: str,
-                          device: torch.device | str = "cpu") -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_released_weights(build: Callable[[], M], path: Path | str, what: str, hint: str,
+                          device: torch.device | str = "cpu") -> M:
     """A released state dict (``load_state_dict_file``) in the network ``build()`` makes, which is built on the
     meta device first, so a file that does not fit is refused (``check_state_dict_fits``) before any memory is
     spent on it; every key must match, as the releases load with ``strict=True``."""

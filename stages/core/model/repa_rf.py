@@ -24,6 +24,7 @@ sign-symmetric optimiser (AdamW) learn identically, so the project's objective i
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,7 @@ class RepaRFDiT(nn.Module):
             for k, layer in enumerate(layers):
                 if layer == index:
                     projected[k] = self.repa_transforms[k](tokens)
+        # ModelConfig.validate() puts every projector's block within 1..depth, so no entry is left None.
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         tokens = self.final_norm(tokens) * (1 + scale[:, None]) + shift[:, None]
-        return self.unpatchify(self.final_proj(tokens)), projected
+        return self.unpatchify(self.final_proj(tokens)), cast(list[Tensor], projected)

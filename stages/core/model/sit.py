@@ -26,6 +26,7 @@ its checkpoints load as they are (``repa import-checkpoint``).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -401,8 +402,9 @@ class SiT(nn.Module):
                     projected[k] = self.projectors[k](tokens, self.leading) if conv else self.projectors[k](tokens)
             if index == self.config.hidden_layer:
                 hidden = tokens
+        # ModelConfig.validate() puts every projector's block within 1..depth, so no entry is left None.
         if not self.config.extra_outputs:
-            return self.unpatchify(self.final_layer(tokens, c)), projected
+            return self.unpatchify(self.final_layer(tokens, c)), cast(list[Tensor], projected)
         cls_velocity = None
         if self.leading:
             tokens = self.final_layer.modulated(tokens, c)
@@ -410,7 +412,7 @@ class SiT(nn.Module):
             out = self.final_layer.linear(tokens[:, self.leading:])
         else:
             out = self.final_layer(tokens, c)
-        return self.unpatchify(out), projected, {"cls": cls_velocity, "hidden": hidden}
+        return self.unpatchify(out), cast(list[Tensor], projected), {"cls": cls_velocity, "hidden": hidden}
 
 
 #################################################################################
