@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -87,14 +88,14 @@ def _check_target_part(reader: CacheReader, target: str, rec: dict, rows: int, q
     try:
         g = zarr.open_group(str(root / PARTS_DIR / f"{rec['name']}{PART_SUFFIX}"), mode="r")
         for field, spec in reader.manifest.targets[target]["fields"].items():
-            arr = g[field]
+            arr = cast(zarr.Array, g[field])  # a part's fields are arrays, never groups
             if arr.shape[0] != rec["num_samples"]:
                 raise CacheError(f"{where}: {field} has {arr.shape[0]} rows, the record says {rec['num_samples']}{fix}")
             for start in range(0, arr.shape[0], rows):
                 block = arr[start : start + rows]
                 if spec["dtype"] in ("float16", "float32") and not np.isfinite(block).all():
                     raise CacheError(f"{where}: {field} holds non-finite values{fix}")
-        if g["key"][:].tolist() != reader.read(rec["name"], "key").tolist():
+        if cast(zarr.Array, g["key"])[:].tolist() != reader.read(rec["name"], "key").tolist():
             raise CacheError(f"{where}: its keys are not the cache part's keys in order{fix}")
     except (KeyError, ValueError) as e:  # a missing array, a crc32c mismatch
         raise CacheError(f"{where}: cannot be read ({type(e).__name__}: {e}){fix}") from None

@@ -11,6 +11,7 @@ import bisect
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import zarr
@@ -74,7 +75,7 @@ class CacheReader:
 
     def read(self, part: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of one field of one part, as stored (int8 stays int8)."""
-        arr = self.group(part)[field]
+        arr = cast(zarr.Array, self.group(part)[field])  # a part's fields are arrays, never groups
         try:
             return np.asarray(arr[start:stop])
         except ValueError as e:  # a chunk whose crc32c does not match, or undecodable bytes

@@ -413,7 +413,7 @@ class ShardBuffer:
         self.buf = _POOL.take((rows,) + self.inner_shape, np.dtype(dtype).str)
         self.count = 0  # rows in the buffer
         self.written = 0  # rows handed to tensorstore
-        self._store = None
+        self._store: ts.TensorStore | None = None
         self._commits: list = []
 
     def add(self, block: np.ndarray) -> None:

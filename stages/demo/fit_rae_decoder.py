@@ -42,6 +42,8 @@ def demo_tokens(dino_dir: Path, images: torch.Tensor, resolution: int) -> torch.
     encoder = TargetEncoder(source, resolution, grid, torch.device("cpu"), torch.float32)
     tokens = torch.cat([encoder.encode(images[i : i + 64])[0] for i in range(0, len(images), 64)]).half().float()
     norm = encoder.final_layernorm()
+    if norm is None:
+        raise ValueError(f"{dino_dir}: not a DINOv2 model; the decoder is fitted on DINOv2's tokens")
     return strip_layernorm_affine(tokens, torch.tensor(norm["weight"]), torch.tensor(norm["bias"]))
 
 

@@ -55,6 +55,8 @@ def _average_conv(conv: torch.nn.Conv2d) -> None:
 @torch.no_grad()
 def _signed_colours(conv: torch.nn.Conv2d) -> None:
     """Channels [R, G, B, K, -R, -G, -B, -K] from the first three input channels and a constant K."""
+    if conv.bias is None:
+        raise ValueError("the signed-colour convolution needs a bias (for the constant channel K)")
     conv.weight.zero_()
     conv.bias.zero_()
     for c in range(3):

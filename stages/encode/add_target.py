@@ -12,6 +12,7 @@ jobs. A target part records the cache part it was made for, so a part encoded ag
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -114,7 +115,8 @@ class TargetSink(PartSink):
 
 def _part_keys(cache: Path, part: dict) -> tuple[np.ndarray, np.ndarray]:
     group = zarr.open_group(str(cache / PARTS_DIR / f"{part['name']}{PART_SUFFIX}"), mode="r")
-    return np.asarray(group["key"][:]), np.asarray(group["source_index"][:])
+    keys, index = cast(zarr.Array, group["key"]), cast(zarr.Array, group["source_index"])
+    return np.asarray(keys[:]), np.asarray(index[:])
 
 
 def _target_features(enc: TargetEncoder, name: str, x: torch.Tensor, codec: str) -> dict:

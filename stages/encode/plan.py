@@ -64,6 +64,7 @@ def make_plan(cache: Path, manifest: Manifest | None, shards: list[Shard], redo:
               log, unreadable: dict[str, str] | None = None) -> Plan:
     """``unreadable``: part -> why its record cannot be read; such a part is not committed and is encoded again."""
     records = {p["name"]: p for p in manifest.parts} if manifest is not None else {}
+    unreadable = unreadable or {}
     unknown = [name for name in redo if not any(_matches(s, name) for s in shards)]
     if unknown:
         raise UsageError(f"--redo {unknown[0]}: not a part name or input shard of this --source; "
@@ -71,7 +72,7 @@ def make_plan(cache: Path, manifest: Manifest | None, shards: list[Shard], redo:
     plan = Plan(shards=shards)
     for s in shards:
         rec = records.get(s.part)
-        if rec is None and s.part in (unreadable or {}):
+        if rec is None and s.part in unreadable:
             plan.redo[s.part] = f"its record cannot be read, so it is not committed ({unreadable[s.part]})"
         elif rec is None:
             plan.todo.append(s)

@@ -13,6 +13,7 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -73,7 +74,7 @@ def build_model_config(cfg: TrainConfig, manifest: Manifest, cond: str, labels: 
         input_size=size,
         cond=cond,
         num_classes=max(num_classes, 1),
-        text_dim=manifest.text["dim"] if cond == "text" else None,
+        text_dim=cast(dict, manifest.text)["dim"] if cond == "text" else None,  # resolve_cond: text has captions
         text_mask=cfg.text_mask,
         repa_dims=tuple(manifest.target(name)["dim"] for name in cfg.target_names()) if repa_on(cfg) else (),
         align_layer=align,

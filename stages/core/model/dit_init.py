@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 
@@ -11,6 +13,6 @@ def zero_modulations_and_output(blocks, final_layer: nn.Module) -> None:
     for block in blocks:
         nn.init.zeros_(block.adaLN_modulation[-1].weight)
         nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    for layer in (final_layer.adaLN_modulation[-1], final_layer.linear):
+    for layer in (cast(nn.Sequential, final_layer.adaLN_modulation)[-1], final_layer.linear):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)

@@ -80,6 +80,8 @@ def _rotate_pairs(x: Tensor) -> Tensor:
 
 
 class VisionRotaryEmbeddingFast(nn.Module):
+    freqs_cos: Tensor
+    freqs_sin: Tensor
     """2-D rotary embedding for a ``side`` x ``side`` token grid and heads of ``2 * dim`` channels."""
 
     def __init__(self, dim: int, side: int, theta: float = 10000.0):
@@ -126,6 +128,7 @@ class NormAttention(nn.Module):
 
 
 class GaussianFourierEmbedding(nn.Module):
+    W: Tensor
     """Time embedding: MLP(sin(2π·t·W), cos(2π·t·W)), W a fixed N(0, scale²) draw (a persistent buffer)."""
 
     def __init__(self, width: int, embedding_size: int = 256, scale: float = 1.0):
