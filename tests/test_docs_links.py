@@ -59,3 +59,8 @@ def test_readme_is_short_and_every_docs_page_is_linked():
     pages = [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "README.md"]
     assert len(pages) >= 5
     assert [p.name for p in pages if p.resolve() not in linked] == []
+
+
+def test_the_readme_layout_names_every_preset():
+    readme = (ROOT / "README.md").read_text()
+    assert [p.name for p in sorted((ROOT / "configs").glob("*.toml")) if f"  {p.name} " not in readme] == []
