@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.core.model.repa_rf import RMSNorm
+from stages.core.model.sit import PatchEmbed  # timm's PatchEmbed as RAE builds it: Conv2d ``proj``, tokens row-major
 
 __all__ = ["PatchEmbed", "LabelEmbedder", "RMSNorm", "SwiGLUFFN", "GeluMlp", "VisionRotaryEmbeddingFast",
            "NormAttention", "GaussianFourierEmbedding", "LightningBlock", "FinalLayer", "modulate", "swiglu_hidden"]
@@ -177,17 +178,6 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-class PatchEmbed(nn.Module):
-    """timm's PatchEmbed as RAE builds it (Conv2d ``proj``, tokens row-major)."""
-
-    def __init__(self, patch_size: int, in_channels: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class LabelEmbedder(nn.Module):
