@@ -34,7 +34,6 @@ from stages.core.files.checkpoint import (
     prune_checkpoints,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from stages.core.files.run_files import FINAL_FILE
 from stages.core.model.conditioning import Conditioner
@@ -203,16 +202,6 @@ def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: d
                    TrainWindow(device), table, variable=variable, alignment=alignment)
 
 
-def restore(trainer: Trainer, ckpt: dict) -> int:
-    """Load a checkpoint's weights, EMA, optimizer, schedule and RNG into ``trainer``; returns its step."""
-    trainer.raw_model.load_state_dict(ckpt["model"])
-    trainer.ema.load_state_dict(ckpt["ema"])
-    trainer.optimizer.load_state_dict(ckpt["optimizer"])
-    trainer.scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
-    return int(ckpt["step"])
-
-
 def tile_rows(x: torch.Tensor, times: int) -> torch.Tensor:
     """``x`` repeated ``times`` times along the batch axis, whole (as repa-rf's ``.repeat``)."""
     return x if times == 1 else x.repeat(times, *([1] * (x.dim() - 1)))
@@ -350,7 +339,7 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
     if cfg.class_token_weight > 0:  # REG denoises the first target's class token
         first = data.alignment.targets[0]
         trainer.cls_dim = int((manifest.dino if first == "dino" else manifest.targets[first])["dim"])
-    start_step = resume(trainer, ckpt, resume_path, data, manifest, restore, log) if ckpt is not None else 0
+    start_step = resume(trainer, ckpt, resume_path, data, manifest, log) if ckpt is not None else 0
     del ckpt
     if start_step >= cfg.steps:  # a finished run, rerun: nothing to do, nothing touched
         if accelerator.is_main_process:

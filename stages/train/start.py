@@ -14,6 +14,7 @@ from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.data.split import split_cache
 from stages.core.diffusion.diffusion_variable import TargetTokens
 from stages.core.errors import UsageError
+from stages.core.files.checkpoint import set_rng_state
 from stages.core.files.run_files import CONFIG_FILE
 from stages.core.model.model_config import ModelConfig
 from stages.core.model.network import count_parameters
@@ -109,7 +110,17 @@ def diffusion_variable(data: RunData, manifest, ckpt: dict | None, accelerator, 
     return token_variable(data.cfg, manifest, data.dataset, data.train_ids, accelerator, log)
 
 
-def resume(trainer, ckpt: dict, path: Path, data: RunData, manifest, restore, log) -> int:
+def restore(trainer, ckpt: dict) -> int:
+    """Load a checkpoint's weights, EMA, optimizer, schedule and RNG into ``trainer``; returns its step."""
+    trainer.raw_model.load_state_dict(ckpt["model"])
+    trainer.ema.load_state_dict(ckpt["ema"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["step"])
+
+
+def resume(trainer, ckpt: dict, path: Path, data: RunData, manifest, log) -> int:
     """Restore ``trainer`` from ``ckpt`` (checked against this run) and say so; returns its step."""
     main = trainer.accelerator.is_main_process
     step = restore(trainer, check_resume(ckpt, path, data.cfg, manifest, data.model_cfg))
