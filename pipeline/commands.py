@@ -12,7 +12,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, cast
 
 import typer
 
@@ -34,9 +34,10 @@ def _cli_type(hint: Any) -> Any:
     optional = type(None) in typing.get_args(hint)
     base = base_type(hint)
     if typing.get_origin(base) is list:
-        base, optional = typing.List[typing.get_args(base)[0]], True  # noqa: UP006 - typer's form
+        # typer's forms, built at run time from the hint's own arguments (so typed as values, not types)
+        base, optional = cast(Any, typing.List)[typing.get_args(base)[0]], True  # noqa: UP006
     elif typing.get_origin(base) is tuple:
-        base = typing.Tuple[typing.get_args(base)]  # noqa: UP006
+        base = cast(Any, typing.Tuple)[typing.get_args(base)]  # noqa: UP006
     return Optional[base] if optional else base  # noqa: UP045 - typer's form, as above
 
 
@@ -75,6 +76,7 @@ def config_command(app: typer.Typer, name: str, cls: type, run: Callable[[Any], 
         *option_parameters(cls),
     ]
     command = user_errors(command)
-    command.__signature__ = inspect.Signature(params)  # what typer reads the options from
+    # what typer reads the options from; typeshed's function type has no __signature__ though inspect reads it
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     app.command(name, help=help)(command)

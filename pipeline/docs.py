@@ -47,8 +47,8 @@ def reference() -> str:
         out.append(f"## `{name}`\n\n{(cmd.help or '').strip().splitlines()[0]}\n")
         args = [p for p in cmd.params if p.param_type_name == "argument"]
         if args:
-            names = (f"`{(a.metavar or a.name).upper()}` ({a.help or ''})" for a in args)
-            out.append("Arguments: " + ", ".join(names) + "\n")
+            described = (f"`{(a.metavar or a.name).upper()}` ({a.help or ''})" for a in args)
+            out.append("Arguments: " + ", ".join(described) + "\n")
         opts = [p for p in cmd.params if p.param_type_name == "option" and p.name != "help"]
         if opts:
             out.append("| option | default | meaning |\n|---|---|---|")

@@ -46,7 +46,7 @@ def train_model(train: dict) -> str:
     """The measured training anchor a preset's network is estimated from."""
     if str(train.get("model", "")).startswith(("SiT-", "DiTDH-", "LightningDiT-")):
         return train["model"]
-    width = {"repa-rf-w512": 512}.get(train.get("model"), train.get("width"))
+    width = {"repa-rf-w512": 512}.get(train.get("model", ""), train.get("width"))
     return f"dit-{width}x{train.get('depth', 9)}"
 
 
@@ -61,7 +61,7 @@ def preset_rows(name: str, samples: int) -> list[tuple[str, str, str]]:
         enc = {**load_preset(ROOT / "configs" / "imagenet256.toml", "encode"), **({"flips": True} if added else {})}
     channels, down = VAE_SHAPES[enc["vae"]]
     dim, patch = DINO_SHAPES[enc["dino"]]
-    text = TEXT_DIMS.get(enc.get("text_encoder")) if enc.get("text_encoder") else None
+    text = TEXT_DIMS.get(enc["text_encoder"]) if enc.get("text_encoder") else None
     geometry = geometry_of(channels, down, enc["resolution"], dim, patch, text, enc.get("max_text_tokens", 0),
                            enc.get("text_attention") == "unmasked", 1 if enc.get("class_tokens") else 0)
     rows = encode_lines(geometry, samples, enc.get("feature_codec", "fp16"), bool(enc.get("flips")),

@@ -171,7 +171,7 @@ def assess(run: PlannedRun) -> PlannedRun:
     reached = max((s for s in (final, ckpt_step) if s is not None), default=None)
     if reached is not None and reached >= run.steps:
         run.state, run.detail = "done", f"at step {reached}"
-    elif ckpts:
+    elif ckpt_step is not None:
         run.state, run.detail, run.start_step = "resume", f"from step {ckpt_step} of {run.steps}", ckpt_step
     else:
         run.state, run.detail = "new", f"{run.steps} steps"
@@ -383,10 +383,12 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
         else:
             queue.append(run)
     threads = None if gpus or parallel == 1 else max(1, (os.cpu_count() or 1) // parallel)
-    free_gpus: list[str | None] = gpus[:parallel] if gpus else [None] * parallel
+    free_gpus: list[str | None] = list(gpus[:parallel]) if gpus else [None] * parallel
     running: list[_Running] = []
     total, started = len(queue), 0
-    progress = SweepProgress(queue, log) if queue else None
+    if not queue:
+        return outcome
+    progress = SweepProgress(queue, log)
     try:
         while queue or running:
             while queue and free_gpus:
@@ -406,8 +408,7 @@ def launch_sweep(runs: list[PlannedRun], parallel: int = 1, gpus: list[str] | No
                 trained = _report_finished(job, outcome, progress.say)
                 progress.finished(job.run, trained)
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
         for job in running:  # interrupted: stop the children too, they keep their checkpoints
             job.proc.terminate()
         for job in running:

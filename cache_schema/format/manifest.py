@@ -32,7 +32,7 @@ from cache_schema.format.layout import (
 )
 from cache_schema.format.lock import cache_lock
 from cache_schema.storage.fsutil import atomic_write_json
-from cache_schema.storage.object_store import S3Path, cache_root
+from cache_schema.storage.object_store import S3Path, cache_root, local_path
 
 # Settings that change the stored features. Two caches agree on these or they are different caches.
 FINGERPRINT_KEYS = (
@@ -213,7 +213,7 @@ class Manifest:
                 ss = [a + b for a, b in zip(ss, p["latent_sumsq"], strict=False)]
                 n += p["latent_count"]
         mean = [a / n for a in s] if n else None
-        std = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean, strict=True)] if n else None
+        std = [math.sqrt(max(b / n - m * m, 0.0)) for b, m in zip(ss, mean, strict=True)] if mean else None
         self.latent = {**self.latent, "mean": mean, "std": std}
         return self
 
@@ -258,11 +258,11 @@ def field_from_json(name: str, spec: dict) -> Field:
     return Field(name, spec["dtype"], tuple(spec["shape"]), spec["per_sample"], spec["sharded"], spec.get("doc", ""))
 
 
-def manifest_path(cache_dir: Path | S3Path) -> Path | S3Path:
+def manifest_path(cache_dir: str | Path | S3Path) -> Path | S3Path:
     return cache_root(cache_dir) / MANIFEST_NAME
 
 
-def record_path(cache_dir: Path | S3Path, part: str) -> Path | S3Path:
+def record_path(cache_dir: str | Path | S3Path, part: str) -> Path | S3Path:
     return cache_root(cache_dir) / RECORDS_DIR / f"{part}{RECORD_SUFFIX}"
 
 
@@ -277,7 +277,7 @@ def _read_json(path: Path | S3Path, what: str, fix: str, data: bytes | None = No
     return obj
 
 
-def read_manifest_only(cache_dir: Path) -> Manifest:
+def read_manifest_only(cache_dir: str | Path | S3Path) -> Manifest:
     """manifest.json alone, without the part records."""
     path = manifest_path(cache_dir)
     if not cache_root(cache_dir).is_dir():
@@ -293,7 +293,7 @@ def read_manifest_only(cache_dir: Path) -> Manifest:
     return Manifest.from_json(obj, str(path))
 
 
-def target_dir(cache_dir: Path | S3Path, name: str) -> Path | S3Path:
+def target_dir(cache_dir: str | Path | S3Path, name: str) -> Path | S3Path:
     """Where the parts, records and claims of added target ``name`` live."""
     return cache_root(cache_dir) / TARGETS_DIR / name
 
@@ -315,7 +315,7 @@ def target_part_problem(part: dict, rec: dict | None) -> str | None:
 RECORD_FIX = "rerun the encode command (with --source naming the part's input shard) to encode the part again"
 
 
-def read_records(cache_dir: Path | S3Path, unreadable: dict[str, str] | None = None,
+def read_records(cache_dir: str | Path | S3Path, unreadable: dict[str, str] | None = None,
                  fix: str = RECORD_FIX) -> list[dict]:
     """Every committed part's record (unsorted).
 
@@ -325,12 +325,12 @@ def read_records(cache_dir: Path | S3Path, unreadable: dict[str, str] | None = N
     it as never committed and encodes it again, which is what ``fix`` says to do.
     """
     root = cache_root(cache_dir)
-    folder: Path | S3Path
+    paths: list[Path] | list[S3Path]
     if isinstance(root, S3Path):
-        folder = root / RECORDS_DIR
-        names = [n for n in folder.list_sizes() if n.endswith(RECORD_SUFFIX) and "/" not in n
+        prefix = root / RECORDS_DIR
+        names = [n for n in prefix.list_sizes() if n.endswith(RECORD_SUFFIX) and "/" not in n
                  and not n.startswith(".")]
-        paths = [folder / n for n in names]
+        paths = [prefix / n for n in names]
     else:
         folder = root / RECORDS_DIR
         if not folder.is_dir():
@@ -372,13 +372,13 @@ def _read_all(paths: list) -> list[tuple]:
         return list(pool.map(one, paths))
 
 
-def read_manifest(cache_dir: Path, unreadable: dict[str, str] | None = None) -> Manifest:
+def read_manifest(cache_dir: str | Path | S3Path, unreadable: dict[str, str] | None = None) -> Manifest:
     """The manifest with every committed part (``unreadable``: see ``read_records``)."""
     return read_manifest_only(cache_dir).with_parts(read_records(cache_dir, unreadable))
 
 
 def write_record(cache_dir: Path, rec: PartRecord) -> None:
-    path = record_path(cache_dir, rec.name)
+    path = local_path(record_path(cache_dir, rec.name))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, asdict(rec))
 
@@ -391,7 +391,7 @@ def update_manifest(cache_dir: Path, fn: Callable[[Manifest | None], Manifest]) 
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         new.created = new.created or now
         new.updated = now
-        atomic_write_json(manifest_path(cache_dir), new.to_json())
+        atomic_write_json(local_path(manifest_path(cache_dir)), new.to_json())
     return new
 
 

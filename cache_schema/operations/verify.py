@@ -44,7 +44,7 @@ def _check_part(reader: CacheReader, part: dict, rows: int, quick: bool) -> None
         if field not in g:
             raise CacheError(f"{part_where(part)}: array {field} missing; {REPAIR_HINT.format(name=name)}")
         want = n + 1 if field == "text_offsets" else (n if spec["per_sample"] else part["num_text_tokens"])
-        have = g[field].shape[0]
+        have = reader.array(name, field).shape[0]
         if have != want:
             raise CacheError(f"{part_where(part)}: {field} has {have} rows, the record says {want}; "
                              + REPAIR_HINT.format(name=name))
@@ -95,7 +95,7 @@ def _check_target_part(reader: CacheReader, target: str, rec: dict, rows: int, q
                 block = arr[start : start + rows]
                 if spec["dtype"] in ("float16", "float32") and not np.isfinite(block).all():
                     raise CacheError(f"{where}: {field} holds non-finite values{fix}")
-        if cast(zarr.Array, g["key"])[:].tolist() != reader.read(rec["name"], "key").tolist():
+        if np.asarray(cast(zarr.Array, g["key"])[:]).tolist() != reader.read(rec["name"], "key").tolist():
             raise CacheError(f"{where}: its keys are not the cache part's keys in order{fix}")
     except (KeyError, ValueError) as e:  # a missing array, a crc32c mismatch
         raise CacheError(f"{where}: cannot be read ({type(e).__name__}: {e}){fix}") from None
@@ -112,6 +112,7 @@ def _start_worker(cache_dir: str, lenient: bool) -> None:
 def _verify_part(index: int, rows: int, quick: bool) -> tuple[str, str | None, np.ndarray | None]:
     """(part name, problem or None, sorted 64-bit hashes of its keys) for the part at ``index``."""
     reader = _worker_reader
+    assert reader is not None, "set by _start_worker, the pool's initializer"
     part = reader.parts[index]
     try:
         _check_part(reader, part, rows, quick)
@@ -198,7 +199,8 @@ def find_problems(cache_dir: str | Path, names: list[str] | None = None, quick: 
         records = {r["name"]: r for r in read_records(target_dir(cache_dir, target), fix=target_hint(target))}
         for part in reader.parts:
             rec = records.get(part["name"])
-            if (names is not None and part["name"] not in names) or target_part_problem(part, rec) is not None:
+            if ((names is not None and part["name"] not in names) or rec is None
+                    or target_part_problem(part, rec) is not None):
                 continue  # not added yet, or made for an earlier encode of the part: never read
             where = f"{TARGETS_DIR}/{target}/{part['name']}"
             try:

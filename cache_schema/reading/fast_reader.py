@@ -47,7 +47,7 @@ from cache_schema.format.manifest import (
 )
 from cache_schema.reading.plain_arrays import PlainReadError, read_plain
 from cache_schema.reading.shard_rows import RowReadError, ShardedRows
-from cache_schema.storage.object_store import S3Path, cache_root, kvstore_spec
+from cache_schema.storage.object_store import S3Path, cache_root, kvstore_spec, local_path
 
 READ_THREADS = 16  # small-array reads in flight at once: file round trips overlap, decoding does not
 
@@ -150,7 +150,7 @@ class FastReader:
         read as zeros (zarr-python fills missing chunks), a truncated one never be trusted. A field of
         an added target is checked against that target's record of the part."""
         state = self._process()
-        target = self._target_of.get(name)
+        target = self._target_of.get(name) if name is not None else None
         if (part, target) not in state.checked:
             if target is None:
                 check_part_files(self.cache_dir, self.manifest.parts[part])
@@ -474,7 +474,7 @@ class FastReader:
                 meta = json.loads((root / "zarr.json").read_bytes())
             except (OSError, ValueError) as e:
                 raise damaged(self.manifest.parts[part], f"{name}/zarr.json cannot be read ({e})") from None
-            state.rows[key] = ShardedRows.from_metadata(root, meta) if self.direct_reads else None
+            state.rows[key] = ShardedRows.from_metadata(local_path(root), meta) if self.direct_reads else None
         return state.rows[key]
 
     def _read_rows(self, name: str, part: np.ndarray, row: np.ndarray, out: np.ndarray) -> list:

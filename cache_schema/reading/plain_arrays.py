@@ -12,11 +12,15 @@ fill value: readers check a part's files against its record before relying on th
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 from numcodecs.vlen import VLenBytes, VLenUTF8
+
+from cache_schema.storage.object_store import S3Path
 
 _CRC = 4
 
@@ -25,7 +29,7 @@ class PlainReadError(Exception):
     """A chunk could not be decoded as recorded: the message names the file and why."""
 
 
-def read_plain(root: Path, meta: dict, utf8: bool = False) -> np.ndarray | None:
+def read_plain(root: Path | S3Path, meta: dict, utf8: bool = False) -> np.ndarray | None:
     """All of the array at ``root`` (its parsed ``zarr.json`` is ``meta``), or None for other layouts.
     Strings come back as numpy's ``StringDType`` (16 bytes per short string, not a Python object each),
     or with ``utf8`` as an object array of their UTF-8 bytes (nothing decoded, for hashing)."""
@@ -39,6 +43,7 @@ def read_plain(root: Path, meta: dict, utf8: bool = False) -> np.ndarray | None:
     if (meta.get("zarr_format") != 3 or meta.get("chunk_key_encoding", {}).get("name") != "default"
             or separator != "/" or crc.get("name") != "crc32c" or crc.get("configuration")):
         return None
+    decode: Callable[[bytes, int], np.ndarray]
     if first.get("name") == "vlen-utf8" and meta.get("data_type") == "string":
         decode, fill = (_utf8 if utf8 else _strings), meta.get("fill_value", "")
     elif first.get("name") == "bytes" and meta.get("data_type") in ("int64", "int32", "float32", "float64"):
@@ -46,13 +51,13 @@ def read_plain(root: Path, meta: dict, utf8: bool = False) -> np.ndarray | None:
         if endian != "little" or sys.byteorder != "little":
             return None
         dtype = np.dtype(meta["data_type"])
-        decode, fill = (lambda data, n, d=dtype: np.frombuffer(data, d, n)), meta.get("fill_value", 0)
+        decode, fill = partial(_numbers, dtype=dtype), meta.get("fill_value", 0)
     else:
         return None
     pieces = []
     for i, start in enumerate(range(0, length, chunk)):
         n = min(chunk, length - start)
-        path = root / "c" / str(i)
+        path, where = root / "c" / str(i), f"{root.name}/c/{i}"
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -60,11 +65,11 @@ def read_plain(root: Path, meta: dict, utf8: bool = False) -> np.ndarray | None:
             continue
         data, stored = raw[:-_CRC], raw[-_CRC:]
         if len(raw) < _CRC or google_crc32c.value(data) != int.from_bytes(stored, "little"):
-            raise PlainReadError(f"{path.relative_to(root.parent)} fails its crc32c (damaged bytes)")
+            raise PlainReadError(f"{where} fails its crc32c (damaged bytes)")
         try:
             pieces.append(decode(data, n))
         except (ValueError, RuntimeError) as e:
-            raise PlainReadError(f"{path.relative_to(root.parent)} cannot be decoded ({e})") from None
+            raise PlainReadError(f"{where} cannot be decoded ({e})") from None
     if not pieces:
         return _filled(0, fill, decode, meta)
     return np.concatenate(pieces)
@@ -76,6 +81,10 @@ def _filled(n: int, fill, decode, meta: dict) -> np.ndarray:
         out[:] = [str(fill).encode()] * n
         return out
     return np.full(n, fill, dtype=np.dtypes.StringDType() if decode is _strings else np.dtype(meta["data_type"]))
+
+
+def _numbers(data: bytes, n: int, dtype: np.dtype) -> np.ndarray:
+    return np.frombuffer(data, dtype, n)
 
 
 def _utf8(data: bytes, n: int) -> np.ndarray:
@@ -100,5 +109,6 @@ def read_utf8(root: Path) -> np.ndarray:
     if values is None:
         import zarr
 
-        values = np.array([str(v).encode() for v in zarr.open_array(str(root), mode="r")[:]] or [b""][:0], object)
+        stored = np.asarray(zarr.open_array(str(root), mode="r")[:])
+        values = np.array([str(v).encode() for v in stored] or [b""][:0], object)
     return values

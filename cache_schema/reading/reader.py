@@ -73,9 +73,12 @@ class CacheReader:
         p = bisect.bisect_right(self.offsets, index) - 1
         return p, index - self.offsets[p]
 
+    def array(self, part: str, field: str) -> zarr.Array:
+        return cast(zarr.Array, self.group(part)[field])  # a part's fields are arrays, never groups
+
     def read(self, part: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of one field of one part, as stored (int8 stays int8)."""
-        arr = cast(zarr.Array, self.group(part)[field])  # a part's fields are arrays, never groups
+        arr = self.array(part, field)
         try:
             return np.asarray(arr[start:stop])
         except ValueError as e:  # a chunk whose crc32c does not match, or undecodable bytes
@@ -118,6 +121,6 @@ class CacheReader:
 
     def iter_chunks(self, part: str, field: str, rows: int) -> Iterator[np.ndarray]:
         """Whole-chunk sequential reads of one field, ``rows`` at a time."""
-        n = self.group(part)[field].shape[0]
+        n = self.array(part, field).shape[0]
         for start in range(0, n, rows):
             yield self.read(part, field, start, start + rows)

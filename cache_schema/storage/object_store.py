@@ -42,6 +42,16 @@ def cache_root(location) -> Path | S3Path:
     return S3Path.parse(location) if is_s3(location) else Path(location)
 
 
+def local_path(location) -> Path:
+    """``location`` (a cache or a file in it) as a local path, for code that writes in place; S3 caches
+    are written locally and then uploaded, so an S3 location here is refused."""
+    path = cache_root(location)
+    if isinstance(path, S3Path):
+        raise CacheError(f"{path}: object storage is not written in place; write the cache to a local "
+                         "directory, then upload it with `repa cache push`")
+    return path
+
+
 def client():
     """This process's boto3 S3 client (AWS_ENDPOINT_URL, credentials and region from the environment)."""
     pid = os.getpid()

@@ -115,7 +115,7 @@ def renew(cache_dir: Path, parts: list[str], owner: Owner) -> list[str]:
 def owns(cache_dir: Path, part: str, owner: Owner) -> bool:
     """Call under ``cache_lock``: whether ``owner`` holds the claim on ``part`` right now."""
     current = _read(_path(cache_dir, part))
-    return bool(current) and current.get("owner") == owner.id
+    return current is not None and current.get("owner") == owner.id
 
 
 def release(cache_dir: Path, part: str, owner: Owner, locked: bool = False) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from cache_schema.errors import CacheError
 from cache_schema.format.layout import MANIFEST_NAME, PART_SUFFIX, PARTS_DIR, RECORD_SUFFIX, RECORDS_DIR
 from cache_schema.format.manifest import manifest_path, read_manifest, read_records, record_path, target_dir
-from cache_schema.storage.object_store import S3Path, client, put_if_absent
+from cache_schema.storage.object_store import S3Path, client, local_path, put_if_absent
 
 
 @dataclass
@@ -72,7 +72,8 @@ def _part_units(src: Path, dest: S3Path) -> list[tuple[str, Path, S3Path, dict]]
     units = [(p["name"], src, dest, p) for p in manifest.parts]
     for target in sorted(manifest.targets):
         for rec in sorted(read_records(target_dir(src, target)), key=lambda r: r["name"]):
-            units.append((f"{target}/{rec['name']}", target_dir(src, target), target_dir(dest, target), rec))
+            units.append((f"{target}/{rec['name']}", local_path(target_dir(src, target)),
+                          S3Path.parse(target_dir(dest, target)), rec))
     return units
 
 

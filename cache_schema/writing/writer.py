@@ -51,6 +51,7 @@ from cache_schema.format.manifest import (
     write_record,
 )
 from cache_schema.storage.fsutil import fsync_dir, fsync_tree, write_error
+from cache_schema.storage.object_store import local_path
 from cache_schema.writing import claims
 from cache_schema.writing.claims import Owner
 
@@ -245,6 +246,8 @@ class PartWriter:
         shutil.rmtree(self.tmp_path, ignore_errors=True)
 
     def _still_owned(self) -> bool:
+        if self.owner is None:  # a sole writer claims nothing, so it cannot lose a claim
+            return True
         with cache_lock(self.cache_dir):
             return claims.owns(self.cache_dir, self.name, self.owner)
 
@@ -304,7 +307,7 @@ def start_target(cache_dir: Path, name: str, entry: dict) -> Manifest:
     settings is refused; the same settings resume it (and record the encoder's final LayerNorm if the entry
     lacked it). Nothing else in the manifest changes."""
     cache_dir = Path(cache_dir)
-    root = target_dir(cache_dir, name)
+    root = local_path(target_dir(cache_dir, name))
     try:
         for sub in (PARTS_DIR, RECORDS_DIR, CLAIMS_DIR):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -340,17 +343,21 @@ def settle_part(cache_dir: Path, name: str, owner: Owner) -> PartRecord | None:
     final = part_path(cache_dir, name)
     if record_path(cache_dir, name).exists() or not final.exists():
         return None
+    rec: PartRecord | None
     with cache_lock(cache_dir):
         try:
             attrs = zarr.open_group(str(final), mode="r").attrs.asdict()
-            rec = PartRecord.from_json(attrs["part"], str(final))
-            if list_files(final) != rec.files:
+            if not isinstance(attrs["part"], dict):
+                raise CacheError(f"{final}: its part record is not a JSON object")
+            found = PartRecord.from_json(attrs["part"], str(final))
+            if list_files(final) != found.files:
                 raise CacheError(f"{final}: files differ from its record")
         except Exception:  # an unreadable leftover: nothing to restore
             rec = None
             trash = _trash(final)
         else:
-            write_record(cache_dir, rec)
+            write_record(cache_dir, found)
+            rec = found
     if rec is None and trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     return rec
@@ -361,7 +368,7 @@ def drop_part(cache_dir: Path, name: str) -> None:
     The caller holds the part's claim."""
     cache_dir = Path(cache_dir)
     with cache_lock(cache_dir):
-        record_path(cache_dir, name).unlink(missing_ok=True)
+        local_path(record_path(cache_dir, name)).unlink(missing_ok=True)
         fsync_dir(cache_dir / RECORDS_DIR)
         trash = _trash(part_path(cache_dir, name))
     if trash is not None:
