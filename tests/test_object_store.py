@@ -177,6 +177,22 @@ def test_an_s3_url_given_as_a_path_still_names_the_bucket_and_prefix():
     assert cache_root("relative/dir") == Path("relative/dir")
 
 
+def test_code_that_writes_in_place_refuses_an_s3_location_and_creates_nothing(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cache_schema.format.manifest import PartRecord, write_record
+    from cache_schema.storage.object_store import local_path
+
+    assert local_path(tmp_path / "cache") == tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    rec = PartRecord("part-000000", "shard-0.tar", 1)
+    for location in ("s3://repa-test/cache", Path("s3://repa-test/cache")):
+        with pytest.raises(CacheError, match=r"^s3://repa-test/cache/records/part-000000\.json: object storage is "
+                                             r"not written in place.*repa cache push"):
+            write_record(location, rec)
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_commands_that_need_a_local_cache_refuse_s3_in_one_line(pushed, tiny_models, labelled_shards):
     from tests.encode_helpers import cli_args, tiny_config
 
