@@ -15,8 +15,9 @@ Label dropout for classifier-free guidance is the caller's job (as for the proje
 ``class_dropout_prob``; the project's conditioning draws the same Bernoulli from its own seeded generator.
 
 Where this plugs in: ``stages.core.model.network.build_model`` can build it from a :class:`DDTConfig`, and
-``repa import-checkpoint`` reads RAE's files with the checks of :func:`load_ddt`. Its forward returns the velocity only
-(no REPA projector), so the training objective's REPA term is absent.
+``repa import-checkpoint`` reads RAE's files with the checks of :func:`load_ddt`. RAE's forward is
+:meth:`DiTwDDTHead.velocity`; ``forward`` returns ``(velocity, [])`` (no REPA projector), so the training
+objective's REPA term is absent.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from stages.core.files.tensor_files import load_released_weights
 from stages.core.model.ddt_config import DDTConfig
 from stages.core.model.dit_init import zero_modulations_and_output
 from stages.core.model.lightning_dit import (
-    DroppableLabels,
     FinalLayer,
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -39,11 +39,13 @@ from stages.core.model.lightning_dit import (
     PatchEmbed,
     VisionRotaryEmbeddingFast,
 )
+from stages.core.model.rae_network import RAENetwork
 from stages.core.model.sit import sincos_pos_embed_2d
 
 
-class DiTwDDTHead(DroppableLabels, nn.Module):
-    family = "DiT-DH"  # as named in its errors
+class DiTwDDTHead(RAENetwork):
+    config: DDTConfig
+    family = "DiT-DH"
 
     # Where inputs enter: muP-style parameter groups keep their lr unscaled.
     input_params = ("x_embedder.", "s_embedder.", "y_embedder.")
@@ -95,7 +97,7 @@ class DiTwDDTHead(DroppableLabels, nn.Module):
         side = math.isqrt(x.shape[1])
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Velocity (B, C, h, w) at latents x (B, C, h, w), times t (B,), labels y (B,) (``null_class`` = dropped)."""
         t_emb = self.t_embedder(t)
         c = nn.functional.silu(t_emb + self.y_embedder(y))
