@@ -149,6 +149,8 @@ def _norm(width: int, use_rmsnorm: bool) -> nn.Module:
 class LightningBlock(nn.Module):
     """One LightningDiT block: x += gate·attn(mod(norm(x))); x += gate·mlp(mod(norm(x)))."""
 
+    mlp: SwiGLUFFN | GeluMlp
+
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
                  use_swiglu: bool = True, use_rmsnorm: bool = True):
         super().__init__()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.core.model.ddt_config import LightningDiTConfig
-from stages.core.model.dit_init import zero_modulations_and_output
+from stages.core.model.dit_init import init_patch_embedding, init_time_mlp, zero_modulations_and_output
 from stages.core.model.lightning_dit import (
     FinalLayer,
     GaussianFourierEmbedding,
@@ -31,6 +31,7 @@ from stages.core.model.sit import sincos_pos_embed_2d
 class LightningDiT(RAENetwork):
     config: LightningDiTConfig
     family = "LightningDiT"
+    pos_embed: Tensor
 
     input_params = ("x_embedder.", "y_embedder.")
 
@@ -58,12 +59,9 @@ class LightningDiT(RAENetwork):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_patch_embedding(self.x_embedder.proj)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_time_mlp(self.t_embedder.mlp)
         zero_modulations_and_output(self.blocks, self.final_layer)
 
     def unpatchify(self, x: Tensor) -> Tensor:
