@@ -81,7 +81,7 @@ def test_forward_matches_rae_on_the_same_weights(overrides):
     x, t, y = _inputs()
     with torch.no_grad():
         expected = theirs(x, t, y)
-        got = ours(x, t, y)
+        got = ours.velocity(x, t, y)
     assert got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -113,7 +113,7 @@ def test_label_dropout_by_the_caller_matches_raes_training_forward():
     torch.manual_seed(11)
     drop = torch.rand(3) < 0.1  # model_utils.py:427, the draw RAE's token_drop makes
     with torch.no_grad():
-        got = ours(x, t, torch.where(drop, ours.null_class, y))
+        got = ours.velocity(x, t, torch.where(drop, ours.null_class, y))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -123,7 +123,7 @@ def test_fresh_model_is_initialised_as_rae():
     model = DiTwDDTHead(DDTConfig(**TINY)).eval()
     x, t, y = _inputs()
     with torch.no_grad():
-        assert bool((model(x, t, y) == 0).all())
+        assert bool((model.velocity(x, t, y) == 0).all())
     assert not any(n.endswith(("pos_embed", "W")) for n, _ in model.named_parameters())
 
 
@@ -155,7 +155,8 @@ def test_released_checkpoints_load(tmp_path):
                 "ema": theirs.state_dict(), "optimizer": opt.state_dict(), "scheduler": None}, ckpt)
     for path in (bare, ckpt):
         with torch.no_grad():
-            torch.testing.assert_close(load_ddt(path, DDTConfig(**TINY))(x, t, y), expected, rtol=1e-5, atol=1e-5)
+            got = load_ddt(path, DDTConfig(**TINY)).velocity(x, t, y)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UsageError) as err:
         load_ddt(bare, DDTConfig(**{**TINY, "depth": (3, 2)}))
     assert "missing blocks.4." in str(err.value) and "unexpected" not in str(err.value) and "\n" not in str(err.value)

@@ -36,7 +36,7 @@ def test_forward_matches_rae_on_the_same_weights(overrides):
     t = torch.rand(3, generator=g)
     y = torch.tensor([0, 4, 5])  # the last is the null class
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, t, y), theirs(x, t, y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.velocity(x, t, y), theirs(x, t, y), rtol=1e-5, atol=1e-5)
 
 
 def test_xl_has_raes_names_shapes_and_count():
@@ -52,7 +52,7 @@ def test_fresh_model_predicts_zero_as_rae():
     torch.manual_seed(0)
     model = LightningDiT(LightningDiTConfig(**TINY)).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 5]))
+        out = model.velocity(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 5]))
     assert out.shape == (2, 3, 8, 8) and bool((out == 0).all())
 
 

@@ -60,7 +60,7 @@ def test_sampling_through_the_decoder_matches_rae(tmp_path):
 
     with torch.no_grad():
         expected = rae_sample(theirs, their_decoder, noise, labels, stats, 1.7, 0.1, 0.8, s)
-        fn = guided(lambda x, t, cond: ours(x, t, cond["y"]), {"y": torch.tensor(labels)},
+        fn = guided(lambda x, t, cond: ours.velocity(x, t, cond["y"]), {"y": torch.tensor(labels)},
                     {"y": torch.full((1,), ours.null_class)}, cfg=1.7, low=0.1, high=0.8)
         latent = shifted_euler_ode(fn, noise, s)
         got = decoder.decode(latent_to_tokens(stats.denormalize(latent)))

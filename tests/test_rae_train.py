@@ -218,7 +218,34 @@ def test_the_rae_presets_build_rae_s_networks():
     velocity, projected = net(x, t, y)
     plain = DiTwDDTHead(tiny.rae_config())
     plain.load_state_dict(net.state_dict())
-    assert projected == [] and torch.equal(velocity, plain(x, t, y))
+    assert projected == [] and torch.equal(velocity, plain.velocity(x, t, y))
+
+
+@pytest.mark.parametrize("arch", ["dit-dh", "lightning-dit"])
+def test_rae_networks_are_called_as_training_networks_and_keep_raes_names(arch):
+    """forward(x, t, y) is (velocity(x, t, y), []); without y (cond none) every label is the table's only row 0;
+    the empty projector list adds no state-dict entry."""
+    from stages.core.model.model_config import ModelConfig
+    from stages.core.model.network import build_model
+
+    shape = dict(width=32, depth=1, num_heads=2, patch_size=1, in_channels=8, input_size=4)
+    head = dict(head_width=48, head_depth=1, head_heads=3) if arch == "dit-dh" else {}
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(arch=arch, cond="none", **shape, **head)).eval()
+    for p in net.parameters():  # a fresh network predicts 0 (adaLN-Zero): give it weights that show the labels
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 8, 4, 4, generator=g), torch.rand(2, generator=g)
+    with torch.no_grad():
+        velocity, projected = net(x, t)
+        assert projected == [] and torch.equal(velocity, net.velocity(x, t, torch.zeros(2, dtype=torch.long)))
+        labelled = build_model(ModelConfig(arch=arch, cond="class", num_classes=3, **shape, **head)).eval()
+        for p in labelled.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        y = torch.tensor([0, 2])
+        assert torch.equal(labelled(x, t, y)[0], labelled.velocity(x, t, y))
+        assert not torch.equal(labelled.velocity(x, t, y), labelled.velocity(x, t, torch.tensor([1, 1])))
+    assert not any(k.startswith("projectors") for k in net.state_dict())
 
 
 @pytest.fixture(scope="module")

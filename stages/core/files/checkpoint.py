@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from cache_schema.storage.fsutil import fsync_dir
 from stages.core.errors import UsageError
@@ -58,7 +59,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def rng_state() -> dict:
     """The global torch (and CUDA) generator states. Training draws all its noise from generators
     seeded by position, so these only matter to code outside the loop that uses the global ones."""
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Tensor | list[Tensor]] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -15,13 +15,15 @@ Label dropout for classifier-free guidance is the caller's job (as for the proje
 ``class_dropout_prob``; the project's conditioning draws the same Bernoulli from its own seeded generator.
 
 Where this plugs in: ``stages.core.model.network.build_model`` can build it from a :class:`DDTConfig`, and
-``repa import-checkpoint`` reads RAE's files with the checks of :func:`load_ddt`. Its forward returns the velocity only
-(no REPA projector), so the training objective's REPA term is absent.
+``repa import-checkpoint`` reads RAE's files with the checks of :func:`load_ddt`. RAE's forward is
+:meth:`DiTwDDTHead.velocity`; ``forward`` returns ``(velocity, [])`` (no REPA projector), so the training
+objective's REPA term is absent.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,9 +31,8 @@ from torch import Tensor, nn
 
 from stages.core.files.tensor_files import load_released_weights
 from stages.core.model.ddt_config import DDTConfig
-from stages.core.model.dit_init import zero_modulations_and_output
+from stages.core.model.dit_init import init_patch_embedding, init_time_mlp, zero_modulations_and_output
 from stages.core.model.lightning_dit import (
-    DroppableLabels,
     FinalLayer,
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -39,11 +40,16 @@ from stages.core.model.lightning_dit import (
     PatchEmbed,
     VisionRotaryEmbeddingFast,
 )
+from stages.core.model.rae_network import RAENetwork
 from stages.core.model.sit import sincos_pos_embed_2d
 
 
-class DiTwDDTHead(DroppableLabels, nn.Module):
-    family = "DiT-DH"  # as named in its errors
+class DiTwDDTHead(RAENetwork):
+    config: DDTConfig
+    family = "DiT-DH"
+    pos_embed: Tensor  # with use_pos_embed
+    enc_feat_rope: VisionRotaryEmbeddingFast | None
+    dec_feat_rope: VisionRotaryEmbeddingFast | None
 
     # Where inputs enter: muP-style parameter groups keep their lr unscaled.
     input_params = ("x_embedder.", "s_embedder.", "y_embedder.")
@@ -70,11 +76,11 @@ class DiTwDDTHead(DroppableLabels, nn.Module):
             self.dec_feat_rope = VisionRotaryEmbeddingFast(head // heads_head // 2, side)
         else:
             self.enc_feat_rope = self.dec_feat_rope = None
-        block = dict(mlp_ratio=config.mlp_ratio, use_qknorm=config.use_qknorm, use_swiglu=config.use_swiglu,
-                     use_rmsnorm=config.use_rmsnorm)
+        block = partial(LightningBlock, mlp_ratio=config.mlp_ratio, use_qknorm=config.use_qknorm,
+                        use_swiglu=config.use_swiglu, use_rmsnorm=config.use_rmsnorm)
         self.blocks = nn.ModuleList(
-            [LightningBlock(body, heads_body, **block) for _ in range(config.depth[0])]
-            + [LightningBlock(head, heads_head, **block) for _ in range(config.depth[1])]
+            [block(body, heads_body) for _ in range(config.depth[0])]
+            + [block(head, heads_head) for _ in range(config.depth[1])]
         )
         self.initialize_weights()
 
@@ -82,12 +88,9 @@ class DiTwDDTHead(DroppableLabels, nn.Module):
         """RAE's initialisation: PyTorch's defaults except xavier patch embeddings, N(0, 0.02) label table and
         time MLP weights, zeroed adaLN and output layers (DDT.py ``initialize_weights`` without xavier_uniform_init)."""
         for embedder in (self.x_embedder, self.s_embedder):
-            weight = embedder.proj.weight
-            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            nn.init.zeros_(embedder.proj.bias)
+            init_patch_embedding(embedder.proj)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_time_mlp(self.t_embedder.mlp)
         zero_modulations_and_output(self.blocks, self.final_layer)
 
     def unpatchify(self, x: Tensor) -> Tensor:
@@ -95,7 +98,7 @@ class DiTwDDTHead(DroppableLabels, nn.Module):
         side = math.isqrt(x.shape[1])
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Velocity (B, C, h, w) at latents x (B, C, h, w), times t (B,), labels y (B,) (``null_class`` = dropped)."""
         t_emb = self.t_embedder(t)
         c = nn.functional.silu(t_emb + self.y_embedder(y))

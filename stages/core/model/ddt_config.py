@@ -6,7 +6,14 @@ presets are RAE's ImageNet-256 configs (``configs/stage2/training/ImageNet256/Di
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
+
+
+def _int_pair(values: Iterable[int]) -> tuple[int, int]:
+    """(body, head) as ints, from any sequence (a TOML list, a JSON array); ``validate`` refuses another length."""
+    return cast("tuple[int, int]", tuple(int(v) for v in values))
 
 
 @dataclass
@@ -28,10 +35,10 @@ class DDTConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        self.hidden_size = tuple(int(v) for v in self.hidden_size)
-        self.depth = tuple(int(v) for v in self.depth)
+        self.hidden_size = _int_pair(self.hidden_size)
+        self.depth = _int_pair(self.depth)
         heads = self.num_heads
-        self.num_heads = (int(heads), int(heads)) if isinstance(heads, int) else tuple(int(v) for v in heads)
+        self.num_heads = (int(heads), int(heads)) if isinstance(heads, int) else _int_pair(heads)
         self.validate()
 
     @property

@@ -149,6 +149,8 @@ def _norm(width: int, use_rmsnorm: bool) -> nn.Module:
 class LightningBlock(nn.Module):
     """One LightningDiT block: x += gate·attn(mod(norm(x))); x += gate·mlp(mod(norm(x)))."""
 
+    mlp: SwiGLUFFN | GeluMlp
+
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, use_qknorm: bool = False,
                  use_swiglu: bool = True, use_rmsnorm: bool = True):
         super().__init__()
@@ -190,17 +192,3 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels: Tensor) -> Tensor:
         return self.embedding_table(labels)
 
-
-class DroppableLabels:
-    """RAE's networks' null class: the label id after the ``num_classes`` real ones, there only when the config
-    drops labels (``class_dropout_prob`` > 0), as in RAE's ``LabelEmbedder``."""
-
-    config: object  # a config with num_classes and class_dropout_prob
-    family = "network"
-
-    @property
-    def null_class(self) -> int:
-        """Label id of the null class that classifier-free guidance substitutes for dropped labels."""
-        if self.config.class_dropout_prob <= 0:
-            raise ValueError(f"this {self.family} has no null class (class_dropout_prob is 0)")
-        return self.config.num_classes

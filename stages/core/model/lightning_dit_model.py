@@ -5,7 +5,8 @@ x_embedder(x) + fixed sin-cos table -> blocks conditioned on c = t_emb(t) + y_em
 DiT-DH) with 2-D RoPE on the patch grid -> final layer -> unpatchify. Initialisation as RAE's: xavier-uniform
 linears, then the DiT-style embeddings and zeroed adaLN and output layers. Label dropout is the caller's job
 (``null_class``), as for :class:`stages.core.model.ddt.DiTwDDTHead`. RAE's ``learn_sigma`` (an unused second half of
-the output) is not offered.
+the output) is not offered. RAE's forward is :meth:`LightningDiT.velocity`; ``forward`` is the training
+interface of :class:`stages.core.model.rae_network.RAENetwork`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from stages.core.model.ddt_config import LightningDiTConfig
-from stages.core.model.dit_init import zero_modulations_and_output
+from stages.core.model.dit_init import init_patch_embedding, init_time_mlp, zero_modulations_and_output
 from stages.core.model.lightning_dit import (
-    DroppableLabels,
     FinalLayer,
     GaussianFourierEmbedding,
     LabelEmbedder,
@@ -24,11 +24,14 @@ from stages.core.model.lightning_dit import (
     PatchEmbed,
     VisionRotaryEmbeddingFast,
 )
+from stages.core.model.rae_network import RAENetwork
 from stages.core.model.sit import sincos_pos_embed_2d
 
 
-class LightningDiT(DroppableLabels, nn.Module):
-    family = "LightningDiT"  # as named in its errors
+class LightningDiT(RAENetwork):
+    config: LightningDiTConfig
+    family = "LightningDiT"
+    pos_embed: Tensor
 
     input_params = ("x_embedder.", "y_embedder.")
 
@@ -56,12 +59,9 @@ class LightningDiT(DroppableLabels, nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_patch_embedding(self.x_embedder.proj)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_time_mlp(self.t_embedder.mlp)
         zero_modulations_and_output(self.blocks, self.final_layer)
 
     def unpatchify(self, x: Tensor) -> Tensor:
@@ -70,7 +70,7 @@ class LightningDiT(DroppableLabels, nn.Module):
         x = x.reshape(x.shape[0], side, side, p, p, channels)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, side * p, side * p)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Velocity (B, C, H, W) at x (B, C, H, W), t (B,), labels y (B,) (``null_class`` = dropped)."""
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)

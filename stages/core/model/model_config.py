@@ -6,6 +6,7 @@ Kept free of torch so configs, presets and their checks load without it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 from stages.core.model.ddt_config import DDTConfig, LightningDiTConfig
 from stages.core.model.model_presets import MODEL_PRESETS
@@ -17,6 +18,17 @@ RAE_ARCHS = ("dit-dh", "lightning-dit")
 # Any value > 0 gives RAE's networks their null-class row; dropping labels is the conditioner's job.
 RAE_NULL_ROW = 0.1
 DEFAULT_HEAD_DIM = 64
+
+
+class _RAEShape(TypedDict):
+    """The fields DDTConfig and LightningDiTConfig both take."""
+
+    input_size: int
+    patch_size: int
+    in_channels: int
+    mlp_ratio: float
+    class_dropout_prob: float
+    num_classes: int
 
 
 @dataclass
@@ -61,10 +73,24 @@ class ModelConfig:
         if self.num_heads is not None and self.width % self.num_heads != 0:
             raise ValueError(f"width={self.width} is not divisible by num_heads={self.num_heads}")
         if self.num_heads is None:
+            assert self.head_dim is not None  # the default when neither was given
             self.num_heads = self.width // self.head_dim
         if self.head_dim is None:
             self.head_dim = self.width // self.num_heads
         self.validate()
+
+    @property
+    def heads(self) -> int:
+        """``num_heads``, which ``__post_init__`` derives from ``head_dim`` when it is not given."""
+        assert self.num_heads is not None, "ModelConfig.__post_init__ sets num_heads"
+        return self.num_heads
+
+    @property
+    def caption_dim(self) -> int:
+        """``text_dim``, which ``validate`` requires of a caption-conditioned config (cond='text')."""
+        if self.text_dim is None:
+            raise ValueError(f"cond={self.cond!r}: this network takes no captions (text_dim is not set)")
+        return self.text_dim
 
     @property
     def repa(self) -> bool:
@@ -91,7 +117,8 @@ class ModelConfig:
         if self.width <= 0 or self.width % 4 != 0:
             # the 2-D sin-cos position embedding splits width into 4 equal sin/cos blocks
             raise ValueError(f"width={self.width} must be a positive multiple of 4")
-        if self.head_dim * self.num_heads != self.width:
+        head_dim, num_heads = self.head_dim, self.num_heads
+        if head_dim is None or num_heads is None or head_dim * num_heads != self.width:
             raise ValueError(
                 f"head_dim={self.head_dim} x num_heads={self.num_heads} does not equal width={self.width}"
             )
@@ -146,16 +173,16 @@ class ModelConfig:
 
     def rae_config(self) -> DDTConfig | LightningDiTConfig:
         """The DDTConfig / LightningDiTConfig of an RAE network (``stages.core.model.network`` builds it)."""
-        common = dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
-                      mlp_ratio=self.mlp_ratio, class_dropout_prob=RAE_NULL_ROW,
-                      num_classes=self.num_classes if self.cond == "class" else 1)  # unconditional: one label, 0
+        common = _RAEShape(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                           mlp_ratio=self.mlp_ratio, class_dropout_prob=RAE_NULL_ROW,
+                           num_classes=self.num_classes if self.cond == "class" else 1)  # unconditional: one label, 0
         if self.arch == "dit-dh":
             if min(self.head_width, self.head_depth, self.head_heads) < 1:
                 raise ValueError("arch 'dit-dh' needs its head's width, depth and heads (a DiTDH-* preset sets them)")
             return DDTConfig(hidden_size=(self.width, self.head_width), depth=(self.depth, self.head_depth),
-                             num_heads=(self.num_heads, self.head_heads), preset=self.preset, **common)
+                             num_heads=(self.heads, self.head_heads), preset=self.preset, **common)
         if self.arch == "lightning-dit":
-            return LightningDiTConfig(hidden_size=self.width, depth=self.depth, num_heads=self.num_heads, **common)
+            return LightningDiTConfig(hidden_size=self.width, depth=self.depth, num_heads=self.heads, **common)
         raise ValueError(f"arch={self.arch!r} is not one of RAE's networks {RAE_ARCHS}")
 
     @classmethod

@@ -124,6 +124,8 @@ class DecoderLayer(nn.Module):
 
 
 class RAEDecoder(nn.Module):
+    decoder_pos_embed: Tensor
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config

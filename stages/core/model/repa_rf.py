@@ -103,9 +103,10 @@ class Block(nn.Module):
         self.norm3 = RMSNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
-        nn.init.zeros_(self.adaLN_modulation[1].weight)
-        nn.init.zeros_(self.adaLN_modulation[1].bias)
+        modulation = nn.Linear(width, 9 * width)
+        nn.init.zeros_(modulation.weight)
+        nn.init.zeros_(modulation.bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), modulation)
 
     def forward(self, x: Tensor, context: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
         (shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca,
@@ -131,15 +132,16 @@ class RepaRFDiT(nn.Module):
         self.patch_embed = PatchEmbed(c, w, p)
         self.time_embed = nn.Sequential(nn.Linear(w, 4 * w), nn.SiLU(), nn.Linear(4 * w, w))
         self.blocks = nn.ModuleList(
-            Block(w, config.num_heads, config.mlp_ratio, config.text_dim) for _ in range(config.depth)
+            Block(w, config.heads, config.mlp_ratio, config.caption_dim) for _ in range(config.depth)
         )
         self.repa_transforms = nn.ModuleList(
             nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, d)) for d in config.repa_dims
         )
-        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
+        final_modulation = nn.Linear(w, 2 * w)
+        self.final_modulation = nn.Sequential(nn.SiLU(), final_modulation)
         self.final_norm = RMSNorm(w)
         self.final_proj = nn.Linear(w, p * p * c)
-        for zeroed in (self.final_modulation[1], self.final_proj):
+        for zeroed in (final_modulation, self.final_proj):
             nn.init.zeros_(zeroed.weight)
             nn.init.zeros_(zeroed.bias)
 
@@ -149,7 +151,7 @@ class RepaRFDiT(nn.Module):
 
     def null_text(self, batch_size: int, seq_len: int = 1) -> tuple[Tensor, Tensor]:
         """The seed trained no null caption; an all-zero caption stands in for one when asked for (CFG)."""
-        tokens = self.final_proj.weight.new_zeros(batch_size, seq_len, self.config.text_dim)
+        tokens = self.final_proj.weight.new_zeros(batch_size, seq_len, self.config.caption_dim)
         return tokens, torch.ones(batch_size, seq_len, dtype=torch.bool, device=tokens.device)
 
     def unpatchify(self, x: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stages.core.diffusion.family import ConvProjector
-from stages.core.model.dit_init import zero_modulations_and_output
+from stages.core.model.dit_init import init_patch_embedding, init_time_mlp, zero_modulations_and_output
 from stages.core.model.model_config import ModelConfig
 
 #################################################################################
@@ -85,7 +85,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(t_freq.to(cast(nn.Linear, self.mlp[0]).weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -206,6 +206,9 @@ class SiTBlock(nn.Module):
     block starts as the identity.
     """
 
+    norm_cross: nn.LayerNorm | None
+    cross_attn: CrossAttention | None
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross_attention: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -228,7 +231,7 @@ class SiTBlock(nn.Module):
         mods = self.adaLN_modulation(c).chunk(self.num_modulations, dim=-1)
         shift_msa, scale_msa, gate_msa = mods[:3]
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        if self.cross_attn is not None:
+        if self.norm_cross is not None and self.cross_attn is not None:  # both or neither
             shift_xa, scale_xa, gate_xa = mods[3:6]
             queries = modulate(self.norm_cross(x), shift_xa, scale_xa)
             x = x + gate_xa.unsqueeze(1) * self.cross_attn(queries, context, context_mask)
@@ -271,6 +274,10 @@ class SiT(nn.Module):
     # Where inputs enter (patches, captions, labels): muP-style parameter groups keep their lr unscaled.
     input_params = ("x_embedder.", "caption_embedder.proj.", "y_embedder.", "cls_projectors2.")
 
+    pos_embed: Tensor
+    cls_projectors2: nn.Linear | None
+    wg_norm: nn.LayerNorm | None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()  # configs are mutable dataclasses; re-check what was changed after construction
@@ -281,7 +288,7 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, hidden)
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = LabelEmbedder(config.num_classes, hidden) if config.cond == "class" else None
-        self.caption_embedder = CaptionEmbedder(config.text_dim, hidden) if config.cond == "text" else None
+        self.caption_embedder = CaptionEmbedder(config.caption_dim, hidden) if config.cond == "text" else None
         # fixed, so a buffer; persistent so a model built on the meta device loads it from a checkpoint
         grid = config.input_size // config.patch_size
         pos_embed = sincos_pos_embed_2d(hidden, grid)
@@ -295,7 +302,7 @@ class SiT(nn.Module):
         self.register_buffer("pos_embed", pos_embed.unsqueeze(0))
 
         self.blocks = nn.ModuleList(
-            SiTBlock(hidden, config.num_heads, config.mlp_ratio, cross_attention=config.cond == "text")
+            SiTBlock(hidden, config.heads, config.mlp_ratio, cross_attention=config.cond == "text")
             for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(hidden, config.patch_size, config.in_channels, config.class_token_dim)
@@ -325,12 +332,8 @@ class SiT(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(_basic_init)
-        # the patch embedding is a linear map over flattened patches, so init it like one
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_patch_embedding(self.x_embedder.proj)
+        init_time_mlp(self.t_embedder.mlp)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         if self.caption_embedder is not None:
@@ -368,7 +371,7 @@ class SiT(nn.Module):
         class_token_dim), the noised class token, and its projected tokens are [class token, patch tokens].
         """
         tokens = self.x_embedder(x)
-        if self.cls_projectors2 is not None:
+        if self.cls_projectors2 is not None and self.wg_norm is not None:  # REG's, both or neither
             if cls_token is None:
                 raise ValueError("this model denoises a class token too (REG): pass the noised cls_token")
             cls = self.wg_norm(self.cls_projectors2(cls_token.to(self.cls_projectors2.weight.dtype)))
@@ -406,9 +409,10 @@ class SiT(nn.Module):
         if not self.config.extra_outputs:
             return self.unpatchify(self.final_layer(tokens, c)), cast(list[Tensor], projected)
         cls_velocity = None
-        if self.leading:
+        linear_cls = self.final_layer.linear_cls
+        if linear_cls is not None:  # REG's head, there exactly when self.leading is 1
             tokens = self.final_layer.modulated(tokens, c)
-            cls_velocity = self.final_layer.linear_cls(tokens[:, 0])
+            cls_velocity = linear_cls(tokens[:, 0])
             out = self.final_layer.linear(tokens[:, self.leading:])
         else:
             out = self.final_layer(tokens, c)
