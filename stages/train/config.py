@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cache_schema.format.layout import FIRST_TARGET
 from stages.core.diffusion.family_settings import PROJECTOR_TYPES, TARGET_NORMS, FamilySettings
@@ -22,6 +23,16 @@ LR_SCHEDULES = ("constant", "cosine", "repa-rf-cosine", "linear-decay")
 PARAM_GROUPS = ("uniform", "repa-rf-mup")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+
+T = TypeVar("T")
+
+
+def implied(value: T | None) -> T:
+    """An option that --method sets unless it is given (``repa_lambda``, ``class_token_weight``, ...):
+    ``TrainConfig.__post_init__`` fills it in for every valid --method, and ``check()`` refuses the others
+    before any of them is read."""
+    assert value is not None, "an option of --method read before the method was expanded"
+    return value
 
 
 @dataclass(frozen=True)
@@ -256,27 +267,28 @@ class TrainConfig:
         if not isinstance(self.method, str):
             return  # check() names the bad value
         try:
-            implied = method_settings(self.method, self.depth or MODEL_PRESETS.get(self.model or "", {}).get("depth"))
+            settings = method_settings(self.method, self.depth or MODEL_PRESETS.get(self.model or "", {}).get("depth"))
         except UsageError:
             return  # check() repeats it in one line
-        for name, value in implied.items():
+        for name, value in settings.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
     def family(self, step: int | None = None) -> FamilySettings:
         """What the method adds to REPA's objective at (1-based) ``step``; without a step, every addition."""
-        return FamilySettings(class_token_weight=self.class_token_weight, target_norm=self.target_norm,
-                              zscore_alpha=self.zscore_alpha, dispersive_lambda=self.dispersive_lambda,
-                              dispersive_tau=self.dispersive_tau,
+        return FamilySettings(class_token_weight=implied(self.class_token_weight),
+                              target_norm=implied(self.target_norm), zscore_alpha=implied(self.zscore_alpha),
+                              dispersive_lambda=implied(self.dispersive_lambda),
+                              dispersive_tau=implied(self.dispersive_tau),
                               align=not (self.align_stop and step is not None and step > self.align_stop))
 
     def check(self) -> None:
         method_parts(self.method)
         self.alignment()
-        if self.dispersive_lambda > 0 and not self.dispersive_layer:
+        if implied(self.dispersive_lambda) > 0 and not self.dispersive_layer:
             raise UsageError(f"--dispersive-lambda {self.dispersive_lambda}: give --dispersive-layer, the block whose "
                              "output it spreads")
-        if self.projector_kernel % 2 == 0:
+        if implied(self.projector_kernel) % 2 == 0:
             raise UsageError(f"--projector-kernel {self.projector_kernel}: must be odd, so the grid keeps its size")
         if self.model is None and (self.width is None or self.depth is None):
             raise UsageError("without --model, give both --width and --depth")
@@ -294,8 +306,9 @@ class TrainConfig:
         if self.diffuse_stats is not None and not self.diffuse:
             raise UsageError("--diffuse-stats normalises the tokens of --diffuse TARGET; give --diffuse or drop it")
         if self.diffuse:
-            extras = {"--repa-lambda": self.repa_lambda, "--class-token-weight": self.class_token_weight,
-                      "--dispersive-lambda": self.dispersive_lambda}
+            extras = {"--repa-lambda": implied(self.repa_lambda),
+                      "--class-token-weight": implied(self.class_token_weight),
+                      "--dispersive-lambda": implied(self.dispersive_lambda)}
             given = next((flag for flag, value in extras.items() if value > 0), None)
             if given:
                 raise UsageError(f"--diffuse {self.diffuse}: the model diffuses the target itself, so there is no "

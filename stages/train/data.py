@@ -284,6 +284,12 @@ class CacheBatchDataset(Dataset):
 # on timing: a worker that finds no free slot reads into fresh shared memory instead.
 _SLOT_KEY = "_slot"
 _FREE, _LENT = 0, 1
+# A batch as a worker sends it: the Batch, and under _SLOT_KEY (worker, slot) of the memory it was read into.
+SlottedBatch = dict[str, torch.Tensor | tuple[int, int]]
+
+
+def _with_slot(batch: Batch, worker: int, slot: int) -> SlottedBatch:
+    return {**batch, _SLOT_KEY: (worker, slot)}
 
 
 class _SlottedDataset(Dataset):
@@ -297,14 +303,15 @@ class _SlottedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitems__(self, ids) -> Batch:
-        worker = get_worker_info().id
+    def __getitems__(self, ids) -> SlottedBatch:
+        info = get_worker_info()
+        assert info is not None  # read only in the loader's worker processes (make_loader)
+        worker = info.id
         row = self.flags[worker].numpy()
         free = np.flatnonzero(row == _FREE)
         if len(free) == 0:
-            batch = self.dataset.fetch(ids, lambda name, shape, dtype: _shared_tensor(shape, dtype))
-            batch[_SLOT_KEY] = (worker, -1)
-            return batch
+            return _with_slot(self.dataset.fetch(ids, lambda name, shape, dtype: _shared_tensor(shape, dtype)),
+                              worker, -1)
         slot = int(free[0])
         row[slot] = _LENT
         while len(self._buffers) <= slot:
@@ -314,8 +321,7 @@ class _SlottedDataset(Dataset):
         except BaseException:  # the error goes to the main process; the slot was never handed out
             row[slot] = _FREE
             raise
-        batch[_SLOT_KEY] = (worker, slot)
-        return batch
+        return _with_slot(batch, worker, slot)
 
     def _slot_tensor(self, slot: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buffers = self._buffers[slot]
@@ -409,7 +415,10 @@ def make_loader(
     workers, batches arrive in recycled shared memory (``RecyclingLoader``).
     """
     if num_workers == 0:
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_whole_batch, pin_memory=pin_memory)
+        # torch's stubs type a batch_sampler's batches as lists and collate_fn's input as a list of samples;
+        # DataLoader hands each ndarray batch to __getitems__ and what that returns to collate_fn unchanged
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_whole_batch,  # type: ignore[arg-type]
+                          pin_memory=pin_memory)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # no effect once the server runs; it has them then
     # prefetch_factor batches queued per worker, one with the consumer, one awaiting release.

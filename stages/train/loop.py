@@ -15,9 +15,11 @@ import copy
 import json
 import os
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -43,7 +45,7 @@ from stages.core.runtime.cuda_settings import fast_cuda_math
 from stages.core.runtime.progress import progress_bar
 from stages.core.runtime.threads import set_threads
 
-from .config import Alignment, TrainConfig
+from .config import Alignment, TrainConfig, implied
 from .draws import StepDraws, draw_step
 from .metrics import TrainWindow, append_metrics, tracker_values, write_curves
 from .optim import make_optimizer
@@ -52,6 +54,9 @@ from .setup import check_flip, lock_run_dir, prepare_run_dir
 from .start import Feeds, RunData, diffusion_variable, feeds, plan_data, record_start, resume
 from .stopping import TrainStop
 from .trackers import check_trackers, log_image, make_trackers, start_trackers, tracker_config
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 #################################################################################
 #                                    Helpers                                    #
@@ -72,7 +77,7 @@ def resolve_precision(name: str) -> str:
     return name
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     from accelerate import Accelerator
 
     accelerator = Accelerator(
@@ -86,7 +91,7 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws, repa_lambda: float, variable,
-               targets: list[str] = ("dino",), lambdas: list[float] | None = None,
+               targets: Sequence[str] = ("dino",), lambdas: list[float] | None = None,
                family: FamilySettings | None = None):
     """Forward one micro-batch: (loss, per-sample denoise loss, per-sample REPA cosine, t); the last three detached.
 
@@ -103,7 +108,7 @@ def micro_step(forward, conditioner: Conditioner, batch: dict, draws: StepDraws,
     return terms.total(repa_lambda, lambdas), terms.denoise.detach(), terms.cosine(), draws.t
 
 
-def optimizer_update(accelerator, model, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+def optimizer_update(accelerator: Accelerator, model, optimizer, scheduler, grad_clip: float) -> torch.Tensor:
     """Clip, step, schedule, zero; returns the gradient norm before clipping."""
     if grad_clip > 0:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
@@ -120,19 +125,20 @@ class Trainer:
     """What one optimizer step needs; ``step`` runs it (accumulation, update, EMA, metrics)."""
 
     cfg: TrainConfig
-    accelerator: object
+    accelerator: Accelerator
     model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped on several processes)
     forward: object  # the model, compiled or not
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     conditioner: Conditioner
     latent: dict  # the diffused latent's shape: channels, size
     window: TrainWindow
     param_table: list[dict]  # lr and weight decay of every parameter
     nonfinite: torch.Tensor | None = None  # on the device: set once a loss or gradient norm was not finite
     cls_dim: int | None = None  # REG: the width of the class token it denoises (its path noise is a step draw)
-    variable: object = None  # what is diffused (stages.core.diffusion.diffusion_variable); None: the VAE latents
+    # what is diffused (stages.core.diffusion.diffusion_variable); None: the VAE latents
+    variable: VaeLatents | TargetTokens | None = None
     alignment: Alignment | None = None  # the config's, parsed once (None: parsed here)
 
     def __post_init__(self) -> None:
@@ -155,20 +161,22 @@ class Trainer:
     def step(self, step: int, batches) -> None:
         """One optimizer step on the next ``grad_accum`` micro-batches of ``batches``: this process's pieces of
         the global batch (``EpochBatchSampler``), each with its rows of the step's draws."""
-        cfg, device = self.cfg, self.accelerator.device
+        cfg, device, variable, alignment = self.cfg, self.accelerator.device, self.variable, self.alignment
+        assert variable is not None and alignment is not None  # __post_init__ sets both
         accum, world, rank = cfg.grad_accum, self.accelerator.num_processes, self.accelerator.process_index
+        assert accum is not None  # build_trainer resolves it
         family = cfg.family(step)
-        posterior = self.variable.posterior
+        targets = list(alignment.targets)
+        lambdas = None if alignment.lambdas is None else list(alignment.lambdas)
         draws = draw_step(cfg.seed, step, cfg.batch_size // cfg.batch_multiplicity, cfg.batch_multiplicity,
                           self.latent, cfg.time_sampling, self.conditioner, device,
-                          cls_dim=self.cls_dim if family.class_token else None, posterior=posterior,
-                          time_shift=None if posterior else self.variable.shift)
+                          cls_dim=self.cls_dim if family.class_token else None, posterior=variable.posterior,
+                          time_shift=variable.shift if isinstance(variable, TargetTokens) else None)
         for m in range(accum):
             piece = draws.piece(rank, m, world, accum)
             with nullcontext() if m == accum - 1 else self.accelerator.no_sync(self.model):
                 loss, denoise, cos, t = micro_step(self.forward, self.conditioner, next(batches), piece,
-                                                   cfg.repa_lambda, self.variable, list(self.alignment.targets),
-                                                   self.alignment.lambdas, family)
+                                                   implied(cfg.repa_lambda), variable, targets, lambdas, family)
                 self.accelerator.backward(loss / accum)
             self.window.add_micro_batch(loss, denoise, cos, t, 1.0 / accum)
             self._flag(loss)
@@ -182,7 +190,7 @@ class Trainer:
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
 
 
-def build_trainer(cfg: TrainConfig, accelerator, model_cfg, cond: str, latent: dict, variable=None,
+def build_trainer(cfg: TrainConfig, accelerator: Accelerator, model_cfg, cond: str, latent: dict, variable=None,
                   alignment: Alignment | None = None) -> Trainer:
     """A fresh model (seeded), its EMA, optimizer and schedule, prepared by accelerate. ``cfg.grad_accum``
     None (not derived by ``split_batch``): one micro-batch per step. ``variable``: what is diffused (default:
@@ -259,10 +267,10 @@ def peak_memory(device: torch.device) -> dict:
 class Logbook:
     """Where the main process sends numbers: metrics.jsonl, curves.png, the trackers and the progress bar."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, start_step: int):
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, start_step: int):
         self.run_dir, self.accelerator = Path(cfg.run_dir), accelerator
         self.main = accelerator.is_main_process
-        self.repa = cfg.repa_lambda > 0
+        self.repa = implied(cfg.repa_lambda) > 0
         self.bar = progress_bar(total=cfg.steps, initial=start_step, unit="step", disable=not self.main,
                                 dynamic_ncols=True, desc="train")
 
@@ -327,7 +335,7 @@ def run_train(cfg: TrainConfig, log=print) -> TrainResult:
                 lock.close()
 
 
-def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None = None) -> TrainResult:
+def train(cfg: TrainConfig, manifest, accelerator: Accelerator, log, stop: TrainStop | None = None) -> TrainResult:
     set_threads(cfg.threads, cfg.num_workers)
     check_flip(cfg, manifest)
     resume_path = prepare_run_dir(cfg, accelerator.is_main_process)
@@ -336,10 +344,12 @@ def train(cfg: TrainConfig, manifest, accelerator, log, stop: TrainStop | None =
     cfg = data.cfg
     variable = diffusion_variable(data, manifest, ckpt, accelerator, log)
     trainer = build_trainer(cfg, accelerator, data.model_cfg, data.cond, manifest.latent, variable, data.alignment)
-    if cfg.class_token_weight > 0:  # REG denoises the first target's class token
+    if cfg.family().class_token:  # REG denoises the first target's class token
         first = data.alignment.targets[0]
         trainer.cls_dim = int((manifest.dino if first == "dino" else manifest.targets[first])["dim"])
-    start_step = resume(trainer, ckpt, resume_path, data, manifest, log) if ckpt is not None else 0
+    start_step = 0
+    if ckpt is not None and resume_path is not None:
+        start_step = resume(trainer, ckpt, resume_path, data, manifest, log)
     del ckpt
     if start_step >= cfg.steps:  # a finished run, rerun: nothing to do, nothing touched
         if accelerator.is_main_process:

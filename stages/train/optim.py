@@ -47,7 +47,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
         groups.setdefault((row["lr"], row["weight_decay"]), []).append(params[row["name"]])
     optimizer = torch.optim.AdamW(
         [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-        lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay, fused=device.type == "cuda",
+        lr=cfg.lr, betas=(cfg.adam_betas[0], cfg.adam_betas[1]), weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg)), table
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from stages.core.runtime.progress import progress_bar
 from .config import TrainConfig
 from .data import CacheBatchDataset
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 STATS_FILE = "stat.pt"
 STATS_INFO = "stat.json"
 STATS_BATCH = 256
@@ -32,12 +36,14 @@ STATS_BATCH = 256
 
 def diffused_target(cfg: TrainConfig, manifest: Manifest) -> dict:
     """The manifest record of --diffuse's target, after checking RAE's latent can be made from it."""
+    assert cfg.diffuse  # called for a --diffuse run only
     return token_target(manifest, cfg.cache, cfg.diffuse)
 
 
 def token_variable(cfg: TrainConfig, manifest: Manifest, dataset: CacheBatchDataset, train_ids: np.ndarray,
-                   accelerator, log) -> TargetTokens:
+                   accelerator: Accelerator, log) -> TargetTokens:
     """RAE's variable for this run, its statistics loaded or computed (see the module docstring)."""
+    assert cfg.diffuse  # called for a --diffuse run only
     record = diffused_target(cfg, manifest)
     variable = target_tokens(cfg.diffuse, record)
     if accelerator.is_main_process and variable.layernorm is None:

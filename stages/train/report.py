@@ -350,14 +350,14 @@ def _plot_finals(finals, reports: list[RunReport], look: RunStyles) -> None:
 def _plot_bins_relative(bins, reports: list[RunReport], look: RunStyles) -> None:
     """Per t-bin, relative to the mean over runs: the loss spans an order of magnitude across t, ratios do not."""
     width = max((len(r.final_bins) for r in reports), default=0)
-    means = []
+    means: list[float | None] = []
     for j in range(width):
-        vals = [r.final_bins[j] for r in reports if j < len(r.final_bins) and r.final_bins[j] is not None]
+        vals = [b for b in (r.final_bins[j] for r in reports if j < len(r.final_bins)) if b is not None]
         means.append(sum(vals) / len(vals) if vals else None)
     ratios = []
     for r, style in zip(reports, look.styles, strict=True):
-        pts = [((j + 0.5) / len(r.final_bins), b / means[j]) for j, b in enumerate(r.final_bins)
-               if b is not None and means[j]]
+        pts = [((j + 0.5) / len(r.final_bins), b / mean) for j, b in enumerate(r.final_bins)
+               if b is not None and (mean := means[j])]
         if pts:
             bins.plot(*zip(*pts, strict=True), ms=3, lw=1.2, **style)
             ratios += [y for _, y in pts]

@@ -23,7 +23,7 @@ from stages.core.files.checkpoint import latest_checkpoint, list_checkpoints
 from stages.core.model.model_config import DEFAULT_HEAD_DIM, RAE_ARCHS, ModelConfig
 from stages.core.model.model_presets import MODEL_PRESETS
 
-from .config import TrainConfig, resume_differences
+from .config import TrainConfig, implied, resume_differences
 from .methods import family_model_fields
 
 
@@ -115,7 +115,7 @@ def ddt_head(cfg: TrainConfig, preset: dict, head_dim: int | None) -> dict:
 
 def repa_on(cfg: TrainConfig) -> bool:
     lambdas = cfg.lambdas()
-    return cfg.repa_lambda > 0 and (lambdas is None or max(lambdas) > 0)
+    return implied(cfg.repa_lambda) > 0 and (lambdas is None or max(lambdas) > 0)
 
 
 def check_targets(cfg: TrainConfig, manifest: Manifest) -> list[str]:
@@ -168,7 +168,7 @@ def saved_micro_batch(ckpt: dict | None, world: int) -> int | None:
     """Rows per process and micro-batch of the run that wrote ``ckpt`` (None: unknown). A checkpoint
     from before runs recorded their process count is taken to come from ``world`` processes."""
     config = (ckpt or {}).get("config", {})
-    if "batch_size" not in config:  # no checkpoint, or not one of `repa train` (check_resume names it)
+    if ckpt is None or "batch_size" not in config:  # no checkpoint, or not one of `repa train` (check_resume names it)
         return None
     return config["batch_size"] // (ckpt.get("processes", world) * (config.get("grad_accum") or 1))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -29,6 +30,20 @@ from .rae_tokens import diffused_target, token_variable
 from .setup import build_model_config, check_resume, resolve_cond, select_training, split_batch, training_parts
 from .validation import Validator
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+class DatasetNeeds(TypedDict, total=False):
+    """What the run's datasets read (``CacheBatchDataset``'s keyword arguments), the same for a --val-cache."""
+
+    need_dino: bool
+    need_text: bool
+    need_label: bool
+    targets: list[str]
+    class_tokens: bool
+    need_moments: bool
+
 
 @dataclass
 class RunData:
@@ -47,7 +62,7 @@ class RunData:
     first_epoch: EpochBatchSampler  # the order of the run's first epoch: where a resumed run finds its place
 
 
-def plan_data(cfg: TrainConfig, manifest, accelerator, ckpt: dict | None) -> RunData:
+def plan_data(cfg: TrainConfig, manifest, accelerator: Accelerator, ckpt: dict | None) -> RunData:
     """Conditioning, model shape, split and datasets, all from the cache (and the checkpoint, when resuming)."""
     world = accelerator.num_processes
     parts = training_parts(cfg, manifest, ckpt)
@@ -60,14 +75,15 @@ def plan_data(cfg: TrainConfig, manifest, accelerator, ckpt: dict | None) -> Run
         shape = (record["dim"], *record["grid"])
     model_cfg = build_model_config(cfg, manifest, cond, labels, shape)
     alignment = cfg.alignment()
-    cfg = replace(cfg, grad_accum=split_batch(cfg, world, ckpt))
-    micro = cfg.batch_size // (world * cfg.grad_accum)
+    grad_accum = split_batch(cfg, world, ckpt)
+    cfg = replace(cfg, grad_accum=grad_accum)
+    micro = cfg.batch_size // (world * grad_accum)
     train_ids, val_ids = split_cache(reader, cfg.val_fraction)
     train_ids = select_training(cfg, reader, train_ids)
-    needs = dict(need_dino=model_cfg.repa, need_text=cond == "text", need_label=cond == "class",
-                 targets=list(alignment.targets), class_tokens=cfg.class_token_weight > 0)
+    needs = DatasetNeeds(need_dino=model_cfg.repa, need_text=cond == "text", need_label=cond == "class",
+                         targets=list(alignment.targets), class_tokens=cfg.family().class_token)
     if cfg.diffuse:
-        needs.update(need_dino=True, targets=[cfg.diffuse], need_moments=False)
+        needs.update(DatasetNeeds(need_dino=True, targets=[cfg.diffuse], need_moments=False))
     # Validation reads the training dataset unflipped.
     dataset = CacheBatchDataset(cfg.cache, parts=list(parts), flips=cfg.flip, index=reader.index_arrays(), **needs)
     val_dataset = dataset
@@ -76,16 +92,17 @@ def plan_data(cfg: TrainConfig, manifest, accelerator, ckpt: dict | None) -> Run
     try:
         first_epoch = EpochBatchSampler(train_ids, micro // cfg.batch_multiplicity, cfg.seed, accelerator.process_index,
                                         world, name=f"the training split of {cfg.cache}", flip=cfg.flip,
-                                        grad_accum=cfg.grad_accum)
+                                        grad_accum=grad_accum)
     except ValueError as e:
         raise UsageError(f"--batch-size {cfg.batch_size}: {e}") from None
     return RunData(cfg, parts, cond, model_cfg, alignment, micro, train_ids, val_ids, dataset, val_dataset,
                    first_epoch)
 
 
-def validation_cache(cfg: TrainConfig, manifest, needs: dict,
+def validation_cache(cfg: TrainConfig, manifest, needs: DatasetNeeds,
                      alignment: Alignment) -> tuple[CacheBatchDataset, np.ndarray]:
     """The --val-cache dataset and its ids; it must hold features made exactly as the training cache's."""
+    assert cfg.val_cache is not None  # called for a --val-cache only
     val_manifest = read_manifest(cfg.val_cache)
     if val_manifest.fingerprint != manifest.fingerprint:
         diff = "; ".join(settings_diff(manifest.settings, val_manifest.settings)) or "fingerprint"
@@ -100,7 +117,8 @@ def validation_cache(cfg: TrainConfig, manifest, needs: dict,
     return dataset, np.arange(len(dataset), dtype=np.int64)
 
 
-def diffusion_variable(data: RunData, manifest, ckpt: dict | None, accelerator, log) -> TargetTokens | None:
+def diffusion_variable(data: RunData, manifest, ckpt: dict | None, accelerator: Accelerator,
+                       log) -> TargetTokens | None:
     """RAE's token variable of a --diffuse run (its statistics: the checkpoint's, else loaded or computed);
     None: the VAE latents."""
     if not data.cfg.diffuse:
@@ -150,7 +168,7 @@ def feeds(data: RunData, trainer, manifest, start_step: int) -> Feeds:
         truncate_metrics(cfg.run_dir, start_step)
     sampler = EpochBatchSampler(data.train_ids, data.micro // cfg.batch_multiplicity, cfg.seed, rank, world,
                                 start=data.first_epoch.position_after(start_step), flip=cfg.flip,
-                                grad_accum=cfg.grad_accum)
+                                grad_accum=data.first_epoch.grad_accum)
     # Under torch.compile captions are padded to the cache's maximum, so every step has the same shapes.
     text_length = manifest.settings.get("max_text_tokens") if cfg.compile and data.cond == "text" else None
     batches = DevicePrefetcher(iter(make_loader(data.dataset, sampler, cfg.num_workers,

@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from stages.core.files.checkpoint import checkpoint_path
 from stages.core.runtime.stop import Interrupted, StopSignals, parse_signals, signal_name
 
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.distributed import ProcessGroup
+
 
 class TrainStop:
-    def __init__(self, cfg):
+    def __init__(self, cfg: TrainConfig) -> None:
         self.run_dir, self.steps = Path(cfg.run_dir), cfg.steps
         self.main = os.environ.get("RANK", "0") == "0"
         self.last_checkpoint: int | None = None  # the newest checkpoint on disk, kept up to date by the loop
         self.signals = StopSignals(parse_signals(cfg.stop_signals), self._at_once, graceful=True)
-        self.group = None
+        self.group: ProcessGroup | None = None  # the vote's (gloo); None: one process
         self.world = 1
 
-    def join(self, accelerator) -> None:
+    def join(self, accelerator: Accelerator) -> None:
         """Set up the vote (every process, at the same point)."""
         self.world = accelerator.num_processes
         if self.world > 1:

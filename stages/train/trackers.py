@@ -17,11 +17,15 @@ import json
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cache_schema.storage.fsutil import atomic_write_json
 from stages.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 TRACKER_FILE = "trackers.json"
 TENSORBOARD_DIR = "tb"
@@ -150,7 +154,7 @@ def tracker_config(cfg, parameters: int, fingerprint: str) -> dict:
     return {**config, "parameters": parameters, "cache_fingerprint": fingerprint}
 
 
-def start_trackers(accelerator, cfg, config: dict, start_step: int = 0) -> None:
+def start_trackers(accelerator: Accelerator, cfg, config: dict, start_step: int = 0) -> None:
     """Start the trackers (main process) with ``config`` as hyperparameters; record the wandb run id.
     Resumed from ``start_step``, tensorboard drops the points it holds after that step (they are logged again)."""
     if not accelerator.log_with:
@@ -166,7 +170,7 @@ def start_trackers(accelerator, cfg, config: dict, start_step: int = 0) -> None:
                                                                      "wandb_project": cfg.tracker_project})
 
 
-def log_image(accelerator, key: str, image: np.ndarray, step: int) -> None:
+def log_image(accelerator: Accelerator, key: str, image: np.ndarray, step: int) -> None:
     """One (H, W, 3) uint8 image to every tracker (main process)."""
     if not accelerator.is_main_process:
         return

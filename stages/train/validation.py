@@ -7,6 +7,8 @@ the same problems, whatever their seed, batch size or number of processes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -24,7 +26,7 @@ VAL_SEED = 20241009
 class Validator:
     def __init__(self, dataset: CacheBatchDataset, val_ids: np.ndarray, max_samples: int, batch_size: int,
                  latent: dict, rank: int, world_size: int, device: torch.device, repa: bool = True,
-                 targets: list[str] = ("dino",), family: FamilySettings | None = None, variable=None):
+                 targets: Sequence[str] = ("dino",), family: FamilySettings | None = None, variable=None):
         """``variable``: what is diffused (``stages.core.diffusion.diffusion_variable``; default: the VAE latents of
         ``latent``)."""
         ids = np.asarray(val_ids)[:max_samples]
