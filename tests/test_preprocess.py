@@ -114,6 +114,13 @@ def test_caption_from_txt_or_json_and_label_from_cls():
     assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8
 
 
+def test_sample_without_key_is_skipped_not_stored_under_none():
+    data = _encode(Image.new("RGB", (80, 80), (1, 2, 3)), "PNG")
+    out = prepare_sample({"png": data, "txt": b"a caption"}, 64, 10**8, True)
+    assert isinstance(out, Skipped) and out.key is None
+    assert out.reason.split(":")[0] == "missing-key"
+
+
 def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     """Resampling matrix of the cubic-convolution kernel (Keys, a=-0.75), half-pixel centres, edge clamp."""
 

@@ -57,7 +57,7 @@ def check_target_name(name: str, manifest: Manifest) -> str:
     return name
 
 
-def target_entry(name: str, enc: TargetEncoder, cfg: EncodeConfig, manifest: Manifest, dtype: str) -> dict:
+def target_entry(name: str, enc: TargetEncoder, manifest: Manifest, dtype: str) -> dict:
     """The manifest entry of target ``name``: settings (in its fingerprint), geometry, fields, where from."""
     codec = manifest.codec
     settings = {"model": enc.identity(), "preprocess": enc.preprocess, "crop": manifest.settings["crop"],
@@ -68,7 +68,7 @@ def target_entry(name: str, enc: TargetEncoder, cfg: EncodeConfig, manifest: Man
     fields = target_fields(name, enc.tokens, enc.dim, codec, enc.class_tokens, manifest.flips)
     entry = {"settings": settings, "fingerprint": target_fingerprint(settings), **enc.info(),
              "fields": {n: field_to_json(f) for n, f in fields.items()},
-             "encoder": ModelSource(cfg.target_model).to_json()}
+             "encoder": enc.src.to_json()}
     layernorm = enc.final_layernorm()
     if layernorm is not None:  # RAE's latent is DINOv2's tokens without this affine part (docs/rae.md)
         entry["layernorm"] = layernorm
@@ -145,6 +145,8 @@ def _encode_batch(enc: TargetEncoder, name: str, images: torch.Tensor, codec: st
 
 
 def run_add_target(cfg: EncodeConfig, log=print):
+    # run_encode calls this for --add-target only, after check(cfg) refused --add-target without --target-model
+    assert cfg.add_target is not None and cfg.target_model is not None
     cache = Path(cfg.cache)
     manifest = read_manifest(cache)
     name = check_target_name(cfg.add_target, manifest)
@@ -162,13 +164,14 @@ def run_add_target(cfg: EncodeConfig, log=print):
     enc = TargetEncoder(ModelSource(cfg.target_model), manifest.settings["resolution"], manifest.dino["grid"][0],
                         device, process.dtype, cfg.class_tokens, cfg.target_input_size, manifest.dino.get("pos_embed",
                                                                                                   "antialias-once"))
-    entry = target_entry(name, enc, cfg, manifest, dtype_name)
+    entry = target_entry(name, enc, manifest, dtype_name)
     root = target_dir(cache, name)
+    assert isinstance(root, Path)  # a local cache: refuse_on_object_storage turned --add-target on S3 away
     if main:
         start_target(cache, name, entry)
     state.wait_for_everyone()
-    done = {r["name"]: r for r in read_records(root, unreadable={})}  # an unreadable record: not committed
-    todo = [p for p in manifest.parts if target_part_problem(p, done.get(p["name"])) is not None]
+    committed = {r["name"]: r for r in read_records(root, unreadable={})}  # an unreadable record: not committed
+    todo = [p for p in manifest.parts if target_part_problem(p, committed.get(p["name"])) is not None]
     shards = locate_sources(cfg, todo)
     mine_parts = todo[state.process_index :: state.num_processes]
     owner = Owner.here()

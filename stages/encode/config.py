@@ -161,7 +161,7 @@ class EncodeConfig:
 
     def filter_settings(self) -> dict | None:
         """The filters as the manifest and the fingerprint record them (rules canonical, sorted), or None."""
-        out = {}
+        out: dict[str, list[str] | int | float] = {}
         if self.keep:
             out["keep"] = sorted({rule.text for rule in self.sample_filters().keep})
         if self.min_size is not None:

@@ -104,6 +104,7 @@ def refuse_on_object_storage(cfg: EncodeConfig) -> None:
 
 def destination(cfg: EncodeConfig, owner: Owner) -> LocalDestination | S3Destination:
     refuse_on_object_storage(cfg)
-    if not is_s3(cfg.cache):
-        return LocalDestination(Path(cfg.cache))
-    return S3Destination(cache_root(cfg.cache), cfg.staging_dir, owner)
+    root = cache_root(cfg.cache)
+    if isinstance(root, S3Path):
+        return S3Destination(root, cfg.staging_dir, owner)
+    return LocalDestination(root)

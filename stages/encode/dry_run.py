@@ -60,9 +60,10 @@ def filter_estimate(url: str, filters: SampleFilters, limit: int = FILTER_PROBE_
 SIMILARITY_PROBE_SAMPLES = 256  # scored with the similarity model itself: a share to within ~3%
 
 
-def similarity_estimate(cfg: EncodeConfig, url: str, source, limit: int = SIMILARITY_PROBE_SAMPLES) -> tuple[int, int]:
-    """(samples scored, how many score below --min-similarity) over the first samples of a local shard that the
-    other filters keep, scored as the encode would score them (same crop, same model)."""
+def similarity_estimate(cfg: EncodeConfig, url: str, source, threshold: float,
+                        limit: int = SIMILARITY_PROBE_SAMPLES) -> tuple[int, int]:
+    """(samples scored, how many score below ``threshold``, --min-similarity) over the first samples of a local
+    shard that the other filters keep, scored as the encode would score them (same crop, same model)."""
     import torch
 
     from stages.core.encoders.images import Skipped, prepare_sample
@@ -84,7 +85,7 @@ def similarity_estimate(cfg: EncodeConfig, url: str, source, limit: int = SIMILA
     below = 0
     for start in range(0, len(images), cfg.batch_size):
         x = torch.stack(images[start : start + cfg.batch_size]).to(device).permute(0, 3, 1, 2)
-        below += int((model(x, captions[start : start + cfg.batch_size]) < cfg.min_similarity).sum())
+        below += int((model(x, captions[start : start + cfg.batch_size]) < threshold).sum())
     return len(images), below
 
 
@@ -104,7 +105,7 @@ def _filter_lines(cfg: EncodeConfig, url: str, spec) -> tuple[list[str], float]:
     elif active:
         lines.append("filters        not estimated: the first shard is not a local file")
     if cfg.min_similarity is not None and not is_remote(url):
-        scored, below = similarity_estimate(cfg, url, spec.similarity)
+        scored, below = similarity_estimate(cfg, url, spec.similarity, cfg.min_similarity)
         lines.append(f"filters        of the first {scored} samples the other filters keep: --min-similarity "
                      f"{cfg.min_similarity} removes {below} ({below / max(scored, 1):.1%}) (scored with the "
                      "similarity model, the one model a dry run loads)")

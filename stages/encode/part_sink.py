@@ -226,7 +226,7 @@ class PartSink:
     def _rows(self, batch: Batch, host: dict, rows: slice | np.ndarray) -> dict:
         """The rows of one part; a slice of the batch (the usual case) is a view, not a copy."""
         index = range(len(batch))[rows] if isinstance(rows, slice) else rows
-        out = {"key": [batch.keys[i] for i in index]}
+        out: dict[str, list | np.ndarray] = {"key": [batch.keys[i] for i in index]}
         for name in self.fields:
             if name == "source_index":
                 out[name] = np.asarray(batch.indices, dtype=np.int64)[rows]

@@ -132,7 +132,9 @@ def _share(state, obj):
 
 def run_encode(cfg: EncodeConfig, log=print) -> EncodeSummary:
     check(cfg)
-    cfg.cache = cache_root(cfg.cache)
+    # The field is typed as the command line parses it (a Path); from here on it holds the cache's root, an S3Path
+    # on object storage, which everything below that is handed cfg reads.
+    cfg.cache = cache_root(cfg.cache)  # type: ignore[assignment]
     refuse_on_object_storage(cfg)
     if cfg.add_target is not None:
         return run_add_target(cfg, log)
@@ -208,10 +210,14 @@ def _run(cfg: EncodeConfig, dest, owner: Owner, log) -> EncodeSummary:
             ready.record()
         return host, ready
 
+    def release_mine() -> None:
+        for s in mine:
+            dest.claims.release(s.part, owner)
+
     done = run_pass(Pass(
         ShardStream([s.url for s in mine], cfg.batch_size, cfg.resolution, cfg.max_pixels, cfg.jpeg_draft, limit,
                     cfg.sample_filters()),
-        workers, sink, heartbeat, lambda: [dest.claims.release(s.part, owner) for s in mine], encode, total, "encode",
+        workers, sink, heartbeat, release_mine, encode, total, "encode",
         processes=state.num_processes,
         postfix=lambda: {"skipped": sum(sink.stats.skipped.values()) * state.num_processes}), process)
     stats, elapsed = done.stats, done.seconds

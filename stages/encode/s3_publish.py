@@ -70,13 +70,15 @@ def publish_staged(staging: Path, root: S3Path, name: str, claims: ClaimStore, o
     from boto3.s3.transfer import TransferConfig
 
     local = part_path(staging, name)
+    staged = record_path(staging, name)
+    assert isinstance(staged, Path)  # the staging directory is local
     try:
         if record_path(root, name).is_file():
             return False  # checked before uploading, so a finished part's files are never written over
         if not claims.owns(name, owner):
             raise CacheError(f"part {name}: another process took over its claim while this one was writing it "
                              "(stalled past the lease); this copy is discarded")
-        data = record_path(staging, name).read_bytes()
+        data = staged.read_bytes()
         outcome = publish_part(name, local, root, json.loads(data), data, TransferConfig(use_threads=False))
         claims.release(name, owner)
         if outcome == OTHER:  # only after a claim was taken over between the checks above and the record
@@ -85,4 +87,4 @@ def publish_staged(staging: Path, root: S3Path, name: str, claims: ClaimStore, o
         return outcome == COMMITTED
     finally:
         shutil.rmtree(local, ignore_errors=True)
-        record_path(staging, name).unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)

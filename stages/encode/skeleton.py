@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,12 +20,15 @@ from stages.core.runtime.progress import progress_bar
 from .part_sink import PartSink, SinkStats, feeding
 from .source import Batch, ShardStream
 
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass
 class Process:
-    state: object  # accelerate's PartialState
+    state: PartialState
     device: torch.device
     dtype: torch.dtype
 
@@ -76,8 +80,9 @@ def run_pass(p: Pass, process: Process) -> PassResult:
     )
     bar = progress_bar(total=p.total, unit="img", disable=not process.main, dynamic_ncols=True, desc=p.desc)
     start = time.perf_counter()
-    first = last = None  # arrival of the first batch, submission of the last; images in between
-    steady = 0
+    first: float | None = None  # arrival of the first batch
+    last = start  # submission of the last batch (set with or after first)
+    steady = 0  # images after the first batch
     with feeding(p.sink, bar, p.heartbeat, p.release):
         for batch in loader:
             if first is None and len(batch):

@@ -77,18 +77,26 @@ class TargetTokens:
             tokens = strip_layernorm_affine(tokens, self.layernorm.weight, self.layernorm.bias)
         return tokens_to_latent(tokens)
 
+    @property
+    def loaded_stats(self) -> LatentStats:
+        """The statistics, which are set (at construction or by training) before the variable is normalised."""
+        if self.stats is None:
+            raise ValueError(f"target {self.name}: its latent statistics are not loaded yet")
+        return self.stats
+
     def clean(self, batch: dict, noise: Tensor | None = None) -> Tensor:
-        return self.stats.normalize(self.raw(batch))
+        return self.loaded_stats.normalize(self.raw(batch))
 
     def tokens(self, latent: Tensor) -> Tensor:
         """The model's variable (B, D, h, w) -> tokens (B, h·w, D) for the RAE decoder (affine-free where the
         LayerNorm was known)."""
-        return latent_to_tokens(self.stats.denormalize(latent.float()))
+        return latent_to_tokens(self.loaded_stats.denormalize(latent.float()))
 
     def record(self) -> dict:
         """What a checkpoint keeps of it, so a run samples without its run directory's stat.pt."""
+        stats = self.loaded_stats
         out = {"target": self.name, "dim": self.shape[0], "grid": self.shape[1],
-               "mean": self.stats.mean.detach().cpu(), "var": self.stats.var.detach().cpu(), "eps": self.stats.eps}
+               "mean": stats.mean.detach().cpu(), "var": stats.var.detach().cpu(), "eps": stats.eps}
         if self.layernorm is not None:
             out["layernorm"] = {"weight": self.layernorm.weight.tolist(), "bias": self.layernorm.bias.tolist()}
         return out

@@ -57,7 +57,9 @@ def sample_latents(
     if noise is None:
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     if isinstance(scaling_factor, Tensor):
-        scaling_factor, shift_factor = scaling_factor.to(mean.device), shift_factor.to(mean.device)
+        scaling_factor = scaling_factor.to(mean.device)
+    if isinstance(shift_factor, Tensor):
+        shift_factor = shift_factor.to(mean.device)
     return (mean + std * noise - shift_factor) * scaling_factor
 
 
@@ -104,8 +106,11 @@ class LossTerms:
         per target, + the mean over targets of lambda_k * mean REPA loss of target k."""
         loss = self.denoise.mean()
         if self.repa is not None and lambdas is not None:
-            weights = torch.tensor(lambdas, device=self.per_target.device, dtype=self.per_target.dtype)
-            loss = loss + self.align * (weights * self.per_target.mean(dim=1)).mean()
+            per_target = self.per_target
+            if per_target is None:
+                raise ValueError("a REPA weight per target needs the per-target terms (per_target)")
+            weights = torch.tensor(lambdas, device=per_target.device, dtype=per_target.dtype)
+            loss = loss + self.align * (weights * per_target.mean(dim=1)).mean()
         elif self.repa is not None:
             loss = loss + self.align * repa_lambda * self.repa.mean()
         if self.extra is not None:
@@ -138,8 +143,11 @@ def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets
     """
     family = family or FamilySettings()
     x_t, v = interpolate(x, noise, t)
-    extra_inputs, cls_v = {}, None
+    extra_inputs: dict[str, Tensor] = {}
+    cls_v: Tensor | None = None
     if family.class_token:
+        if cls is None or cls_noise is None:
+            raise ValueError("a class-token weight (REG) needs the clean class token and its noise")
         cls_t, cls_v = interpolate(cls.float(), cls_noise, t)
         extra_inputs["cls_token"] = cls_t
     out = forward(x_t, t, **cond, **extra_inputs)
@@ -152,7 +160,7 @@ def loss_terms(forward, x: Tensor, noise: Tensor, t: Tensor, cond: dict, targets
         per_target = torch.stack([repa_loss_per_sample(p, tgt) for p, tgt in zip(projected, targets, strict=True)])
         repa = per_target.mean(dim=0)
     extra = None
-    if family.class_token:
+    if cls_v is not None:  # set exactly when family.class_token
         extra = family.class_token_weight * denoise_loss_per_sample(outputs["cls"], cls_v).mean()
     if family.dispersive_lambda > 0:
         term = family.dispersive_lambda * dispersive_loss(outputs["hidden"], family.dispersive_tau)

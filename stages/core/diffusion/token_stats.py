@@ -155,11 +155,11 @@ class StatsAccumulator:
         self._combine(n, mean, m2)
 
     def merge(self, other: StatsAccumulator) -> None:
-        if other.count:
+        if other.mean is not None and other.m2 is not None:  # None exactly while other.count is 0
             self._combine(other.count, other.mean, other.m2)
 
     def _combine(self, n: int, mean: Tensor, m2: Tensor) -> None:
-        if self.count == 0:
+        if self.mean is None or self.m2 is None:  # None exactly while self.count is 0
             self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
             return
         if mean.shape != self.mean.shape:
@@ -172,6 +172,6 @@ class StatsAccumulator:
         self.count = total
 
     def result(self, eps: float = RAE_EPS) -> LatentStats:
-        if self.count == 0:
+        if self.mean is None or self.m2 is None:  # None exactly while self.count is 0
             raise ValueError("no samples were accumulated")
         return LatentStats(self.mean.float(), (self.m2 / self.count).float(), eps)

@@ -118,7 +118,7 @@ class FeatureEncoders:
             "text_encoder": None,
             "similarity_model": self.similarity.identity() if self.similarity is not None else None,
         }
-        if self.text_encoder is not None:
+        if self.text_encoder is not None and self.tokenizer is not None:  # loaded together
             out["text_encoder"] = {
                 "class": type(self.text_encoder).__name__,
                 "weights": weights_hash(self.text_encoder),

@@ -60,9 +60,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def center_crop_adm(img: Image.Image, resolution: int) -> np.ndarray:
     while min(img.size) >= 2 * resolution:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
     scale = resolution / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(img)
     top = (arr.shape[0] - resolution) // 2
     left = (arr.shape[1] - resolution) // 2
@@ -73,7 +73,7 @@ def decode_image(data: bytes, resolution: int, max_pixels: int, draft: bool,
                  filters: SampleFilters | None = None) -> np.ndarray | str:
     """The cropped image, or a skip reason (``filters``: its minimum size, read from the header)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return "decode-error: not a recognised image format"
     except Exception as e:
@@ -136,6 +136,8 @@ def prepare_sample(sample: dict, resolution: int, max_pixels: int, draft: bool,
     """The cropped image, caption and label of a sample, or why it is skipped: bad input first, then the
     --keep rules (metadata only), then the image checks (size from the header, then decoding)."""
     key = sample.get("__key__")
+    if key is None:
+        return Skipped(None, "missing-key: the sample has no __key__ to store it under")
     if "__duplicate__" in sample:
         return Skipped(key, f"duplicate-entry: {key}.{sample['__duplicate__']} appears twice in the shard")
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)

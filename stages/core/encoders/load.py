@@ -237,13 +237,14 @@ def load_text_encoder(src: ModelSource, dtype: torch.dtype, device: torch.device
     from transformers import (
         AutoTokenizer,
         CLIPTextModel,
+        PreTrainedModel,
         T5EncoderModel,
         UMT5EncoderModel,
     )
 
     cfg = hf_config("text encoder", src)
     kind = text_geometry(cfg)["kind"]
-    cls = {"t5": T5EncoderModel, "clip": CLIPTextModel}[kind]
+    cls: type[PreTrainedModel] = {"t5": T5EncoderModel, "clip": CLIPTextModel}[kind]
     if cfg.model_type == "umt5":
         cls = UMT5EncoderModel
     try:
@@ -251,7 +252,8 @@ def load_text_encoder(src: ModelSource, dtype: torch.dtype, device: torch.device
         model = cls.from_pretrained(src.id, dtype=dtype, **src.kwargs())
     except Exception as e:
         raise _fail("text encoder", src, e) from e
-    return tokenizer, model.to(device).eval().requires_grad_(False)
+    module: torch.nn.Module = model  # PreTrainedModel.to is typed through @wraps(nn.Module.to), unbound
+    return tokenizer, module.to(device).eval().requires_grad_(False)
 
 
 def _tokenizer_kwargs(src: ModelSource) -> dict:

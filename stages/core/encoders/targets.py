@@ -16,6 +16,8 @@ class token; SigLIP has none.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ..errors import UsageError
@@ -87,10 +89,13 @@ class TargetEncoder:
         cls = CLIPVisionModel if self.kind == "clip" else SiglipVisionModel
         try:
             with quiet_transformers():  # the text tower's weights go unused; what the vision tower lacks is checked
-                model, info = cls.from_pretrained(src.id, dtype=self.dtype, output_loading_info=True, **src.kwargs())
+                loaded = cls.from_pretrained(src.id, dtype=self.dtype, output_loading_info=True, **src.kwargs())
             processor = AutoImageProcessor.from_pretrained(src.id, **src.kwargs())
         except Exception as e:
             raise _fail("target encoder", src, e) from e
+        # With output_loading_info transformers returns (model, loading info), though it annotates the model only;
+        # typed as a Module because PreTrainedModel.to is typed through @wraps(nn.Module.to), unbound.
+        model, info = cast("tuple[torch.nn.Module, dict]", loaded)
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
             raise EncoderLoadError(f"--target-model '{src.describe()}' lacks {len(missing)} weight(s) of its "

@@ -103,13 +103,17 @@ def iter_tar(url: str) -> Iterator[dict]:
             if current is not None and prefix != current["__key__"]:
                 yield current
                 current = None
-            data = tf.extractfile(info).read()
+            member = tf.extractfile(info)
+            if member is None:  # only for non-regular members, which were skipped above
+                continue
+            data = member.read()
             if current is None:
                 current = {"__key__": prefix, "__url__": url}
             suffix = suffix.lower()
             if suffix in current:
                 current.setdefault("__duplicate__", suffix)
             current[suffix] = data
-            tf.members = []  # do not accumulate member headers over a whole shard
+            # typeshed's TarFile omits the `members` list that CPython's TarFile keeps (and appends every header to)
+            tf.members = []  # type: ignore[attr-defined]  # do not accumulate member headers over a whole shard
         if current is not None:
             yield current
