@@ -59,11 +59,11 @@ def _label_mask(meta: dict) -> tuple[Image.Image, list[DrawnShape]]:
 
 def _crop_like_adm(mask: Image.Image, resolution: int) -> np.ndarray:
     """``mask`` through the ADM crop's geometry (``center_crop_adm``), with nearest-neighbour resampling."""
-    size = mask.size
-    while min(size) >= 2 * resolution:
-        size = tuple(x // 2 for x in size)
-    scale = resolution / min(size)
-    arr = np.asarray(mask.resize(tuple(round(x * scale) for x in size), resample=Image.NEAREST))
+    w, h = mask.size
+    while min(w, h) >= 2 * resolution:
+        w, h = w // 2, h // 2
+    scale = resolution / min(w, h)
+    arr = np.asarray(mask.resize((round(w * scale), round(h * scale)), resample=Image.Resampling.NEAREST))
     top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
     return arr[top : top + resolution, left : left + resolution]
 
@@ -161,11 +161,16 @@ def fit_demo_dino(dino_dir: Path, source: str, resolution: int, steps: int, batc
 
     from stages.core.encoders.library_noise import no_progress_bars
     from stages.core.encoders.load import dino_input_size, resample_position_embedding
+    from stages.core.errors import UsageError
 
     with no_progress_bars():
         model = Dinov2Model.from_pretrained(dino_dir)
+    patch = model.config.patch_size
+    if not isinstance(patch, int):
+        raise UsageError(f"{Path(dino_dir) / 'config.json'}: patch_size {patch!r} is not an int; the demo fit "
+                         "needs square patches (rewrite the model with `repa encoders tiny`)")
     size = dino_input_size(resolution)
-    grid = size // model.config.patch_size
+    grid = size // patch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         resample_position_embedding(model, [grid, grid], "antialias-once")

@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,16 @@ from stages.core.model.rae_decoder import IMAGENET_MEAN, IMAGENET_STD, DecoderCo
 from .adam_fit import adam_fit
 from .fit_vae import demo_images
 
-DEMO_DECODER = dict(decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
-                    decoder_intermediate_size=128)
+
+class DecoderWidths(TypedDict):
+    decoder_hidden_size: int
+    decoder_num_hidden_layers: int
+    decoder_num_attention_heads: int
+    decoder_intermediate_size: int
+
+
+DEMO_DECODER = DecoderWidths(decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                             decoder_intermediate_size=128)
 FIT_LR = 2e-3
 
 

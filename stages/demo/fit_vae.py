@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers.models import AutoencoderKL  # diffusers' top level shows type checkers its no-torch dummy
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 
 from .adam_fit import adam_fit
 
@@ -33,11 +35,18 @@ LOGVAR = -10.0  # posterior std exp(-5) ~ 0.007: the block colours, barely blurr
 SIGNALS = 4  # carried channels: R, G, B and the constant; each also negated
 
 
+def _bias(conv: torch.nn.Conv2d) -> torch.Tensor:
+    if conv.bias is None:
+        raise ValueError("the block-colour start needs a VAE whose convolutions have biases")
+    return conv.bias
+
+
 @torch.no_grad()
 def _identity_conv(conv: torch.nn.Conv2d, sign_pairs: bool = False) -> None:
     """``conv`` passes its first 2 * SIGNALS input channels through (centre tap), the rest of its output zero."""
+    bias = _bias(conv)
     conv.weight.zero_()
-    conv.bias.zero_()
+    bias.zero_()
     k = conv.kernel_size[0] // 2
     for c in range(min(2 * SIGNALS, conv.in_channels, conv.out_channels)):
         conv.weight[c, c, k, k] = 1.0
@@ -46,8 +55,9 @@ def _identity_conv(conv: torch.nn.Conv2d, sign_pairs: bool = False) -> None:
 @torch.no_grad()
 def _average_conv(conv: torch.nn.Conv2d) -> None:
     """A stride-2 3x3 conv (after diffusers' (0, 1, 0, 1) padding) as a 2x2 average of each carried channel."""
+    bias = _bias(conv)
     conv.weight.zero_()
-    conv.bias.zero_()
+    bias.zero_()
     for c in range(2 * SIGNALS):
         conv.weight[c, c, :2, :2] = 0.25
 
@@ -70,12 +80,20 @@ def _identity_blocks(module: torch.nn.Module) -> None:
     for name, sub in module.named_modules():
         if name.endswith("conv2") and isinstance(sub, torch.nn.Conv2d):
             sub.weight.zero_()
-            sub.bias.zero_()
+            _bias(sub).zero_()
         elif name.endswith("conv_shortcut") and isinstance(sub, torch.nn.Conv2d):
             _identity_conv(sub)
         elif name.endswith("to_out.0") and isinstance(sub, torch.nn.Linear):
             sub.weight.zero_()
             sub.bias.zero_()
+
+
+def _resampling_convs(blocks: torch.nn.ModuleList, samplers: str) -> Iterator[torch.nn.Conv2d]:
+    """The conv of each down- or upsampler (``samplers``: diffusers' attribute name) of ``blocks``."""
+    for block in blocks:
+        # diffusers' DownEncoderBlock2D/UpDecoderBlock2D: a ModuleList of Down/Upsample2D (a conv each) or None
+        for sampler in cast("torch.nn.ModuleList | None", getattr(block, samplers)) or []:
+            yield cast(torch.nn.Conv2d, sampler.conv)
 
 
 @torch.no_grad()
@@ -84,39 +102,38 @@ def block_colour_init(vae: AutoencoderKL) -> AutoencoderKL:
     enc, dec = vae.encoder, vae.decoder
     if any(m.num_groups != 1 for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)):
         raise ValueError("the block-colour start needs a VAE with norm_num_groups=1")
-    if vae.config.latent_channels < 3:
+    if vae.config["latent_channels"] < 3:
         raise ValueError("the block-colour start needs at least 3 latent channels")
     _identity_blocks(vae)
     # encoder input: [R, G, B, K, -R, -G, -B, -K]
     _signed_colours(enc.conv_in)
-    for block in enc.down_blocks:
-        for down in block.downsamplers or []:
-            _average_conv(down.conv)
+    for conv in _resampling_convs(enc.down_blocks, "downsamplers"):
+        _average_conv(conv)
     # encoder output: GroupNorm(1) divides by sigma = sqrt(sum of squares / channels) ~ K * sqrt(2 / C)
     channels = enc.conv_norm_out.num_channels
     sigma = CONSTANT * math.sqrt(2 / channels)
     enc.conv_out.weight.zero_()
-    enc.conv_out.bias.zero_()
-    latent = vae.config.latent_channels
+    _bias(enc.conv_out).zero_()
+    latent = vae.config["latent_channels"]
     for c in range(3):
         enc.conv_out.weight[c, c, 1, 1] = sigma  # sigma * (SiLU(n) - SiLU(-n)) = sigma * n = colour
         enc.conv_out.weight[c, c + SIGNALS, 1, 1] = -sigma
-    enc.conv_out.bias[latent:] = LOGVAR
+    _bias(enc.conv_out)[latent:] = LOGVAR
     if vae.quant_conv is not None:
         _identity_conv(vae.quant_conv)
         vae.quant_conv.weight[latent:, latent:, 0, 0] = torch.eye(latent)
     if vae.post_quant_conv is not None:
         vae.post_quant_conv.weight.zero_()
-        vae.post_quant_conv.bias.zero_()
+        _bias(vae.post_quant_conv).zero_()
         vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(latent)
     # decoder input: the latent colours, signed, beside the constant
     _signed_colours(dec.conv_in)
-    for block in dec.up_blocks:
-        for up in block.upsamplers or []:
-            _identity_conv(up.conv)  # after nearest-neighbour upsampling: the block colour, painted
-    sigma = CONSTANT * math.sqrt(2 / dec.conv_norm_out.num_channels)
+    for conv in _resampling_convs(dec.up_blocks, "upsamplers"):
+        _identity_conv(conv)  # after nearest-neighbour upsampling: the block colour, painted
+    # AutoencoderKL builds its Decoder with the default norm_type "group" (a SpatialNorm only in other VAEs)
+    sigma = CONSTANT * math.sqrt(2 / cast(torch.nn.GroupNorm, dec.conv_norm_out).num_channels)
     dec.conv_out.weight.zero_()
-    dec.conv_out.bias.zero_()
+    _bias(dec.conv_out).zero_()
     for c in range(3):
         dec.conv_out.weight[c, c, 1, 1] = sigma
         dec.conv_out.weight[c, c + SIGNALS, 1, 1] = -sigma
@@ -137,8 +154,10 @@ def fit_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch_size: int 
 
     def batch_loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x = x_all[idx]
-        posterior = vae.encode(x).latent_dist
-        return F.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x)
+        # AutoencoderKLOutput and DecoderOutput (return_dict=True): diffusers' forward-hook decorator erases the types
+        posterior: DiagonalGaussianDistribution = vae.encode(x).latent_dist
+        decoded: DecoderOutput = vae.decode(posterior.sample(generator=g))
+        return F.mse_loss(decoded.sample, x)
 
     vae.train()
     losses = adam_fit(vae.parameters(), batch_loss, len(x_all), steps, batch_size, lr, seed, progress)

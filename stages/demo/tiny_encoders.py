@@ -24,9 +24,10 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers.models import AutoencoderKL  # diffusers' top level shows type checkers its no-torch dummy
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -62,7 +63,17 @@ VAE_BLOCK_CHANNELS = (8, 16, 32, 32)  # 4 blocks -> 3 halvings -> downsampling 8
 VAE_NORM_GROUPS = 8
 VAE_SAMPLE_SIZE = 256
 
-DINO_SIZES = dict(
+
+class DinoSizes(TypedDict):
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    mlp_ratio: int
+    patch_size: int
+    image_size: int
+
+
+DINO_SIZES = DinoSizes(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=224
 )
 DINO_REGISTERS = 4
