@@ -112,6 +112,31 @@ def test_a_second_signal_stops_at_once_with_the_checkpoints_written_so_far(train
     assert_all_gone(helpers)
 
 
+CUT_HANDOVER = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+if sys.argv[1] == "helper":
+    from stages.core.runtime.processes import leave_stop_signals_to
+    leave_stop_signals_to(os.getppid())
+r, w = os.pipe()
+handover = resource_sharer.DupFd(r)  # the sharer thread a tensor's file descriptor is handed over by
+address, _ = handover._id
+s = socket.socket(socket.AF_UNIX); s.connect(address); s.close()  # the receiver stopped mid-handshake
+time.sleep(0.5)
+"""
+
+
+@pytest.mark.parametrize("role", ["plain", "helper"])
+def test_a_loader_worker_stays_quiet_when_the_stopped_process_cuts_a_tensor_handover(role):
+    """The stop at once can land while the training process takes a batch's file descriptors from a worker;
+    the worker's sharer thread then sees the connection reset, which is the stop, not a worker error."""
+    r = subprocess.run([sys.executable, "-c", CUT_HANDOVER, role], env=env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a plain process reports the cut connection; a loader worker does not
+    assert ("Traceback" in r.stderr) == (role == "plain"), r.stderr[-2000:]
+
+
 def test_ranks_stop_at_the_same_step_when_only_one_receives_the_signal(train_cache, tmp_path):
     """Two ranks started as srun starts them (one process each, the rendezvous in the environment); the
     scheduler's signal reaches rank 1 only."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import threading
 
 
@@ -61,12 +62,19 @@ def leave_stop_signals_to(pid: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=wait_for_terminate, name="terminate-by-parent", daemon=True).start()
-    threading.excepthook = _quiet_cut_connections
+    # multiprocessing's resource sharer reports through sys.excepthook, other threads through threading's
+    sys.excepthook = _quiet_cut_connections
+    threading.excepthook = _quiet_cut_thread_connections
 
 
-def _quiet_cut_connections(args) -> None:
-    """A connection that the served process cut by ending mid-transfer (multiprocessing hands tensors'
+def _quiet_cut_connections(exc_type, exc, tb) -> None:
+    """A connection that the served process cut by stopping mid-transfer (multiprocessing hands tensors'
     file descriptors over through a thread here) is its stop, not an error of this helper to report."""
+    if not issubclass(exc_type, (ConnectionError, EOFError)):
+        sys.__excepthook__(exc_type, exc, tb)
+
+
+def _quiet_cut_thread_connections(args) -> None:
     if not issubclass(args.exc_type, (ConnectionError, EOFError)):
         threading.__excepthook__(args)
 
