@@ -156,7 +156,7 @@ def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], pad: i
     cells = []
     for image, lines in zip(images, wrapped, strict=True):
         cell = Image.new("RGB", (w, h + text_h), (255, 255, 255))
-        cell.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (0, 0))
+        cell.paste(Image.fromarray(image).resize((w, h), Image.Resampling.NEAREST), (0, 0))
         draw = ImageDraw.Draw(cell)
         for k, line in enumerate(lines):
             draw.text((0, h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
@@ -164,12 +164,14 @@ def captioned_grid(images: Sequence[np.ndarray], captions: Sequence[str], pad: i
     return Image.fromarray(tile(cells, pad=pad))
 
 
-def grid_picture(images: Sequence[np.ndarray], captions: Sequence[str] | None = None) -> Image.Image:
-    """The images as one grid; with ``captions`` (one per image, none empty), each written below its image."""
-    return captioned_grid(images, captions) if captions and all(captions) else grid_image(images)
+def grid_picture(images: Sequence[np.ndarray], captions: Sequence[str | None] | None = None) -> Image.Image:
+    """The images as one grid; with ``captions`` (one per image, none missing or empty), each written below its
+    image."""
+    texts = [c for c in captions or () if c]
+    return captioned_grid(images, texts) if captions and len(texts) == len(captions) else grid_image(images)
 
 
-def write_grid(files: Sequence[Path], out: Path, captions: Sequence[str] | None = None) -> None:
+def write_grid(files: Sequence[Path], out: Path, captions: Sequence[str | None] | None = None) -> None:
     grid_picture([np.asarray(Image.open(f).convert("RGB")) for f in files], captions).save(out)
 
 

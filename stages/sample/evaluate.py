@@ -150,6 +150,8 @@ class ClipScore(Metric):
 
     higher_is_better = True
     full_state_update = False
+    total: Tensor  # states registered with add_state
+    count: Tensor
 
     def __init__(self, source: str, device: torch.device):
         super().__init__()
@@ -158,7 +160,9 @@ class ClipScore(Metric):
         from stages.core.encoders.load import EncoderLoadError
 
         try:
-            self.model = CLIPModel.from_pretrained(source).to(device).eval().requires_grad_(False)
+            # transformers wraps .to with functools.wraps, which typeshed does not bind to the instance
+            model = CLIPModel.from_pretrained(source)
+            self.model = model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
             self.processor = CLIPProcessor.from_pretrained(source)
         except Exception as e:
             raise EncoderLoadError(
@@ -224,9 +228,8 @@ def held_out_conditions(run: LoadedRun, held: HeldOut, device: torch.device) -> 
 #################################################################################
 
 
-def make_reference(cfg: EvaluateConfig, state, log=print) -> Path:
-    """``--make-reference``: statistics of the run's held-out source images, written to an .npz."""
-    out = Path(cfg.make_reference)
+def make_reference(cfg: EvaluateConfig, out: Path, state, log=print) -> Path:
+    """``--make-reference``: statistics of the run's held-out source images, written to ``out`` (an .npz)."""
     check_outputs([out], cfg.overwrite)
     info = read_run_config(cfg.run_dir)
     cache, manifest = resolve_cache(info["config"]["cache"], cfg.cache, info.get("cache_fingerprint"))
@@ -251,7 +254,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict | Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     set_threads(cfg.threads, 0)
     if cfg.make_reference is not None:
-        return make_reference(cfg, state, log)
+        return make_reference(cfg, Path(cfg.make_reference), state, log)
     device, main, rank, world = state.device, state.is_main_process, state.process_index, state.num_processes
     reference = FeatureStats.load(cfg.reference) if cfg.reference is not None else None  # a bad file fails first
     run = load_run(cfg.run_dir, cfg.checkpoint, cfg.cache, cfg.ema, device)

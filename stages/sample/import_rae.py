@@ -39,7 +39,8 @@ def is_rae_stage2(contents: object) -> bool:
     """Whether a loaded file holds a DiT-DH's weights (its body's patch embedding ``s_embedder`` is DiT-DH's own)."""
     if not isinstance(contents, dict):
         return False
-    state = contents.get("ema") if isinstance(contents.get("ema"), dict) else contents
+    ema = contents.get("ema")
+    state = ema if isinstance(ema, dict) else contents
     return any(isinstance(k, str) and k.endswith("s_embedder.proj.weight") for k in state)
 
 

@@ -52,9 +52,8 @@ def decoder_shape(spec: str, config: str, variable: TargetTokens) -> DecoderConf
     path = Path(spec) / DECODER_CONFIG if not spec.startswith(HUB_PREFIX) and Path(spec).is_dir() else None
     source = path if path is not None and path.is_file() else config
     dim, grid = variable.shape[0], variable.shape[1]
-    geometry = dict(hidden_size=dim, num_patches=grid * grid)
     if source in DECODER_PRESETS:
-        return decoder_config(str(source), patch_size=RAE_DECODER_PATCH, **geometry)
+        return decoder_config(str(source), patch_size=RAE_DECODER_PATCH, hidden_size=dim, num_patches=grid * grid)
     try:
         raw = json.loads(Path(source).read_text())
     except (OSError, ValueError) as e:
@@ -63,7 +62,7 @@ def decoder_shape(spec: str, config: str, variable: TargetTokens) -> DecoderConf
     known = {f.name for f in fields(DecoderConfig)} - {"hidden_size", "num_patches", "patch_size"}
     patch = raw.get("patch_size")
     try:
-        return DecoderConfig(**{k: v for k, v in raw.items() if k in known}, **geometry,
+        return DecoderConfig(**{k: v for k, v in raw.items() if k in known}, hidden_size=dim, num_patches=grid * grid,
                              patch_size=patch if isinstance(patch, int) else RAE_DECODER_PATCH)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{source}: not an RAE decoder config ({e})") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from stages.core.files.checkpoint import latest_checkpoint, load_checkpoint
 from stages.core.files.run_files import CKPT_DIR
 from stages.core.model.ddt_config import DDTConfig, LightningDiTConfig
 from stages.core.model.model_config import ModelConfig
-from stages.core.model.network import build_model
+from stages.core.model.network import Network, TextNetwork, build_model
 from stages.core.options import check
 from stages.core.runtime.progress import progress_bar
 from stages.core.runtime.seeding import generator
@@ -67,7 +68,7 @@ REFERENCE = "reference.png"
 class LoadedRun:
     """A run's sampling model and everything it knows about its data."""
 
-    model: torch.nn.Module  # SiT or repa-rf's DiT (stages.core.model.network)
+    model: Network
     cond: str  # "class", "text" or "none"
     checkpoint: Path
     step: int
@@ -178,7 +179,7 @@ class Conditions:
 class ClassConditions(Conditions):
     """Class ids; the null condition is the model's extra null class."""
 
-    def __init__(self, labels: list[int], model: torch.nn.Module, device: torch.device):
+    def __init__(self, labels: list[int], model: Network, device: torch.device):
         super().__init__([int(x) for x in labels])
         self.null_class, self.device = model.null_class, device
 
@@ -196,13 +197,18 @@ class ClassConditions(Conditions):
 
 
 class PromptConditions(Conditions):
-    """Captions embedded by ``encoder(prompts) -> (text, mask)``; the null is the model's learned null caption."""
+    """Captions embedded by ``encoder(prompts) -> (text, mask)`` (None: a subclass gives its own batches); the
+    null is the model's learned null caption."""
 
-    def __init__(self, prompts: list[str], model: torch.nn.Module, encoder: TextEncoder | None):
+    def __init__(self, prompts: list[str], model: Network, encoder: TextEncoder | None):
+        if not isinstance(model, TextNetwork):  # a run's cond is "text" only for these families
+            raise TypeError(f"a {type(model).__name__} takes no captions")
         super().__init__(list(prompts))
         self.model, self.encoder = model, encoder
 
     def batch(self, indices: list[int]) -> dict[str, Tensor]:
+        if self.encoder is None:
+            raise TypeError(f"{type(self).__name__} has no text encoder: it must give its own batch()")
         text, mask = self.encoder([self.entry(i) for i in indices])
         return {"text": text, "text_mask": mask}
 
@@ -327,14 +333,14 @@ class ImageSampler:
         if run.variable is not None:
             check_sampler(options.sampler, run.variable)
             decoder = load_run_decoder(options.rae_decoder, options.rae_decoder_config, run.variable, device)
-            self.decoder = TokenDecoder(run.variable, decoder, device)
+            self.decoder: TokenDecoder | LatentDecoder = TokenDecoder(run.variable, decoder, device)
         else:
             self.decoder = LatentDecoder(run.manifest, device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
         cls_dim = getattr(run.model.config, "class_token_dim", 0)
         self.joint = JointState(run.latent_shape, cls_dim) if cls_dim else None  # REG: the class token too
 
-    def _velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    def _velocity(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         with self.autocast:
             if self.joint is not None:
                 return self.joint.velocity(self.run.model, x, t, cond)
@@ -362,7 +368,7 @@ class ImageSampler:
         return self.decoder(self.latents(indices))
 
 
-def reference_images(run: LoadedRun, decoder: LatentDecoder, count: int) -> tuple[np.ndarray, list[str]]:
+def reference_images(run: LoadedRun, decoder: LatentDecoder | TokenDecoder, count: int) -> tuple[np.ndarray, list[str]]:
     """Real images of the cache through the same VAE (the run's held-out samples, else its first ones),
     uint8 (N, H, W, 3), and their captions: the best the samples can look with this VAE (or RAE decoder)."""
     if isinstance(decoder, TokenDecoder):

@@ -19,6 +19,7 @@ Sampling a REG model denoises its class token with the latents (``JointState``),
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ class JointState:
     def unpack(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z[:, : self.size].reshape(-1, *self.shape), z[:, self.size :]
 
-    def velocity(self, model, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+    def velocity(self, model, x: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """The packed velocity of ``model`` (a REG SiT) at the packed state ``x``."""
         latents, cls = self.unpack(x)
         out = model(latents, t, **cond, cls_token=cls)

@@ -271,7 +271,7 @@ def sample(
     noise: Tensor,
     method: str = "euler",
     steps: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Integrate ``fn`` from ``noise`` (t = 1) to data (t = 0) with the named method.
 

@@ -12,9 +12,13 @@ from stages.core.model.repa_rf import RepaRFDiT
 from stages.core.model.sit import SiT
 
 PROJECTOR_PREFIXES = ("projectors.", "repa_transforms.")
+# What build_model returns: every family is called as model(x, t, **conditioning) -> (velocity, projected) and has
+# projectors (empty where it has none) and config.num_classes.
+Network = SiT | RepaRFDiT | DiTwDDTHead | LightningDiT
+TextNetwork = SiT | RepaRFDiT  # the families that take captions (null_text)
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig) -> Network:
     """The network ``config.arch`` names, freshly initialised (seed the global generator first)."""
     if config.arch in RAE_ARCHS:
         rae = config.rae_config()
