@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from stages.core.files.checkpoint import TRAINING_ENTRIES, checkpoint_contents, 
 from stages.train.loop import run_train
 
 from . import reference_repa as repa
+from .encode_helpers import ROOT, env
 from .test_recipes import TINY, randomise
 from .test_train import tiny_train
 
@@ -48,3 +51,35 @@ def test_an_unknown_entry_is_a_programming_error():
     with pytest.raises(TypeError, match="optimiser"):
         checkpoint_contents(step=1, model={}, ema={}, config={}, model_config={}, cond="none", fingerprint="f",
                             latent={}, cache="c", parts={}, optimiser={})
+
+
+INTERRUPTED_WRITE = """
+import os, signal, sys, threading, time
+from pathlib import Path
+import torch
+from stages.core.files.checkpoint import save_checkpoint
+
+path = Path(sys.argv[1])
+
+def stop_mid_write():  # a stop signal while the tensor data is being written, as a scheduler's may land
+    while sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp")) < 2**20:
+        time.sleep(0.0002)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=stop_mid_write, daemon=True).start()
+try:
+    save_checkpoint(path, {"weights": torch.zeros(96 * 2**20 // 4)})
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_stop_signal_during_a_checkpoint_write_is_the_stop_not_a_failed_write(tmp_path, attempt):
+    path = tmp_path / "step-0000004.pt"
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_WRITE, str(path)], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "interrupted", (r.stdout + r.stderr)[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] in ([], [path.name])  # no half file, no temporary one
+    if path.exists():
+        assert torch.load(path, weights_only=True)["weights"].numel() == 96 * 2**20 // 4

@@ -496,7 +496,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporar
         calls.append(f)
         if len(calls) < 2:
             return real_save(obj, f, *args, **kwargs)
-        f.write(b"half a checkpoint")  # torch reports a full disk as a RuntimeError, not an OSError
+        Path(f).write_bytes(b"half a checkpoint")  # torch reports a full disk as a RuntimeError, not an OSError
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
                            "data/3: file write failed")
 

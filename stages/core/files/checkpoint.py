@@ -92,15 +92,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file, fsync, rename, fsync the directory.
 
     A write that fails for any reason (torch reports a full disk as a RuntimeError, not an OSError)
-    removes the temporary file and leaves the checkpoints already written as they were."""
+    removes the temporary file and leaves the checkpoints already written as they were. torch writes to
+    the path itself: given a Python file, a stop signal raised inside one of its writes comes out as
+    torch's RuntimeError, a failed write, instead of the stop it is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        torch.save(state, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as e:
