@@ -97,17 +97,19 @@ def test_a_second_signal_stops_at_once_with_the_checkpoints_written_so_far(train
                             text=True)
     wait_for(lambda: trained_steps(tmp_path / "run") >= 5, timeout=300, proc=proc)
     helpers = descendants(proc.pid)
-    # Both arrive together, no step boundary between them; pending signals are handled lowest number first.
+    # Both arrive together, no step boundary between them. Which one the process takes first is the kernel's
+    # choice among its threads; the one taken second stops it.
     os.kill(proc.pid, signal.SIGSTOP)
     os.kill(proc.pid, signal.SIGINT)
     os.kill(proc.pid, signal.SIGTERM)
     os.kill(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    first, second = ("SIGTERM", "SIGINT") if last_line(err).startswith("SIGINT after") else ("SIGINT", "SIGTERM")
+    assert proc.returncode == 128 + signal.Signals[second], err[-3000:]
     newest = list_checkpoints(tmp_path / "run")[-1]
     assert checkpoint_step(newest) % 4 == 0  # a periodic one: the stop did not wait for a step to end
-    assert last_line(err) == (f"SIGTERM after SIGINT: stopped at once, the steps since the newest checkpoint are "
+    assert last_line(err) == (f"{second} after {first}: stopped at once, the steps since the newest checkpoint are "
                               f"lost; the newest checkpoint is {newest}; rerun the same command to resume from it")
     assert_all_gone(helpers)
 
