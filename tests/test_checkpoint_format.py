@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import inspect
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,32 +59,55 @@ def test_an_unknown_entry_is_a_programming_error():
 
 
 INTERRUPTED_WRITE = """
-import os, signal, sys, threading, time
+import os, sys
 from pathlib import Path
 import torch
 from stages.core.files.checkpoint import save_checkpoint
 
 path = Path(sys.argv[1])
-
-def stop_mid_write():  # a stop signal while the tensor data is being written, as a scheduler's may land
-    while sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.tmp")) < 2**20:
-        time.sleep(0.0002)
-    os.kill(os.getpid(), signal.SIGINT)
-
-threading.Thread(target=stop_mid_write, daemon=True).start()
+os.mkfifo(path.with_name(f".{path.name}.tmp-{os.getpid()}"))  # the write goes to a pipe the test drains
+print("ready", flush=True)
 try:
-    save_checkpoint(path, {"weights": torch.zeros(96 * 2**20 // 4)})
+    save_checkpoint(path, {"weights": torch.zeros(8 * 2**20 // 4)})
 except KeyboardInterrupt:
     print("interrupted")
 """
 
 
-@pytest.mark.parametrize("attempt", range(3))
-def test_a_stop_signal_during_a_checkpoint_write_is_the_stop_not_a_failed_write(tmp_path, attempt):
+def drain_with_a_stop_midway(fifo: Path, child: subprocess.Popen, deadline: float) -> int:
+    """Read the checkpoint's bytes from ``fifo``; after the first MiB, SIGINT the writer (its write is then
+    blocked on the pipe, as a write to a slow disk is when a scheduler's signal lands). Returns bytes read."""
+    fd, got = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), 0
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:  # the writer is there, between writes
+                select.select([fd], [], [], 0.1)
+                continue
+            if not data:
+                if got:  # the writer closed the pipe
+                    return got
+                time.sleep(0.01)  # the writer has not opened it yet
+                continue
+            if got < 2**20 <= got + len(data):
+                child.send_signal(signal.SIGINT)
+            got += len(data)
+        raise AssertionError(f"the write did not end within the deadline ({got} bytes read)")
+    finally:
+        os.close(fd)
+
+
+def test_a_stop_signal_during_a_checkpoint_write_is_the_stop_not_a_failed_write(tmp_path):
     path = tmp_path / "step-0000004.pt"
-    r = subprocess.run([sys.executable, "-c", INTERRUPTED_WRITE, str(path)], env=env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "interrupted", (r.stdout + r.stderr)[-2000:]
-    assert [p.name for p in tmp_path.iterdir()] in ([], [path.name])  # no half file, no temporary one
-    if path.exists():
-        assert torch.load(path, weights_only=True)["weights"].numel() == 96 * 2**20 // 4
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_WRITE, str(path)], env=env(), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        got = drain_with_a_stop_midway(path.with_name(f".{path.name}.tmp-{child.pid}"), child,
+                                       time.monotonic() + 120)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert got > 2**20 and child.returncode == 0 and out.strip() == "interrupted", (out + err)[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no half file, no temporary one
