@@ -511,6 +511,27 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_leaves_no_temporar
     assert load_checkpoint(ckpts / "step-0000003.pt")["step"] == 3
 
 
+def test_a_failed_preview_write_is_one_line_and_leaves_no_half_preview(train_cache, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def full_disk_on_the_second_preview(obj, f, *args, **kwargs):
+        if "step-0000004.pt" in str(f) and "previews" in str(f):
+            Path(f).write_bytes(b"half a preview")
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr("torch.save", full_disk_on_the_second_preview)
+    run = tmp_path / "run"
+    cfg = tiny_train(train_cache, run, steps=6, ckpt_every=2, val_every=2, preview_every=2)
+    line = one_line_error(cli("train", *train_cli_args(cfg)))
+    assert "previews/step-0000004.pt: preview not written" in line and "file write failed" in line, line
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step-0000002.pt"]  # no half or hidden file
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002.pt"]
+    monkeypatch.setattr("torch.save", real_save)
+    assert torch.load(run / "previews" / "step-0000002.pt", weights_only=True)["step"] == 2
+
+
 def test_an_unwritable_sample_folder_is_a_one_line_error(train_cache, tmp_path):
     run_train(tiny_train(train_cache, tmp_path / "run", cond="class", steps=2, val_every=2), log=lambda m: None)
     (tmp_path / "file").write_text("x")

@@ -19,6 +19,7 @@ from stages.core.diffusion.family import JointState
 from stages.core.diffusion.samplers import euler_ode
 from stages.core.files.grids import tile
 from stages.core.files.run_files import PREVIEW_DIR
+from stages.core.files.tensor_files import save_tensors
 from stages.core.runtime.seeding import generator
 
 from .data import CacheBatchDataset
@@ -63,10 +64,9 @@ class Previewer:
             noise = joint.pack(noise, torch.randn(len(noise), cls_dim, generator=generator(PREVIEW_SEED, 1)))
         latents = euler_ode(velocity, noise.to(device), steps=self.steps)
         latents = joint.unpack(latents)[0] if joint else latents
-        path = Path(run_dir) / PREVIEW_DIR / f"step-{step:07d}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": step, "latents": latents.cpu(), "latent": self.latent, "keys": self.keys,
-                    "captions": self.captions, "labels": self.labels}, path)
+        save_tensors(Path(run_dir) / PREVIEW_DIR / f"step-{step:07d}.pt",
+                     {"step": step, "latents": latents.cpu(), "latent": self.latent, "keys": self.keys,
+                      "captions": self.captions, "labels": self.labels}, "preview")
         return latents.cpu()
 
 

@@ -20,16 +20,15 @@ Checkpoints are written to a temporary file, fsynced and renamed, so a kill leav
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from cache_schema.storage.fsutil import fsync_dir
 from stages.core.errors import UsageError
 from stages.core.files.run_files import CKPT_DIR
+from stages.core.files.tensor_files import save_tensors
 
 _NAME = re.compile(r"^step-(\d{7,})\.pt$")
 
@@ -89,32 +88,8 @@ def checkpoint_contents(*, step: int, model: dict, ema: dict, config: dict, mode
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, rename, fsync the directory.
-
-    A write that fails for any reason (torch reports a full disk as a RuntimeError, not an OSError)
-    removes the temporary file and leaves the checkpoints already written as they were. torch writes to
-    the path itself: given a Python file, a stop signal raised inside one of its writes comes out as
-    torch's RuntimeError, a failed write, instead of the stop it is."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(state, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(e, Exception):  # an interrupt: the caller's to handle
-            raise
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
-        raise UsageError(f"{path}: checkpoint not written ({type(e).__name__}: {cause[:200]}); the checkpoints "
-                         "before it are kept: free space or fix the cause, then rerun the same command to continue "
-                         "from the newest") from None
+    """Write a checkpoint whole or not at all (``save_tensors``)."""
+    save_tensors(path, state, "checkpoint")
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

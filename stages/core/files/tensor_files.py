@@ -1,12 +1,14 @@
-"""Reading released weight and statistics files without running code stored in them.
+"""Torch files: read without running code stored in them, written whole or not at all.
 
 Every such file (RAE's ``stat.pt``, its decoder ``model.pt``, its stage-2 ``stage2_model.pt``) is read with
 ``torch.load(weights_only=True)``; anything else it could hold (a pickled object, a truncated file) ends in
-one :class:`UsageError` line naming the file and what was expected.
+one :class:`UsageError` line naming the file and what was expected. What a run writes (checkpoints,
+preview latents) goes through :func:`save_tensors`, so a kill or a full disk never leaves a half file.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -14,6 +16,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from cache_schema.storage.fsutil import fsync_dir
 from stages.core.errors import UsageError
 
 
@@ -89,3 +92,32 @@ def load_released_weights(build: Callable[[], M], path: Path | str, what: str, h
     model = model.to_empty(device=device)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
+
+
+def save_tensors(path: Path, state: dict, what: str) -> None:
+    """torch.save to a temporary file, fsync, rename, fsync the directory; ``what`` names the file in errors.
+
+    A write that fails for any reason (torch reports a full disk as a RuntimeError, not an OSError)
+    removes the temporary file and leaves the files already written as they were. torch writes to
+    the path itself: given a Python file, a stop signal raised inside one of its writes comes out as
+    torch's RuntimeError, a failed write, instead of the stop it is."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, Exception):  # an interrupt: the caller's to handle
+            raise
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"{path}: {what} not written ({type(e).__name__}: {cause[:200]}); the checkpoints "
+                         "before it are kept: free space or fix the cause, then rerun the same command to continue "
+                         "from the newest") from None
