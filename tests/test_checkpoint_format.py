@@ -59,11 +59,12 @@ def test_an_unknown_entry_is_a_programming_error():
 
 
 INTERRUPTED_WRITE = """
-import os, sys
+import os, signal, sys
 from pathlib import Path
 import torch
 from stages.core.files.checkpoint import save_checkpoint
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite run from a background job inherits it ignored
 path = Path(sys.argv[1])
 os.mkfifo(path.with_name(f".{path.name}.tmp-{os.getpid()}"))  # the write goes to a pipe the test drains
 print("ready", flush=True)
