@@ -21,7 +21,7 @@ from stages.sample.config import EvaluateConfig, SampleConfig
 from stages.train.config import TrainConfig
 
 from .commands import config_command
-from .errors import is_main_process, user_errors
+from .errors import is_main_process, run_as_rank, user_errors
 
 app = typer.Typer(
     help="Train diffusion transformers with REPA from an offline feature cache: encode once, train many runs.",
@@ -446,11 +446,18 @@ def main() -> None:
 
         exit_when_gone(os.getppid(), code=1)  # the launcher was killed: do not live on without it
     if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):  # one of several ranks, however launched
-        # torch.distributed.nn binds `group=group.WORLD` as default arguments when it is imported. Imported
-        # after the process group starts (torch.compile, transformers and diffusers all import it), those
-        # defaults keep the group alive past destroy_process_group, its gloo threads are then torn down
-        # during interpreter shutdown, and a rank that finished its work can die there with SIGABRT.
-        import torch.distributed.nn  # noqa: F401
+        run_as_rank(_rank_main)  # first, so that its exit comes after every atexit handler registered later
+    else:
+        app(prog_name="repa")
+
+
+def _rank_main() -> None:
+    # torch.distributed.nn binds `group=group.WORLD` as default arguments when it is imported. Imported
+    # after the process group starts (torch.compile, transformers and diffusers all import it), those
+    # defaults keep the group alive past destroy_process_group, its gloo threads running until the end;
+    # a rank that finished its work could die with SIGABRT as the interpreter tore them down.
+    import torch.distributed.nn  # noqa: F401
+
     app(prog_name="repa")
 
 

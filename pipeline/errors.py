@@ -1,10 +1,15 @@
 """How the CLI ends: one line for errors the user can fix, a clean exit on Ctrl-C and stop signals (status
-128 + the signal's number), process groups torn down."""
+128 + the signal's number), process groups torn down, and a rank of several ending without the interpreter's
+own teardown."""
 
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
+import os
+import sys
+from collections.abc import Callable
 
 import typer
 
@@ -76,3 +81,31 @@ def is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+def run_as_rank(app: Callable[[], object]) -> None:
+    """Run ``app`` in one rank of several, and end the process with its exit status once the atexit handlers
+    (trackers, multiprocessing) have run, skipping the interpreter's teardown of what is left.
+
+    That teardown is where torch destroys a gloo process group that something still holds (DDP's reducer): it
+    joins the group's threads with the GIL held, while one of them may be finishing a collective's work and
+    wait for the GIL to release its tensors. The rank then hangs after its last line, its work done (seen with
+    a stop signal on one rank of two). Everything the run writes is on disk before this point (checkpoints
+    fsynced, metrics appended line by line, trackers ended); helpers end with their parent."""
+    status = [1]  # an exception that escapes app(): Python prints it, then the handlers run
+
+    def end_here() -> None:  # atexit runs handlers last-registered first: this one after those registered later
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said on it
+                pass
+        os._exit(status[0])
+
+    atexit.register(end_here)
+    try:
+        app()
+        status[0] = 0
+    except SystemExit as e:
+        status[0] = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise

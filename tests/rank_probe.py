@@ -1,6 +1,6 @@
-"""`python -m pipeline ARGS` as a torchrun rank runs it, reporting at exit how many of the process group's
-native threads are still alive: after a clean teardown none are, and none can then abort the rank while
-the interpreter shuts down.
+"""`python -m pipeline ARGS` as a torchrun rank runs it, reporting at exit (before the rank's own end,
+``pipeline.errors.run_as_rank``) how many of the process group's native threads are still alive: after a
+clean teardown none are.
 
 Each rank writes its report to a file of its own, ``$RANK_PROBE_DIR/rank-<RANK>.txt`` (written aside and
 renamed), so reports of ranks sharing a stderr can never run together, nor into another rank's progress
@@ -10,8 +10,9 @@ bar; without ``RANK_PROBE_DIR`` the report is one whole-line write to stderr.
 import atexit
 import glob
 import os
-import runpy
 import sys
+
+import pipeline.cli as cli
 
 
 def _report() -> None:
@@ -33,6 +34,12 @@ def _report() -> None:
     os.replace(f"{path}.tmp", path)
 
 
-atexit.register(_report)
+def _probed_app(**kwargs) -> None:
+    # registered once the rank's own exit handler is (pipeline.errors.run_as_rank), so that it runs before it
+    atexit.register(_report)
+    _app(**kwargs)
+
+
+_app, cli.app = cli.app, _probed_app
 sys.argv = ["repa", *sys.argv[1:]]
-runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+cli.main()

@@ -150,13 +150,54 @@ def test_ranks_stop_at_the_same_step_when_only_one_receives_the_signal(train_cac
     wait_for(lambda: trained_steps(tmp_path / "run") >= 4, timeout=300, proc=ranks[0])
     helpers = descendants(ranks[0].pid) + descendants(ranks[1].pid)
     os.kill(ranks[1].pid, signal.SIGTERM)
-    errs = [r.communicate(timeout=120)[1] for r in ranks]
+    try:
+        errs = [r.communicate(timeout=120)[1] for r in ranks]
+    finally:  # a rank that hangs is the failure; it is not left to run on
+        for r in ranks:
+            r.kill()
     assert [r.returncode for r in ranks] == [128 + signal.SIGTERM] * 2, [e[-2000:] for e in errs]
     assert not any("Traceback" in e for e in errs), [e[-2000:] for e in errs]
     (ckpt,) = list_checkpoints(tmp_path / "run")
     assert last_line(errs[0]).startswith(f"SIGTERM: stopped after step {checkpoint_step(ckpt)} of 100000")
     assert "SIGTERM" not in errs[1]  # one line for the run, from rank 0
     assert_all_gone(helpers)
+
+
+RANK_END = """
+import atexit, sys, time
+import pipeline.cli as cli
+
+class HeldUntilTeardown:  # as a gloo process group that DDP's reducer holds is, torn down by the interpreter
+    def __del__(self):
+        time.sleep(600)  # its threads joined with the GIL held, one of them waiting for the GIL
+
+held = HeldUntilTeardown()
+real_app = cli.app
+
+def app(**kw):
+    atexit.register(lambda: print("handler ran", flush=True))  # as trackers and multiprocessing register theirs
+    real_app(**kw)
+
+cli.app = app
+sys.argv = ["repa", "cache", "info", sys.argv[1]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("world", ["2", "1"])
+def test_a_rank_of_several_ends_with_its_status_after_its_handlers_not_in_the_interpreters_teardown(tmp_path, world):
+    """A rank's work done, its atexit handlers run and the process ends with the command's status; what only
+    the interpreter's teardown would release is left to the end of the process (a single process is left to
+    the interpreter: it holds no process group)."""
+    args = [sys.executable, "-c", RANK_END, str(tmp_path / "no-cache")]
+    rank_env = {**env(), "WORLD_SIZE": world, "RANK": "1"}
+    if world == "1":
+        with pytest.raises(subprocess.TimeoutExpired):  # the planted teardown hang is real
+            subprocess.run(args, env=rank_env, cwd=ROOT, capture_output=True, text=True, timeout=15)
+        return
+    r = subprocess.run(args, env=rank_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout.strip() == "handler ran", (r.stdout + r.stderr)[-2000:]
+    assert last_line(r.stderr).startswith(f"error: {tmp_path / 'no-cache'}"), r.stderr[-2000:]
 
 
 def _ranks(cfg, world: int, port: int) -> list[subprocess.Popen]:
