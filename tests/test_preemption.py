@@ -191,9 +191,11 @@ def test_a_rank_of_several_ends_with_its_status_after_its_handlers_not_in_the_in
     the interpreter: it holds no process group)."""
     args = [sys.executable, "-c", RANK_END, str(tmp_path / "no-cache")]
     rank_env = {**env(), "WORLD_SIZE": world, "RANK": "1"}
-    if world == "1":
-        with pytest.raises(subprocess.TimeoutExpired):  # the planted teardown hang is real
+    if world == "1":  # the planted hang is real: the command has ended and its handlers ran, the process has not
+        with pytest.raises(subprocess.TimeoutExpired) as hung:
             subprocess.run(args, env=rank_env, cwd=ROOT, capture_output=True, text=True, timeout=15)
+        out, err = (o.decode() if isinstance(o, bytes) else o or "" for o in (hung.value.stdout, hung.value.stderr))
+        assert out.strip() == "handler ran" and f"error: {tmp_path / 'no-cache'}" in err, out + err
         return
     r = subprocess.run(args, env=rank_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout.strip() == "handler ran", (r.stdout + r.stderr)[-2000:]
