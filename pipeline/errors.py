@@ -70,16 +70,12 @@ def own_message(e: BaseException) -> str:
 
 
 def _teardown_distributed() -> None:
-    import sys
-
     dist = sys.modules.get("torch.distributed")  # never import torch just to find nothing to tear down
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
